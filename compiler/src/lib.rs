@@ -1,0 +1,25 @@
+//! slmc's driver: importers, lowering to the IR, converters. The `slmc` binary
+//! (src/main.rs) is the CLI on top.
+
+pub mod convert;
+pub mod import;
+pub mod lower;
+
+use std::path::PathBuf;
+
+/// Where the set-up script puts the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
+pub fn default_model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLMC_MODEL") {
+        return PathBuf::from(p);
+    }
+    cache_dir().join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `$SLMC_CACHE`, else `$HOME/.cache/slmc` (the set-up script uses the same rule).
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLMC_CACHE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("slmc")
+}

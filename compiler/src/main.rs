@@ -1,0 +1,376 @@
+//! The `slmc` command line. Every command takes `--json` for pipelines; errors go to
+//! stderr (and, with `--json`, as `{"error": ...}` to stdout) with a non-zero exit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use slmc_compiler::import::tokenizer::{render_chat, Message};
+use slmc_compiler::import::{self, Model};
+use slmc_compiler::{convert, default_model_path, lower};
+use slmc_ir::DType;
+use slmc_runtime::{generate, score, GenerateOptions, InterpreterExecutor};
+
+#[derive(Parser)]
+#[command(name = "slmc", version, about = "Ahead-of-time compiler for small language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Hugging Face directory or GGUF file (default: SmolLM2-135M-Instruct from the set-up script, or $SLMC_MODEL).
+    model: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Emit {
+    Ir,
+    Dot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConvertTo {
+    Hf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture, parameter count, bytes per dtype and the tensor table.
+    Inspect {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Lower a model to slmc's IR and print it.
+    Lower {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum, default_value = "ir")]
+        emit: Emit,
+    },
+    /// Parse, verify and re-print an IR text file.
+    Cat {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Greedy generation on the reference interpreter.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Keep generating after the end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Record the top logits of the first N steps (prefill is step 0) in the JSON.
+        #[arg(long, default_value_t = 0)]
+        record_logits: usize,
+    },
+    /// Teacher-forced scoring of a continuation.
+    Score {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_delimiter = ',', required = true)]
+        prompt_ids: Vec<u32>,
+        #[arg(long, value_delimiter = ',', required = true)]
+        continuation_ids: Vec<u32>,
+    },
+    /// Tokenize text (and decode it back) with the model's tokenizer.
+    Tokenize {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, required = true)]
+        text: Vec<String>,
+    },
+    /// Convert a GGUF file to a Hugging Face directory.
+    Convert {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum)]
+        to: ConvertTo,
+        /// Output directory (must not exist unless --force).
+        out_dir: PathBuf,
+        /// dtype of model.safetensors: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct PromptArgs {
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap --prompt as a user message in the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Inspect { common }
+        | Command::Lower { common, .. }
+        | Command::Run { common, .. }
+        | Command::Score { common, .. }
+        | Command::Tokenize { common, .. }
+        | Command::Convert { common, .. } => common.json,
+        Command::Cat { json, .. } => *json,
+    };
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:#}");
+            eprintln!("error: {message}");
+            if json {
+                println!("{}", json!({ "error": message }));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(common: &Common) -> Result<Model> {
+    let path = common.model.clone().unwrap_or_else(default_model_path);
+    if common.model.is_none() && !path.exists() {
+        bail!("{}: the default model is missing; run scripts/setup first (or pass MODEL)", path.display());
+    }
+    Ok(import::load(&path)?)
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Inspect { common } => inspect(&load(&common)?, common.json),
+        Command::Lower { common, emit } => {
+            let model = load(&common)?;
+            let graph = lower::lower(&model)?;
+            let text = match emit {
+                Emit::Ir => slmc_ir::text::print(&graph),
+                Emit::Dot => graph.to_dot(),
+            };
+            if common.json {
+                print_json(&json!({ "graph": graph.name, "nodes": graph.len(), "text": text }));
+            } else {
+                print!("{text}");
+            }
+            Ok(())
+        }
+        Command::Cat { file, json } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let graph = slmc_ir::text::parse(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            slmc_ir::verify(&graph).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let printed = slmc_ir::text::print(&graph);
+            if json {
+                print_json(&json!({ "graph": graph.name, "nodes": graph.len(), "text": printed }));
+            } else {
+                print!("{printed}");
+            }
+            Ok(())
+        }
+        Command::Run { common, prompt, max_new_tokens, ignore_eos, record_logits } => {
+            run(&common, &prompt, max_new_tokens, ignore_eos, record_logits)
+        }
+        Command::Score { common, prompt_ids, continuation_ids } => {
+            let model = load(&common)?;
+            let graph = lower::lower(&model)?;
+            let mut exec = InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
+            let s = score(&mut exec, &prompt_ids, &continuation_ids)?;
+            let positions: Vec<Value> = s
+                .positions
+                .iter()
+                .map(|p| json!({ "token": p.token, "argmax": p.argmax, "logprob": p.logprob, "top1_minus_top2": p.top1_minus_top2 }))
+                .collect();
+            if common.json {
+                print_json(&json!({
+                    "top1_agreement": s.top1_agreement,
+                    "mean_nll": s.mean_nll,
+                    "perplexity": s.mean_nll.exp(),
+                    "positions": positions,
+                }));
+            } else {
+                println!("positions:      {}", s.positions.len());
+                println!("top1_agreement: {:.4}", s.top1_agreement);
+                println!("mean_nll:       {:.4}", s.mean_nll);
+                println!("perplexity:     {:.3}", s.mean_nll.exp());
+            }
+            Ok(())
+        }
+        Command::Tokenize { common, text } => {
+            let model = load(&common)?;
+            let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"))?;
+            let mut out = Vec::new();
+            for t in &text {
+                let enc = tok.encode(t.as_str(), false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+                let decoded = tok.decode(enc.get_ids(), false).map_err(|e| anyhow!("decoding: {e}"))?;
+                out.push(json!({ "text": t, "ids": enc.get_ids(), "tokens": enc.get_tokens(), "decoded": decoded }));
+            }
+            if common.json {
+                print_json(&Value::Array(out));
+            } else {
+                for o in out {
+                    println!("{}", o["ids"]);
+                }
+            }
+            Ok(())
+        }
+        Command::Convert { common, to: ConvertTo::Hf, out_dir, dtype, force } => {
+            let dtype = DType::from_name(&dtype).ok_or_else(|| anyhow!("unknown dtype `{dtype}` (f32, f16, bf16)"))?;
+            let model = load(&common)?;
+            convert::to_hf(&model, &out_dir, dtype, force)?;
+            if common.json {
+                print_json(&json!({ "out_dir": out_dir, "dtype": dtype.name() }));
+            } else {
+                eprintln!("wrote {}", out_dir.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn inspect(model: &Model, as_json: bool) -> Result<()> {
+    let mut by_dtype: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    let mut params = 0usize;
+    let mut table = Vec::new();
+    for (name, t) in model.weights.tensors() {
+        let n: usize = t.shape.iter().product();
+        params += n;
+        let e = by_dtype.entry(t.dtype.name()).or_default();
+        e.0 += t.len;
+        e.1 += 1;
+        table.push(json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len }));
+    }
+    let files: Vec<String> = model.weights.files().map(|p| p.display().to_string()).collect();
+    let report = json!({
+        "path": model.path,
+        "format": model.format.name(),
+        "architecture": model.config.arch_name,
+        "parameters": params,
+        "bytes_by_dtype": by_dtype.iter().map(|(k, v)| (k.to_string(), json!(v.0))).collect::<serde_json::Map<_, _>>(),
+        "tensors_by_dtype": by_dtype.iter().map(|(k, v)| (k.to_string(), json!(v.1))).collect::<serde_json::Map<_, _>>(),
+        "config": model.config.to_json(),
+        "files": files,
+        "tokenizer": match &model.tokenizer { Ok(t) => json!({ "vocab_size": t.get_vocab_size(true) }), Err(e) => json!({ "error": e }) },
+        "chat_template": model.chat_template.is_some(),
+        "tensors": table,
+    });
+    if as_json {
+        print_json(&report);
+        return Ok(());
+    }
+    let c = &model.config;
+    println!("model:        {}", model.path.display());
+    println!("format:       {}", model.format.name());
+    println!("architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, ffn {}, vocab {})",
+        c.arch_name, c.num_layers(), c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size);
+    println!("parameters:   {params} ({:.1} M)", params as f64 / 1e6);
+    for (dtype, (bytes, count)) in &by_dtype {
+        println!("  {dtype:>5}: {count:>4} tensors, {bytes} bytes");
+    }
+    println!("tensors:");
+    for row in &table {
+        println!("  {:<48} {:>5} {}", row["name"].as_str().unwrap_or(""), row["dtype"].as_str().unwrap_or(""), row["shape"]);
+    }
+    Ok(())
+}
+
+fn run(common: &Common, prompt: &PromptArgs, max_new_tokens: usize, ignore_eos: bool, record_logits: usize) -> Result<()> {
+    let model = load(common)?;
+    let tokenizer = || model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"));
+    let prompt_ids: Vec<u32> = match (&prompt.prompt, &prompt.prompt_ids) {
+        (Some(text), _) => {
+            let (text, special) = if prompt.chat {
+                let template = model.chat_template.as_deref().ok_or_else(|| anyhow!("{}: the model has no chat template", model.path.display()))?;
+                let messages = [Message { role: "user".into(), content: text.clone() }];
+                (render_chat(template, &messages, model.bos_token.as_deref(), model.eos_token.as_deref()).map_err(|e| anyhow!(e))?, false)
+            } else {
+                (text.clone(), true)
+            };
+            tokenizer()?.encode(text.as_str(), special).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
+    };
+    let graph = lower::lower(&model)?;
+    let mut exec = InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
+    let opts = GenerateOptions {
+        max_new_tokens,
+        stop_ids: if ignore_eos { vec![] } else { model.config.eos_token_ids.clone() },
+        record_steps: record_logits,
+        record_top_k: 20,
+    };
+    let tok = model.tokenizer.as_ref().ok();
+    let mut streamed = String::new();
+    let mut so_far = Vec::new();
+    let stream = !common.json && tok.is_some();
+    let gen = generate(&mut exec, &prompt_ids, &opts, |id| {
+        if !stream {
+            return;
+        }
+        so_far.push(id);
+        if let Ok(text) = tok.expect("stream implies a tokenizer").decode(&so_far, false) {
+            // Hold back a partial UTF-8 sequence until its last byte arrives.
+            if text.len() > streamed.len() && !text.ends_with('\u{FFFD}') && text.starts_with(streamed.as_str()) {
+                print!("{}", &text[streamed.len()..]);
+                let _ = std::io::stdout().flush();
+                streamed = text;
+            }
+        }
+    })?;
+    let text = match tok {
+        Some(t) => t.decode(&gen.generated, false).map_err(|e| anyhow!("decoding: {e}"))?,
+        None => String::new(),
+    };
+    let ttft = gen.prefill_seconds;
+    if common.json {
+        let recorded: Vec<Value> = gen
+            .recorded
+            .iter()
+            .map(|r| json!({ "top": r.top.iter().map(|(id, l)| json!({ "id": id, "logit": l })).collect::<Vec<_>>(), "logsumexp": r.logsumexp }))
+            .collect();
+        print_json(&json!({
+            "prompt_ids": prompt_ids,
+            "generated_ids": gen.generated,
+            "text": text,
+            "decode_tokens_per_s": gen.decode_tokens_per_s(),
+            "prefill_tokens_per_s": prompt_ids.len() as f64 / ttft.max(1e-9),
+            "time_to_first_token_s": ttft,
+            "executor": "interpreter",
+            "recorded_logits": recorded,
+        }));
+    } else {
+        if !stream {
+            println!("{:?}", gen.generated);
+        } else if streamed.len() < text.len() {
+            print!("{}", &text[streamed.len().min(text.len())..]);
+        }
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s]",
+            prompt_ids.len(),
+            gen.generated.len(),
+            prompt_ids.len() as f64 / ttft.max(1e-9),
+            gen.decode_tokens_per_s()
+        );
+    }
+    Ok(())
+}
+

@@ -1,0 +1,198 @@
+//! Element types, including packed block-quantized weight types.
+//!
+//! Quantized types pack along the last (fastest-varying) dimension in blocks of
+//! `block_len()` elements; a row's length must be a multiple of it.
+
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    /// GGUF Q8_0: blocks of 32, an f16 scale then 32 i8 values.
+    Q8_0,
+    /// GGUF Q4_0: blocks of 32, an f16 scale then 16 bytes; value = (nibble - 8) * d.
+    Q4_0,
+    /// GGUF Q4_1: blocks of 32, f16 scale d, f16 minimum m, 16 bytes; value = nibble * d + m.
+    Q4_1,
+}
+
+pub const ALL_DTYPES: [DType; 7] =
+    [DType::F32, DType::F16, DType::BF16, DType::I32, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<DType> {
+        ALL_DTYPES.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Elements per packed block (1 for plain types).
+    pub fn block_len(self) -> usize {
+        match self {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            _ => 1,
+        }
+    }
+
+    /// Bytes per packed block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_len() > 1
+    }
+
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::I32)
+    }
+
+    /// Storage bytes for `n` elements, or `None` when `n` is not a whole number of
+    /// blocks or the product overflows.
+    pub fn storage_bytes(self, n: usize) -> Option<usize> {
+        if n % self.block_len() != 0 {
+            return None;
+        }
+        (n / self.block_len()).checked_mul(self.block_bytes())
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Dequantizes `bytes` (exactly `storage_bytes(out.len())` long) of type `dtype` into `out`.
+///
+/// Panics only on a caller bug (length mismatch); importers check sizes against the file first.
+pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(Some(bytes.len()), dtype.storage_bytes(out.len()), "dequantize_into: size mismatch");
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::I32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32;
+            }
+        }
+        DType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = (b[2 + j] as i8) as f32 * d;
+                }
+            }
+        }
+        DType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                for j in 0..16 {
+                    let q = b[2 + j];
+                    o[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+                    o[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        DType::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
+                let d = f16_at(b, 0);
+                let m = f16_at(b, 2);
+                for j in 0..16 {
+                    let q = b[4 + j];
+                    o[j] = (q & 0x0F) as f32 * d + m;
+                    o[j + 16] = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+    }
+}
+
+/// Encodes f32 values as `dtype` (plain float types only; used by converters).
+pub fn encode_float(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(values.len() * dtype.block_bytes());
+    match dtype {
+        DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        _ => return None,
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_1_block_decodes_low_nibbles_first() {
+        let mut block = vec![0u8; 20];
+        block[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        block[2..4].copy_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        block[4] = 0x31; // element 0 -> 1, element 16 -> 3
+        let mut out = vec![0.0; 32];
+        dequantize_into(DType::Q4_1, &block, &mut out);
+        assert_eq!(out[0], -0.5);
+        assert_eq!(out[16], 0.5);
+        assert_eq!(out[1], -1.0);
+    }
+
+    #[test]
+    fn q4_0_and_q8_0_are_signed() {
+        let mut block = vec![0u8; 18];
+        block[0..2].copy_from_slice(&f16::from_f32(2.0).to_le_bytes());
+        block[2] = 0x0F;
+        let mut out = vec![0.0; 32];
+        dequantize_into(DType::Q4_0, &block, &mut out);
+        assert_eq!(out[0], 14.0);
+        assert_eq!(out[16], -16.0);
+        let mut block = vec![0u8; 34];
+        block[0..2].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
+        block[2] = (-4i8) as u8;
+        dequantize_into(DType::Q8_0, &block, &mut out);
+        assert_eq!(out[0], -1.0);
+    }
+
+    #[test]
+    fn storage_bytes_rejects_partial_blocks() {
+        assert_eq!(DType::Q4_1.storage_bytes(64), Some(40));
+        assert_eq!(DType::Q4_1.storage_bytes(33), None);
+        assert_eq!(DType::F32.storage_bytes(usize::MAX), None);
+    }
+}

@@ -1,0 +1,586 @@
+//! The reference interpreter: executes a verified graph in f32 on the CPU, with a KV
+//! cache that persists across calls (prefill, then token-by-token decode).
+//!
+//! Quantized and half-precision weights are dequantized to f32 the first time a node
+//! uses them and kept for the interpreter's lifetime. Results are deterministic: the
+//! work split across threads never changes the order of any sum.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::dtype::{dequantize_into, DType};
+use crate::graph::{Graph, NodeId};
+use crate::op::{KvKind, Op, RopeScaling, RopeStyle};
+use crate::verify::{verify, GraphInfo, VerifyError};
+
+/// Raw bytes of one stored weight, as the importer found them (usually memory-mapped).
+pub struct WeightView<'a> {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+/// Where the interpreter finds weights by name.
+pub trait WeightSource: Sync {
+    fn view(&self, name: &str) -> Option<WeightView<'_>>;
+}
+
+#[derive(Clone, Debug)]
+pub enum Data {
+    F32(Arc<Vec<f32>>),
+    I32(Arc<Vec<i32>>),
+}
+
+/// A concrete tensor: row-major data and its shape.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        Tensor { shape, data: Data::F32(Arc::new(data)) }
+    }
+
+    pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Tensor {
+        Tensor { shape, data: Data::I32(Arc::new(data)) }
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            Data::I32(_) => None,
+        }
+    }
+
+    pub fn as_i32(&self) -> Option<&[i32]> {
+        match &self.data {
+            Data::I32(v) => Some(v),
+            Data::F32(_) => None,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) => DType::F32,
+            Data::I32(_) => DType::I32,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterpError {
+    #[error("the graph does not verify: {0}")]
+    Verify(#[from] VerifyError),
+    #[error("weight \"{0}\" is not in the weight store")]
+    MissingWeight(String),
+    #[error("weight \"{name}\" is stored as {found} but the graph expects {expected}")]
+    WeightType { name: String, expected: String, found: String },
+    #[error("input \"{0}\" was not given")]
+    MissingInput(String),
+    #[error("input \"{name}\": expected {expected}, got {found}")]
+    InputType { name: String, expected: String, found: String },
+    #[error("%{node}: dimension `{dim}` cannot be evaluated ({message})")]
+    Unbound { node: String, dim: String, message: String },
+    #[error("%{node}: computed shape {computed:?} differs from its type {declared}")]
+    Shape { node: String, computed: Vec<usize>, declared: String },
+    #[error("%{node}: token id {id} is outside the embedding table of {rows} rows")]
+    TokenOutOfRange { node: String, id: i64, rows: usize },
+    #[error("%{node}: produced NaN")]
+    NotANumber { node: String },
+    #[error("the KV cache holds {past} positions; {more} more would exceed the limit of {limit}")]
+    ContextFull { past: usize, more: usize, limit: usize },
+}
+
+/// Executes one graph against one weight store, keeping the KV cache between calls.
+pub struct Interpreter<'a> {
+    graph: &'a Graph,
+    info: GraphInfo,
+    weights: &'a dyn WeightSource,
+    dequantized: HashMap<NodeId, Arc<Vec<f32>>>,
+    /// Per cache layer: keys and values, each `[past, heads, head_dim]` row-major.
+    cache: Vec<[Vec<f32>; 2]>,
+    past: usize,
+    /// Position in `info.order` after which a value is dead.
+    last_use: HashMap<NodeId, usize>,
+    max_positions: usize,
+}
+
+impl<'a> Interpreter<'a> {
+    /// Verifies the graph and checks every weight it names against the store.
+    pub fn new(graph: &'a Graph, weights: &'a dyn WeightSource) -> Result<Interpreter<'a>, InterpError> {
+        let info = verify(graph)?;
+        for (_, node) in graph.nodes() {
+            if let Op::Weight { name } = &node.op {
+                let view = weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+                let declared: Vec<Option<i64>> = node.ty.shape.iter().map(|d| d.as_const()).collect();
+                let found: Vec<Option<i64>> = view.shape.iter().map(|d| Some(*d as i64)).collect();
+                if view.dtype != node.ty.dtype || declared != found {
+                    return Err(InterpError::WeightType {
+                        name: name.clone(),
+                        expected: node.ty.to_string(),
+                        found: format!("{}{:?}", view.dtype, view.shape),
+                    });
+                }
+            }
+        }
+        let mut last_use = HashMap::new();
+        for (pos, id) in info.order.iter().enumerate() {
+            for input in &graph.node(*id).inputs {
+                last_use.insert(*input, pos);
+            }
+        }
+        for (_, id) in graph.outputs() {
+            last_use.insert(*id, usize::MAX);
+        }
+        let cache = vec![[Vec::new(), Vec::new()]; info.cache_layers];
+        Ok(Interpreter {
+            graph,
+            info,
+            weights,
+            dequantized: HashMap::new(),
+            cache,
+            past: 0,
+            last_use,
+            max_positions: usize::MAX,
+        })
+    }
+
+    /// Caps the number of positions the cache may hold (the model's context length).
+    pub fn with_max_positions(mut self, limit: usize) -> Self {
+        self.max_positions = limit;
+        self
+    }
+
+    /// Positions already in the KV cache.
+    pub fn past_len(&self) -> usize {
+        self.past
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) {
+        self.past = 0;
+        for layer in &mut self.cache {
+            layer[0].clear();
+            layer[1].clear();
+        }
+    }
+
+    /// Runs one step. Inputs are matched by name; outputs come back in graph order.
+    /// On error the KV cache is left as it was before the call.
+    pub fn run(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
+        let cache_lens: Vec<[usize; 2]> = self.cache.iter().map(|l| [l[0].len(), l[1].len()]).collect();
+        let result = self.run_inner(inputs);
+        if result.is_err() {
+            for (layer, lens) in self.cache.iter_mut().zip(cache_lens) {
+                layer[0].truncate(lens[0]);
+                layer[1].truncate(lens[1]);
+            }
+        }
+        result
+    }
+
+    fn run_inner(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
+        let graph = self.graph;
+        let mut symbols: HashMap<String, i64> = HashMap::new();
+        symbols.insert("p".into(), self.past as i64);
+        let mut values: HashMap<NodeId, Tensor> = HashMap::new();
+        let mut step_len = None;
+        let order = self.info.order.clone();
+        for (pos, id) in order.iter().enumerate() {
+            let node = graph.node(*id);
+            let value = match &node.op {
+                Op::Input { name } => {
+                    let given = inputs
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, t)| t.clone())
+                        .ok_or_else(|| InterpError::MissingInput(name.clone()))?;
+                    let mismatch = || InterpError::InputType {
+                        name: name.clone(),
+                        expected: node.ty.to_string(),
+                        found: format!("{}{:?}", given.dtype(), given.shape),
+                    };
+                    if given.dtype() != node.ty.dtype || given.shape.len() != node.ty.rank() {
+                        return Err(mismatch());
+                    }
+                    for (dim, actual) in node.ty.shape.iter().zip(&given.shape) {
+                        let mut syms = dim.symbols();
+                        match (syms.next(), syms.next(), dim.as_const()) {
+                            (_, _, Some(c)) if c != *actual as i64 => return Err(mismatch()),
+                            (Some(sym), None, None) if dim.to_string() == sym => {
+                                if let Some(prev) = symbols.insert(sym.to_string(), *actual as i64) {
+                                    if prev != *actual as i64 {
+                                        return Err(mismatch());
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(s) = symbols.get("s") {
+                        step_len = Some(*s as usize);
+                    }
+                    given
+                }
+                Op::Weight { .. } => {
+                    let data = self.weight_f32(*id)?;
+                    let shape = node.ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+                    Tensor { shape, data: Data::F32(data) }
+                }
+                op => {
+                    let args: Vec<&Tensor> = node.inputs.iter().map(|i| &values[i]).collect();
+                    self.eval(node.name.as_str(), op, &args)?
+                }
+            };
+            // The computed shape must be the declared type under this step's bindings.
+            let declared: Result<Vec<usize>, InterpError> = node
+                .ty
+                .shape
+                .iter()
+                .map(|d| {
+                    d.eval(&|s| symbols.get(s).copied()).map(|v| v as usize).map_err(|sym| InterpError::Unbound {
+                        node: node.name.clone(),
+                        dim: d.to_string(),
+                        message: format!("symbol `{sym}` is not bound by any input"),
+                    })
+                })
+                .collect();
+            if declared? != value.shape {
+                return Err(InterpError::Shape {
+                    node: node.name.clone(),
+                    computed: value.shape.clone(),
+                    declared: node.ty.to_string(),
+                });
+            }
+            if !node.op.is_source() {
+                if let Some(v) = value.as_f32() {
+                    if v.iter().any(|x| x.is_nan()) {
+                        return Err(InterpError::NotANumber { node: node.name.clone() });
+                    }
+                }
+            }
+            values.insert(*id, value);
+            for input in &node.inputs {
+                if self.last_use.get(input) == Some(&pos) {
+                    values.remove(input);
+                }
+            }
+        }
+        if let Some(s) = step_len {
+            self.past += s;
+        }
+        Ok(graph.outputs().iter().map(|(name, id)| (name.clone(), values[id].clone())).collect())
+    }
+
+    fn weight_f32(&mut self, id: NodeId) -> Result<Arc<Vec<f32>>, InterpError> {
+        if let Some(w) = self.dequantized.get(&id) {
+            return Ok(w.clone());
+        }
+        let Op::Weight { name } = &self.graph.node(id).op else { unreachable!("weight_f32 on a weight node") };
+        let view = self.weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+        let n: usize = view.shape.iter().product();
+        let mut out = vec![0.0f32; n];
+        let row = view.shape.last().copied().unwrap_or(1).max(1);
+        let row_bytes = view.dtype.storage_bytes(row).unwrap_or(0);
+        if view.dtype.storage_bytes(n) != Some(view.bytes.len()) || row_bytes == 0 {
+            return Err(InterpError::WeightType {
+                name: name.clone(),
+                expected: format!("{} bytes", view.dtype.storage_bytes(n).unwrap_or(0)),
+                found: format!("{} bytes", view.bytes.len()),
+            });
+        }
+        out.par_chunks_mut(row).zip(view.bytes.par_chunks(row_bytes)).for_each(|(o, b)| {
+            dequantize_into(view.dtype, b, o);
+        });
+        let out = Arc::new(out);
+        self.dequantized.insert(id, out.clone());
+        Ok(out)
+    }
+
+    fn eval(&mut self, node: &str, op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
+        let f = |i: usize| args[i].as_f32().expect("verified: f32 operand");
+        Ok(match op {
+            Op::Input { .. } | Op::Weight { .. } => unreachable!("sources are handled by run"),
+            Op::Positions => {
+                let s = args[0].shape[0];
+                Tensor::i32(vec![s], (0..s).map(|i| (self.past + i) as i32).collect())
+            }
+            Op::Embed => {
+                let (rows, d) = (args[0].shape[0], args[0].shape[1]);
+                let table = f(0);
+                let ids = args[1].as_i32().expect("verified: i32 ids");
+                let mut out = Vec::with_capacity(ids.len() * d);
+                for &id in ids {
+                    if id < 0 || id as usize >= rows {
+                        return Err(InterpError::TokenOutOfRange { node: node.into(), id: id as i64, rows });
+                    }
+                    out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+                }
+                Tensor::f32(vec![ids.len(), d], out)
+            }
+            Op::RmsNorm { eps } => {
+                let (x, w) = (f(0), f(1));
+                let d = w.len();
+                let mut out = vec![0.0; x.len()];
+                for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let inv = 1.0 / (mean_sq + eps).sqrt();
+                    for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                        *o = w * (v * inv);
+                    }
+                }
+                Tensor::f32(args[0].shape.clone(), out)
+            }
+            Op::Linear => {
+                let (n, k) = (args[1].shape[0], args[1].shape[1]);
+                let m = f(0).len() / k;
+                let mut shape = args[0].shape.clone();
+                *shape.last_mut().unwrap() = n;
+                Tensor::f32(shape, matmul_transposed(f(0), m, k, f(1), n))
+            }
+            Op::Add | Op::Mul => {
+                let (a, b) = (f(0), f(1));
+                let add = matches!(op, Op::Add);
+                let mut out = a.to_vec();
+                for chunk in out.chunks_exact_mut(b.len()) {
+                    for (o, v) in chunk.iter_mut().zip(b) {
+                        if add {
+                            *o += v
+                        } else {
+                            *o *= v
+                        }
+                    }
+                }
+                Tensor::f32(args[0].shape.clone(), out)
+            }
+            Op::Silu => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| x / (1.0 + (-x).exp())).collect()),
+            Op::Reshape { .. } => {
+                // Shape comes from the declared type, checked by the caller.
+                let shape = self.reshape_target(node, args[0])?;
+                Tensor { shape, data: args[0].data.clone() }
+            }
+            Op::Slice { axis, start, end } => {
+                let shape = &args[0].shape;
+                let outer: usize = shape[..*axis].iter().product();
+                let inner: usize = shape[axis + 1..].iter().product();
+                let (start, end) = (*start as usize, *end as usize);
+                let x = f(0);
+                let mut out = Vec::with_capacity(outer * (end - start) * inner);
+                for o in 0..outer {
+                    let base = o * shape[*axis] * inner;
+                    out.extend_from_slice(&x[base + start * inner..base + end * inner]);
+                }
+                let mut out_shape = shape.clone();
+                out_shape[*axis] = end - start;
+                Tensor::f32(out_shape, out)
+            }
+            Op::Rope { theta, rotary_dim, style, scaling } => {
+                let pos = args[1].as_i32().expect("verified: i32 positions");
+                let (h, d) = (args[0].shape[1], args[0].shape[2]);
+                let freqs = rope_inv_freq(*theta, *rotary_dim, scaling);
+                let mut out = f(0).to_vec();
+                let half = rotary_dim / 2;
+                for (t, token) in out.chunks_exact_mut(h * d).enumerate() {
+                    let p = pos[t] as f32;
+                    let (cos, sin): (Vec<f32>, Vec<f32>) = freqs.iter().map(|fr| ((p * fr).cos(), (p * fr).sin())).unzip();
+                    for head in token.chunks_exact_mut(d) {
+                        for j in 0..half {
+                            let (a, b) = match style {
+                                RopeStyle::Half => (j, j + half),
+                                RopeStyle::Interleaved => (2 * j, 2 * j + 1),
+                            };
+                            let (x0, x1) = (head[a], head[b]);
+                            head[a] = x0 * cos[j] - x1 * sin[j];
+                            head[b] = x1 * cos[j] + x0 * sin[j];
+                        }
+                    }
+                }
+                Tensor::f32(args[0].shape.clone(), out)
+            }
+            Op::KvAppend { layer, kind } => {
+                let slot = match kind {
+                    KvKind::Key => 0,
+                    KvKind::Value => 1,
+                };
+                let row: usize = args[0].shape[1..].iter().product();
+                let s = args[0].shape[0];
+                if self.past + s > self.max_positions {
+                    return Err(InterpError::ContextFull { past: self.past, more: s, limit: self.max_positions });
+                }
+                let cache = &mut self.cache[*layer][slot];
+                cache.truncate(self.past * row);
+                cache.extend_from_slice(f(0));
+                let mut shape = args[0].shape.clone();
+                shape[0] = self.past + s;
+                Tensor::f32(shape, cache.clone())
+            }
+            Op::Attention { scale } => {
+                let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
+                let (t, hk) = (args[1].shape[0], args[1].shape[1]);
+                Tensor::f32(args[0].shape.clone(), attention(f(0), f(1), f(2), s, t, hq, hk, d, *scale))
+            }
+        })
+    }
+
+    fn reshape_target(&self, node: &str, x: &Tensor) -> Result<Vec<usize>, InterpError> {
+        let id = self.graph.find(node).expect("evaluating a node of this graph");
+        let ty = &self.graph.node(id).ty;
+        let total: usize = x.shape.iter().product();
+        // Bind the one symbolic dim (if any) from the element count.
+        let konst: usize = ty.shape.iter().filter_map(|d| d.as_const()).map(|c| c as usize).product();
+        Ok(ty
+            .shape
+            .iter()
+            .map(|d| match d.as_const() {
+                Some(c) => c as usize,
+                None => total / konst.max(1),
+            })
+            .collect())
+    }
+}
+
+/// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does.
+pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32> {
+    let base: Vec<f32> =
+        (0..rotary_dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32)).collect();
+    match *scaling {
+        RopeScaling::None => base,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+            let old = original_max_position as f32;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen > low_wavelen {
+                        f / factor
+                    } else if wavelen < high_wavelen {
+                        f
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Causal grouped-query attention; query i sits at position t - s + i.
+#[allow(clippy::too_many_arguments)]
+fn attention(q: &[f32], k: &[f32], v: &[f32], s: usize, t: usize, hq: usize, hk: usize, d: usize, scale: f32) -> Vec<f32> {
+    let group = hq / hk;
+    let mut out = vec![0.0f32; s * hq * d];
+    // One task per (query, head) row of the output.
+    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        let (i, h) = (row / hq, row % hq);
+        let kv_head = h / group;
+        let qv = &q[(i * hq + h) * d..(i * hq + h + 1) * d];
+        let visible = t - s + i + 1;
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|j| dot(qv, &k[(j * hk + kv_head) * d..(j * hk + kv_head + 1) * d]) * scale)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        for (j, p) in scores.iter().enumerate() {
+            let w = p / sum;
+            let vv = &v[(j * hk + kv_head) * d..(j * hk + kv_head + 1) * d];
+            for (o, x) in o.iter_mut().zip(vv) {
+                *o += w * x;
+            }
+        }
+    });
+    out
+}
+
+/// `x[m, k]` times `w[n, k]` transposed, into `[m, n]`.
+pub fn matmul_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    if m == 1 {
+        out.par_chunks_mut(64).enumerate().for_each(|(c, o)| {
+            for (j, v) in o.iter_mut().enumerate() {
+                let row = c * 64 + j;
+                *v = dot(x, &w[row * k..(row + 1) * k]);
+            }
+        });
+        return out;
+    }
+    // Column blocks of the output in parallel; each block is one sgemm into a local buffer.
+    const BLOCK: usize = 256;
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let n0 = b * BLOCK;
+            let nb = BLOCK.min(n - n0);
+            let mut c = vec![0.0f32; m * nb];
+            // SAFETY: the pointers cover x (m*k), the nb rows of w from n0, and c (m*nb),
+            // with strides that stay inside those ranges.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m, k, nb, 1.0,
+                    x.as_ptr(), k as isize, 1,
+                    w.as_ptr().add(n0 * k), 1, k as isize,
+                    0.0, c.as_mut_ptr(), nb as isize, 1,
+                );
+            }
+            (n0, c)
+        })
+        .collect();
+    for (n0, c) in blocks {
+        let nb = c.len() / m;
+        for i in 0..m {
+            out[i * n + n0..i * n + n0 + nb].copy_from_slice(&c[i * nb..(i + 1) * nb]);
+        }
+    }
+    out
+}
+
+/// Dot product with a fixed summation order (16 lanes, then a fixed tree).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = a.len() / 16;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for i in chunks * 16..a.len() {
+        tail += a[i] * b[i];
+    }
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
+}

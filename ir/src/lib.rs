@@ -1,0 +1,25 @@
+//! slmc's graph IR.
+//!
+//! * A [`Graph`] is SSA: every node defines one value with a unique name, and operands
+//!   refer to values defined elsewhere in the graph; there are no cycles.
+//! * Weights are `weight "name"` nodes: the graph names them, the importer's store holds
+//!   the bytes. A weight used twice (tied embeddings, shared blocks) is one node.
+//! * Shapes may be symbolic: `s` is the number of tokens in this step, `p` the number of
+//!   positions already cached.
+//! * The only side effect is `kv_append`, which writes the KV cache of its layer.
+//! * [`verify`] is the gate: printing, passes and the interpreter expect a verified graph.
+
+pub mod dtype;
+pub mod graph;
+pub mod interp;
+pub mod op;
+pub mod shape;
+pub mod text;
+pub mod verify;
+
+pub use dtype::DType;
+pub use graph::{Graph, Node, NodeId};
+pub use interp::{Interpreter, InterpError, Tensor, WeightSource, WeightView};
+pub use op::{Attr, KvKind, Op, RopeScaling, RopeStyle};
+pub use shape::{Dim, TensorType};
+pub use verify::{verify, GraphInfo, VerifyError};

@@ -1,0 +1,442 @@
+//! The op set: every op's attributes, operand arity and shape rule live here, so the
+//! printer, parser, verifier and interpreter agree on one definition.
+
+use std::fmt;
+
+use crate::dtype::DType;
+use crate::shape::{Dim, TensorType};
+
+/// How rotary embedding pairs dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RopeStyle {
+    /// Hugging Face `rotate_half`: dimension i pairs with i + rotary_dim/2.
+    Half,
+    /// Adjacent pairs (2i, 2i+1): the layout of GGUF llama q/k weights, whose rows
+    /// llama.cpp's converter permuted so this gives the same attention scores.
+    Interleaved,
+}
+
+/// Frequency scaling applied on top of `theta`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.1's piecewise scaling (`rope_scaling.rope_type = "llama3"`).
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: i64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvKind {
+    Key,
+    Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A graph input, bound by the caller (`tokens`).
+    Input { name: String },
+    /// A named weight from the model's weight store; never copied into the graph.
+    Weight { name: String },
+    /// (tokens[s]) -> i32[s]: absolute positions p..p+s of the tokens in this step.
+    Positions,
+    /// (table[v, d], ids[s]) -> f32[s, d]: row gather.
+    Embed,
+    /// (x[.., d], w[d]) -> x * rsqrt(mean(x^2) + eps) * w.
+    RmsNorm { eps: f32 },
+    /// (x[.., k], w[n, k]) -> [.., n]: x times w transposed (weights stored out x in).
+    Linear,
+    /// Elementwise, b broadcast over a's leading dimensions (b's shape is a suffix of a's).
+    Add,
+    Mul,
+    Silu,
+    Reshape { shape: Vec<Dim> },
+    /// Constant-bounds slice along one axis.
+    Slice { axis: usize, start: i64, end: i64 },
+    /// (x[s, h, d], pos[s]) -> x rotated on its first `rotary_dim` dims.
+    Rope { theta: f32, rotary_dim: usize, style: RopeStyle, scaling: RopeScaling },
+    /// (x[s, h, d]) -> [p+s, h, d]: appends this step's keys or values to the cache of
+    /// `layer` and yields the whole cache. The only op with a side effect.
+    KvAppend { layer: usize, kind: KvKind },
+    /// (q[s, hq, d], k[t, hk, d], v[t, hk, d]) -> [s, hq, d]: causal attention where query i
+    /// sits at position t - s + i; hq must be a multiple of hk (grouped-query attention).
+    Attention { scale: f32 },
+}
+
+/// An attribute value in the text form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    Int(i64),
+    Float(f32),
+    Ident(String),
+    Str(String),
+    Dims(Vec<Dim>),
+}
+
+impl fmt::Display for Attr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attr::Int(v) => write!(f, "{v}"),
+            // Debug for f32 is the shortest text that parses back to the same value and always
+            // carries a `.` or an exponent, so the parser can tell floats from integers.
+            Attr::Float(v) => write!(f, "{v:?}"),
+            Attr::Ident(v) => f.write_str(v),
+            Attr::Str(v) => write!(f, "{v:?}"),
+            Attr::Dims(dims) => {
+                f.write_str("[")?;
+                for (i, d) in dims.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{d}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+impl Op {
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Weight { .. } => "weight",
+            Op::Positions => "positions",
+            Op::Embed => "embed",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Linear => "linear",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Silu => "silu",
+            Op::Reshape { .. } => "reshape",
+            Op::Slice { .. } => "slice",
+            Op::Rope { .. } => "rope",
+            Op::KvAppend { .. } => "kv_append",
+            Op::Attention { .. } => "attention",
+        }
+    }
+
+    /// Number of operands the op takes.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::Input { .. } | Op::Weight { .. } => 0,
+            Op::Positions | Op::Silu | Op::Reshape { .. } | Op::Slice { .. } | Op::KvAppend { .. } => 1,
+            Op::Embed | Op::RmsNorm { .. } | Op::Linear | Op::Add | Op::Mul | Op::Rope { .. } => 2,
+            Op::Attention { .. } => 3,
+        }
+    }
+
+    /// Ops whose type is declared rather than inferred.
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Weight { .. })
+    }
+
+    /// The quoted name of a source op (`input "tokens"`, `weight "blk.0.attn_q.weight"`).
+    pub fn source_name(&self) -> Option<&str> {
+        match self {
+            Op::Input { name } | Op::Weight { name } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Attributes in their printed order.
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        match self {
+            Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
+            Op::Reshape { shape } => vec![("shape", Attr::Dims(shape.clone()))],
+            Op::Slice { axis, start, end } => vec![
+                ("axis", Attr::Int(*axis as i64)),
+                ("start", Attr::Int(*start)),
+                ("end", Attr::Int(*end)),
+            ],
+            Op::Rope { theta, rotary_dim, style, scaling } => {
+                let style = match style {
+                    RopeStyle::Half => "half",
+                    RopeStyle::Interleaved => "interleaved",
+                };
+                let mut attrs = vec![
+                    ("theta", Attr::Float(*theta)),
+                    ("rotary_dim", Attr::Int(*rotary_dim as i64)),
+                    ("style", Attr::Ident(style.into())),
+                ];
+                if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } =
+                    scaling
+                {
+                    attrs.extend([
+                        ("scaling", Attr::Ident("llama3".into())),
+                        ("factor", Attr::Float(*factor)),
+                        ("low_freq_factor", Attr::Float(*low_freq_factor)),
+                        ("high_freq_factor", Attr::Float(*high_freq_factor)),
+                        ("original_max_position", Attr::Int(*original_max_position)),
+                    ]);
+                }
+                attrs
+            }
+            Op::KvAppend { layer, kind } => vec![
+                ("layer", Attr::Int(*layer as i64)),
+                (
+                    "kind",
+                    Attr::Ident(match kind {
+                        KvKind::Key => "key".into(),
+                        KvKind::Value => "value".into(),
+                    }),
+                ),
+            ],
+            Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
+            _ => vec![],
+        }
+    }
+
+    /// Builds an op from its mnemonic, source name and attributes (the parser's half of
+    /// `mnemonic`/`attrs`). Every attribute must be known and every required one present.
+    pub fn from_parts(mnemonic: &str, source: Option<String>, attrs: Vec<(String, Attr)>) -> Result<Op, String> {
+        let mut bag = AttrBag { attrs, used: Vec::new() };
+        let needs_source = matches!(mnemonic, "input" | "weight");
+        if needs_source != source.is_some() {
+            return Err(if needs_source {
+                format!("`{mnemonic}` needs a quoted name")
+            } else {
+                format!("`{mnemonic}` takes no quoted name")
+            });
+        }
+        let op = match mnemonic {
+            "input" => Op::Input { name: source.unwrap_or_default() },
+            "weight" => Op::Weight { name: source.unwrap_or_default() },
+            "positions" => Op::Positions,
+            "embed" => Op::Embed,
+            "rms_norm" => Op::RmsNorm { eps: bag.float("eps")? },
+            "linear" => Op::Linear,
+            "add" => Op::Add,
+            "mul" => Op::Mul,
+            "silu" => Op::Silu,
+            "reshape" => Op::Reshape { shape: bag.dims("shape")? },
+            "slice" => Op::Slice { axis: bag.usize("axis")?, start: bag.int("start")?, end: bag.int("end")? },
+            "rope" => {
+                let style = match bag.ident("style")?.as_str() {
+                    "half" => RopeStyle::Half,
+                    "interleaved" => RopeStyle::Interleaved,
+                    other => return Err(format!("unknown rope style `{other}` (half, interleaved)")),
+                };
+                let scaling = if bag.has("scaling") {
+                    match bag.ident("scaling")?.as_str() {
+                        "llama3" => RopeScaling::Llama3 {
+                            factor: bag.float("factor")?,
+                            low_freq_factor: bag.float("low_freq_factor")?,
+                            high_freq_factor: bag.float("high_freq_factor")?,
+                            original_max_position: bag.int("original_max_position")?,
+                        },
+                        other => return Err(format!("unknown rope scaling `{other}` (llama3)")),
+                    }
+                } else {
+                    RopeScaling::None
+                };
+                Op::Rope { theta: bag.float("theta")?, rotary_dim: bag.usize("rotary_dim")?, style, scaling }
+            }
+            "kv_append" => {
+                let kind = match bag.ident("kind")?.as_str() {
+                    "key" => KvKind::Key,
+                    "value" => KvKind::Value,
+                    other => return Err(format!("unknown kv kind `{other}` (key, value)")),
+                };
+                Op::KvAppend { layer: bag.usize("layer")?, kind }
+            }
+            "attention" => Op::Attention { scale: bag.float("scale")? },
+            other => return Err(format!("unknown op `{other}`")),
+        };
+        bag.finish()?;
+        Ok(op)
+    }
+
+    /// The output type from the operand types, or an error saying which rule failed.
+    /// Source ops have declared types and are not inferred.
+    pub fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
+        if inputs.len() != self.arity() {
+            return Err(format!("`{}` takes {} operands, got {}", self.mnemonic(), self.arity(), inputs.len()));
+        }
+        let f32_only = |i: usize| -> Result<(), String> {
+            if inputs[i].dtype == DType::F32 {
+                Ok(())
+            } else {
+                Err(format!("operand {i} must be f32, found {}", inputs[i].dtype))
+            }
+        };
+        let rank_is = |i: usize, r: usize| -> Result<(), String> {
+            if inputs[i].rank() == r {
+                Ok(())
+            } else {
+                Err(format!("operand {i} must have rank {r}, found {}", inputs[i]))
+            }
+        };
+        match self {
+            Op::Input { .. } | Op::Weight { .. } => Err("source ops have declared types".into()),
+            Op::Positions => {
+                rank_is(0, 1)?;
+                Ok(TensorType::new(DType::I32, inputs[0].shape.clone()))
+            }
+            Op::Embed => {
+                rank_is(0, 2)?;
+                rank_is(1, 1)?;
+                if inputs[1].dtype != DType::I32 {
+                    return Err(format!("ids must be i32, found {}", inputs[1].dtype));
+                }
+                Ok(TensorType::new(DType::F32, vec![inputs[1].shape[0].clone(), inputs[0].shape[1].clone()]))
+            }
+            Op::RmsNorm { .. } => {
+                f32_only(0)?;
+                rank_is(1, 1)?;
+                if !inputs[1].dtype.is_float() {
+                    return Err(format!("norm weight must be a float type, found {}", inputs[1].dtype));
+                }
+                let last = inputs[0].shape.last().ok_or("operand 0 must have rank >= 1")?;
+                if *last != inputs[1].shape[0] {
+                    return Err(format!("norm weight {} does not match last dim of {}", inputs[1], inputs[0]));
+                }
+                Ok(inputs[0].clone())
+            }
+            Op::Linear => {
+                f32_only(0)?;
+                rank_is(1, 2)?;
+                if !inputs[1].dtype.is_float() {
+                    return Err(format!("weight must be a float or quantized type, found {}", inputs[1].dtype));
+                }
+                let k = inputs[0].shape.last().ok_or("operand 0 must have rank >= 1")?;
+                if *k != inputs[1].shape[1] {
+                    return Err(format!("inner dims differ: {} x {}^T", inputs[0], inputs[1]));
+                }
+                let mut shape = inputs[0].shape.clone();
+                *shape.last_mut().unwrap() = inputs[1].shape[0].clone();
+                Ok(TensorType::new(DType::F32, shape))
+            }
+            Op::Add | Op::Mul => {
+                f32_only(0)?;
+                if inputs[1].dtype.is_quantized() || !inputs[1].dtype.is_float() {
+                    return Err(format!("operand 1 must be a plain float type, found {}", inputs[1].dtype));
+                }
+                let (a, b) = (&inputs[0].shape, &inputs[1].shape);
+                if b.len() > a.len() || a[a.len() - b.len()..] != b[..] {
+                    return Err(format!("shapes do not broadcast: {} and {}", inputs[0], inputs[1]));
+                }
+                Ok(inputs[0].clone())
+            }
+            Op::Silu => {
+                f32_only(0)?;
+                Ok(inputs[0].clone())
+            }
+            Op::Reshape { shape } => {
+                f32_only(0)?;
+                let out = TensorType::new(DType::F32, shape.clone());
+                if out.volume_signature() != inputs[0].volume_signature() {
+                    return Err(format!("reshape changes the element count: {} -> {}", inputs[0], out));
+                }
+                Ok(out)
+            }
+            Op::Slice { axis, start, end } => {
+                f32_only(0)?;
+                let dim = inputs[0].shape.get(*axis).ok_or_else(|| format!("axis {axis} out of range"))?;
+                let len = dim.as_const().ok_or_else(|| format!("slice axis {axis} is symbolic ({dim})"))?;
+                if !(0 <= *start && start < end && *end <= len) {
+                    return Err(format!("slice {start}..{end} out of bounds for axis {axis} of length {len}"));
+                }
+                let mut shape = inputs[0].shape.clone();
+                shape[*axis] = Dim::konst(end - start);
+                Ok(TensorType::new(DType::F32, shape))
+            }
+            Op::Rope { rotary_dim, .. } => {
+                f32_only(0)?;
+                rank_is(0, 3)?;
+                rank_is(1, 1)?;
+                if inputs[1].dtype != DType::I32 || inputs[1].shape[0] != inputs[0].shape[0] {
+                    return Err(format!("positions must be i32[{}], found {}", inputs[0].shape[0], inputs[1]));
+                }
+                let d = inputs[0].shape[2].as_const().unwrap_or(0);
+                if *rotary_dim == 0 || rotary_dim % 2 != 0 || *rotary_dim as i64 > d {
+                    return Err(format!("rotary_dim {rotary_dim} must be even and at most the head dim {d}"));
+                }
+                Ok(inputs[0].clone())
+            }
+            Op::KvAppend { .. } => {
+                f32_only(0)?;
+                rank_is(0, 3)?;
+                let mut shape = inputs[0].shape.clone();
+                shape[0] = Dim::sym("p").add(&shape[0]);
+                Ok(TensorType::new(DType::F32, shape))
+            }
+            Op::Attention { .. } => {
+                for i in 0..3 {
+                    f32_only(i)?;
+                    rank_is(i, 3)?;
+                }
+                let (q, k, v) = (&inputs[0].shape, &inputs[1].shape, &inputs[2].shape);
+                if k != v {
+                    return Err(format!("keys {} and values {} differ", inputs[1], inputs[2]));
+                }
+                if q[2] != k[2] {
+                    return Err(format!("query head dim {} differs from key head dim {}", q[2], k[2]));
+                }
+                match (q[1].as_const(), k[1].as_const()) {
+                    (Some(hq), Some(hk)) if hk > 0 && hq % hk == 0 => {}
+                    _ => return Err(format!("query heads {} are not a multiple of kv heads {}", q[1], k[1])),
+                }
+                Ok(inputs[0].clone())
+            }
+        }
+    }
+}
+
+struct AttrBag {
+    attrs: Vec<(String, Attr)>,
+    used: Vec<String>,
+}
+
+impl AttrBag {
+    fn has(&self, key: &str) -> bool {
+        self.attrs.iter().any(|(k, _)| k == key)
+    }
+
+    fn take(&mut self, key: &str) -> Result<Attr, String> {
+        self.used.push(key.to_string());
+        self.attrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| format!("missing attribute `{key}`"))
+    }
+
+    fn float(&mut self, key: &str) -> Result<f32, String> {
+        match self.take(key)? {
+            Attr::Float(v) => Ok(v),
+            Attr::Int(v) => Ok(v as f32),
+            other => Err(format!("attribute `{key}` must be a number, found {other}")),
+        }
+    }
+
+    fn int(&mut self, key: &str) -> Result<i64, String> {
+        match self.take(key)? {
+            Attr::Int(v) => Ok(v),
+            other => Err(format!("attribute `{key}` must be an integer, found {other}")),
+        }
+    }
+
+    fn usize(&mut self, key: &str) -> Result<usize, String> {
+        usize::try_from(self.int(key)?).map_err(|_| format!("attribute `{key}` must not be negative"))
+    }
+
+    fn ident(&mut self, key: &str) -> Result<String, String> {
+        match self.take(key)? {
+            Attr::Ident(v) => Ok(v),
+            other => Err(format!("attribute `{key}` must be a name, found {other}")),
+        }
+    }
+
+    fn dims(&mut self, key: &str) -> Result<Vec<Dim>, String> {
+        match self.take(key)? {
+            Attr::Dims(v) => Ok(v),
+            other => Err(format!("attribute `{key}` must be a dim list, found {other}")),
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        match self.attrs.iter().find(|(k, _)| !self.used.contains(k)) {
+            Some((k, _)) => Err(format!("unknown attribute `{k}`")),
+            None => Ok(()),
+        }
+    }
+}
