@@ -75,6 +75,9 @@ enum Command {
         /// Record the top logits of the first N steps (prefill is step 0) in the JSON.
         #[arg(long, default_value_t = 0)]
         record_logits: usize,
+        /// How many of the largest logits each recorded step keeps.
+        #[arg(long, default_value_t = 20)]
+        record_top_k: usize,
     },
     /// Teacher-forced scoring of a continuation.
     Score {
@@ -186,8 +189,8 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { common, prompt, max_new_tokens, ignore_eos, record_logits } => {
-            run(&common, &prompt, max_new_tokens, ignore_eos, record_logits)
+        Command::Run { common, prompt, max_new_tokens, ignore_eos, record_logits, record_top_k } => {
+            run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k))
         }
         Command::Score { common, prompt_ids, continuation_ids } => {
             let model = load(&common)?;
@@ -292,7 +295,7 @@ fn inspect(model: &Model, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-fn run(common: &Common, prompt: &PromptArgs, max_new_tokens: usize, ignore_eos: bool, record_logits: usize) -> Result<()> {
+fn run(common: &Common, prompt: &PromptArgs, max_new_tokens: usize, ignore_eos: bool, record: (usize, usize)) -> Result<()> {
     let model = load(common)?;
     let tokenizer = || model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"));
     let prompt_ids: Vec<u32> = match (&prompt.prompt, &prompt.prompt_ids) {
@@ -314,8 +317,8 @@ fn run(common: &Common, prompt: &PromptArgs, max_new_tokens: usize, ignore_eos: 
     let opts = GenerateOptions {
         max_new_tokens,
         stop_ids: if ignore_eos { vec![] } else { model.config.eos_token_ids.clone() },
-        record_steps: record_logits,
-        record_top_k: 20,
+        record_steps: record.0,
+        record_top_k: record.1,
     };
     let tok = model.tokenizer.as_ref().ok();
     let mut streamed = String::new();

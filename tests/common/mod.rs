@@ -1,0 +1,105 @@
+//! Shared helpers for the integration tests: the `slmc` binary, the golden data and the
+//! real model fixture.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("compiler/ has a parent").to_path_buf()
+}
+
+/// `../shared/golden` beside the repository (or `$SLMC_GOLDEN`).
+pub fn golden_dir() -> PathBuf {
+    let dir = std::env::var_os("SLMC_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("..").join("shared").join("golden"));
+    assert!(dir.is_dir(), "golden data not found at {} (set SLMC_GOLDEN)", dir.display());
+    dir
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The SmolLM2 GGUF installed by scripts/setup. Missing is a failure, not a skip:
+/// the README's test command runs the set-up first.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = slmc_compiler::default_model_path();
+    assert!(path.is_file(), "{} is missing: run scripts/setup (the README's test command does)", path.display());
+    path
+}
+
+pub fn slmc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slmc"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("the slmc binary runs")
+}
+
+/// Runs slmc with `--json`, asserts success and parses stdout.
+pub fn slmc_json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = slmc(&all);
+    assert!(
+        out.status.success(),
+        "slmc {:?} failed: {}\n{}",
+        args,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("slmc {args:?}: bad JSON ({e})"))
+}
+
+/// Runs slmc expecting failure; returns stderr. Asserts a clean non-zero exit (no panic).
+pub fn slmc_fails(args: &[&str]) -> String {
+    let out = slmc(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "slmc {args:?} should fail but succeeded");
+    assert_eq!(out.status.code(), Some(1), "slmc {args:?} should exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "slmc {args:?} panicked: {stderr}");
+    stderr
+}
+
+pub fn ids_arg(ids: &[u64]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+pub fn as_ids(v: &Value) -> Vec<u64> {
+    v.as_array().expect("an id array").iter().map(|x| x.as_u64().expect("an id")).collect()
+}
+
+/// A scratch directory under cargo's per-target temp dir, emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Converts the SmolLM2 GGUF to a Hugging Face directory once per test binary and dtype.
+pub fn converted(dtype: &'static str) -> PathBuf {
+    static F32: OnceLock<PathBuf> = OnceLock::new();
+    static F16: OnceLock<PathBuf> = OnceLock::new();
+    static BF16: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match dtype {
+        "f32" => &F32,
+        "f16" => &F16,
+        "bf16" => &BF16,
+        _ => panic!("dtype {dtype}"),
+    };
+    cell.get_or_init(|| {
+        let parent = scratch(&format!("smollm2-hf-{dtype}-{}", std::process::id()));
+        let out = parent.join("model");
+        let gguf = smollm2_gguf();
+        slmc_json(&["convert", gguf.to_str().unwrap(), "--to", "hf", out.to_str().unwrap(), "--dtype", dtype]);
+        out
+    })
+    .clone()
+}

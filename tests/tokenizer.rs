@@ -1,0 +1,41 @@
+//! The golden tokenizer strings (`../shared/golden/smollm2-tokenizer.json`) through the
+//! GGUF's embedded tokenizer and through the `tokenizer.json` that `slmc convert` writes:
+//! the same ids as transformers and llama.cpp, and decoding gives the text back.
+
+mod common;
+
+use common::*;
+
+fn check(model_path: &std::path::Path) {
+    let golden = read_json(&golden_dir().join("smollm2-tokenizer.json"));
+    let model = slmc_compiler::import::load(model_path).unwrap();
+    let tok = model.tokenizer.as_ref().expect("the model has a tokenizer");
+    for case in golden["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let enc = tok.encode(text, false).unwrap();
+        let ids: Vec<u64> = enc.get_ids().iter().map(|i| *i as u64).collect();
+        assert_eq!(ids, as_ids(&case["ids"]), "case {} {:?}", case["index"], text);
+        let decoded = tok.decode(enc.get_ids(), false).unwrap();
+        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "case {} decode", case["index"]);
+        assert_eq!(decoded, text, "case {} round trip", case["index"]);
+    }
+}
+
+#[test]
+fn gguf_embedded_tokenizer_matches_golden() {
+    check(&smollm2_gguf());
+}
+
+#[test]
+fn converted_tokenizer_json_matches_golden() {
+    check(&converted("f32"));
+}
+
+#[test]
+fn cli_tokenize_reports_ids_and_round_trip() {
+    let gguf = smollm2_gguf();
+    let out = slmc_json(&["tokenize", gguf.to_str().unwrap(), "--text", "Hello world 123", "--text", "<|im_start|>user"]);
+    let first = &out[0];
+    assert_eq!(first["decoded"], "Hello world 123");
+    assert_eq!(as_ids(&out[1]["ids"])[0], 1, "<|im_start|> is parsed to its id");
+}
