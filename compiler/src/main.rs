@@ -125,6 +125,11 @@ struct PromptArgs {
 }
 
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    // SAFETY: called before any other thread exists; resets one signal disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let json = match &cli.command {
         Command::Inspect { common }
@@ -329,7 +334,8 @@ fn run(common: &Common, prompt: &PromptArgs, max_new_tokens: usize, ignore_eos: 
             return;
         }
         so_far.push(id);
-        if let Ok(text) = tok.expect("stream implies a tokenizer").decode(&so_far, false) {
+        // People read the stream: special tokens such as <|im_end|> are left out.
+        if let Ok(text) = tok.expect("stream implies a tokenizer").decode(&so_far, true) {
             // Hold back a partial UTF-8 sequence until its last byte arrives.
             if text.len() > streamed.len() && !text.ends_with('\u{FFFD}') && text.starts_with(streamed.as_str()) {
                 print!("{}", &text[streamed.len()..]);
@@ -362,10 +368,14 @@ fn run(common: &Common, prompt: &PromptArgs, max_new_tokens: usize, ignore_eos: 
     } else {
         if !stream {
             println!("{:?}", gen.generated);
-        } else if streamed.len() < text.len() {
-            print!("{}", &text[streamed.len().min(text.len())..]);
+        } else {
+            // Whatever the stream held back (a trailing partial character) goes out now.
+            let shown = tok.expect("stream implies a tokenizer").decode(&gen.generated, true).unwrap_or_default();
+            if let Some(rest) = shown.strip_prefix(streamed.as_str()) {
+                print!("{rest}");
+            }
+            println!();
         }
-        println!();
         eprintln!(
             "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s]",
             prompt_ids.len(),
