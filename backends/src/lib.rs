@@ -7,10 +7,20 @@ use slmc_targets::TargetProfile;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BackendError {
     #[error("the {backend} backend for target `{target}` is not implemented yet")]
-    NotImplemented { backend: &'static str, target: &'static str },
+    NotImplemented {
+        backend: &'static str,
+        target: &'static str,
+    },
 }
 
 /// Emits the artifact for `target`. Every backend is still to be written.
-pub fn emit(_graph: &slmc_ir::Graph, _info: &GraphInfo, target: &TargetProfile) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
-    Err(BackendError::NotImplemented { backend: target.backend, target: target.name })
+pub fn emit(
+    _graph: &slmc_ir::Graph,
+    _info: &GraphInfo,
+    target: &TargetProfile,
+) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+    Err(BackendError::NotImplemented {
+        backend: target.backend,
+        target: target.name,
+    })
 }

@@ -19,8 +19,15 @@ pub enum DType {
     Q4_1,
 }
 
-pub const ALL_DTYPES: [DType; 7] =
-    [DType::F32, DType::F16, DType::BF16, DType::I32, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+pub const ALL_DTYPES: [DType; 7] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::I32,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+];
 
 impl DType {
     pub fn name(self) -> &'static str {
@@ -69,7 +76,7 @@ impl DType {
     /// Storage bytes for `n` elements, or `None` when `n` is not a whole number of
     /// blocks or the product overflows.
     pub fn storage_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return None;
         }
         (n / self.block_len()).checked_mul(self.block_bytes())
@@ -90,7 +97,11 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 ///
 /// Panics only on a caller bug (length mismatch); importers check sizes against the file first.
 pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(Some(bytes.len()), dtype.storage_bytes(out.len()), "dequantize_into: size mismatch");
+    assert_eq!(
+        Some(bytes.len()),
+        dtype.storage_bytes(out.len()),
+        "dequantize_into: size mismatch"
+    );
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -148,9 +159,15 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 pub fn encode_float(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(values.len() * dtype.block_bytes());
     match dtype {
-        DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        DType::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         _ => return None,
     }
     Some(out)

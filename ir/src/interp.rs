@@ -42,11 +42,17 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
-        Tensor { shape, data: Data::F32(Arc::new(data)) }
+        Tensor {
+            shape,
+            data: Data::F32(Arc::new(data)),
+        }
     }
 
     pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Tensor {
-        Tensor { shape, data: Data::I32(Arc::new(data)) }
+        Tensor {
+            shape,
+            data: Data::I32(Arc::new(data)),
+        }
     }
 
     pub fn as_f32(&self) -> Option<&[f32]> {
@@ -78,21 +84,41 @@ pub enum InterpError {
     #[error("weight \"{0}\" is not in the weight store")]
     MissingWeight(String),
     #[error("weight \"{name}\" is stored as {found} but the graph expects {expected}")]
-    WeightType { name: String, expected: String, found: String },
+    WeightType {
+        name: String,
+        expected: String,
+        found: String,
+    },
     #[error("input \"{0}\" was not given")]
     MissingInput(String),
     #[error("input \"{name}\": expected {expected}, got {found}")]
-    InputType { name: String, expected: String, found: String },
+    InputType {
+        name: String,
+        expected: String,
+        found: String,
+    },
     #[error("%{node}: dimension `{dim}` cannot be evaluated ({message})")]
-    Unbound { node: String, dim: String, message: String },
+    Unbound {
+        node: String,
+        dim: String,
+        message: String,
+    },
     #[error("%{node}: computed shape {computed:?} differs from its type {declared}")]
-    Shape { node: String, computed: Vec<usize>, declared: String },
+    Shape {
+        node: String,
+        computed: Vec<usize>,
+        declared: String,
+    },
     #[error("%{node}: token id {id} is outside the embedding table of {rows} rows")]
     TokenOutOfRange { node: String, id: i64, rows: usize },
     #[error("%{node}: produced NaN")]
     NotANumber { node: String },
     #[error("the KV cache holds {past} positions; {more} more would exceed the limit of {limit}")]
-    ContextFull { past: usize, more: usize, limit: usize },
+    ContextFull {
+        past: usize,
+        more: usize,
+        limit: usize,
+    },
 }
 
 /// Executes one graph against one weight store, keeping the KV cache between calls.
@@ -111,12 +137,18 @@ pub struct Interpreter<'a> {
 
 impl<'a> Interpreter<'a> {
     /// Verifies the graph and checks every weight it names against the store.
-    pub fn new(graph: &'a Graph, weights: &'a dyn WeightSource) -> Result<Interpreter<'a>, InterpError> {
+    pub fn new(
+        graph: &'a Graph,
+        weights: &'a dyn WeightSource,
+    ) -> Result<Interpreter<'a>, InterpError> {
         let info = verify(graph)?;
         for (_, node) in graph.nodes() {
             if let Op::Weight { name } = &node.op {
-                let view = weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
-                let declared: Vec<Option<i64>> = node.ty.shape.iter().map(|d| d.as_const()).collect();
+                let view = weights
+                    .view(name)
+                    .ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+                let declared: Vec<Option<i64>> =
+                    node.ty.shape.iter().map(|d| d.as_const()).collect();
                 let found: Vec<Option<i64>> = view.shape.iter().map(|d| Some(*d as i64)).collect();
                 if view.dtype != node.ty.dtype || declared != found {
                     return Err(InterpError::WeightType {
@@ -172,7 +204,11 @@ impl<'a> Interpreter<'a> {
     /// Runs one step. Inputs are matched by name; outputs come back in graph order.
     /// On error the KV cache is left as it was before the call.
     pub fn run(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
-        let cache_lens: Vec<[usize; 2]> = self.cache.iter().map(|l| [l[0].len(), l[1].len()]).collect();
+        let cache_lens: Vec<[usize; 2]> = self
+            .cache
+            .iter()
+            .map(|l| [l[0].len(), l[1].len()])
+            .collect();
         let result = self.run_inner(inputs);
         if result.is_err() {
             for (layer, lens) in self.cache.iter_mut().zip(cache_lens) {
@@ -183,7 +219,10 @@ impl<'a> Interpreter<'a> {
         result
     }
 
-    fn run_inner(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
+    fn run_inner(
+        &mut self,
+        inputs: &[(&str, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>, InterpError> {
         let graph = self.graph;
         let mut symbols: HashMap<String, i64> = HashMap::new();
         symbols.insert("p".into(), self.past as i64);
@@ -212,7 +251,8 @@ impl<'a> Interpreter<'a> {
                         match (syms.next(), syms.next(), dim.as_const()) {
                             (_, _, Some(c)) if c != *actual as i64 => return Err(mismatch()),
                             (Some(sym), None, None) if dim.to_string() == sym => {
-                                if let Some(prev) = symbols.insert(sym.to_string(), *actual as i64) {
+                                if let Some(prev) = symbols.insert(sym.to_string(), *actual as i64)
+                                {
                                     if prev != *actual as i64 {
                                         return Err(mismatch());
                                     }
@@ -228,8 +268,16 @@ impl<'a> Interpreter<'a> {
                 }
                 Op::Weight { .. } => {
                     let data = self.weight_f32(*id)?;
-                    let shape = node.ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
-                    Tensor { shape, data: Data::F32(data) }
+                    let shape = node
+                        .ty
+                        .shape
+                        .iter()
+                        .map(|d| d.as_const().unwrap_or(0) as usize)
+                        .collect();
+                    Tensor {
+                        shape,
+                        data: Data::F32(data),
+                    }
                 }
                 op => {
                     let args: Vec<&Tensor> = node.inputs.iter().map(|i| &values[i]).collect();
@@ -242,11 +290,13 @@ impl<'a> Interpreter<'a> {
                 .shape
                 .iter()
                 .map(|d| {
-                    d.eval(&|s| symbols.get(s).copied()).map(|v| v as usize).map_err(|sym| InterpError::Unbound {
-                        node: node.name.clone(),
-                        dim: d.to_string(),
-                        message: format!("symbol `{sym}` is not bound by any input"),
-                    })
+                    d.eval(&|s| symbols.get(s).copied())
+                        .map(|v| v as usize)
+                        .map_err(|sym| InterpError::Unbound {
+                            node: node.name.clone(),
+                            dim: d.to_string(),
+                            message: format!("symbol `{sym}` is not bound by any input"),
+                        })
                 })
                 .collect();
             if declared? != value.shape {
@@ -259,7 +309,9 @@ impl<'a> Interpreter<'a> {
             if !node.op.is_source() {
                 if let Some(v) = value.as_f32() {
                     if v.iter().any(|x| x.is_nan()) {
-                        return Err(InterpError::NotANumber { node: node.name.clone() });
+                        return Err(InterpError::NotANumber {
+                            node: node.name.clone(),
+                        });
                     }
                 }
             }
@@ -273,15 +325,24 @@ impl<'a> Interpreter<'a> {
         if let Some(s) = step_len {
             self.past += s;
         }
-        Ok(graph.outputs().iter().map(|(name, id)| (name.clone(), values[id].clone())).collect())
+        Ok(graph
+            .outputs()
+            .iter()
+            .map(|(name, id)| (name.clone(), values[id].clone()))
+            .collect())
     }
 
     fn weight_f32(&mut self, id: NodeId) -> Result<Arc<Vec<f32>>, InterpError> {
         if let Some(w) = self.dequantized.get(&id) {
             return Ok(w.clone());
         }
-        let Op::Weight { name } = &self.graph.node(id).op else { unreachable!("weight_f32 on a weight node") };
-        let view = self.weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+        let Op::Weight { name } = &self.graph.node(id).op else {
+            unreachable!("weight_f32 on a weight node")
+        };
+        let view = self
+            .weights
+            .view(name)
+            .ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
         let n: usize = view.shape.iter().product();
         let mut out = vec![0.0f32; n];
         let row = view.shape.last().copied().unwrap_or(1).max(1);
@@ -293,9 +354,11 @@ impl<'a> Interpreter<'a> {
                 found: format!("{} bytes", view.bytes.len()),
             });
         }
-        out.par_chunks_mut(row).zip(view.bytes.par_chunks(row_bytes)).for_each(|(o, b)| {
-            dequantize_into(view.dtype, b, o);
-        });
+        out.par_chunks_mut(row)
+            .zip(view.bytes.par_chunks(row_bytes))
+            .for_each(|(o, b)| {
+                dequantize_into(view.dtype, b, o);
+            });
         let out = Arc::new(out);
         self.dequantized.insert(id, out.clone());
         Ok(out)
@@ -316,7 +379,11 @@ impl<'a> Interpreter<'a> {
                 let mut out = Vec::with_capacity(ids.len() * d);
                 for &id in ids {
                     if id < 0 || id as usize >= rows {
-                        return Err(InterpError::TokenOutOfRange { node: node.into(), id: id as i64, rows });
+                        return Err(InterpError::TokenOutOfRange {
+                            node: node.into(),
+                            id: id as i64,
+                            rows,
+                        });
                     }
                     out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
                 }
@@ -357,11 +424,17 @@ impl<'a> Interpreter<'a> {
                 }
                 Tensor::f32(args[0].shape.clone(), out)
             }
-            Op::Silu => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| x / (1.0 + (-x).exp())).collect()),
+            Op::Silu => Tensor::f32(
+                args[0].shape.clone(),
+                f(0).iter().map(|x| x / (1.0 + (-x).exp())).collect(),
+            ),
             Op::Reshape { .. } => {
                 // Shape comes from the declared type, checked by the caller.
                 let shape = self.reshape_target(node, args[0])?;
-                Tensor { shape, data: args[0].data.clone() }
+                Tensor {
+                    shape,
+                    data: args[0].data.clone(),
+                }
             }
             Op::Slice { axis, start, end } => {
                 let shape = &args[0].shape;
@@ -378,7 +451,12 @@ impl<'a> Interpreter<'a> {
                 out_shape[*axis] = end - start;
                 Tensor::f32(out_shape, out)
             }
-            Op::Rope { theta, rotary_dim, style, scaling } => {
+            Op::Rope {
+                theta,
+                rotary_dim,
+                style,
+                scaling,
+            } => {
                 let pos = args[1].as_i32().expect("verified: i32 positions");
                 let (h, d) = (args[0].shape[1], args[0].shape[2]);
                 let freqs = rope_inv_freq(*theta, *rotary_dim, scaling);
@@ -386,7 +464,10 @@ impl<'a> Interpreter<'a> {
                 let half = rotary_dim / 2;
                 for (t, token) in out.chunks_exact_mut(h * d).enumerate() {
                     let p = pos[t] as f32;
-                    let (cos, sin): (Vec<f32>, Vec<f32>) = freqs.iter().map(|fr| ((p * fr).cos(), (p * fr).sin())).unzip();
+                    let (cos, sin): (Vec<f32>, Vec<f32>) = freqs
+                        .iter()
+                        .map(|fr| ((p * fr).cos(), (p * fr).sin()))
+                        .unzip();
                     for head in token.chunks_exact_mut(d) {
                         for j in 0..half {
                             let (a, b) = match style {
@@ -409,7 +490,11 @@ impl<'a> Interpreter<'a> {
                 let row: usize = args[0].shape[1..].iter().product();
                 let s = args[0].shape[0];
                 if self.past + s > self.max_positions {
-                    return Err(InterpError::ContextFull { past: self.past, more: s, limit: self.max_positions });
+                    return Err(InterpError::ContextFull {
+                        past: self.past,
+                        more: s,
+                        limit: self.max_positions,
+                    });
                 }
                 let cache = &mut self.cache[*layer][slot];
                 cache.truncate(self.past * row);
@@ -421,17 +506,28 @@ impl<'a> Interpreter<'a> {
             Op::Attention { scale } => {
                 let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
                 let (t, hk) = (args[1].shape[0], args[1].shape[1]);
-                Tensor::f32(args[0].shape.clone(), attention(f(0), f(1), f(2), s, t, hq, hk, d, *scale))
+                Tensor::f32(
+                    args[0].shape.clone(),
+                    attention(f(0), f(1), f(2), s, t, hq, hk, d, *scale),
+                )
             }
         })
     }
 
     fn reshape_target(&self, node: &str, x: &Tensor) -> Result<Vec<usize>, InterpError> {
-        let id = self.graph.find(node).expect("evaluating a node of this graph");
+        let id = self
+            .graph
+            .find(node)
+            .expect("evaluating a node of this graph");
         let ty = &self.graph.node(id).ty;
         let total: usize = x.shape.iter().product();
         // Bind the one symbolic dim (if any) from the element count.
-        let konst: usize = ty.shape.iter().filter_map(|d| d.as_const()).map(|c| c as usize).product();
+        let konst: usize = ty
+            .shape
+            .iter()
+            .filter_map(|d| d.as_const())
+            .map(|c| c as usize)
+            .product();
         Ok(ty
             .shape
             .iter()
@@ -445,11 +541,17 @@ impl<'a> Interpreter<'a> {
 
 /// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does.
 pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> =
-        (0..rotary_dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32)).collect();
+    let base: Vec<f32> = (0..rotary_dim / 2)
+        .map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32))
+        .collect();
     match *scaling {
         RopeScaling::None => base,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
             let old = original_max_position as f32;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -461,7 +563,8 @@ pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Ve
                     } else if wavelen < high_wavelen {
                         f
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -472,7 +575,17 @@ pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Ve
 
 /// Causal grouped-query attention; query i sits at position t - s + i.
 #[allow(clippy::too_many_arguments)]
-fn attention(q: &[f32], k: &[f32], v: &[f32], s: usize, t: usize, hq: usize, hk: usize, d: usize, scale: f32) -> Vec<f32> {
+fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: usize,
+    t: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
     let group = hq / hk;
     let mut out = vec![0.0f32; s * hq * d];
     // One task per (query, head) row of the output.
@@ -525,10 +638,20 @@ pub fn matmul_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
             // with strides that stay inside those ranges.
             unsafe {
                 matrixmultiply::sgemm(
-                    m, k, nb, 1.0,
-                    x.as_ptr(), k as isize, 1,
-                    w.as_ptr().add(n0 * k), 1, k as isize,
-                    0.0, c.as_mut_ptr(), nb as isize, 1,
+                    m,
+                    k,
+                    nb,
+                    1.0,
+                    x.as_ptr(),
+                    k as isize,
+                    1,
+                    w.as_ptr().add(n0 * k),
+                    1,
+                    k as isize,
+                    0.0,
+                    c.as_mut_ptr(),
+                    nb as isize,
+                    1,
                 );
             }
             (n0, c)

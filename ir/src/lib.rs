@@ -19,7 +19,7 @@ pub mod verify;
 
 pub use dtype::DType;
 pub use graph::{Graph, Node, NodeId};
-pub use interp::{Interpreter, InterpError, Tensor, WeightSource, WeightView};
+pub use interp::{InterpError, Interpreter, Tensor, WeightSource, WeightView};
 pub use op::{Attr, KvKind, Op, RopeScaling, RopeStyle};
 pub use shape::{Dim, TensorType};
 pub use verify::{verify, GraphInfo, VerifyError};

@@ -21,7 +21,12 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Llama 3.1's piecewise scaling (`rope_scaling.rope_type = "llama3"`).
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: i64 },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: i64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,32 +38,54 @@ pub enum KvKind {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A graph input, bound by the caller (`tokens`).
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// A named weight from the model's weight store; never copied into the graph.
-    Weight { name: String },
+    Weight {
+        name: String,
+    },
     /// (tokens[s]) -> i32[s]: absolute positions p..p+s of the tokens in this step.
     Positions,
     /// (table[v, d], ids[s]) -> f32[s, d]: row gather.
     Embed,
     /// (x[.., d], w[d]) -> x * rsqrt(mean(x^2) + eps) * w.
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     /// (x[.., k], w[n, k]) -> [.., n]: x times w transposed (weights stored out x in).
     Linear,
     /// Elementwise, b broadcast over a's leading dimensions (b's shape is a suffix of a's).
     Add,
     Mul,
     Silu,
-    Reshape { shape: Vec<Dim> },
+    Reshape {
+        shape: Vec<Dim>,
+    },
     /// Constant-bounds slice along one axis.
-    Slice { axis: usize, start: i64, end: i64 },
+    Slice {
+        axis: usize,
+        start: i64,
+        end: i64,
+    },
     /// (x[s, h, d], pos[s]) -> x rotated on its first `rotary_dim` dims.
-    Rope { theta: f32, rotary_dim: usize, style: RopeStyle, scaling: RopeScaling },
+    Rope {
+        theta: f32,
+        rotary_dim: usize,
+        style: RopeStyle,
+        scaling: RopeScaling,
+    },
     /// (x[s, h, d]) -> [p+s, h, d]: appends this step's keys or values to the cache of
     /// `layer` and yields the whole cache. The only op with a side effect.
-    KvAppend { layer: usize, kind: KvKind },
+    KvAppend {
+        layer: usize,
+        kind: KvKind,
+    },
     /// (q[s, hq, d], k[t, hk, d], v[t, hk, d]) -> [s, hq, d]: causal attention where query i
     /// sits at position t - s + i; hq must be a multiple of hk (grouped-query attention).
-    Attention { scale: f32 },
+    Attention {
+        scale: f32,
+    },
 }
 
 /// An attribute value in the text form.
@@ -118,7 +145,11 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::Positions | Op::Silu | Op::Reshape { .. } | Op::Slice { .. } | Op::KvAppend { .. } => 1,
+            Op::Positions
+            | Op::Silu
+            | Op::Reshape { .. }
+            | Op::Slice { .. }
+            | Op::KvAppend { .. } => 1,
             Op::Embed | Op::RmsNorm { .. } | Op::Linear | Op::Add | Op::Mul | Op::Rope { .. } => 2,
             Op::Attention { .. } => 3,
         }
@@ -147,7 +178,12 @@ impl Op {
                 ("start", Attr::Int(*start)),
                 ("end", Attr::Int(*end)),
             ],
-            Op::Rope { theta, rotary_dim, style, scaling } => {
+            Op::Rope {
+                theta,
+                rotary_dim,
+                style,
+                scaling,
+            } => {
                 let style = match style {
                     RopeStyle::Half => "half",
                     RopeStyle::Interleaved => "interleaved",
@@ -157,8 +193,12 @@ impl Op {
                     ("rotary_dim", Attr::Int(*rotary_dim as i64)),
                     ("style", Attr::Ident(style.into())),
                 ];
-                if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } =
-                    scaling
+                if let RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position,
+                } = scaling
                 {
                     attrs.extend([
                         ("scaling", Attr::Ident("llama3".into())),
@@ -187,8 +227,15 @@ impl Op {
 
     /// Builds an op from its mnemonic, source name and attributes (the parser's half of
     /// `mnemonic`/`attrs`). Every attribute must be known and every required one present.
-    pub fn from_parts(mnemonic: &str, source: Option<String>, attrs: Vec<(String, Attr)>) -> Result<Op, String> {
-        let mut bag = AttrBag { attrs, used: Vec::new() };
+    pub fn from_parts(
+        mnemonic: &str,
+        source: Option<String>,
+        attrs: Vec<(String, Attr)>,
+    ) -> Result<Op, String> {
+        let mut bag = AttrBag {
+            attrs,
+            used: Vec::new(),
+        };
         let needs_source = matches!(mnemonic, "input" | "weight");
         if needs_source != source.is_some() {
             return Err(if needs_source {
@@ -198,22 +245,36 @@ impl Op {
             });
         }
         let op = match mnemonic {
-            "input" => Op::Input { name: source.unwrap_or_default() },
-            "weight" => Op::Weight { name: source.unwrap_or_default() },
+            "input" => Op::Input {
+                name: source.unwrap_or_default(),
+            },
+            "weight" => Op::Weight {
+                name: source.unwrap_or_default(),
+            },
             "positions" => Op::Positions,
             "embed" => Op::Embed,
-            "rms_norm" => Op::RmsNorm { eps: bag.float("eps")? },
+            "rms_norm" => Op::RmsNorm {
+                eps: bag.float("eps")?,
+            },
             "linear" => Op::Linear,
             "add" => Op::Add,
             "mul" => Op::Mul,
             "silu" => Op::Silu,
-            "reshape" => Op::Reshape { shape: bag.dims("shape")? },
-            "slice" => Op::Slice { axis: bag.usize("axis")?, start: bag.int("start")?, end: bag.int("end")? },
+            "reshape" => Op::Reshape {
+                shape: bag.dims("shape")?,
+            },
+            "slice" => Op::Slice {
+                axis: bag.usize("axis")?,
+                start: bag.int("start")?,
+                end: bag.int("end")?,
+            },
             "rope" => {
                 let style = match bag.ident("style")?.as_str() {
                     "half" => RopeStyle::Half,
                     "interleaved" => RopeStyle::Interleaved,
-                    other => return Err(format!("unknown rope style `{other}` (half, interleaved)")),
+                    other => {
+                        return Err(format!("unknown rope style `{other}` (half, interleaved)"))
+                    }
                 };
                 let scaling = if bag.has("scaling") {
                     match bag.ident("scaling")?.as_str() {
@@ -228,7 +289,12 @@ impl Op {
                 } else {
                     RopeScaling::None
                 };
-                Op::Rope { theta: bag.float("theta")?, rotary_dim: bag.usize("rotary_dim")?, style, scaling }
+                Op::Rope {
+                    theta: bag.float("theta")?,
+                    rotary_dim: bag.usize("rotary_dim")?,
+                    style,
+                    scaling,
+                }
             }
             "kv_append" => {
                 let kind = match bag.ident("kind")?.as_str() {
@@ -236,9 +302,14 @@ impl Op {
                     "value" => KvKind::Value,
                     other => return Err(format!("unknown kv kind `{other}` (key, value)")),
                 };
-                Op::KvAppend { layer: bag.usize("layer")?, kind }
+                Op::KvAppend {
+                    layer: bag.usize("layer")?,
+                    kind,
+                }
             }
-            "attention" => Op::Attention { scale: bag.float("scale")? },
+            "attention" => Op::Attention {
+                scale: bag.float("scale")?,
+            },
             other => return Err(format!("unknown op `{other}`")),
         };
         bag.finish()?;
@@ -249,20 +320,31 @@ impl Op {
     /// Source ops have declared types and are not inferred.
     pub fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
         if inputs.len() != self.arity() {
-            return Err(format!("`{}` takes {} operands, got {}", self.mnemonic(), self.arity(), inputs.len()));
+            return Err(format!(
+                "`{}` takes {} operands, got {}",
+                self.mnemonic(),
+                self.arity(),
+                inputs.len()
+            ));
         }
         let f32_only = |i: usize| -> Result<(), String> {
             if inputs[i].dtype == DType::F32 {
                 Ok(())
             } else {
-                Err(format!("operand {i} must be f32, found {}", inputs[i].dtype))
+                Err(format!(
+                    "operand {i} must be f32, found {}",
+                    inputs[i].dtype
+                ))
             }
         };
         let rank_is = |i: usize, r: usize| -> Result<(), String> {
             if inputs[i].rank() == r {
                 Ok(())
             } else {
-                Err(format!("operand {i} must have rank {r}, found {}", inputs[i]))
+                Err(format!(
+                    "operand {i} must have rank {r}, found {}",
+                    inputs[i]
+                ))
             }
         };
         match self {
@@ -277,17 +359,29 @@ impl Op {
                 if inputs[1].dtype != DType::I32 {
                     return Err(format!("ids must be i32, found {}", inputs[1].dtype));
                 }
-                Ok(TensorType::new(DType::F32, vec![inputs[1].shape[0].clone(), inputs[0].shape[1].clone()]))
+                Ok(TensorType::new(
+                    DType::F32,
+                    vec![inputs[1].shape[0].clone(), inputs[0].shape[1].clone()],
+                ))
             }
             Op::RmsNorm { .. } => {
                 f32_only(0)?;
                 rank_is(1, 1)?;
                 if !inputs[1].dtype.is_float() {
-                    return Err(format!("norm weight must be a float type, found {}", inputs[1].dtype));
+                    return Err(format!(
+                        "norm weight must be a float type, found {}",
+                        inputs[1].dtype
+                    ));
                 }
-                let last = inputs[0].shape.last().ok_or("operand 0 must have rank >= 1")?;
+                let last = inputs[0]
+                    .shape
+                    .last()
+                    .ok_or("operand 0 must have rank >= 1")?;
                 if *last != inputs[1].shape[0] {
-                    return Err(format!("norm weight {} does not match last dim of {}", inputs[1], inputs[0]));
+                    return Err(format!(
+                        "norm weight {} does not match last dim of {}",
+                        inputs[1], inputs[0]
+                    ));
                 }
                 Ok(inputs[0].clone())
             }
@@ -295,11 +389,20 @@ impl Op {
                 f32_only(0)?;
                 rank_is(1, 2)?;
                 if !inputs[1].dtype.is_float() {
-                    return Err(format!("weight must be a float or quantized type, found {}", inputs[1].dtype));
+                    return Err(format!(
+                        "weight must be a float or quantized type, found {}",
+                        inputs[1].dtype
+                    ));
                 }
-                let k = inputs[0].shape.last().ok_or("operand 0 must have rank >= 1")?;
+                let k = inputs[0]
+                    .shape
+                    .last()
+                    .ok_or("operand 0 must have rank >= 1")?;
                 if *k != inputs[1].shape[1] {
-                    return Err(format!("inner dims differ: {} x {}^T", inputs[0], inputs[1]));
+                    return Err(format!(
+                        "inner dims differ: {} x {}^T",
+                        inputs[0], inputs[1]
+                    ));
                 }
                 let mut shape = inputs[0].shape.clone();
                 *shape.last_mut().unwrap() = inputs[1].shape[0].clone();
@@ -308,11 +411,17 @@ impl Op {
             Op::Add | Op::Mul => {
                 f32_only(0)?;
                 if inputs[1].dtype.is_quantized() || !inputs[1].dtype.is_float() {
-                    return Err(format!("operand 1 must be a plain float type, found {}", inputs[1].dtype));
+                    return Err(format!(
+                        "operand 1 must be a plain float type, found {}",
+                        inputs[1].dtype
+                    ));
                 }
                 let (a, b) = (&inputs[0].shape, &inputs[1].shape);
                 if b.len() > a.len() || a[a.len() - b.len()..] != b[..] {
-                    return Err(format!("shapes do not broadcast: {} and {}", inputs[0], inputs[1]));
+                    return Err(format!(
+                        "shapes do not broadcast: {} and {}",
+                        inputs[0], inputs[1]
+                    ));
                 }
                 Ok(inputs[0].clone())
             }
@@ -324,16 +433,26 @@ impl Op {
                 f32_only(0)?;
                 let out = TensorType::new(DType::F32, shape.clone());
                 if out.volume_signature() != inputs[0].volume_signature() {
-                    return Err(format!("reshape changes the element count: {} -> {}", inputs[0], out));
+                    return Err(format!(
+                        "reshape changes the element count: {} -> {}",
+                        inputs[0], out
+                    ));
                 }
                 Ok(out)
             }
             Op::Slice { axis, start, end } => {
                 f32_only(0)?;
-                let dim = inputs[0].shape.get(*axis).ok_or_else(|| format!("axis {axis} out of range"))?;
-                let len = dim.as_const().ok_or_else(|| format!("slice axis {axis} is symbolic ({dim})"))?;
+                let dim = inputs[0]
+                    .shape
+                    .get(*axis)
+                    .ok_or_else(|| format!("axis {axis} out of range"))?;
+                let len = dim
+                    .as_const()
+                    .ok_or_else(|| format!("slice axis {axis} is symbolic ({dim})"))?;
                 if !(0 <= *start && start < end && *end <= len) {
-                    return Err(format!("slice {start}..{end} out of bounds for axis {axis} of length {len}"));
+                    return Err(format!(
+                        "slice {start}..{end} out of bounds for axis {axis} of length {len}"
+                    ));
                 }
                 let mut shape = inputs[0].shape.clone();
                 shape[*axis] = Dim::konst(end - start);
@@ -344,11 +463,16 @@ impl Op {
                 rank_is(0, 3)?;
                 rank_is(1, 1)?;
                 if inputs[1].dtype != DType::I32 || inputs[1].shape[0] != inputs[0].shape[0] {
-                    return Err(format!("positions must be i32[{}], found {}", inputs[0].shape[0], inputs[1]));
+                    return Err(format!(
+                        "positions must be i32[{}], found {}",
+                        inputs[0].shape[0], inputs[1]
+                    ));
                 }
                 let d = inputs[0].shape[2].as_const().unwrap_or(0);
                 if *rotary_dim == 0 || rotary_dim % 2 != 0 || *rotary_dim as i64 > d {
-                    return Err(format!("rotary_dim {rotary_dim} must be even and at most the head dim {d}"));
+                    return Err(format!(
+                        "rotary_dim {rotary_dim} must be even and at most the head dim {d}"
+                    ));
                 }
                 Ok(inputs[0].clone())
             }
@@ -366,14 +490,25 @@ impl Op {
                 }
                 let (q, k, v) = (&inputs[0].shape, &inputs[1].shape, &inputs[2].shape);
                 if k != v {
-                    return Err(format!("keys {} and values {} differ", inputs[1], inputs[2]));
+                    return Err(format!(
+                        "keys {} and values {} differ",
+                        inputs[1], inputs[2]
+                    ));
                 }
                 if q[2] != k[2] {
-                    return Err(format!("query head dim {} differs from key head dim {}", q[2], k[2]));
+                    return Err(format!(
+                        "query head dim {} differs from key head dim {}",
+                        q[2], k[2]
+                    ));
                 }
                 match (q[1].as_const(), k[1].as_const()) {
                     (Some(hq), Some(hk)) if hk > 0 && hq % hk == 0 => {}
-                    _ => return Err(format!("query heads {} are not a multiple of kv heads {}", q[1], k[1])),
+                    _ => {
+                        return Err(format!(
+                            "query heads {} are not a multiple of kv heads {}",
+                            q[1], k[1]
+                        ))
+                    }
                 }
                 Ok(inputs[0].clone())
             }
@@ -411,12 +546,15 @@ impl AttrBag {
     fn int(&mut self, key: &str) -> Result<i64, String> {
         match self.take(key)? {
             Attr::Int(v) => Ok(v),
-            other => Err(format!("attribute `{key}` must be an integer, found {other}")),
+            other => Err(format!(
+                "attribute `{key}` must be an integer, found {other}"
+            )),
         }
     }
 
     fn usize(&mut self, key: &str) -> Result<usize, String> {
-        usize::try_from(self.int(key)?).map_err(|_| format!("attribute `{key}` must not be negative"))
+        usize::try_from(self.int(key)?)
+            .map_err(|_| format!("attribute `{key}` must not be negative"))
     }
 
     fn ident(&mut self, key: &str) -> Result<String, String> {
@@ -429,7 +567,9 @@ impl AttrBag {
     fn dims(&mut self, key: &str) -> Result<Vec<Dim>, String> {
         match self.take(key)? {
             Attr::Dims(v) => Ok(v),
-            other => Err(format!("attribute `{key}` must be a dim list, found {other}")),
+            other => Err(format!(
+                "attribute `{key}` must be a dim list, found {other}"
+            )),
         }
     }
 

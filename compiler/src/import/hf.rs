@@ -11,14 +11,18 @@ use slmc_ir::DType;
 use super::{config, Format, ImportError, Model, StoredTensor, WeightStore};
 
 fn read_json(path: &Path) -> Result<serde_json::Value, ImportError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ImportError::file(path, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ImportError::file(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| ImportError::file(path, format!("invalid JSON: {e}")))
 }
 
 pub fn load(dir: &Path) -> Result<Model, ImportError> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
-        return Err(ImportError::file(dir, "no config.json: not a Hugging Face model directory"));
+        return Err(ImportError::file(
+            dir,
+            "no config.json: not a Hugging Face model directory",
+        ));
     }
     let config = config::from_hf_json(&config_path, &read_json(&config_path)?)?;
 
@@ -36,14 +40,19 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
             let file = file
                 .as_str()
                 .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
-                .ok_or_else(|| ImportError::file(&index_path, format!("bad shard name for tensor `{tensor}`")))?;
+                .ok_or_else(|| {
+                    ImportError::file(&index_path, format!("bad shard name for tensor `{tensor}`"))
+                })?;
             files.insert(file.to_string());
         }
         files.into_iter().collect()
     } else if single.exists() {
         vec!["model.safetensors".into()]
     } else {
-        return Err(ImportError::file(dir, "no model.safetensors and no model.safetensors.index.json"));
+        return Err(ImportError::file(
+            dir,
+            "no model.safetensors and no model.safetensors.index.json",
+        ));
     };
     for shard in &shards {
         add_safetensors(&mut weights, &dir.join(shard))?;
@@ -53,14 +62,18 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
         let index = read_json(&index_path)?;
         for (tensor, _) in index["weight_map"].as_object().into_iter().flatten() {
             if weights.get(tensor).is_none() {
-                return Err(ImportError::file(&index_path, format!("tensor `{tensor}` is listed but not stored in its shard")));
+                return Err(ImportError::file(
+                    &index_path,
+                    format!("tensor `{tensor}` is listed but not stored in its shard"),
+                ));
             }
         }
     }
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))
+        tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| format!("{}: {e}", tokenizer_path.display()))
     } else {
         Err(format!("{} has no tokenizer.json", dir.display()))
     };
@@ -81,11 +94,17 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        obj => obj.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        obj => obj
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
     }
 }
 
-fn read_tokenizer_config(dir: &Path) -> Result<(Option<String>, Option<String>, Option<String>), ImportError> {
+/// Chat template, BOS text and EOS text.
+type TokenizerConfig = (Option<String>, Option<String>, Option<String>);
+
+fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig, ImportError> {
     let path = dir.join("tokenizer_config.json");
     let mut template = None;
     let (mut bos, mut eos) = (None, None);
@@ -107,7 +126,10 @@ fn read_tokenizer_config(dir: &Path) -> Result<(Option<String>, Option<String>, 
     }
     let jinja = dir.join("chat_template.jinja");
     if template.is_none() && jinja.exists() {
-        template = Some(std::fs::read_to_string(&jinja).map_err(|e| ImportError::file(&jinja, format!("cannot read: {e}")))?);
+        template = Some(
+            std::fs::read_to_string(&jinja)
+                .map_err(|e| ImportError::file(&jinja, format!("cannot read: {e}")))?,
+        );
     }
     Ok((template, bos, eos))
 }
@@ -132,7 +154,13 @@ fn add_safetensors(store: &mut WeightStore, path: &Path) -> Result<(), ImportErr
         let base = map.as_ptr() as usize;
         for (name, view) in st.tensors() {
             let dtype = convert_dtype(view.dtype()).ok_or_else(|| {
-                ImportError::file(path, format!("tensor `{name}` has unsupported dtype {:?} (f32, f16, bf16)", view.dtype()))
+                ImportError::file(
+                    path,
+                    format!(
+                        "tensor `{name}` has unsupported dtype {:?} (f32, f16, bf16)",
+                        view.dtype()
+                    ),
+                )
             })?;
             let data = view.data();
             found.push((
