@@ -11,7 +11,10 @@ const NEAR_TIE: f64 = 0.01;
 /// Tolerance on the recorded top-10 logits (prefill and first decode steps).
 const LOGIT_TOL: f64 = 2e-3;
 
+#[derive(Clone)]
 struct Agreement {
+    /// Per prompt: the greedy ids and the teacher-forced argmaxes.
+    outputs: Vec<(Vec<u64>, Vec<u64>)>,
     scored: usize,
     agreed: usize,
     strict_mismatches: Vec<String>,
@@ -22,6 +25,7 @@ struct Agreement {
 fn check_model(model: &str, check_logits: bool) -> Agreement {
     let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
     let mut agreement = Agreement {
+        outputs: vec![],
         scored: 0,
         agreed: 0,
         strict_mismatches: vec![],
@@ -62,6 +66,10 @@ fn check_model(model: &str, check_logits: bool) -> Agreement {
                 ));
             }
         }
+        let argmaxes: Vec<u64> = positions
+            .iter()
+            .map(|p| p["argmax"].as_u64().unwrap())
+            .collect();
         let top1 = score["top1_agreement"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&top1) && score["mean_nll"].as_f64().unwrap() > 0.0);
 
@@ -80,6 +88,7 @@ fn check_model(model: &str, check_logits: bool) -> Agreement {
         assert_eq!(as_ids(&run["prompt_ids"]), input);
         let generated = as_ids(&run["generated_ids"]);
         assert_eq!(generated.len(), 48, "{id}: 48 tokens with --ignore-eos");
+        agreement.outputs.push((generated.clone(), argmaxes));
         let must_match = gaps
             .iter()
             .position(|g| *g < NEAR_TIE)
@@ -143,20 +152,63 @@ fn report(label: &str, a: &Agreement) {
     );
 }
 
+/// The GGUF's results, computed once per test binary.
+fn gguf_results() -> Agreement {
+    static RESULTS: std::sync::OnceLock<Agreement> = std::sync::OnceLock::new();
+    RESULTS
+        .get_or_init(|| {
+            let gguf = smollm2_gguf();
+            check_model(gguf.to_str().unwrap(), true)
+        })
+        .clone()
+}
+
 #[test]
 fn gguf_q4_1_matches_transformers() {
-    let gguf = smollm2_gguf();
-    let a = check_model(gguf.to_str().unwrap(), true);
+    let a = gguf_results();
     report("gguf", &a);
     assert!(a.strict_mismatches.is_empty(), "{:#?}", a.strict_mismatches);
 }
 
+/// The f32 conversion holds exactly the GGUF's dequantized weights, so it must match the
+/// goldens as the GGUF does and give the GGUF's own results wherever the golden
+/// top-1/top-2 gap exceeds float32 noise (1e-3).
 #[test]
-fn hf_f32_conversion_matches_transformers() {
+fn hf_f32_conversion_matches_transformers_and_the_gguf() {
     let dir = converted("f32");
     let a = check_model(dir.to_str().unwrap(), true);
     report("hf-f32", &a);
     assert!(a.strict_mismatches.is_empty(), "{:#?}", a.strict_mismatches);
+    let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
+    let gguf = gguf_results();
+    for (i, prompt) in golden["prompts"].as_array().unwrap().iter().enumerate() {
+        let gaps: Vec<f64> = prompt["greedy_top1_minus_top2"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_f64().unwrap())
+            .collect();
+        let (hf_greedy, hf_argmax) = &a.outputs[i];
+        let (gguf_greedy, gguf_argmax) = &gguf.outputs[i];
+        let upto = gaps
+            .iter()
+            .position(|g| *g < 1e-3)
+            .map(|p| p + 1)
+            .unwrap_or(48);
+        assert_eq!(
+            hf_greedy[..upto],
+            gguf_greedy[..upto],
+            "{}: greedy differs from the GGUF",
+            prompt["id"]
+        );
+        for (step, gap) in gaps.iter().enumerate().filter(|(_, g)| **g >= 1e-3) {
+            assert_eq!(
+                hf_argmax[step], gguf_argmax[step],
+                "{} step {step} (gap {gap})",
+                prompt["id"]
+            );
+        }
+    }
 }
 
 /// Half-precision conversions round the dequantized weights, so exactness is not
