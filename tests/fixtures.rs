@@ -6,12 +6,7 @@ mod common;
 use common::*;
 
 fn fixture(name: &str) -> String {
-    repo_root()
-        .join("fixtures")
-        .join(name)
-        .to_str()
-        .unwrap()
-        .to_string()
+    repo_root().join("fixtures").join(name).to_str().unwrap().to_string()
 }
 
 const PROMPT: &str = "5,17,3,88,41,9,60,2,33";
@@ -40,10 +35,7 @@ fn final_logits(model: &str) -> (Vec<f64>, Vec<u64>) {
 
 fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
     let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / scale)
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / scale).fold(0.0, f64::max)
 }
 
 #[test]
@@ -52,17 +44,16 @@ fn committed_fixtures_equal_a_fresh_generation() {
     slmc_fixtures::generate(&fresh).unwrap();
     for name in slmc_fixtures::FIXTURES {
         let committed = repo_root().join("fixtures").join(name);
-        let mut files: Vec<_> = std::fs::read_dir(fresh.join(name))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut files: Vec<_> = std::fs::read_dir(fresh.join(name)).unwrap().map(|e| e.unwrap().file_name()).collect();
         files.sort();
         assert!(!files.is_empty());
         for file in files {
             let a = std::fs::read(fresh.join(name).join(&file)).unwrap();
-            let b = std::fs::read(committed.join(&file))
-                .unwrap_or_else(|e| panic!("{name}/{file:?}: {e}"));
-            assert!(a == b, "fixtures/{name}/{file:?} differs from a fresh generation: run `cargo run -p slmc-fixtures`");
+            let b = std::fs::read(committed.join(&file)).unwrap_or_else(|e| panic!("{name}/{file:?}: {e}"));
+            assert!(
+                a == b,
+                "fixtures/{name}/{file:?} differs from a fresh generation: run `cargo run -p slmc-fixtures`"
+            );
         }
     }
 }
@@ -82,14 +73,8 @@ fn phi3_fused_projections_equal_separate_llama_projections() {
     let diff = max_rel_diff(&llama, &phi3);
     assert!(diff <= 1e-5, "phi3 vs llama logits differ by {diff}");
     assert_eq!(llama_ids, phi3_ids);
-    let text = slmc_json(&["lower", &fixture("tiny-phi3")])["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        text.contains("%l0.q = slice(%l0.qkv) {axis = 1, start = 0, end = 32}"),
-        "{text}"
-    );
+    let text = slmc_json(&["lower", &fixture("tiny-phi3")])["text"].as_str().unwrap().to_string();
+    assert!(text.contains("%l0.q = slice(%l0.qkv) {axis = 1, start = 0, end = 32}"), "{text}");
 }
 
 #[test]
@@ -100,17 +85,10 @@ fn shared_blocks_run_twice_without_copies() {
     assert_eq!(max_rel_diff(&a, &b), 0.0, "sharing must not change a logit");
     assert_eq!(a_ids, b_ids);
 
-    let text = slmc_json(&["lower", &shared])["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let text = slmc_json(&["lower", &shared])["text"].as_str().unwrap().to_string();
     // Four executed layers, two stored blocks: each weight is one node used by two layers.
     assert!(text.contains("kv_append(%l3.k_rope) {layer = 3, kind = key}"));
-    assert_eq!(
-        text.matches("weight \"model.layers.0.self_attn.q_proj.weight\"")
-            .count(),
-        1
-    );
+    assert_eq!(text.matches("weight \"model.layers.0.self_attn.q_proj.weight\"").count(), 1);
     assert!(text.contains("%l0.q = linear(%l0.attn_norm, %blk0.q.w)"));
     assert!(text.contains("%l1.q = linear(%l1.attn_norm, %blk0.q.w)"));
     assert!(text.contains("%l2.q = linear(%l2.attn_norm, %blk1.q.w)"));
@@ -125,18 +103,9 @@ fn score_agrees_with_greedy_run() {
     let model = fixture("tiny-llama-sharded");
     let (_, ids) = final_logits(&model);
     let cont = ids_arg(&ids);
-    let score = slmc_json(&[
-        "score",
-        &model,
-        "--prompt-ids",
-        PROMPT,
-        "--continuation-ids",
-        &cont,
-    ]);
+    let score = slmc_json(&["score", &model, "--prompt-ids", PROMPT, "--continuation-ids", &cont]);
     assert_eq!(score["top1_agreement"], 1.0);
     let positions = score["positions"].as_array().unwrap();
     assert_eq!(positions.len(), ids.len());
-    assert!(positions
-        .iter()
-        .all(|p| p["logprob"].as_f64().unwrap() <= 0.0));
+    assert!(positions.iter().all(|p| p["logprob"].as_f64().unwrap() <= 0.0));
 }

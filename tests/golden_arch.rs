@@ -12,9 +12,7 @@ fn check_arch(name: &str) {
     let dir = golden_dir().join("arch").join(name);
     let golden = read_json(&dir.join("golden.json"));
     let model = dir.to_str().unwrap();
-    let vocab = slmc_json(&["inspect", model])["config"]["vocab_size"]
-        .as_u64()
-        .unwrap();
+    let vocab = slmc_json(&["inspect", model])["config"]["vocab_size"].as_u64().unwrap();
     for case in golden["cases"].as_array().unwrap() {
         let input = as_ids(&case["input_ids"]);
         let greedy = as_ids(&case["greedy_ids"]);
@@ -42,27 +40,12 @@ fn check_arch(name: &str) {
         for (i, e) in expected.iter().enumerate() {
             max_err = max_err.max((ours[i] - e.as_f64().unwrap()).abs());
         }
-        assert!(
-            max_err <= LOGIT_TOL,
-            "{name} len {}: max logit error {max_err}",
-            input.len()
-        );
-        assert_eq!(
-            top[0]["id"].as_u64().unwrap(),
-            case["final_position_argmax"].as_u64().unwrap()
-        );
+        assert!(max_err <= LOGIT_TOL, "{name} len {}: max logit error {max_err}", input.len());
+        assert_eq!(top[0]["id"].as_u64().unwrap(), case["final_position_argmax"].as_u64().unwrap());
         let lse = run["recorded_logits"][0]["logsumexp"].as_f64().unwrap();
         assert!((lse - case["final_position_logsumexp"].as_f64().unwrap()).abs() <= LOGIT_TOL);
-        assert_eq!(
-            as_ids(&run["generated_ids"]),
-            greedy,
-            "{name} len {}",
-            input.len()
-        );
-        eprintln!(
-            "{name} len {}: max logit error {max_err:.2e}, greedy identical",
-            input.len()
-        );
+        assert_eq!(as_ids(&run["generated_ids"]), greedy, "{name} len {}", input.len());
+        eprintln!("{name} len {}: max logit error {max_err:.2e}, greedy identical", input.len());
     }
 }
 

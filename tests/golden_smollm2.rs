@@ -36,22 +36,12 @@ fn check_model(model: &str, check_logits: bool) -> Agreement {
         let id = prompt["id"].as_str().unwrap();
         let input = as_ids(&prompt["input_ids"]);
         let expected = as_ids(&prompt["generated_ids"]);
-        let gaps: Vec<f64> = prompt["greedy_top1_minus_top2"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| g.as_f64().unwrap())
-            .collect();
+        let gaps: Vec<f64> =
+            prompt["greedy_top1_minus_top2"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
 
         // Teacher-forced: every confident golden token is the argmax.
-        let score = slmc_json(&[
-            "score",
-            model,
-            "--prompt-ids",
-            &ids_arg(&input),
-            "--continuation-ids",
-            &ids_arg(&expected),
-        ]);
+        let score =
+            slmc_json(&["score", model, "--prompt-ids", &ids_arg(&input), "--continuation-ids", &ids_arg(&expected)]);
         let positions = score["positions"].as_array().unwrap();
         assert_eq!(positions.len(), expected.len());
         for (i, pos) in positions.iter().enumerate() {
@@ -60,16 +50,12 @@ fn check_model(model: &str, check_logits: bool) -> Agreement {
             if argmax == expected[i] {
                 agreement.agreed += 1;
             } else if gaps[i] >= NEAR_TIE {
-                agreement.strict_mismatches.push(format!(
-                    "{id} step {i}: argmax {argmax}, golden {} (gap {})",
-                    expected[i], gaps[i]
-                ));
+                agreement
+                    .strict_mismatches
+                    .push(format!("{id} step {i}: argmax {argmax}, golden {} (gap {})", expected[i], gaps[i]));
             }
         }
-        let argmaxes: Vec<u64> = positions
-            .iter()
-            .map(|p| p["argmax"].as_u64().unwrap())
-            .collect();
+        let argmaxes: Vec<u64> = positions.iter().map(|p| p["argmax"].as_u64().unwrap()).collect();
         let top1 = score["top1_agreement"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&top1) && score["mean_nll"].as_f64().unwrap() > 0.0);
 
@@ -89,18 +75,13 @@ fn check_model(model: &str, check_logits: bool) -> Agreement {
         let generated = as_ids(&run["generated_ids"]);
         assert_eq!(generated.len(), 48, "{id}: 48 tokens with --ignore-eos");
         agreement.outputs.push((generated.clone(), argmaxes));
-        let must_match = gaps
-            .iter()
-            .position(|g| *g < NEAR_TIE)
-            .map(|i| i + 1)
-            .unwrap_or(48);
+        let must_match = gaps.iter().position(|g| *g < NEAR_TIE).map(|i| i + 1).unwrap_or(48);
         if generated[..must_match] == expected[..must_match] {
             agreement.greedy_prefix_ok += 1;
         } else {
-            agreement.strict_mismatches.push(format!(
-                "{id}: greedy {:?} != golden {:?} within the first {must_match}",
-                generated, expected
-            ));
+            agreement
+                .strict_mismatches
+                .push(format!("{id}: greedy {:?} != golden {:?} within the first {must_match}", generated, expected));
         }
 
         if check_logits {
@@ -115,25 +96,15 @@ fn check_model(model: &str, check_logits: bool) -> Agreement {
                     .map(|t| (t["id"].as_u64().unwrap(), t["logit"].as_f64().unwrap()))
                     .collect();
                 for entry in gold["top10"].as_array().unwrap() {
-                    let (gid, glogit) = (
-                        entry["id"].as_u64().unwrap(),
-                        entry["logit"].as_f64().unwrap(),
-                    );
+                    let (gid, glogit) = (entry["id"].as_u64().unwrap(), entry["logit"].as_f64().unwrap());
                     let ours = ours.iter().find(|(i, _)| *i == gid).map(|(_, l)| *l);
                     let err = ours.map(|l| (l - glogit).abs()).unwrap_or(f64::INFINITY);
                     agreement.max_logit_error = agreement.max_logit_error.max(err);
-                    assert!(
-                        err <= LOGIT_TOL,
-                        "{id} step {step}: token {gid} logit {ours:?} vs golden {glogit}"
-                    );
+                    assert!(err <= LOGIT_TOL, "{id} step {step}: token {gid} logit {ours:?} vs golden {glogit}");
                 }
-                let lse_err = (recorded[step]["logsumexp"].as_f64().unwrap()
-                    - gold["logsumexp"].as_f64().unwrap())
-                .abs();
-                assert!(
-                    lse_err <= LOGIT_TOL,
-                    "{id} step {step}: logsumexp off by {lse_err}"
-                );
+                let lse_err =
+                    (recorded[step]["logsumexp"].as_f64().unwrap() - gold["logsumexp"].as_f64().unwrap()).abs();
+                assert!(lse_err <= LOGIT_TOL, "{id} step {step}: logsumexp off by {lse_err}");
             }
         }
     }
@@ -182,31 +153,14 @@ fn hf_f32_conversion_matches_transformers_and_the_gguf() {
     let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
     let gguf = gguf_results();
     for (i, prompt) in golden["prompts"].as_array().unwrap().iter().enumerate() {
-        let gaps: Vec<f64> = prompt["greedy_top1_minus_top2"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| g.as_f64().unwrap())
-            .collect();
+        let gaps: Vec<f64> =
+            prompt["greedy_top1_minus_top2"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
         let (hf_greedy, hf_argmax) = &a.outputs[i];
         let (gguf_greedy, gguf_argmax) = &gguf.outputs[i];
-        let upto = gaps
-            .iter()
-            .position(|g| *g < 1e-3)
-            .map(|p| p + 1)
-            .unwrap_or(48);
-        assert_eq!(
-            hf_greedy[..upto],
-            gguf_greedy[..upto],
-            "{}: greedy differs from the GGUF",
-            prompt["id"]
-        );
+        let upto = gaps.iter().position(|g| *g < 1e-3).map(|p| p + 1).unwrap_or(48);
+        assert_eq!(hf_greedy[..upto], gguf_greedy[..upto], "{}: greedy differs from the GGUF", prompt["id"]);
         for (step, gap) in gaps.iter().enumerate().filter(|(_, g)| **g >= 1e-3) {
-            assert_eq!(
-                hf_argmax[step], gguf_argmax[step],
-                "{} step {step} (gap {gap})",
-                prompt["id"]
-            );
+            assert_eq!(hf_argmax[step], gguf_argmax[step], "{} step {step} (gap {gap})", prompt["id"]);
         }
     }
 }
@@ -220,10 +174,7 @@ fn hf_f16_and_bf16_conversions_agree() {
         let a = check_model(dir.to_str().unwrap(), false);
         report(&format!("hf-{dtype}"), &a);
         let rate = a.agreed as f64 / a.scored as f64;
-        assert!(
-            rate >= min_agreement,
-            "{dtype}: teacher-forced agreement {rate:.3} < {min_agreement}"
-        );
+        assert!(rate >= min_agreement, "{dtype}: teacher-forced agreement {rate:.3} < {min_agreement}");
     }
 }
 
@@ -233,12 +184,7 @@ fn chat_template_renders_the_golden_prompts() {
     let gguf = smollm2_gguf();
     let model = slmc_compiler::import::load(&gguf).unwrap();
     let hf = slmc_compiler::import::load(&converted("f32")).unwrap();
-    for prompt in golden["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["kind"] == "chat")
-    {
+    for prompt in golden["prompts"].as_array().unwrap().iter().filter(|p| p["kind"] == "chat") {
         let messages: Vec<slmc_compiler::import::tokenizer::Message> =
             serde_json::from_value(prompt["messages"].clone()).unwrap();
         for m in [&model, &hf] {
@@ -249,12 +195,7 @@ fn chat_template_renders_the_golden_prompts() {
                 m.eos_token.as_deref(),
             )
             .unwrap();
-            assert_eq!(
-                text,
-                prompt["prompt_text"].as_str().unwrap(),
-                "{}",
-                prompt["id"]
-            );
+            assert_eq!(text, prompt["prompt_text"].as_str().unwrap(), "{}", prompt["id"]);
             let ids: Vec<u64> = m
                 .tokenizer
                 .as_ref()
@@ -274,34 +215,16 @@ fn chat_template_renders_the_golden_prompts() {
 fn run_with_chat_prompt_and_eos_stops() {
     let gguf = smollm2_gguf();
     let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
-    let prompt = golden["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "pub-chat-short")
-        .unwrap();
+    let prompt = golden["prompts"].as_array().unwrap().iter().find(|p| p["id"] == "pub-chat-short").unwrap();
     let messages = prompt["messages"].as_array().unwrap();
     // The CLI's --chat wraps one user message; use a single-user-message golden if present.
     if messages.len() == 1 {
         let text = messages[0]["content"].as_str().unwrap();
-        let run = slmc_json(&[
-            "run",
-            gguf.to_str().unwrap(),
-            "--prompt",
-            text,
-            "--chat",
-            "--max-new-tokens",
-            "8",
-        ]);
+        let run = slmc_json(&["run", gguf.to_str().unwrap(), "--prompt", text, "--chat", "--max-new-tokens", "8"]);
         assert_eq!(as_ids(&run["prompt_ids"]), as_ids(&prompt["input_ids"]));
     }
     // EOS stops generation unless --ignore-eos: pub-text-short's first EOS is at step 29.
-    let short = golden["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "pub-text-short")
-        .unwrap();
+    let short = golden["prompts"].as_array().unwrap().iter().find(|p| p["id"] == "pub-text-short").unwrap();
     let run = slmc_json(&[
         "run",
         gguf.to_str().unwrap(),
@@ -315,8 +238,5 @@ fn run_with_chat_prompt_and_eos_stops() {
     assert_eq!(*generated.last().unwrap(), 2);
     assert!(run["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     let text = run["text"].as_str().unwrap();
-    assert!(
-        text.starts_with(short["generated_text_until_eos"].as_str().unwrap()),
-        "{text:?}"
-    );
+    assert!(text.starts_with(short["generated_text_until_eos"].as_str().unwrap()), "{text:?}");
 }

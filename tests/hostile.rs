@@ -39,11 +39,7 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 fn expect_error(args: &[&str], file: &Path, problem: &str) {
     let err = slmc_fails(args);
-    assert!(
-        err.contains(file.to_str().unwrap()),
-        "error should name {}: {err}",
-        file.display()
-    );
+    assert!(err.contains(file.to_str().unwrap()), "error should name {}: {err}", file.display());
     assert!(err.contains(problem), "error should say {problem:?}: {err}");
 }
 
@@ -53,11 +49,7 @@ fn truncated_safetensors() {
     let st = dir.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    expect_error(
-        &["inspect", dir.to_str().unwrap()],
-        &st,
-        "not a valid safetensors file",
-    );
+    expect_error(&["inspect", dir.to_str().unwrap()], &st, "not a valid safetensors file");
 }
 
 #[test]
@@ -68,11 +60,7 @@ fn safetensors_header_length_past_end_of_file() {
     let lie = (bytes.len() as u64 * 4).to_le_bytes();
     bytes[..8].copy_from_slice(&lie);
     std::fs::write(&st, &bytes).unwrap();
-    expect_error(
-        &["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"],
-        &st,
-        "not a valid safetensors file",
-    );
+    expect_error(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], &st, "not a valid safetensors file");
 }
 
 #[test]
@@ -106,19 +94,13 @@ fn missing_config_keys() {
     edit_config(&dir, |c| {
         c.as_object_mut().unwrap().remove("hidden_size");
     });
-    expect_error(
-        &["inspect", dir.to_str().unwrap()],
-        &dir.join("config.json"),
-        "missing required key `hidden_size`",
-    );
+    expect_error(&["inspect", dir.to_str().unwrap()], &dir.join("config.json"), "missing required key `hidden_size`");
 }
 
 #[test]
 fn unsupported_architecture() {
     let dir = tiny_copy("arch");
-    edit_config(&dir, |c| {
-        c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
-    });
+    edit_config(&dir, |c| c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]));
     expect_error(
         &["inspect", dir.to_str().unwrap()],
         &dir.join("config.json"),
@@ -133,11 +115,7 @@ fn nan_weights_are_reported_with_the_node() {
     let mut bytes = std::fs::read(&st).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let start = header["model.norm.weight"]["data_offsets"][0]
-        .as_u64()
-        .unwrap() as usize
-        + 8
-        + header_len;
+    let start = header["model.norm.weight"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + header_len;
     bytes[start..start + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
     std::fs::write(&st, &bytes).unwrap();
     let err = slmc_fails(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"]);
@@ -148,10 +126,7 @@ fn nan_weights_are_reported_with_the_node() {
 fn token_id_outside_the_vocabulary() {
     let model = golden_dir().join("arch").join("llama-tied-f16");
     let err = slmc_fails(&["run", model.to_str().unwrap(), "--prompt-ids", "1,999"]);
-    assert!(
-        err.contains("token id 999") && err.contains("256 rows"),
-        "{err}"
-    );
+    assert!(err.contains("token id 999") && err.contains("256 rows"), "{err}");
 }
 
 /// A minimal GGUF v3 writer for hand-made hostile files.
@@ -205,11 +180,7 @@ fn gguf_absurd_tensor_count() {
     let mut b = GgufBuilder::new(1 << 40, 1);
     b.kv_str("general.architecture", "llama");
     b.write(&path, 64);
-    expect_error(
-        &["inspect", path.to_str().unwrap()],
-        &path,
-        "tensor count 1099511627776 is absurd",
-    );
+    expect_error(&["inspect", path.to_str().unwrap()], &path, "tensor count 1099511627776 is absurd");
 }
 
 #[test]
@@ -228,11 +199,7 @@ fn gguf_tensor_offset_past_end_of_file() {
     b.kv_str("general.architecture", "llama");
     b.tensor("token_embd.weight", &[8, 4], 0, 4096);
     b.write(&path, 128);
-    expect_error(
-        &["inspect", path.to_str().unwrap()],
-        &path,
-        "runs past the end of the file",
-    );
+    expect_error(&["inspect", path.to_str().unwrap()], &path, "runs past the end of the file");
 }
 
 #[test]
@@ -241,17 +208,9 @@ fn truncated_real_gguf() {
     let bytes = std::fs::read(&gguf).unwrap();
     let path = scratch("gguf-truncated").join("truncated.gguf");
     std::fs::write(&path, &bytes[..8 << 20]).unwrap();
-    expect_error(
-        &["run", path.to_str().unwrap(), "--prompt-ids", "1"],
-        &path,
-        "runs past the end of the file",
-    );
+    expect_error(&["run", path.to_str().unwrap(), "--prompt-ids", "1"], &path, "runs past the end of the file");
     std::fs::write(&path, &bytes[..100_000]).unwrap();
-    expect_error(
-        &["inspect", path.to_str().unwrap()],
-        &path,
-        "array of 49152 elements does not fit",
-    );
+    expect_error(&["inspect", path.to_str().unwrap()], &path, "array of 49152 elements does not fit");
 }
 
 #[test]
@@ -259,32 +218,16 @@ fn failed_convert_leaves_no_output_directory() {
     let parent = scratch("convert-fail");
     let out = parent.join("out");
     let model = golden_dir().join("arch").join("llama-tied-f16");
-    let err = slmc_fails(&[
-        "convert",
-        model.to_str().unwrap(),
-        "--to",
-        "hf",
-        out.to_str().unwrap(),
-    ]);
+    let err = slmc_fails(&["convert", model.to_str().unwrap(), "--to", "hf", out.to_str().unwrap()]);
     assert!(err.contains("reads a GGUF file"), "{err}");
     assert!(!out.exists());
-    assert_eq!(
-        std::fs::read_dir(&parent).unwrap().count(),
-        0,
-        "no temporary directory is left behind"
-    );
+    assert_eq!(std::fs::read_dir(&parent).unwrap().count(), 0, "no temporary directory is left behind");
 
     // An existing directory is never replaced without --force.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep"), b"x").unwrap();
     let gguf = smollm2_gguf();
-    let err = slmc_fails(&[
-        "convert",
-        gguf.to_str().unwrap(),
-        "--to",
-        "hf",
-        out.to_str().unwrap(),
-    ]);
+    let err = slmc_fails(&["convert", gguf.to_str().unwrap(), "--to", "hf", out.to_str().unwrap()]);
     assert!(err.contains("already exists"), "{err}");
     assert!(out.join("keep").exists());
 }

@@ -14,20 +14,9 @@ fn check(model_path: &std::path::Path) {
         let text = case["text"].as_str().unwrap();
         let enc = tok.encode(text, false).unwrap();
         let ids: Vec<u64> = enc.get_ids().iter().map(|i| *i as u64).collect();
-        assert_eq!(
-            ids,
-            as_ids(&case["ids"]),
-            "case {} {:?}",
-            case["index"],
-            text
-        );
+        assert_eq!(ids, as_ids(&case["ids"]), "case {} {:?}", case["index"], text);
         let decoded = tok.decode(enc.get_ids(), false).unwrap();
-        assert_eq!(
-            decoded,
-            case["decoded"].as_str().unwrap(),
-            "case {} decode",
-            case["index"]
-        );
+        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "case {} decode", case["index"]);
         assert_eq!(decoded, text, "case {} round trip", case["index"]);
     }
 }
@@ -45,19 +34,9 @@ fn converted_tokenizer_json_matches_golden() {
 #[test]
 fn cli_tokenize_reports_ids_and_round_trip() {
     let gguf = smollm2_gguf();
-    let out = slmc_json(&[
-        "tokenize",
-        gguf.to_str().unwrap(),
-        "--text",
-        "Hello world 123",
-        "--text",
-        "<|im_start|>user",
-    ]);
+    let out =
+        slmc_json(&["tokenize", gguf.to_str().unwrap(), "--text", "Hello world 123", "--text", "<|im_start|>user"]);
     let first = &out[0];
     assert_eq!(first["decoded"], "Hello world 123");
-    assert_eq!(
-        as_ids(&out[1]["ids"])[0],
-        1,
-        "<|im_start|> is parsed to its id"
-    );
+    assert_eq!(as_ids(&out[1]["ids"])[0], 1, "<|im_start|> is parsed to its id");
 }

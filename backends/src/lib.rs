@@ -7,10 +7,7 @@ use slmc_targets::TargetProfile;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BackendError {
     #[error("the {backend} backend for target `{target}` is not implemented yet")]
-    NotImplemented {
-        backend: &'static str,
-        target: &'static str,
-    },
+    NotImplemented { backend: &'static str, target: &'static str },
 }
 
 /// Emits the artifact for `target`. Every backend is still to be written.
@@ -19,8 +16,5 @@ pub fn emit(
     _info: &GraphInfo,
     target: &TargetProfile,
 ) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
-    Err(BackendError::NotImplemented {
-        backend: target.backend,
-        target: target.name,
-    })
+    Err(BackendError::NotImplemented { backend: target.backend, target: target.name })
 }

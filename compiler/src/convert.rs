@@ -22,23 +22,13 @@ fn hf_names(model: &Model) -> BTreeMap<String, String> {
     hf_cfg.naming = WeightNaming::HuggingFace;
     let mut map = BTreeMap::new();
     let mut add = |role: Role, block: usize| {
-        map.insert(
-            cfg.weight_name(role, block),
-            hf_cfg.weight_name(role, block),
-        );
+        map.insert(cfg.weight_name(role, block), hf_cfg.weight_name(role, block));
     };
     for role in [Role::Embed, Role::FinalNorm, Role::LmHead] {
         add(role, 0);
     }
     let block_roles: &[Role] = match cfg.arch {
-        Arch::Phi3 => &[
-            Role::AttnNorm,
-            Role::Qkv,
-            Role::O,
-            Role::FfnNorm,
-            Role::GateUp,
-            Role::Down,
-        ],
+        Arch::Phi3 => &[Role::AttnNorm, Role::Qkv, Role::O, Role::FfnNorm, Role::GateUp, Role::Down],
         _ => &[
             Role::AttnNorm,
             Role::Q,
@@ -73,8 +63,7 @@ fn unpermute_rows(values: &[f32], rows: usize, cols: usize, n_heads: usize) -> V
             for t in 0..2 {
                 let src = h * head_dim + 2 * j + t;
                 let dst = h * head_dim + t * half + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -92,10 +81,7 @@ pub fn to_hf(model: &Model, out_dir: &Path, dtype: DType, force: bool) -> Result
         bail!("--dtype must be f32, f16 or bf16");
     }
     if !matches!(model.config.rope_scaling, RopeScaling::None) {
-        bail!(
-            "{}: converting rope scaling is not supported",
-            model.path.display()
-        );
+        bail!("{}: converting rope scaling is not supported", model.path.display());
     }
     let tokenizer = model
         .tokenizer
@@ -103,23 +89,13 @@ pub fn to_hf(model: &Model, out_dir: &Path, dtype: DType, force: bool) -> Result
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("the GGUF's tokenizer is needed for tokenizer.json")?;
     if out_dir.exists() && !force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            out_dir.display()
-        );
+        bail!("{}: already exists (use --force to replace it)", out_dir.display());
     }
-    let parent = out_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
     let tmp = parent.join(format!(
         ".{}.slmc-tmp-{}",
-        out_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("out"),
+        out_dir.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -130,30 +106,21 @@ pub fn to_hf(model: &Model, out_dir: &Path, dtype: DType, force: bool) -> Result
         return Err(e);
     }
     if out_dir.exists() {
-        std::fs::remove_dir_all(out_dir)
-            .with_context(|| format!("{}: cannot replace", out_dir.display()))?;
+        std::fs::remove_dir_all(out_dir).with_context(|| format!("{}: cannot replace", out_dir.display()))?;
     }
     std::fs::rename(&tmp, out_dir)
         .with_context(|| format!("{}: cannot move the result into place", out_dir.display()))?;
     Ok(())
 }
 
-fn write_hf(
-    model: &Model,
-    dir: &Path,
-    dtype: DType,
-    tokenizer: &tokenizers::Tokenizer,
-) -> Result<()> {
+fn write_hf(model: &Model, dir: &Path, dtype: DType, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
     let cfg = &model.config;
     let names = hf_names(model);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (gguf_name, t) in model.weights.tensors() {
-        let hf = names.get(gguf_name).with_context(|| {
-            format!(
-                "{}: tensor `{gguf_name}` has no Hugging Face name",
-                model.path.display()
-            )
-        })?;
+        let hf = names
+            .get(gguf_name)
+            .with_context(|| format!("{}: tensor `{gguf_name}` has no Hugging Face name", model.path.display()))?;
         let mut values = model.weights.to_f32(t);
         if cfg.rope_style == RopeStyle::Interleaved && cfg.arch == Arch::Llama {
             let heads = if gguf_name.ends_with("attn_q.weight") {
@@ -211,9 +178,7 @@ fn write_hf(
         "torch_dtype": match dtype { DType::F32 => "float32", DType::F16 => "float16", _ => "bfloat16" },
     });
     write_json(&dir.join("config.json"), &config)?;
-    tokenizer
-        .save(dir.join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+    tokenizer.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
     let tok_cfg = json!({
         "chat_template": model.chat_template,
         "bos_token": model.bos_token,

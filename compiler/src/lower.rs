@@ -5,7 +5,7 @@
 //! names is checked against the store: a tensor whose shape contradicts the config is an
 //! error naming the file and the tensor.
 
-use slmc_ir::{DType, Dim, Graph, KvKind, NodeId, Op, TensorType};
+use slmc_ir::{DType, Dim, Graph, KvKind, KvQuant, NodeId, Op, TensorType};
 
 use crate::import::config::Role;
 use crate::import::{Arch, ImportError, Model};
@@ -21,27 +21,14 @@ impl Lowering<'_> {
     }
 
     /// The weight node for `role` in stored block `block`, checked against `shape`.
-    fn weight(
-        &mut self,
-        role: Role,
-        block: usize,
-        value: &str,
-        shape: &[usize],
-    ) -> Result<NodeId, ImportError> {
+    fn weight(&mut self, role: Role, block: usize, value: &str, shape: &[usize]) -> Result<NodeId, ImportError> {
         let name = self.model.config.weight_name(role, block);
         self.named_weight(&name, value, shape)
     }
 
-    fn named_weight(
-        &mut self,
-        name: &str,
-        value: &str,
-        shape: &[usize],
-    ) -> Result<NodeId, ImportError> {
+    fn named_weight(&mut self, name: &str, value: &str, shape: &[usize]) -> Result<NodeId, ImportError> {
         let store = &self.model.weights;
-        let t = store
-            .get(name)
-            .ok_or_else(|| self.err(format!("missing tensor `{name}`")))?;
+        let t = store.get(name).ok_or_else(|| self.err(format!("missing tensor `{name}`")))?;
         if t.shape != shape {
             let source = match self.model.format {
                 crate::import::Format::Gguf => "the GGUF metadata",
@@ -49,19 +36,13 @@ impl Lowering<'_> {
             };
             return Err(ImportError::file(
                 store.file_of(t),
-                format!(
-                    "tensor `{name}` has shape {:?} but {source} implies {shape:?}",
-                    t.shape
-                ),
+                format!("tensor `{name}` has shape {:?} but {source} implies {shape:?}", t.shape),
             ));
         }
         if t.dtype.is_quantized() && shape.len() != 2 {
             return Err(ImportError::file(
                 store.file_of(t),
-                format!(
-                    "tensor `{name}`: quantized {} is only supported for matrices",
-                    t.dtype
-                ),
+                format!("tensor `{name}`: quantized {} is only supported for matrices", t.dtype),
             ));
         }
         let ty = TensorType::new(t.dtype, shape.iter().map(|d| Dim::from(*d)).collect());
@@ -69,16 +50,11 @@ impl Lowering<'_> {
     }
 
     fn has(&self, role: Role, block: usize) -> bool {
-        self.model
-            .weights
-            .get(&self.model.config.weight_name(role, block))
-            .is_some()
+        self.model.weights.get(&self.model.config.weight_name(role, block)).is_some()
     }
 
     fn push(&mut self, name: &str, op: Op, inputs: &[NodeId]) -> Result<NodeId, ImportError> {
-        self.graph
-            .push(name, op, inputs)
-            .map_err(|m| self.err(format!("lowering produced an ill-typed graph: {m}")))
+        self.graph.push(name, op, inputs).map_err(|m| self.err(format!("lowering produced an ill-typed graph: {m}")))
     }
 }
 
@@ -86,30 +62,15 @@ impl Lowering<'_> {
 /// `logits: f32[s, vocab]`.
 pub fn lower(model: &Model) -> Result<Graph, ImportError> {
     let cfg = &model.config;
-    let name = model
-        .path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("model")
-        .to_string();
-    let mut lw = Lowering {
-        model,
-        graph: Graph::new(&name),
-    };
+    let name = model.path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+    let mut lw = Lowering { model, graph: Graph::new(&name) };
     let (d, v, ff) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
     let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let s = Dim::sym("s");
 
     let tokens = lw
         .graph
-        .add(
-            "tokens",
-            Op::Input {
-                name: "tokens".into(),
-            },
-            &[],
-            TensorType::new(DType::I32, vec![s.clone()]),
-        )
+        .add("tokens", Op::Input { name: "tokens".into() }, &[], TensorType::new(DType::I32, vec![s.clone()]))
         .map_err(|m| lw.err(m))?;
     let pos = lw.push("positions", Op::Positions, &[tokens])?;
     let embed_w = lw.weight(Role::Embed, 0, "embed.w", &[v, d])?;
@@ -120,9 +81,7 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         style: cfg.rope_style,
         scaling: cfg.rope_scaling,
     };
-    let heads = |n: usize| Op::Reshape {
-        shape: vec![s.clone(), Dim::from(n), Dim::from(hd)],
-    };
+    let heads = |n: usize| Op::Reshape { shape: vec![s.clone(), Dim::from(n), Dim::from(hd)] };
 
     for layer in 0..cfg.num_layers() {
         // With block sharing, consecutive layers run the same stored block: the graph
@@ -132,57 +91,25 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let w = |role: &str| format!("blk{b}.{role}.w");
 
         let norm_w = lw.weight(Role::AttnNorm, b, &w("attn_norm"), &[d])?;
-        let x = lw.push(
-            &format!("{l}.attn_norm"),
-            Op::RmsNorm {
-                eps: cfg.rms_norm_eps,
-            },
-            &[h, norm_w],
-        )?;
+        let x = lw.push(&format!("{l}.attn_norm"), Op::RmsNorm { eps: cfg.rms_norm_eps }, &[h, norm_w])?;
         let (q, k, val) = if cfg.arch == Arch::Phi3 {
             let qkv_w = lw.weight(Role::Qkv, b, &w("qkv"), &[(hq + 2 * hk) * hd, d])?;
             let qkv = lw.push(&format!("{l}.qkv"), Op::Linear, &[x, qkv_w])?;
             let (nq, nk) = ((hq * hd) as i64, (hk * hd) as i64);
-            let q = lw.push(
-                &format!("{l}.q"),
-                Op::Slice {
-                    axis: 1,
-                    start: 0,
-                    end: nq,
-                },
-                &[qkv],
-            )?;
-            let k = lw.push(
-                &format!("{l}.k"),
-                Op::Slice {
-                    axis: 1,
-                    start: nq,
-                    end: nq + nk,
-                },
-                &[qkv],
-            )?;
-            let v = lw.push(
-                &format!("{l}.v"),
-                Op::Slice {
-                    axis: 1,
-                    start: nq + nk,
-                    end: nq + 2 * nk,
-                },
-                &[qkv],
-            )?;
+            let q = lw.push(&format!("{l}.q"), Op::Slice { axis: 1, start: 0, end: nq }, &[qkv])?;
+            let k = lw.push(&format!("{l}.k"), Op::Slice { axis: 1, start: nq, end: nq + nk }, &[qkv])?;
+            let v = lw.push(&format!("{l}.v"), Op::Slice { axis: 1, start: nq + nk, end: nq + 2 * nk }, &[qkv])?;
             (q, k, v)
         } else {
-            let mut proj =
-                |role: Role, bias: Role, short: &str, n: usize| -> Result<NodeId, ImportError> {
-                    let wt = lw.weight(role, b, &w(short), &[n * hd, d])?;
-                    let mut y = lw.push(&format!("{l}.{short}"), Op::Linear, &[x, wt])?;
-                    if cfg.attention_bias || lw.has(bias, b) {
-                        let bw =
-                            lw.weight(bias, b, &format!("blk{b}.{short}_bias.w"), &[n * hd])?;
-                        y = lw.push(&format!("{l}.{short}_biased"), Op::Add, &[y, bw])?;
-                    }
-                    Ok(y)
-                };
+            let mut proj = |role: Role, bias: Role, short: &str, n: usize| -> Result<NodeId, ImportError> {
+                let wt = lw.weight(role, b, &w(short), &[n * hd, d])?;
+                let mut y = lw.push(&format!("{l}.{short}"), Op::Linear, &[x, wt])?;
+                if cfg.attention_bias || lw.has(bias, b) {
+                    let bw = lw.weight(bias, b, &format!("blk{b}.{short}_bias.w"), &[n * hd])?;
+                    y = lw.push(&format!("{l}.{short}_biased"), Op::Add, &[y, bw])?;
+                }
+                Ok(y)
+            };
             (
                 proj(Role::Q, Role::QBias, "q", hq)?,
                 proj(Role::K, Role::KBias, "k", hk)?,
@@ -194,76 +121,30 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let val = lw.push(&format!("{l}.v_heads"), heads(hk), &[val])?;
         let q = lw.push(&format!("{l}.q_rope"), rope.clone(), &[q, pos])?;
         let k = lw.push(&format!("{l}.k_rope"), rope.clone(), &[k, pos])?;
-        let k_all = lw.push(
-            &format!("{l}.k_cache"),
-            Op::KvAppend {
-                layer,
-                kind: KvKind::Key,
-            },
-            &[k],
-        )?;
-        let v_all = lw.push(
-            &format!("{l}.v_cache"),
-            Op::KvAppend {
-                layer,
-                kind: KvKind::Value,
-            },
-            &[val],
-        )?;
+        let k_all =
+            lw.push(&format!("{l}.k_cache"), Op::KvAppend { layer, kind: KvKind::Key, quant: KvQuant::F32 }, &[k])?;
+        let v_all =
+            lw.push(&format!("{l}.v_cache"), Op::KvAppend { layer, kind: KvKind::Value, quant: KvQuant::F32 }, &[val])?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let att = lw.push(
-            &format!("{l}.attn"),
-            Op::Attention { scale },
-            &[q, k_all, v_all],
-        )?;
-        let att = lw.push(
-            &format!("{l}.attn_flat"),
-            Op::Reshape {
-                shape: vec![s.clone(), Dim::from(hq * hd)],
-            },
-            &[att],
-        )?;
+        let att = lw.push(&format!("{l}.attn"), Op::Attention { scale }, &[q, k_all, v_all])?;
+        let att =
+            lw.push(&format!("{l}.attn_flat"), Op::Reshape { shape: vec![s.clone(), Dim::from(hq * hd)] }, &[att])?;
         let o_w = lw.weight(Role::O, b, &w("o"), &[d, hq * hd])?;
         let o = lw.push(&format!("{l}.attn_out"), Op::Linear, &[att, o_w])?;
         h = lw.push(&format!("{l}.attn_residual"), Op::Add, &[h, o])?;
 
         let norm_w = lw.weight(Role::FfnNorm, b, &w("ffn_norm"), &[d])?;
-        let x = lw.push(
-            &format!("{l}.ffn_norm"),
-            Op::RmsNorm {
-                eps: cfg.rms_norm_eps,
-            },
-            &[h, norm_w],
-        )?;
+        let x = lw.push(&format!("{l}.ffn_norm"), Op::RmsNorm { eps: cfg.rms_norm_eps }, &[h, norm_w])?;
         let (gate, up) = if cfg.arch == Arch::Phi3 {
             let gu_w = lw.weight(Role::GateUp, b, &w("gate_up"), &[2 * ff, d])?;
             let gu = lw.push(&format!("{l}.gate_up"), Op::Linear, &[x, gu_w])?;
-            let gate = lw.push(
-                &format!("{l}.gate"),
-                Op::Slice {
-                    axis: 1,
-                    start: 0,
-                    end: ff as i64,
-                },
-                &[gu],
-            )?;
-            let up = lw.push(
-                &format!("{l}.up"),
-                Op::Slice {
-                    axis: 1,
-                    start: ff as i64,
-                    end: 2 * ff as i64,
-                },
-                &[gu],
-            )?;
+            let gate = lw.push(&format!("{l}.gate"), Op::Slice { axis: 1, start: 0, end: ff as i64 }, &[gu])?;
+            let up = lw.push(&format!("{l}.up"), Op::Slice { axis: 1, start: ff as i64, end: 2 * ff as i64 }, &[gu])?;
             (gate, up)
         } else {
             let g_w = lw.weight(Role::Gate, b, &w("gate"), &[ff, d])?;
             let u_w = lw.weight(Role::Up, b, &w("up"), &[ff, d])?;
-            (
-                lw.push(&format!("{l}.gate"), Op::Linear, &[x, g_w])?,
-                lw.push(&format!("{l}.up"), Op::Linear, &[x, u_w])?,
-            )
+            (lw.push(&format!("{l}.gate"), Op::Linear, &[x, g_w])?, lw.push(&format!("{l}.up"), Op::Linear, &[x, u_w])?)
         };
         let act = lw.push(&format!("{l}.gate_silu"), Op::Silu, &[gate])?;
         let m = lw.push(&format!("{l}.swiglu"), Op::Mul, &[act, up])?;
@@ -273,13 +154,7 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
     }
 
     let norm_w = lw.weight(Role::FinalNorm, 0, "final_norm.w", &[d])?;
-    let x = lw.push(
-        "final_norm",
-        Op::RmsNorm {
-            eps: cfg.rms_norm_eps,
-        },
-        &[h, norm_w],
-    )?;
+    let x = lw.push("final_norm", Op::RmsNorm { eps: cfg.rms_norm_eps }, &[h, norm_w])?;
     // Tied embeddings: the LM head is the embedding table's node itself.
     let head = if cfg.tie_word_embeddings || !lw.has(Role::LmHead, 0) {
         embed_w
@@ -288,7 +163,6 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
     };
     let logits = lw.push("logits", Op::Linear, &[x, head])?;
     lw.graph.set_output("logits", logits);
-    slmc_ir::verify(&lw.graph)
-        .map_err(|e| lw.err(format!("lowering produced an invalid graph: {e}")))?;
+    slmc_ir::verify(&lw.graph).map_err(|e| lw.err(format!("lowering produced an invalid graph: {e}")))?;
     Ok(lw.graph)
 }

@@ -15,11 +15,7 @@ use slmc_ir::DType;
 use slmc_runtime::{generate, score, GenerateOptions, InterpreterExecutor};
 
 #[derive(Parser)]
-#[command(
-    name = "slmc",
-    version,
-    about = "Ahead-of-time compiler for small language models"
-)]
+#[command(name = "slmc", version, about = "Ahead-of-time compiler for small language models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -160,19 +156,13 @@ fn main() -> ExitCode {
 fn load(common: &Common) -> Result<Model> {
     let path = common.model.clone().unwrap_or_else(default_model_path);
     if common.model.is_none() && !path.exists() {
-        bail!(
-            "{}: the default model is missing; run scripts/setup first (or pass MODEL)",
-            path.display()
-        );
+        bail!("{}: the default model is missing; run scripts/setup first (or pass MODEL)", path.display());
     }
     Ok(import::load(&path)?)
 }
 
 fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values serialize")
-    );
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
 }
 
 fn dispatch(command: Command) -> Result<()> {
@@ -193,10 +183,8 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Cat { file, json } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("{}: cannot read", file.display()))?;
-            let graph =
-                slmc_ir::text::parse(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let graph = slmc_ir::text::parse(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
             slmc_ir::verify(&graph).map_err(|e| anyhow!("{}: {e}", file.display()))?;
             let printed = slmc_ir::text::print(&graph);
             if json {
@@ -206,32 +194,13 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run {
-            common,
-            prompt,
-            max_new_tokens,
-            ignore_eos,
-            record_logits,
-            record_top_k,
-        } => run(
-            &common,
-            &prompt,
-            max_new_tokens,
-            ignore_eos,
-            (record_logits, record_top_k),
-        ),
-        Command::Score {
-            common,
-            prompt_ids,
-            continuation_ids,
-        } => {
+        Command::Run { common, prompt, max_new_tokens, ignore_eos, record_logits, record_top_k } => {
+            run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k))
+        }
+        Command::Score { common, prompt_ids, continuation_ids } => {
             let model = load(&common)?;
             let graph = lower::lower(&model)?;
-            let mut exec = InterpreterExecutor::new(
-                &graph,
-                &model.weights,
-                model.config.max_position_embeddings,
-            )?;
+            let mut exec = InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
             let s = score(&mut exec, &prompt_ids, &continuation_ids)?;
             let positions: Vec<Value> = s
                 .positions
@@ -258,12 +227,8 @@ fn dispatch(command: Command) -> Result<()> {
             let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"))?;
             let mut out = Vec::new();
             for t in &text {
-                let enc = tok
-                    .encode(t.as_str(), false)
-                    .map_err(|e| anyhow!("tokenizing: {e}"))?;
-                let decoded = tok
-                    .decode(enc.get_ids(), false)
-                    .map_err(|e| anyhow!("decoding: {e}"))?;
+                let enc = tok.encode(t.as_str(), false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+                let decoded = tok.decode(enc.get_ids(), false).map_err(|e| anyhow!("decoding: {e}"))?;
                 out.push(json!({ "text": t, "ids": enc.get_ids(), "tokens": enc.get_tokens(), "decoded": decoded }));
             }
             if common.json {
@@ -275,15 +240,8 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Convert {
-            common,
-            to: ConvertTo::Hf,
-            out_dir,
-            dtype,
-            force,
-        } => {
-            let dtype = DType::from_name(&dtype)
-                .ok_or_else(|| anyhow!("unknown dtype `{dtype}` (f32, f16, bf16)"))?;
+        Command::Convert { common, to: ConvertTo::Hf, out_dir, dtype, force } => {
+            let dtype = DType::from_name(&dtype).ok_or_else(|| anyhow!("unknown dtype `{dtype}` (f32, f16, bf16)"))?;
             let model = load(&common)?;
             convert::to_hf(&model, &out_dir, dtype, force)?;
             if common.json {
@@ -306,15 +264,9 @@ fn inspect(model: &Model, as_json: bool) -> Result<()> {
         let e = by_dtype.entry(t.dtype.name()).or_default();
         e.0 += t.len;
         e.1 += 1;
-        table.push(
-            json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len }),
-        );
+        table.push(json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len }));
     }
-    let files: Vec<String> = model
-        .weights
-        .files()
-        .map(|p| p.display().to_string())
-        .collect();
+    let files: Vec<String> = model.weights.files().map(|p| p.display().to_string()).collect();
     let report = json!({
         "path": model.path,
         "format": model.format.name(),
@@ -374,21 +326,14 @@ fn run(
     let prompt_ids: Vec<u32> = match (&prompt.prompt, &prompt.prompt_ids) {
         (Some(text), _) => {
             let (text, special) = if prompt.chat {
-                let template = model.chat_template.as_deref().ok_or_else(|| {
-                    anyhow!("{}: the model has no chat template", model.path.display())
-                })?;
-                let messages = [Message {
-                    role: "user".into(),
-                    content: text.clone(),
-                }];
+                let template = model
+                    .chat_template
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("{}: the model has no chat template", model.path.display()))?;
+                let messages = [Message { role: "user".into(), content: text.clone() }];
                 (
-                    render_chat(
-                        template,
-                        &messages,
-                        model.bos_token.as_deref(),
-                        model.eos_token.as_deref(),
-                    )
-                    .map_err(|e| anyhow!(e))?,
+                    render_chat(template, &messages, model.bos_token.as_deref(), model.eos_token.as_deref())
+                        .map_err(|e| anyhow!(e))?,
                     false,
                 )
             } else {
@@ -404,15 +349,10 @@ fn run(
         (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
     };
     let graph = lower::lower(&model)?;
-    let mut exec =
-        InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
+    let mut exec = InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
     let opts = GenerateOptions {
         max_new_tokens,
-        stop_ids: if ignore_eos {
-            vec![]
-        } else {
-            model.config.eos_token_ids.clone()
-        },
+        stop_ids: if ignore_eos { vec![] } else { model.config.eos_token_ids.clone() },
         record_steps: record.0,
         record_top_k: record.1,
     };
@@ -426,15 +366,9 @@ fn run(
         }
         so_far.push(id);
         // People read the stream: special tokens such as <|im_end|> are left out.
-        if let Ok(text) = tok
-            .expect("stream implies a tokenizer")
-            .decode(&so_far, true)
-        {
+        if let Ok(text) = tok.expect("stream implies a tokenizer").decode(&so_far, true) {
             // Hold back a partial UTF-8 sequence until its last byte arrives.
-            if text.len() > streamed.len()
-                && !text.ends_with('\u{FFFD}')
-                && text.starts_with(streamed.as_str())
-            {
+            if text.len() > streamed.len() && !text.ends_with('\u{FFFD}') && text.starts_with(streamed.as_str()) {
                 print!("{}", &text[streamed.len()..]);
                 let _ = std::io::stdout().flush();
                 streamed = text;
@@ -442,9 +376,7 @@ fn run(
         }
     })?;
     let text = match tok {
-        Some(t) => t
-            .decode(&gen.generated, false)
-            .map_err(|e| anyhow!("decoding: {e}"))?,
+        Some(t) => t.decode(&gen.generated, false).map_err(|e| anyhow!("decoding: {e}"))?,
         None => String::new(),
     };
     let ttft = gen.prefill_seconds;
@@ -469,10 +401,7 @@ fn run(
             println!("{:?}", gen.generated);
         } else {
             // Whatever the stream held back (a trailing partial character) goes out now.
-            let shown = tok
-                .expect("stream implies a tokenizer")
-                .decode(&gen.generated, true)
-                .unwrap_or_default();
+            let shown = tok.expect("stream implies a tokenizer").decode(&gen.generated, true).unwrap_or_default();
             if let Some(rest) = shown.strip_prefix(streamed.as_str()) {
                 print!("{rest}");
             }

@@ -17,9 +17,15 @@ pub enum DType {
     Q4_0,
     /// GGUF Q4_1: blocks of 32, f16 scale d, f16 minimum m, 16 bytes; value = nibble * d + m.
     Q4_1,
+    /// Q4_0's layout with groups of 64 / 128 (element j and j + g/2 share byte j).
+    Q4_0G64,
+    Q4_0G128,
+    /// Q4_1's layout with groups of 64 / 128.
+    Q4_1G64,
+    Q4_1G128,
 }
 
-pub const ALL_DTYPES: [DType; 7] = [
+pub const ALL_DTYPES: [DType; 11] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -27,6 +33,10 @@ pub const ALL_DTYPES: [DType; 7] = [
     DType::Q8_0,
     DType::Q4_0,
     DType::Q4_1,
+    DType::Q4_0G64,
+    DType::Q4_0G128,
+    DType::Q4_1G64,
+    DType::Q4_1G128,
 ];
 
 impl DType {
@@ -39,6 +49,10 @@ impl DType {
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
+            DType::Q4_0G64 => "q4_0g64",
+            DType::Q4_0G128 => "q4_0g128",
+            DType::Q4_1G64 => "q4_1g64",
+            DType::Q4_1G128 => "q4_1g128",
         }
     }
 
@@ -50,7 +64,18 @@ impl DType {
     pub fn block_len(self) -> usize {
         match self {
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q4_0G64 | DType::Q4_1G64 => 64,
+            DType::Q4_0G128 | DType::Q4_1G128 => 128,
             _ => 1,
+        }
+    }
+
+    /// For 4-bit types: whether blocks carry a minimum (asymmetric) besides the scale.
+    pub fn q4_has_min(self) -> Option<bool> {
+        match self {
+            DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 => Some(false),
+            DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => Some(true),
+            _ => None,
         }
     }
 
@@ -60,8 +85,8 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::Q8_0 => 34,
-            DType::Q4_0 => 18,
-            DType::Q4_1 => 20,
+            DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 => 2 + self.block_len() / 2,
+            DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => 4 + self.block_len() / 2,
         }
     }
 
@@ -97,11 +122,7 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 ///
 /// Panics only on a caller bug (length mismatch); importers check sizes against the file first.
 pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(
-        Some(bytes.len()),
-        dtype.storage_bytes(out.len()),
-        "dequantize_into: size mismatch"
-    );
+    assert_eq!(Some(bytes.len()), dtype.storage_bytes(out.len()), "dequantize_into: size mismatch");
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -131,26 +152,57 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        DType::Q4_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(18)) {
+        DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => {
+            let g = dtype.block_len();
+            let half = g / 2;
+            let has_min = dtype.q4_has_min() == Some(true);
+            let data_at = if has_min { 4 } else { 2 };
+            for (o, b) in out.chunks_exact_mut(g).zip(bytes.chunks_exact(dtype.block_bytes())) {
                 let d = f16_at(b, 0);
-                for j in 0..16 {
-                    let q = b[2 + j];
-                    o[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
-                    o[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+                if has_min {
+                    let m = f16_at(b, 2);
+                    for j in 0..half {
+                        let q = b[data_at + j];
+                        o[j] = (q & 0x0F) as f32 * d + m;
+                        o[j + half] = (q >> 4) as f32 * d + m;
+                    }
+                } else {
+                    for j in 0..half {
+                        let q = b[data_at + j];
+                        o[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+                        o[j + half] = ((q >> 4) as i32 - 8) as f32 * d;
+                    }
                 }
             }
         }
-        DType::Q4_1 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
-                let d = f16_at(b, 0);
-                let m = f16_at(b, 2);
-                for j in 0..16 {
-                    let q = b[4 + j];
-                    o[j] = (q & 0x0F) as f32 * d + m;
-                    o[j + 16] = (q >> 4) as f32 * d + m;
-                }
-            }
+    }
+}
+
+/// Packs one row of 4-bit codes (0..=15) with per-group scales (and minimums for the
+/// asymmetric types) into `dtype`'s block layout. `codes.len()` is a multiple of the group.
+pub fn pack_q4(dtype: DType, codes: &[u8], scales: &[f16], mins: Option<&[f16]>, out: &mut Vec<u8>) {
+    let g = dtype.block_len();
+    let half = g / 2;
+    for (i, group) in codes.chunks_exact(g).enumerate() {
+        out.extend_from_slice(&scales[i].to_le_bytes());
+        if let Some(m) = mins {
+            out.extend_from_slice(&m[i].to_le_bytes());
+        }
+        for j in 0..half {
+            out.push((group[j] & 0x0F) | (group[j + half] << 4));
+        }
+    }
+}
+
+/// Packs one row as Q8_0: per block of 32, an f16 scale max|w|/127 and rounded i8 values.
+pub fn pack_q8_0(row: &[f32], out: &mut Vec<u8>) {
+    for block in row.chunks_exact(32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = f16::from_f32(amax / 127.0);
+        let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+        out.extend_from_slice(&d.to_le_bytes());
+        for v in block {
+            out.push(((v * inv).round().clamp(-127.0, 127.0) as i8) as u8);
         }
     }
 }
@@ -159,15 +211,9 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 pub fn encode_float(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(values.len() * dtype.block_bytes());
     match dtype {
-        DType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         _ => return None,
     }
     Some(out)
@@ -204,6 +250,28 @@ mod tests {
         block[2] = (-4i8) as u8;
         dequantize_into(DType::Q8_0, &block, &mut out);
         assert_eq!(out[0], -1.0);
+    }
+
+    #[test]
+    fn q4_pack_round_trips_every_group_size() {
+        for dtype in [DType::Q4_0, DType::Q4_0G64, DType::Q4_0G128, DType::Q4_1, DType::Q4_1G64, DType::Q4_1G128] {
+            let g = dtype.block_len();
+            let codes: Vec<u8> = (0..2 * g).map(|i| (i * 7 % 16) as u8).collect();
+            let scales = [f16::from_f32(0.5), f16::from_f32(0.25)];
+            let mins = [f16::from_f32(-1.0), f16::from_f32(2.0)];
+            let has_min = dtype.q4_has_min().unwrap();
+            let mut packed = Vec::new();
+            pack_q4(dtype, &codes, &scales, has_min.then_some(&mins[..]), &mut packed);
+            assert_eq!(Some(packed.len()), dtype.storage_bytes(2 * g));
+            let mut out = vec![0.0; 2 * g];
+            dequantize_into(dtype, &packed, &mut out);
+            for (i, v) in out.iter().enumerate() {
+                let (d, m) = (scales[i / g].to_f32(), mins[i / g].to_f32());
+                let q = codes[i] as f32;
+                let want = if has_min { q * d + m } else { (q - 8.0) * d };
+                assert_eq!(*v, want, "{dtype} element {i}");
+            }
+        }
     }
 
     #[test]

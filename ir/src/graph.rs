@@ -39,33 +39,19 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: &str) -> Graph {
-        Graph {
-            name: name.to_string(),
-            ..Graph::default()
-        }
+        Graph { name: name.to_string(), ..Graph::default() }
     }
 
     /// Adds a node with an explicit type. Names must be unique; operands must exist.
     /// The verifier checks the type against the op's rule.
-    pub fn add(
-        &mut self,
-        name: &str,
-        op: Op,
-        inputs: &[NodeId],
-        ty: TensorType,
-    ) -> Result<NodeId, String> {
+    pub fn add(&mut self, name: &str, op: Op, inputs: &[NodeId], ty: TensorType) -> Result<NodeId, String> {
         if self.by_name.contains_key(name) {
             return Err(format!("value %{name} is defined twice"));
         }
         if let Some(bad) = inputs.iter().find(|i| !self.graph.contains_node(i.0)) {
             return Err(format!("%{name}: operand {bad:?} does not exist"));
         }
-        let id = NodeId(self.graph.add_node(Node {
-            name: name.to_string(),
-            op,
-            inputs: inputs.to_vec(),
-            ty,
-        }));
+        let id = NodeId(self.graph.add_node(Node { name: name.to_string(), op, inputs: inputs.to_vec(), ty }));
         for (slot, input) in inputs.iter().enumerate() {
             self.graph.add_edge(input.0, id.0, slot);
         }
@@ -76,50 +62,29 @@ impl Graph {
     /// Adds a node whose type is inferred from its operands.
     pub fn push(&mut self, name: &str, op: Op, inputs: &[NodeId]) -> Result<NodeId, String> {
         let tys: Vec<&TensorType> = inputs.iter().map(|i| &self.node(*i).ty).collect();
-        let ty = op
-            .infer(&tys)
-            .map_err(|e| format!("%{name} = {}: {e}", op.mnemonic()))?;
+        let ty = op.infer(&tys).map_err(|e| format!("%{name} = {}: {e}", op.mnemonic()))?;
         self.add(name, op, inputs, ty)
     }
 
     /// Returns the existing node for a weight name or adds one, so a weight used twice
     /// (tied embeddings, shared blocks) is one value.
-    pub fn weight(
-        &mut self,
-        value_name: &str,
-        weight_name: &str,
-        ty: TensorType,
-    ) -> Result<NodeId, String> {
-        if let Some(existing) = self.nodes().find(|(_, n)| {
-            n.op.source_name() == Some(weight_name) && matches!(n.op, Op::Weight { .. })
-        }) {
+    pub fn weight(&mut self, value_name: &str, weight_name: &str, ty: TensorType) -> Result<NodeId, String> {
+        if let Some(existing) =
+            self.nodes().find(|(_, n)| n.op.source_name() == Some(weight_name) && matches!(n.op, Op::Weight { .. }))
+        {
             let (id, node) = existing;
             if node.ty != ty {
-                return Err(format!(
-                    "weight \"{weight_name}\" used as {} and {ty}",
-                    node.ty
-                ));
+                return Err(format!("weight \"{weight_name}\" used as {} and {ty}", node.ty));
             }
             return Ok(id);
         }
-        self.add(
-            value_name,
-            Op::Weight {
-                name: weight_name.to_string(),
-            },
-            &[],
-            ty,
-        )
+        self.add(value_name, Op::Weight { name: weight_name.to_string() }, &[], ty)
     }
 
     /// Replaces a node's operands (the parser resolves names after reading every line,
     /// so a hand-written cycle reaches the verifier instead of failing to parse).
     pub fn set_inputs(&mut self, id: NodeId, inputs: &[NodeId]) {
-        let old: Vec<_> = self
-            .graph
-            .edges_directed(id.0, Direction::Incoming)
-            .map(|e| e.id())
-            .collect();
+        let old: Vec<_> = self.graph.edges_directed(id.0, Direction::Incoming).map(|e| e.id()).collect();
         for edge in old {
             self.graph.remove_edge(edge);
         }
@@ -164,18 +129,13 @@ impl Graph {
 
     /// Nodes in insertion order.
     pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> {
-        self.graph
-            .node_indices()
-            .map(|i| (NodeId(i), &self.graph[i]))
+        self.graph.node_indices().map(|i| (NodeId(i), &self.graph[i]))
     }
 
     /// Nodes that use `id`, each once, in insertion order.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut users: Vec<NodeId> = self
-            .graph
-            .edges_directed(id.0, Direction::Outgoing)
-            .map(|e| NodeId(e.target()))
-            .collect();
+        let mut users: Vec<NodeId> =
+            self.graph.edges_directed(id.0, Direction::Outgoing).map(|e| NodeId(e.target())).collect();
         users.sort();
         users.dedup();
         users
@@ -219,10 +179,7 @@ impl Graph {
             }
         }
         if order.len() != self.len() {
-            let stuck = self
-                .nodes()
-                .find(|(id, _)| pending[id] > 0)
-                .map(|(_, n)| n.name.clone());
+            let stuck = self.nodes().find(|(id, _)| pending[id] > 0).map(|(_, n)| n.name.clone());
             return Err(stuck.unwrap_or_default());
         }
         Ok(order)
@@ -230,40 +187,24 @@ impl Graph {
 
     /// The graph in Graphviz dot form.
     pub fn to_dot(&self) -> String {
-        let mut out = format!(
-            "digraph {:?} {{\n  node [shape=box, fontname=monospace];\n",
-            self.name
-        );
-        let order = self
-            .topo_order()
-            .unwrap_or_else(|_| self.nodes().map(|(id, _)| id).collect());
+        let mut out = format!("digraph {:?} {{\n  node [shape=box, fontname=monospace];\n", self.name);
+        let order = self.topo_order().unwrap_or_else(|_| self.nodes().map(|(id, _)| id).collect());
         for id in &order {
             let node = self.node(*id);
             let label = match node.op.source_name() {
                 Some(src) => format!("{} {src:?}\n{}", node.op.mnemonic(), node.ty),
                 None => format!("%{} = {}\n{}", node.name, node.op.mnemonic(), node.ty),
             };
-            let style = if node.op.is_source() {
-                ", style=filled, fillcolor=lightgrey"
-            } else {
-                ""
-            };
+            let style = if node.op.is_source() { ", style=filled, fillcolor=lightgrey" } else { "" };
             out.push_str(&format!("  n{} [label={:?}{style}];\n", id.index(), label));
         }
         for id in &order {
             for (slot, input) in self.node(*id).inputs.iter().enumerate() {
-                out.push_str(&format!(
-                    "  n{} -> n{} [label=\"{slot}\"];\n",
-                    input.index(),
-                    id.index()
-                ));
+                out.push_str(&format!("  n{} -> n{} [label=\"{slot}\"];\n", input.index(), id.index()));
             }
         }
         for (name, id) in &self.outputs {
-            out.push_str(&format!(
-                "  out_{name} [label={name:?}, shape=oval];\n  n{} -> out_{name};\n",
-                id.index()
-            ));
+            out.push_str(&format!("  out_{name} [label={name:?}, shape=oval];\n  n{} -> out_{name};\n", id.index()));
         }
         out.push_str("}\n");
         out

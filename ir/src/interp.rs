@@ -12,20 +12,9 @@ use rayon::prelude::*;
 
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
-use crate::op::{KvKind, Op, RopeScaling, RopeStyle};
+use crate::op::{KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary};
 use crate::verify::{verify, GraphInfo, VerifyError};
-
-/// Raw bytes of one stored weight, as the importer found them (usually memory-mapped).
-pub struct WeightView<'a> {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub bytes: &'a [u8],
-}
-
-/// Where the interpreter finds weights by name.
-pub trait WeightSource: Sync {
-    fn view(&self, name: &str) -> Option<WeightView<'_>>;
-}
+pub use crate::weights::{WeightSource, WeightView};
 
 #[derive(Clone, Debug)]
 pub enum Data {
@@ -42,17 +31,11 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
-        Tensor {
-            shape,
-            data: Data::F32(Arc::new(data)),
-        }
+        Tensor { shape, data: Data::F32(Arc::new(data)) }
     }
 
     pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Tensor {
-        Tensor {
-            shape,
-            data: Data::I32(Arc::new(data)),
-        }
+        Tensor { shape, data: Data::I32(Arc::new(data)) }
     }
 
     pub fn as_f32(&self) -> Option<&[f32]> {
@@ -84,41 +67,21 @@ pub enum InterpError {
     #[error("weight \"{0}\" is not in the weight store")]
     MissingWeight(String),
     #[error("weight \"{name}\" is stored as {found} but the graph expects {expected}")]
-    WeightType {
-        name: String,
-        expected: String,
-        found: String,
-    },
+    WeightType { name: String, expected: String, found: String },
     #[error("input \"{0}\" was not given")]
     MissingInput(String),
     #[error("input \"{name}\": expected {expected}, got {found}")]
-    InputType {
-        name: String,
-        expected: String,
-        found: String,
-    },
+    InputType { name: String, expected: String, found: String },
     #[error("%{node}: dimension `{dim}` cannot be evaluated ({message})")]
-    Unbound {
-        node: String,
-        dim: String,
-        message: String,
-    },
+    Unbound { node: String, dim: String, message: String },
     #[error("%{node}: computed shape {computed:?} differs from its type {declared}")]
-    Shape {
-        node: String,
-        computed: Vec<usize>,
-        declared: String,
-    },
+    Shape { node: String, computed: Vec<usize>, declared: String },
     #[error("%{node}: token id {id} is outside the embedding table of {rows} rows")]
     TokenOutOfRange { node: String, id: i64, rows: usize },
     #[error("%{node}: produced NaN")]
     NotANumber { node: String },
     #[error("the KV cache holds {past} positions; {more} more would exceed the limit of {limit}")]
-    ContextFull {
-        past: usize,
-        more: usize,
-        limit: usize,
-    },
+    ContextFull { past: usize, more: usize, limit: usize },
 }
 
 /// Executes one graph against one weight store, keeping the KV cache between calls.
@@ -127,8 +90,8 @@ pub struct Interpreter<'a> {
     info: GraphInfo,
     weights: &'a dyn WeightSource,
     dequantized: HashMap<NodeId, Arc<Vec<f32>>>,
-    /// Per cache layer: keys and values, each `[past, heads, head_dim]` row-major.
-    cache: Vec<[Vec<f32>; 2]>,
+    /// Per cache layer: keys and values.
+    cache: Vec<[CacheBuf; 2]>,
     past: usize,
     /// Position in `info.order` after which a value is dead.
     last_use: HashMap<NodeId, usize>,
@@ -137,18 +100,12 @@ pub struct Interpreter<'a> {
 
 impl<'a> Interpreter<'a> {
     /// Verifies the graph and checks every weight it names against the store.
-    pub fn new(
-        graph: &'a Graph,
-        weights: &'a dyn WeightSource,
-    ) -> Result<Interpreter<'a>, InterpError> {
+    pub fn new(graph: &'a Graph, weights: &'a dyn WeightSource) -> Result<Interpreter<'a>, InterpError> {
         let info = verify(graph)?;
         for (_, node) in graph.nodes() {
             if let Op::Weight { name } = &node.op {
-                let view = weights
-                    .view(name)
-                    .ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
-                let declared: Vec<Option<i64>> =
-                    node.ty.shape.iter().map(|d| d.as_const()).collect();
+                let view = weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+                let declared: Vec<Option<i64>> = node.ty.shape.iter().map(|d| d.as_const()).collect();
                 let found: Vec<Option<i64>> = view.shape.iter().map(|d| Some(*d as i64)).collect();
                 if view.dtype != node.ty.dtype || declared != found {
                     return Err(InterpError::WeightType {
@@ -168,7 +125,7 @@ impl<'a> Interpreter<'a> {
         for (_, id) in graph.outputs() {
             last_use.insert(*id, usize::MAX);
         }
-        let cache = vec![[Vec::new(), Vec::new()]; info.cache_layers];
+        let cache = vec![[CacheBuf::default(), CacheBuf::default()]; info.cache_layers];
         Ok(Interpreter {
             graph,
             info,
@@ -196,32 +153,24 @@ impl<'a> Interpreter<'a> {
     pub fn reset(&mut self) {
         self.past = 0;
         for layer in &mut self.cache {
-            layer[0].clear();
-            layer[1].clear();
+            layer[0].truncate(0);
+            layer[1].truncate(0);
         }
     }
 
     /// Runs one step. Inputs are matched by name; outputs come back in graph order.
-    /// On error the KV cache is left as it was before the call.
+    /// On error the KV cache is left as it was before the call: the position count only
+    /// advances on success, and every append first cuts its cache back to that count.
     pub fn run(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
-        let cache_lens: Vec<[usize; 2]> = self
-            .cache
-            .iter()
-            .map(|l| [l[0].len(), l[1].len()])
-            .collect();
-        let result = self.run_inner(inputs);
-        if result.is_err() {
-            for (layer, lens) in self.cache.iter_mut().zip(cache_lens) {
-                layer[0].truncate(lens[0]);
-                layer[1].truncate(lens[1]);
-            }
-        }
-        result
+        self.run_observed(inputs, &mut |_, _| {})
     }
 
-    fn run_inner(
+    /// `run`, calling `observer` with every value as it is computed (calibration uses
+    /// this to collect the activations that reach each weight).
+    pub fn run_observed(
         &mut self,
         inputs: &[(&str, Tensor)],
+        observer: &mut dyn FnMut(NodeId, &Tensor),
     ) -> Result<Vec<(String, Tensor)>, InterpError> {
         let graph = self.graph;
         let mut symbols: HashMap<String, i64> = HashMap::new();
@@ -251,8 +200,7 @@ impl<'a> Interpreter<'a> {
                         match (syms.next(), syms.next(), dim.as_const()) {
                             (_, _, Some(c)) if c != *actual as i64 => return Err(mismatch()),
                             (Some(sym), None, None) if dim.to_string() == sym => {
-                                if let Some(prev) = symbols.insert(sym.to_string(), *actual as i64)
-                                {
+                                if let Some(prev) = symbols.insert(sym.to_string(), *actual as i64) {
                                     if prev != *actual as i64 {
                                         return Err(mismatch());
                                     }
@@ -268,16 +216,8 @@ impl<'a> Interpreter<'a> {
                 }
                 Op::Weight { .. } => {
                     let data = self.weight_f32(*id)?;
-                    let shape = node
-                        .ty
-                        .shape
-                        .iter()
-                        .map(|d| d.as_const().unwrap_or(0) as usize)
-                        .collect();
-                    Tensor {
-                        shape,
-                        data: Data::F32(data),
-                    }
+                    let shape = node.ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+                    Tensor { shape, data: Data::F32(data) }
                 }
                 op => {
                     let args: Vec<&Tensor> = node.inputs.iter().map(|i| &values[i]).collect();
@@ -290,13 +230,11 @@ impl<'a> Interpreter<'a> {
                 .shape
                 .iter()
                 .map(|d| {
-                    d.eval(&|s| symbols.get(s).copied())
-                        .map(|v| v as usize)
-                        .map_err(|sym| InterpError::Unbound {
-                            node: node.name.clone(),
-                            dim: d.to_string(),
-                            message: format!("symbol `{sym}` is not bound by any input"),
-                        })
+                    d.eval(&|s| symbols.get(s).copied()).map(|v| v as usize).map_err(|sym| InterpError::Unbound {
+                        node: node.name.clone(),
+                        dim: d.to_string(),
+                        message: format!("symbol `{sym}` is not bound by any input"),
+                    })
                 })
                 .collect();
             if declared? != value.shape {
@@ -309,12 +247,11 @@ impl<'a> Interpreter<'a> {
             if !node.op.is_source() {
                 if let Some(v) = value.as_f32() {
                     if v.iter().any(|x| x.is_nan()) {
-                        return Err(InterpError::NotANumber {
-                            node: node.name.clone(),
-                        });
+                        return Err(InterpError::NotANumber { node: node.name.clone() });
                     }
                 }
             }
+            observer(*id, &value);
             values.insert(*id, value);
             for input in &node.inputs {
                 if self.last_use.get(input) == Some(&pos) {
@@ -325,24 +262,15 @@ impl<'a> Interpreter<'a> {
         if let Some(s) = step_len {
             self.past += s;
         }
-        Ok(graph
-            .outputs()
-            .iter()
-            .map(|(name, id)| (name.clone(), values[id].clone()))
-            .collect())
+        Ok(graph.outputs().iter().map(|(name, id)| (name.clone(), values[id].clone())).collect())
     }
 
     fn weight_f32(&mut self, id: NodeId) -> Result<Arc<Vec<f32>>, InterpError> {
         if let Some(w) = self.dequantized.get(&id) {
             return Ok(w.clone());
         }
-        let Op::Weight { name } = &self.graph.node(id).op else {
-            unreachable!("weight_f32 on a weight node")
-        };
-        let view = self
-            .weights
-            .view(name)
-            .ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+        let Op::Weight { name } = &self.graph.node(id).op else { unreachable!("weight_f32 on a weight node") };
+        let view = self.weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
         let n: usize = view.shape.iter().product();
         let mut out = vec![0.0f32; n];
         let row = view.shape.last().copied().unwrap_or(1).max(1);
@@ -354,11 +282,9 @@ impl<'a> Interpreter<'a> {
                 found: format!("{} bytes", view.bytes.len()),
             });
         }
-        out.par_chunks_mut(row)
-            .zip(view.bytes.par_chunks(row_bytes))
-            .for_each(|(o, b)| {
-                dequantize_into(view.dtype, b, o);
-            });
+        out.par_chunks_mut(row).zip(view.bytes.par_chunks(row_bytes)).for_each(|(o, b)| {
+            dequantize_into(view.dtype, b, o);
+        });
         let out = Arc::new(out);
         self.dequantized.insert(id, out.clone());
         Ok(out)
@@ -379,29 +305,13 @@ impl<'a> Interpreter<'a> {
                 let mut out = Vec::with_capacity(ids.len() * d);
                 for &id in ids {
                     if id < 0 || id as usize >= rows {
-                        return Err(InterpError::TokenOutOfRange {
-                            node: node.into(),
-                            id: id as i64,
-                            rows,
-                        });
+                        return Err(InterpError::TokenOutOfRange { node: node.into(), id: id as i64, rows });
                     }
                     out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
                 }
                 Tensor::f32(vec![ids.len(), d], out)
             }
-            Op::RmsNorm { eps } => {
-                let (x, w) = (f(0), f(1));
-                let d = w.len();
-                let mut out = vec![0.0; x.len()];
-                for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                    let inv = 1.0 / (mean_sq + eps).sqrt();
-                    for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
-                        *o = w * (v * inv);
-                    }
-                }
-                Tensor::f32(args[0].shape.clone(), out)
-            }
+            Op::RmsNorm { eps } => Tensor::f32(args[0].shape.clone(), rms_norm(f(0), f(1), *eps)),
             Op::Linear => {
                 let (n, k) = (args[1].shape[0], args[1].shape[1]);
                 let m = f(0).len() / k;
@@ -409,32 +319,24 @@ impl<'a> Interpreter<'a> {
                 *shape.last_mut().unwrap() = n;
                 Tensor::f32(shape, matmul_transposed(f(0), m, k, f(1), n))
             }
-            Op::Add | Op::Mul => {
-                let (a, b) = (f(0), f(1));
-                let add = matches!(op, Op::Add);
-                let mut out = a.to_vec();
+            Op::Add => {
+                let mut out = f(0).to_vec();
+                add_broadcast(&mut out, f(1));
+                Tensor::f32(args[0].shape.clone(), out)
+            }
+            Op::Mul => {
+                let b = f(1);
+                let mut out = f(0).to_vec();
                 for chunk in out.chunks_exact_mut(b.len()) {
-                    for (o, v) in chunk.iter_mut().zip(b) {
-                        if add {
-                            *o += v
-                        } else {
-                            *o *= v
-                        }
-                    }
+                    chunk.iter_mut().zip(b).for_each(|(o, v)| *o *= v);
                 }
                 Tensor::f32(args[0].shape.clone(), out)
             }
-            Op::Silu => Tensor::f32(
-                args[0].shape.clone(),
-                f(0).iter().map(|x| x / (1.0 + (-x).exp())).collect(),
-            ),
+            Op::Silu => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| silu(*x)).collect()),
             Op::Reshape { .. } => {
                 // Shape comes from the declared type, checked by the caller.
                 let shape = self.reshape_target(node, args[0])?;
-                Tensor {
-                    shape,
-                    data: args[0].data.clone(),
-                }
+                Tensor { shape, data: args[0].data.clone() }
             }
             Op::Slice { axis, start, end } => {
                 let shape = &args[0].shape;
@@ -451,83 +353,82 @@ impl<'a> Interpreter<'a> {
                 out_shape[*axis] = end - start;
                 Tensor::f32(out_shape, out)
             }
-            Op::Rope {
-                theta,
-                rotary_dim,
-                style,
-                scaling,
-            } => {
-                let pos = args[1].as_i32().expect("verified: i32 positions");
-                let (h, d) = (args[0].shape[1], args[0].shape[2]);
-                let freqs = rope_inv_freq(*theta, *rotary_dim, scaling);
+            Op::Rope { theta, rotary_dim, style, scaling } => {
+                let rotary = Rotary { theta: *theta, rotary_dim: *rotary_dim, style: *style, scaling: *scaling };
                 let mut out = f(0).to_vec();
-                let half = rotary_dim / 2;
-                for (t, token) in out.chunks_exact_mut(h * d).enumerate() {
-                    let p = pos[t] as f32;
-                    let (cos, sin): (Vec<f32>, Vec<f32>) = freqs
-                        .iter()
-                        .map(|fr| ((p * fr).cos(), (p * fr).sin()))
-                        .unzip();
-                    for head in token.chunks_exact_mut(d) {
-                        for j in 0..half {
-                            let (a, b) = match style {
-                                RopeStyle::Half => (j, j + half),
-                                RopeStyle::Interleaved => (2 * j, 2 * j + 1),
-                            };
-                            let (x0, x1) = (head[a], head[b]);
-                            head[a] = x0 * cos[j] - x1 * sin[j];
-                            head[b] = x1 * cos[j] + x0 * sin[j];
-                        }
-                    }
-                }
+                apply_rope(&mut out, args[1].as_i32().expect("verified: i32 positions"), &args[0].shape, &rotary);
                 Tensor::f32(args[0].shape.clone(), out)
             }
-            Op::KvAppend { layer, kind } => {
+            Op::KvAppend { layer, kind, quant } => {
                 let slot = match kind {
                     KvKind::Key => 0,
                     KvKind::Value => 1,
                 };
-                let row: usize = args[0].shape[1..].iter().product();
-                let s = args[0].shape[0];
-                if self.past + s > self.max_positions {
-                    return Err(InterpError::ContextFull {
-                        past: self.past,
-                        more: s,
-                        limit: self.max_positions,
-                    });
-                }
-                let cache = &mut self.cache[*layer][slot];
-                cache.truncate(self.past * row);
-                cache.extend_from_slice(f(0));
+                let all = self.append_cache(*layer, slot, *quant, args[0])?;
                 let mut shape = args[0].shape.clone();
-                shape[0] = self.past + s;
-                Tensor::f32(shape, cache.clone())
+                shape[0] = self.past + args[0].shape[0];
+                Tensor::f32(shape, all)
+            }
+            Op::AddRmsNorm { eps } => {
+                let mut sum = f(0).to_vec();
+                add_broadcast(&mut sum, f(1));
+                Tensor::f32(args[0].shape.clone(), rms_norm(&sum, f(2), *eps))
+            }
+            Op::LinearSwiglu => {
+                let (n, k) = (args[1].shape[0], args[1].shape[1]);
+                let m = f(0).len() / k;
+                let y = matmul_transposed(f(0), m, k, f(1), n);
+                let half = n / 2;
+                let mut out = Vec::with_capacity(m * half);
+                for row in y.chunks_exact(n) {
+                    let (gate, up) = row.split_at(half);
+                    out.extend(gate.iter().zip(up).map(|(g, u)| silu(*g) * u));
+                }
+                let mut shape = args[0].shape.clone();
+                *shape.last_mut().unwrap() = half;
+                Tensor::f32(shape, out)
+            }
+            Op::Gqa { layer, scale, rotary, quant } => {
+                let pos = args[3].as_i32().expect("verified: i32 positions");
+                let mut q = f(0).to_vec();
+                apply_rope(&mut q, pos, &args[0].shape, rotary);
+                let mut k = f(1).to_vec();
+                apply_rope(&mut k, pos, &args[1].shape, rotary);
+                let k = Tensor::f32(args[1].shape.clone(), k);
+                let k_all = self.append_cache(*layer, 0, *quant, &k)?;
+                let v_all = self.append_cache(*layer, 1, *quant, args[2])?;
+                let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
+                let hk = args[1].shape[1];
+                let t = self.past + s;
+                Tensor::f32(args[0].shape.clone(), attention(&q, &k_all, &v_all, s, t, hq, hk, d, *scale))
             }
             Op::Attention { scale } => {
                 let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
                 let (t, hk) = (args[1].shape[0], args[1].shape[1]);
-                Tensor::f32(
-                    args[0].shape.clone(),
-                    attention(f(0), f(1), f(2), s, t, hq, hk, d, *scale),
-                )
+                Tensor::f32(args[0].shape.clone(), attention(f(0), f(1), f(2), s, t, hq, hk, d, *scale))
             }
         })
     }
 
+    /// Appends `x[s, h, d]` to one cache of `layer` after the committed positions and
+    /// returns the whole cache as f32.
+    fn append_cache(&mut self, layer: usize, slot: usize, quant: KvQuant, x: &Tensor) -> Result<Vec<f32>, InterpError> {
+        let s = x.shape[0];
+        if self.past + s > self.max_positions {
+            return Err(InterpError::ContextFull { past: self.past, more: s, limit: self.max_positions });
+        }
+        let buf = &mut self.cache[layer][slot];
+        buf.truncate(self.past);
+        buf.append(quant, x.shape[1], x.shape[2], x.as_f32().expect("verified: f32"));
+        Ok(buf.read())
+    }
+
     fn reshape_target(&self, node: &str, x: &Tensor) -> Result<Vec<usize>, InterpError> {
-        let id = self
-            .graph
-            .find(node)
-            .expect("evaluating a node of this graph");
+        let id = self.graph.find(node).expect("evaluating a node of this graph");
         let ty = &self.graph.node(id).ty;
         let total: usize = x.shape.iter().product();
         // Bind the one symbolic dim (if any) from the element count.
-        let konst: usize = ty
-            .shape
-            .iter()
-            .filter_map(|d| d.as_const())
-            .map(|c| c as usize)
-            .product();
+        let konst: usize = ty.shape.iter().filter_map(|d| d.as_const()).map(|c| c as usize).product();
         Ok(ty
             .shape
             .iter()
@@ -539,19 +440,108 @@ impl<'a> Interpreter<'a> {
     }
 }
 
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add_broadcast(a: &mut [f32], b: &[f32]) {
+    for chunk in a.chunks_exact_mut(b.len()) {
+        for (o, v) in chunk.iter_mut().zip(b) {
+            *o += v;
+        }
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0.0; x.len()];
+    for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+            *o = w * (v * inv);
+        }
+    }
+    out
+}
+
+/// Rotates `x[s, h, d]` in place at positions `pos`.
+fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], rotary: &Rotary) {
+    let (h, d) = (shape[1], shape[2]);
+    let freqs = rope_inv_freq(rotary.theta, rotary.rotary_dim, &rotary.scaling);
+    let half = rotary.rotary_dim / 2;
+    for (t, token) in x.chunks_exact_mut(h * d).enumerate() {
+        let p = pos[t] as f32;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = freqs.iter().map(|fr| ((p * fr).cos(), (p * fr).sin())).unzip();
+        for head in token.chunks_exact_mut(d) {
+            for j in 0..half {
+                let (a, b) = match rotary.style {
+                    RopeStyle::Half => (j, j + half),
+                    RopeStyle::Interleaved => (2 * j, 2 * j + 1),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[j] - x1 * sin[j];
+                head[b] = x1 * cos[j] + x0 * sin[j];
+            }
+        }
+    }
+}
+
+/// One KV cache (keys or values of one layer). Quantized caches hold integer codes and
+/// one scale per (position, head) vector, and are dequantized when read.
+#[derive(Clone, Debug, Default)]
+struct CacheBuf {
+    quant: KvQuant,
+    heads: usize,
+    head_dim: usize,
+    plain: Vec<f32>,
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl CacheBuf {
+    fn truncate(&mut self, positions: usize) {
+        let vectors = positions * self.heads;
+        self.plain.truncate(vectors * self.head_dim);
+        self.codes.truncate(vectors * self.head_dim);
+        self.scales.truncate(vectors);
+    }
+
+    fn append(&mut self, quant: KvQuant, heads: usize, head_dim: usize, x: &[f32]) {
+        (self.quant, self.heads, self.head_dim) = (quant, heads, head_dim);
+        let levels = match quant {
+            KvQuant::F32 => return self.plain.extend_from_slice(x),
+            KvQuant::Int8 => 127.0f32,
+            KvQuant::Int4 => 7.0f32,
+        };
+        for v in x.chunks_exact(head_dim) {
+            let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let scale = amax / levels;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            self.scales.push(scale);
+            self.codes.extend(v.iter().map(|x| (x * inv).round().clamp(-levels, levels) as i8));
+        }
+    }
+
+    fn read(&self) -> Vec<f32> {
+        match self.quant {
+            KvQuant::F32 => self.plain.clone(),
+            _ => self
+                .codes
+                .chunks_exact(self.head_dim)
+                .zip(&self.scales)
+                .flat_map(|(c, s)| c.iter().map(move |q| *q as f32 * s))
+                .collect(),
+        }
+    }
+}
+
 /// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does.
 pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> = (0..rotary_dim / 2)
-        .map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32))
-        .collect();
+    let base: Vec<f32> = (0..rotary_dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32)).collect();
     match *scaling {
         RopeScaling::None => base,
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position,
-        } => {
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
             let old = original_max_position as f32;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -563,8 +553,7 @@ pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Ve
                     } else if wavelen < high_wavelen {
                         f
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -594,9 +583,8 @@ fn attention(
         let kv_head = h / group;
         let qv = &q[(i * hq + h) * d..(i * hq + h + 1) * d];
         let visible = t - s + i + 1;
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|j| dot(qv, &k[(j * hk + kv_head) * d..(j * hk + kv_head + 1) * d]) * scale)
-            .collect();
+        let mut scores: Vec<f32> =
+            (0..visible).map(|j| dot(qv, &k[(j * hk + kv_head) * d..(j * hk + kv_head + 1) * d]) * scale).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for sc in scores.iter_mut() {

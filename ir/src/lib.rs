@@ -16,10 +16,12 @@ pub mod op;
 pub mod shape;
 pub mod text;
 pub mod verify;
+pub mod weights;
 
 pub use dtype::DType;
 pub use graph::{Graph, Node, NodeId};
-pub use interp::{InterpError, Interpreter, Tensor, WeightSource, WeightView};
-pub use op::{Attr, KvKind, Op, RopeScaling, RopeStyle};
+pub use interp::{InterpError, Interpreter, Tensor};
+pub use op::{Attr, KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary};
 pub use shape::{Dim, TensorType};
 pub use verify::{verify, GraphInfo, VerifyError};
+pub use weights::{Layered, OwnedWeight, OwnedWeights, WeightSource, WeightView};

@@ -18,10 +18,7 @@ pub struct Dim {
 
 impl Dim {
     pub fn konst(n: i64) -> Dim {
-        Dim {
-            terms: BTreeMap::new(),
-            constant: n,
-        }
+        Dim { terms: BTreeMap::new(), constant: n }
     }
 
     pub fn sym(name: &str) -> Dim {
@@ -47,10 +44,7 @@ impl Dim {
                 terms.remove(name);
             }
         }
-        Dim {
-            terms,
-            constant: self.constant + other.constant,
-        }
+        Dim { terms, constant: self.constant + other.constant }
     }
 
     pub fn symbols(&self) -> impl Iterator<Item = &str> {
@@ -183,10 +177,7 @@ mod tests {
             assert_eq!(Dim::parse(text).unwrap().to_string(), text);
         }
         assert_eq!(Dim::parse("s+p").unwrap().to_string(), "p+s");
-        assert_eq!(
-            Dim::sym("p").add(&Dim::sym("s")),
-            Dim::parse("p+s").unwrap()
-        );
+        assert_eq!(Dim::sym("p").add(&Dim::sym("s")), Dim::parse("p+s").unwrap());
         assert!(Dim::parse("s+").is_none());
         assert!(Dim::parse("3x").is_none());
     }

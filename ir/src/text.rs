@@ -20,9 +20,7 @@ use crate::shape::{Dim, TensorType};
 
 /// Prints the graph in topological order (insertion order among ready nodes).
 pub fn print(graph: &Graph) -> String {
-    let order = graph
-        .topo_order()
-        .unwrap_or_else(|_| graph.nodes().map(|(id, _)| id).collect());
+    let order = graph.topo_order().unwrap_or_else(|_| graph.nodes().map(|(id, _)| id).collect());
     let mut out = String::new();
     writeln!(out, "graph {:?} {{", graph.name).unwrap();
     for id in order {
@@ -37,11 +35,7 @@ pub fn print(graph: &Graph) -> String {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                let name = if graph.contains(*input) {
-                    graph.node(*input).name.as_str()
-                } else {
-                    "<dangling>"
-                };
+                let name = if graph.contains(*input) { graph.node(*input).name.as_str() } else { "<dangling>" };
                 write!(out, "%{name}").unwrap();
             }
             out.push(')');
@@ -84,16 +78,11 @@ struct Statement {
 /// Parses the text form. Operand names are resolved after all lines are read, so the
 /// result may still be ill-formed (a cycle, a type error): run the verifier on it.
 pub fn parse(text: &str) -> Result<Graph, ParseError> {
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with(';'));
+    let mut lines =
+        text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty() && !l.starts_with(';'));
     let err = |line: usize, message: String| ParseError { line, message };
 
-    let (line, header) = lines
-        .next()
-        .ok_or_else(|| err(1, "empty input: expected `graph \"name\" {`".into()))?;
+    let (line, header) = lines.next().ok_or_else(|| err(1, "empty input: expected `graph \"name\" {`".into()))?;
     let mut cur = Cursor::new(header);
     cur.keyword("graph").map_err(|m| err(line, m))?;
     let name = cur.string().map_err(|m| err(line, m))?;
@@ -132,31 +121,22 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
     let mut graph = Graph::new(&name);
     let mut ids = Vec::with_capacity(statements.len());
     for st in &statements {
-        let id = graph
-            .add(&st.name, st.op.clone(), &[], st.ty.clone())
-            .map_err(|m| err(st.line, m))?;
+        let id = graph.add(&st.name, st.op.clone(), &[], st.ty.clone()).map_err(|m| err(st.line, m))?;
         ids.push(id);
     }
     for (st, id) in statements.iter().zip(&ids) {
         let mut inputs = Vec::with_capacity(st.operands.len());
         for operand in &st.operands {
-            let input = graph.find(operand).ok_or_else(|| {
-                err(
-                    st.line,
-                    format!("%{}: operand %{operand} is not defined", st.name),
-                )
-            })?;
+            let input = graph
+                .find(operand)
+                .ok_or_else(|| err(st.line, format!("%{}: operand %{operand} is not defined", st.name)))?;
             inputs.push(input);
         }
         graph.set_inputs(*id, &inputs);
     }
     for (line, (out_name, value)) in outputs {
-        let id = graph.find(&value).ok_or_else(|| {
-            err(
-                line,
-                format!("output {out_name:?}: %{value} is not defined"),
-            )
-        })?;
+        let id =
+            graph.find(&value).ok_or_else(|| err(line, format!("output {out_name:?}: %{value} is not defined")))?;
         graph.set_output(&out_name, id);
     }
     Ok(graph)
@@ -166,11 +146,7 @@ fn parse_statement(cur: &mut Cursor, line: usize) -> Result<Statement, String> {
     let name = cur.value_name()?;
     cur.punct('=')?;
     let mnemonic = cur.ident()?;
-    let source = if cur.peek() == Some('"') {
-        Some(cur.string()?)
-    } else {
-        None
-    };
+    let source = if cur.peek() == Some('"') { Some(cur.string()?) } else { None };
     let mut operands = Vec::new();
     if cur.eat('(') && !cur.eat(')') {
         loop {
@@ -198,19 +174,9 @@ fn parse_statement(cur: &mut Cursor, line: usize) -> Result<Statement, String> {
     cur.end()?;
     let op = Op::from_parts(&mnemonic, source, attrs).map_err(|m| format!("%{name}: {m}"))?;
     if !op.is_source() && operands.len() != op.arity() {
-        return Err(format!(
-            "%{name}: `{mnemonic}` takes {} operands, got {}",
-            op.arity(),
-            operands.len()
-        ));
+        return Err(format!("%{name}: `{mnemonic}` takes {} operands, got {}", op.arity(), operands.len()));
     }
-    Ok(Statement {
-        line,
-        name,
-        op,
-        operands,
-        ty,
-    })
+    Ok(Statement { line, name, op, operands, ty })
 }
 
 struct Cursor<'a> {
@@ -304,10 +270,7 @@ impl<'a> Cursor<'a> {
         self.punct('%')?;
         let name = self.take_while(is_value_char);
         if name.is_empty() {
-            return Err(format!(
-                "expected a value name after `%` at `{}`",
-                self.context()
-            ));
+            return Err(format!("expected a value name after `%` at `{}`", self.context()));
         }
         Ok(name.to_string())
     }
@@ -332,11 +295,7 @@ impl<'a> Cursor<'a> {
                     Some('0') => out.push('\0'),
                     Some('\'') => out.push('\''),
                     Some('u') => {
-                        let rest: String = chars
-                            .by_ref()
-                            .map(|(_, c)| c)
-                            .take_while(|c| *c != '}')
-                            .collect();
+                        let rest: String = chars.by_ref().map(|(_, c)| c).take_while(|c| *c != '}').collect();
                         let hex = rest.strip_prefix('{').ok_or("bad \\u escape")?;
                         let code = u32::from_str_radix(hex, 16).map_err(|_| "bad \\u escape")?;
                         out.push(char::from_u32(code).ok_or("bad \\u escape")?);
@@ -356,8 +315,7 @@ impl<'a> Cursor<'a> {
             return Ok(dims);
         }
         loop {
-            let text =
-                self.take_while(|c| c.is_ascii_alphanumeric() || c == '_' || c == '+' || c == '*');
+            let text = self.take_while(|c| c.is_ascii_alphanumeric() || c == '_' || c == '+' || c == '*');
             dims.push(Dim::parse(text).ok_or_else(|| format!("bad dimension `{text}`"))?);
             if self.eat(']') {
                 return Ok(dims);
@@ -368,8 +326,7 @@ impl<'a> Cursor<'a> {
 
     fn tensor_type(&mut self) -> Result<TensorType, String> {
         let dtype_name = self.ident()?;
-        let dtype =
-            DType::from_name(&dtype_name).ok_or_else(|| format!("unknown dtype `{dtype_name}`"))?;
+        let dtype = DType::from_name(&dtype_name).ok_or_else(|| format!("unknown dtype `{dtype_name}`"))?;
         Ok(TensorType::new(dtype, self.dim_list()?))
     }
 
@@ -378,16 +335,11 @@ impl<'a> Cursor<'a> {
             Some('"') => Ok(Attr::Str(self.string()?)),
             Some('[') => Ok(Attr::Dims(self.dim_list()?)),
             Some(c) if c.is_ascii_digit() || c == '-' => {
-                let text =
-                    self.take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '.'));
+                let text = self.take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '.'));
                 if text.contains(['.', 'e', 'E']) || text.contains("inf") || text.contains("NaN") {
-                    text.parse::<f32>()
-                        .map(Attr::Float)
-                        .map_err(|_| format!("bad number `{text}`"))
+                    text.parse::<f32>().map(Attr::Float).map_err(|_| format!("bad number `{text}`"))
                 } else {
-                    text.parse::<i64>()
-                        .map(Attr::Int)
-                        .map_err(|_| format!("bad integer `{text}`"))
+                    text.parse::<i64>().map(Attr::Int).map_err(|_| format!("bad integer `{text}`"))
                 }
             }
             _ => Ok(Attr::Ident(self.ident()?)),
@@ -429,10 +381,7 @@ mod tests {
     fn dangling_operand_names_the_node() {
         let text = SMALL.replace("embed(%emb, %tokens)", "embed(%emb, %nowhere)");
         let e = parse(&text).unwrap_err();
-        assert!(
-            e.message.contains("%x") && e.message.contains("%nowhere"),
-            "{e}"
-        );
+        assert!(e.message.contains("%x") && e.message.contains("%nowhere"), "{e}");
     }
 
     #[test]
@@ -444,10 +393,7 @@ mod tests {
 
     #[test]
     fn shape_and_dtype_mismatches_name_the_node() {
-        let text = SMALL.replace(
-            "%norm.w = weight \"norm\" : f32[4]",
-            "%norm.w = weight \"norm\" : f32[5]",
-        );
+        let text = SMALL.replace("%norm.w = weight \"norm\" : f32[4]", "%norm.w = weight \"norm\" : f32[5]");
         let e = verify(&parse(&text).unwrap()).unwrap_err().to_string();
         assert!(e.contains("%y"), "{e}");
         let text = SMALL.replace(
@@ -455,9 +401,6 @@ mod tests {
             "%y = rms_norm(%x, %norm.w) {eps = 1e-5} : f16[s, 4]",
         );
         let e = verify(&parse(&text).unwrap()).unwrap_err().to_string();
-        assert!(
-            e.contains("%y") && e.contains("declared type f16[s, 4]"),
-            "{e}"
-        );
+        assert!(e.contains("%y") && e.contains("declared type f16[s, 4]"), "{e}");
     }
 }

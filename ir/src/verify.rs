@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use crate::graph::{Graph, NodeId};
-use crate::op::Op;
+use crate::op::{KvKind, Op};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum VerifyError {
@@ -12,28 +12,15 @@ pub enum VerifyError {
     #[error("%{node} is part of a cycle")]
     Cycle { node: String },
     #[error("%{node} = {op}: {message}")]
-    Type {
-        node: String,
-        op: &'static str,
-        message: String,
-    },
+    Type { node: String, op: &'static str, message: String },
     #[error("%{node} = {op}: declared type {declared} but the operands give {inferred}")]
-    TypeMismatch {
-        node: String,
-        op: &'static str,
-        declared: String,
-        inferred: String,
-    },
+    TypeMismatch { node: String, op: &'static str, declared: String, inferred: String },
     #[error("output \"{output}\" refers to a value that does not exist")]
     DanglingOutput { output: String },
     #[error("the graph has no outputs")]
     NoOutputs,
     #[error("kv_append layer {layer} kind {kind:?} appears more than once (%{node})")]
-    DuplicateCacheSlot {
-        layer: usize,
-        kind: crate::op::KvKind,
-        node: String,
-    },
+    DuplicateCacheSlot { layer: usize, kind: crate::op::KvKind, node: String },
 }
 
 /// Facts the verifier established, handed to consumers that require a verified graph.
@@ -48,16 +35,11 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifyError> {
     for (_, node) in graph.nodes() {
         for (slot, input) in node.inputs.iter().enumerate() {
             if !graph.contains(*input) {
-                return Err(VerifyError::DanglingOperand {
-                    node: node.name.clone(),
-                    slot,
-                });
+                return Err(VerifyError::DanglingOperand { node: node.name.clone(), slot });
             }
         }
     }
-    let order = graph
-        .topo_order()
-        .map_err(|node| VerifyError::Cycle { node })?;
+    let order = graph.topo_order().map_err(|node| VerifyError::Cycle { node })?;
     let mut cache_slots = HashSet::new();
     let mut cache_layers = 0;
     for id in &order {
@@ -79,13 +61,14 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifyError> {
                 inferred: inferred.to_string(),
             });
         }
-        if let Op::KvAppend { layer, kind } = node.op {
+        let slots: &[(usize, KvKind)] = match node.op {
+            Op::KvAppend { layer, kind, .. } => &[(layer, kind)],
+            Op::Gqa { layer, .. } => &[(layer, KvKind::Key), (layer, KvKind::Value)],
+            _ => &[],
+        };
+        for &(layer, kind) in slots {
             if !cache_slots.insert((layer, kind)) {
-                return Err(VerifyError::DuplicateCacheSlot {
-                    layer,
-                    kind,
-                    node: node.name.clone(),
-                });
+                return Err(VerifyError::DuplicateCacheSlot { layer, kind, node: node.name.clone() });
             }
             cache_layers = cache_layers.max(layer + 1);
         }
@@ -95,13 +78,8 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifyError> {
     }
     for (name, id) in graph.outputs() {
         if !graph.contains(*id) {
-            return Err(VerifyError::DanglingOutput {
-                output: name.clone(),
-            });
+            return Err(VerifyError::DanglingOutput { output: name.clone() });
         }
     }
-    Ok(GraphInfo {
-        order,
-        cache_layers,
-    })
+    Ok(GraphInfo { order, cache_layers })
 }

@@ -14,11 +14,7 @@ pub fn dead_code_elimination(graph: &mut Graph) -> usize {
             stack.extend(graph.node(id).inputs.iter().copied());
         }
     }
-    let dead: Vec<_> = graph
-        .nodes()
-        .map(|(id, _)| id)
-        .filter(|id| !live.contains(id))
-        .collect();
+    let dead: Vec<_> = graph.nodes().map(|(id, _)| id).filter(|id| !live.contains(id)).collect();
     // Remove users before their operands.
     let mut removed = 0;
     let mut pending = dead;

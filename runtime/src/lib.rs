@@ -35,11 +35,7 @@ pub struct InterpreterExecutor<'a> {
 }
 
 impl<'a> InterpreterExecutor<'a> {
-    pub fn new(
-        graph: &'a Graph,
-        weights: &'a dyn WeightSource,
-        max_positions: usize,
-    ) -> Result<Self, ExecError> {
+    pub fn new(graph: &'a Graph, weights: &'a dyn WeightSource, max_positions: usize) -> Result<Self, ExecError> {
         let logits = graph
             .outputs()
             .iter()
@@ -52,9 +48,8 @@ impl<'a> InterpreterExecutor<'a> {
             .shape
             .last()
             .and_then(|d| d.as_const())
-            .ok_or_else(|| {
-                ExecError::Usage("the logits' last dimension must be the vocabulary size".into())
-            })? as usize;
+            .ok_or_else(|| ExecError::Usage("the logits' last dimension must be the vocabulary size".into()))?
+            as usize;
         let interp = Interpreter::new(graph, weights)?.with_max_positions(max_positions);
         Ok(InterpreterExecutor { interp, vocab })
     }
@@ -66,15 +61,9 @@ impl Executor for InterpreterExecutor<'_> {
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
-        let ids = Tensor::i32(
-            vec![tokens.len()],
-            tokens.iter().map(|t| *t as i32).collect(),
-        );
+        let ids = Tensor::i32(vec![tokens.len()], tokens.iter().map(|t| *t as i32).collect());
         let outputs = self.interp.run(&[("tokens", ids)])?;
-        let (_, logits) = outputs
-            .into_iter()
-            .find(|(n, _)| n == "logits")
-            .expect("checked in new");
+        let (_, logits) = outputs.into_iter().find(|(n, _)| n == "logits").expect("checked in new");
         if logits.shape != [tokens.len(), self.vocab] {
             return Err(ExecError::LogitsShape(logits.shape));
         }
@@ -93,11 +82,7 @@ impl Executor for InterpreterExecutor<'_> {
 /// Log-sum-exp of a logit row, accumulated in f64.
 pub fn logsumexp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    max + row
-        .iter()
-        .map(|v| (*v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
+    max + row.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln()
 }
 
 /// Index of the largest logit; the lowest index wins a tie (as torch.argmax does).
@@ -115,10 +100,7 @@ pub fn argmax(row: &[f32]) -> usize {
 pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
     idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
-    idx.into_iter()
-        .take(k)
-        .map(|i| (i as u32, row[i]))
-        .collect()
+    idx.into_iter().take(k).map(|i| (i as u32, row[i])).collect()
 }
 
 /// What one step's logits looked like, for comparing with references.
@@ -181,10 +163,7 @@ pub fn generate(
     let mut decode_steps = 0;
     while generated.len() < opts.max_new_tokens {
         if recorded.len() < opts.record_steps {
-            recorded.push(StepLogits {
-                top: top_k(&row, opts.record_top_k),
-                logsumexp: logsumexp(&row),
-            });
+            recorded.push(StepLogits { top: top_k(&row, opts.record_top_k), logsumexp: logsumexp(&row) });
         }
         let next = argmax(&row) as u32;
         generated.push(next);
@@ -222,15 +201,9 @@ pub struct Score {
 
 /// Teacher-forced scoring: one forward pass over prompt + continuation; each
 /// continuation token is scored by the logits of the position before it.
-pub fn score(
-    exec: &mut dyn Executor,
-    prompt: &[u32],
-    continuation: &[u32],
-) -> Result<Score, ExecError> {
+pub fn score(exec: &mut dyn Executor, prompt: &[u32], continuation: &[u32]) -> Result<Score, ExecError> {
     if prompt.is_empty() || continuation.is_empty() {
-        return Err(ExecError::Usage(
-            "score needs at least one prompt and one continuation token".into(),
-        ));
+        return Err(ExecError::Usage("score needs at least one prompt and one continuation token".into()));
     }
     exec.reset();
     let vocab = exec.vocab_size();
@@ -241,9 +214,7 @@ pub fn score(
     for (i, &token) in continuation.iter().enumerate() {
         let row = &logits[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
         if token as usize >= vocab {
-            return Err(ExecError::Usage(format!(
-                "continuation token {token} is outside the vocabulary of {vocab}"
-            )));
+            return Err(ExecError::Usage(format!("continuation token {token} is outside the vocabulary of {vocab}")));
         }
         let top = top_k(row, 2);
         positions.push(PositionScore {
@@ -256,9 +227,5 @@ pub fn score(
     let n = positions.len() as f64;
     let top1_agreement = positions.iter().filter(|p| p.argmax == p.token).count() as f64 / n;
     let mean_nll = -positions.iter().map(|p| p.logprob).sum::<f64>() / n;
-    Ok(Score {
-        positions,
-        top1_agreement,
-        mean_nll,
-    })
+    Ok(Score { positions, top1_agreement, mean_nll })
 }

@@ -9,10 +9,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("compiler/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("compiler/ has a parent").to_path_buf()
 }
 
 /// `../shared/golden` beside the repository (or `$SLMC_GOLDEN`).
@@ -20,11 +17,7 @@ pub fn golden_dir() -> PathBuf {
     let dir = std::env::var_os("SLMC_GOLDEN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("..").join("shared").join("golden"));
-    assert!(
-        dir.is_dir(),
-        "golden data not found at {} (set SLMC_GOLDEN)",
-        dir.display()
-    );
+    assert!(dir.is_dir(), "golden data not found at {} (set SLMC_GOLDEN)", dir.display());
     dir
 }
 
@@ -37,11 +30,7 @@ pub fn read_json(path: &Path) -> Value {
 /// the README's test command runs the set-up first.
 pub fn smollm2_gguf() -> PathBuf {
     let path = slmc_compiler::default_model_path();
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/setup (the README's test command does)",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: run scripts/setup (the README's test command does)", path.display());
     path
 }
 
@@ -72,35 +61,18 @@ pub fn slmc_json(args: &[&str]) -> Value {
 pub fn slmc_fails(args: &[&str]) -> String {
     let out = slmc(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "slmc {args:?} should fail but succeeded"
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "slmc {args:?} should exit 1, stderr: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "slmc {args:?} panicked: {stderr}"
-    );
+    assert!(!out.status.success(), "slmc {args:?} should fail but succeeded");
+    assert_eq!(out.status.code(), Some(1), "slmc {args:?} should exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "slmc {args:?} panicked: {stderr}");
     stderr
 }
 
 pub fn ids_arg(ids: &[u64]) -> String {
-    ids.iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
 
 pub fn as_ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .expect("an id array")
-        .iter()
-        .map(|x| x.as_u64().expect("an id"))
-        .collect()
+    v.as_array().expect("an id array").iter().map(|x| x.as_u64().expect("an id")).collect()
 }
 
 /// A scratch directory under cargo's per-target temp dir, emptied first.
@@ -126,15 +98,7 @@ pub fn converted(dtype: &'static str) -> PathBuf {
         let parent = scratch(&format!("smollm2-hf-{dtype}-{}", std::process::id()));
         let out = parent.join("model");
         let gguf = smollm2_gguf();
-        slmc_json(&[
-            "convert",
-            gguf.to_str().unwrap(),
-            "--to",
-            "hf",
-            out.to_str().unwrap(),
-            "--dtype",
-            dtype,
-        ]);
+        slmc_json(&["convert", gguf.to_str().unwrap(), "--to", "hf", out.to_str().unwrap(), "--dtype", dtype]);
         out
     })
     .clone()

@@ -176,8 +176,7 @@ impl JsonConfig<'_> {
     }
 
     fn usize(&self, key: &str) -> Result<usize, ImportError> {
-        self.opt_usize(key)?
-            .ok_or_else(|| self.err(format!("missing required key `{key}`")))
+        self.opt_usize(key)?.ok_or_else(|| self.err(format!("missing required key `{key}`")))
     }
 
     fn opt_f64(&self, v: Option<&Json>, key: &str) -> Result<Option<f64>, ImportError> {
@@ -194,21 +193,16 @@ impl JsonConfig<'_> {
     fn opt_bool(&self, key: &str) -> Result<Option<bool>, ImportError> {
         match self.root.get(key) {
             None | Some(Json::Null) => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("`{key}` must be true or false, found {v}"))),
+            Some(v) => {
+                v.as_bool().map(Some).ok_or_else(|| self.err(format!("`{key}` must be true or false, found {v}")))
+            }
         }
     }
 
     fn token_ids(&self, key: &str) -> Vec<u32> {
         match self.root.get(key) {
             Some(Json::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Json::Array(items)) => items
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
+            Some(Json::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
             _ => vec![],
         }
     }
@@ -226,11 +220,7 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         .and_then(|a| a.get(0))
         .and_then(|a| a.as_str())
         .map(str::to_string)
-        .or_else(|| {
-            root.get("model_type")
-                .and_then(|m| m.as_str())
-                .map(str::to_string)
-        })
+        .or_else(|| root.get("model_type").and_then(|m| m.as_str()).map(str::to_string))
         .ok_or_else(|| c.err("missing required key `architectures` (or `model_type`)".into()))?;
     let arch = match arch_name.as_str() {
         "LlamaForCausalLM" | "MobileLLMForCausalLM" | "llama" | "mobilellm" => Arch::Llama,
@@ -247,16 +237,15 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
     let num_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
     let head_dim = c.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
     if num_heads % num_kv_heads != 0 {
-        return Err(c.err(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
+        return Err(
+            c.err(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"))
+        );
     }
     let rope_params = root.get("rope_parameters").filter(|v| v.is_object());
     let legacy_scaling = root.get("rope_scaling").filter(|v| v.is_object());
     let rope_theta = c
         .opt_f64(root.get("rope_theta"), "rope_theta")?
-        .or(c.opt_f64(
-            rope_params.and_then(|p| p.get("rope_theta")),
-            "rope_parameters.rope_theta",
-        )?)
+        .or(c.opt_f64(rope_params.and_then(|p| p.get("rope_theta")), "rope_parameters.rope_theta")?)
         .unwrap_or(10000.0) as f32;
     let scaling_src = legacy_scaling.or(rope_params);
     let rope_type = scaling_src
@@ -279,33 +268,20 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
                 original_max_position: num("original_max_position_embeddings")? as i64,
             }
         }
-        other => {
-            return Err(c.err(format!(
-                "rope scaling type `{other}` is not supported (default, llama3)"
-            )))
-        }
+        other => return Err(c.err(format!("rope scaling type `{other}` is not supported (default, llama3)"))),
     };
-    let partial = c
-        .opt_f64(root.get("partial_rotary_factor"), "partial_rotary_factor")?
-        .unwrap_or(1.0);
+    let partial = c.opt_f64(root.get("partial_rotary_factor"), "partial_rotary_factor")?.unwrap_or(1.0);
     let rotary_dim = ((head_dim as f64 * partial) as usize) & !1;
     let num_blocks = c.usize("num_hidden_layers")?;
-    let block_repeat = if c.opt_bool("layer_sharing")?.unwrap_or(false) {
-        2
-    } else {
-        1
-    };
-    let tie = c
-        .opt_bool("tie_word_embeddings")?
-        .or(c.opt_bool("share_embedding")?)
-        .unwrap_or(false);
+    let block_repeat = if c.opt_bool("layer_sharing")?.unwrap_or(false) { 2 } else { 1 };
+    let tie = c.opt_bool("tie_word_embeddings")?.or(c.opt_bool("share_embedding")?).unwrap_or(false);
     let attention_bias = match arch {
         Arch::Qwen2 => true,
         _ => c.opt_bool("attention_bias")?.unwrap_or(false),
     };
-    let rms_norm_eps =
-        c.opt_f64(root.get("rms_norm_eps"), "rms_norm_eps")?
-            .ok_or_else(|| c.err("missing required key `rms_norm_eps`".into()))? as f32;
+    let rms_norm_eps = c
+        .opt_f64(root.get("rms_norm_eps"), "rms_norm_eps")?
+        .ok_or_else(|| c.err("missing required key `rms_norm_eps`".into()))? as f32;
     Ok(ModelConfig {
         arch,
         arch_name,
@@ -344,11 +320,7 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         "phi3" => Arch::Phi3,
-        other => {
-            return Err(err(format!(
-                "unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3)"
-            )))
-        }
+        other => return Err(err(format!("unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3)"))),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let opt_u = |k: &str| -> Result<Option<usize>, ImportError> {
@@ -367,26 +339,18 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
     let num_heads = req_u("attention.head_count")?;
     let num_kv_heads = opt_u("attention.head_count_kv")?.unwrap_or(num_heads);
     if num_heads % num_kv_heads != 0 {
-        return Err(err(format!(
-            "head_count {num_heads} is not a multiple of head_count_kv {num_kv_heads}"
-        )));
+        return Err(err(format!("head_count {num_heads} is not a multiple of head_count_kv {num_kv_heads}")));
     }
     let head_dim = opt_u("attention.key_length")?.unwrap_or(hidden_size / num_heads);
-    let embed = file
-        .tensors
-        .iter()
-        .find(|(n, _)| n == "token_embd.weight")
-        .map(|(_, t)| t);
+    let embed = file.tensors.iter().find(|(n, _)| n == "token_embd.weight").map(|(_, t)| t);
     let vocab_size = match opt_u("vocab_size")? {
         Some(v) => v,
-        None => embed
-            .map(|t| t.shape[0])
-            .ok_or_else(|| err("no vocab_size metadata and no token_embd.weight".into()))?,
+        None => {
+            embed.map(|t| t.shape[0]).ok_or_else(|| err("no vocab_size metadata and no token_embd.weight".into()))?
+        }
     };
     if file.tensors.iter().any(|(n, _)| n == "rope_freqs.weight") {
-        return Err(err(
-            "llama3-style rope_freqs.weight frequency factors are not supported yet".into(),
-        ));
+        return Err(err("llama3-style rope_freqs.weight frequency factors are not supported yet".into()));
     }
     let tied = !file.tensors.iter().any(|(n, _)| n == "output.weight");
     let u32_key = |k: &str| md.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
@@ -402,21 +366,14 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         num_kv_heads,
         head_dim,
         rotary_dim: opt_u("rope.dimension_count")?.unwrap_or(head_dim),
-        rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
-            err(format!(
-                "missing metadata `{}`",
-                key("attention.layer_norm_rms_epsilon")
-            ))
-        })? as f32,
+        rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon")
+            .ok_or_else(|| err(format!("missing metadata `{}`", key("attention.layer_norm_rms_epsilon"))))?
+            as f32,
         rope_theta: opt_f("rope.freq_base").unwrap_or(10000.0) as f32,
         rope_scaling: RopeScaling::None,
         // llama.cpp's converter permuted llama q/k rows for adjacent-pair RoPE; other
         // architectures keep Hugging Face's layout.
-        rope_style: if arch == Arch::Llama {
-            RopeStyle::Interleaved
-        } else {
-            RopeStyle::Half
-        },
+        rope_style: if arch == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Half },
         tie_word_embeddings: tied,
         attention_bias: arch == Arch::Qwen2,
         max_position_embeddings: opt_u("context_length")?.unwrap_or(2048),

@@ -111,19 +111,11 @@ impl<'a> Cursor<'a> {
     /// A length-prefixed string; the length is checked against the remaining bytes first.
     fn string(&mut self, what: &str) -> Result<String, String> {
         let len = self.u64(what)?;
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|l| *l <= self.remaining())
-            .ok_or_else(|| {
-                format!(
-                    "{what} at byte {} claims {len} bytes but only {} remain",
-                    self.pos - 8,
-                    self.remaining()
-                )
-            })?;
+        let len = usize::try_from(len).ok().filter(|l| *l <= self.remaining()).ok_or_else(|| {
+            format!("{what} at byte {} claims {len} bytes but only {} remain", self.pos - 8, self.remaining())
+        })?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| format!("{what} at byte {} is not valid UTF-8", self.pos - len))
+        String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} at byte {} is not valid UTF-8", self.pos - len))
     }
 
     fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<Value, String> {
@@ -154,7 +146,12 @@ impl<'a> Cursor<'a> {
                 let len = usize::try_from(len)
                     .ok()
                     .filter(|l| l.checked_mul(min_size).is_some_and(|b| b <= self.remaining()))
-                    .ok_or_else(|| format!("{what}: array of {len} elements does not fit in the {} bytes that remain", self.remaining()))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "{what}: array of {len} elements does not fit in the {} bytes that remain",
+                            self.remaining()
+                        )
+                    })?;
                 let mut items = Vec::with_capacity(len);
                 for _ in 0..len {
                     items.push(self.value(elem_ty, what, depth + 1)?);
@@ -194,33 +191,23 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile, ImportError> {
     }
     let version = cur.u32("version").map_err(&bad)?;
     if !(2..=3).contains(&version) {
-        return Err(bad(format!(
-            "GGUF version {version} is not supported (2 or 3)"
-        )));
+        return Err(bad(format!("GGUF version {version} is not supported (2 or 3)")));
     }
     let tensor_count = cur.u64("tensor count").map_err(&bad)?;
     let kv_count = cur.u64("metadata count").map_err(&bad)?;
     // Smallest possible records: a tensor info is 24 bytes, a key/value 13.
     if tensor_count > (cur.remaining() / 24) as u64 {
-        return Err(bad(format!(
-            "tensor count {tensor_count} is absurd for a file of {} bytes",
-            bytes.len()
-        )));
+        return Err(bad(format!("tensor count {tensor_count} is absurd for a file of {} bytes", bytes.len())));
     }
     if kv_count > (cur.remaining() / 13) as u64 {
-        return Err(bad(format!(
-            "metadata count {kv_count} is absurd for a file of {} bytes",
-            bytes.len()
-        )));
+        return Err(bad(format!("metadata count {kv_count} is absurd for a file of {} bytes", bytes.len())));
     }
 
     let mut metadata = BTreeMap::new();
     for i in 0..kv_count {
         let key = cur.string(&format!("metadata key {i}")).map_err(&bad)?;
         let ty = cur.u32(&format!("type of `{key}`")).map_err(&bad)?;
-        let value = cur
-            .value(ty, &format!("metadata `{key}`"), 0)
-            .map_err(&bad)?;
+        let value = cur.value(ty, &format!("metadata `{key}`"), 0).map_err(&bad)?;
         metadata.insert(key, value);
     }
     let alignment = match metadata.get("general.alignment") {
@@ -236,27 +223,22 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile, ImportError> {
         let name = cur.string(&format!("name of tensor {i}")).map_err(&bad)?;
         let n_dims = cur.u32(&format!("rank of tensor `{name}`")).map_err(&bad)?;
         if n_dims == 0 || n_dims > 4 {
-            return Err(bad(format!(
-                "tensor `{name}` has rank {n_dims} (1 to 4 supported)"
-            )));
+            return Err(bad(format!("tensor `{name}` has rank {n_dims} (1 to 4 supported)")));
         }
         let mut ne = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
-            ne.push(
-                cur.u64(&format!("shape of tensor `{name}`"))
-                    .map_err(&bad)?,
-            );
+            ne.push(cur.u64(&format!("shape of tensor `{name}`")).map_err(&bad)?);
         }
         let type_id = cur.u32(&format!("type of tensor `{name}`")).map_err(&bad)?;
-        let offset = cur
-            .u64(&format!("offset of tensor `{name}`"))
-            .map_err(&bad)?;
+        let offset = cur.u64(&format!("offset of tensor `{name}`")).map_err(&bad)?;
         infos.push((name, ne, type_id, offset));
     }
     let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
     let file_len = bytes.len() as u64;
     if data_start > file_len && tensor_count > 0 {
-        return Err(bad(format!("tensor data would start at byte {data_start}, past the end of the file ({file_len} bytes)")));
+        return Err(bad(format!(
+            "tensor data would start at byte {data_start}, past the end of the file ({file_len} bytes)"
+        )));
     }
 
     let mut tensors = Vec::with_capacity(infos.len());
@@ -268,20 +250,12 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile, ImportError> {
         let size = n
             .and_then(|n| usize::try_from(n).ok())
             .and_then(|n| dtype.storage_bytes(n))
-            .ok_or_else(|| {
-                bad(format!(
-                    "tensor `{name}`: shape {ne:?} is not a whole number of {dtype} blocks"
-                ))
-            })?;
+            .ok_or_else(|| bad(format!("tensor `{name}`: shape {ne:?} is not a whole number of {dtype} blocks")))?;
         if ne.contains(&0) {
-            return Err(bad(format!(
-                "tensor `{name}` has an empty dimension {ne:?}"
-            )));
+            return Err(bad(format!("tensor `{name}` has an empty dimension {ne:?}")));
         }
         if offset % alignment != 0 {
-            return Err(bad(format!(
-                "tensor `{name}`: offset {offset} is not aligned to {alignment}"
-            )));
+            return Err(bad(format!("tensor `{name}`: offset {offset} is not aligned to {alignment}")));
         }
         let start = data_start.checked_add(offset);
         let end = start.and_then(|s| s.checked_add(size as u64));
@@ -297,11 +271,5 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile, ImportError> {
             }
         }
     }
-    Ok(GgufFile {
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_start,
-    })
+    Ok(GgufFile { version, metadata, tensors, alignment, data_start })
 }

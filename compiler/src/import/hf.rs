@@ -11,18 +11,14 @@ use slmc_ir::DType;
 use super::{config, Format, ImportError, Model, StoredTensor, WeightStore};
 
 fn read_json(path: &Path) -> Result<serde_json::Value, ImportError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ImportError::file(path, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ImportError::file(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| ImportError::file(path, format!("invalid JSON: {e}")))
 }
 
 pub fn load(dir: &Path) -> Result<Model, ImportError> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
-        return Err(ImportError::file(
-            dir,
-            "no config.json: not a Hugging Face model directory",
-        ));
+        return Err(ImportError::file(dir, "no config.json: not a Hugging Face model directory"));
     }
     let config = config::from_hf_json(&config_path, &read_json(&config_path)?)?;
 
@@ -37,22 +33,17 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
             .ok_or_else(|| ImportError::file(&index_path, "missing `weight_map` object"))?;
         let mut files = BTreeSet::new();
         for (tensor, file) in map {
-            let file = file
-                .as_str()
-                .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
-                .ok_or_else(|| {
-                    ImportError::file(&index_path, format!("bad shard name for tensor `{tensor}`"))
-                })?;
+            let file =
+                file.as_str()
+                    .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
+                    .ok_or_else(|| ImportError::file(&index_path, format!("bad shard name for tensor `{tensor}`")))?;
             files.insert(file.to_string());
         }
         files.into_iter().collect()
     } else if single.exists() {
         vec!["model.safetensors".into()]
     } else {
-        return Err(ImportError::file(
-            dir,
-            "no model.safetensors and no model.safetensors.index.json",
-        ));
+        return Err(ImportError::file(dir, "no model.safetensors and no model.safetensors.index.json"));
     };
     for shard in &shards {
         add_safetensors(&mut weights, &dir.join(shard))?;
@@ -72,8 +63,7 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| format!("{}: {e}", tokenizer_path.display()))
+        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))
     } else {
         Err(format!("{} has no tokenizer.json", dir.display()))
     };
@@ -94,10 +84,7 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        obj => obj
-            .get("content")
-            .and_then(|c| c.as_str())
-            .map(str::to_string),
+        obj => obj.get("content").and_then(|c| c.as_str()).map(str::to_string),
     }
 }
 
@@ -126,10 +113,8 @@ fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig, ImportError> {
     }
     let jinja = dir.join("chat_template.jinja");
     if template.is_none() && jinja.exists() {
-        template = Some(
-            std::fs::read_to_string(&jinja)
-                .map_err(|e| ImportError::file(&jinja, format!("cannot read: {e}")))?,
-        );
+        template =
+            Some(std::fs::read_to_string(&jinja).map_err(|e| ImportError::file(&jinja, format!("cannot read: {e}")))?);
     }
     Ok((template, bos, eos))
 }
@@ -156,10 +141,7 @@ fn add_safetensors(store: &mut WeightStore, path: &Path) -> Result<(), ImportErr
             let dtype = convert_dtype(view.dtype()).ok_or_else(|| {
                 ImportError::file(
                     path,
-                    format!(
-                        "tensor `{name}` has unsupported dtype {:?} (f32, f16, bf16)",
-                        view.dtype()
-                    ),
+                    format!("tensor `{name}` has unsupported dtype {:?} (f32, f16, bf16)", view.dtype()),
                 )
             })?;
             let data = view.data();

@@ -24,10 +24,7 @@ pub enum ImportError {
 
 impl ImportError {
     pub fn file(path: &Path, message: impl Into<String>) -> ImportError {
-        ImportError::File {
-            path: path.display().to_string(),
-            message: message.into(),
-        }
+        ImportError::File { path: path.display().to_string(), message: message.into() }
     }
 }
 
@@ -52,8 +49,7 @@ pub struct WeightStore {
 
 impl WeightStore {
     pub fn map(path: &Path) -> Result<Mmap, ImportError> {
-        let file =
-            File::open(path).map_err(|e| ImportError::file(path, format!("cannot open: {e}")))?;
+        let file = File::open(path).map_err(|e| ImportError::file(path, format!("cannot open: {e}")))?;
         // SAFETY: the map is read-only; slmc treats a file changed under it as the
         // caller's error (as every mmap-based loader does).
         unsafe { Mmap::map(&file) }.map_err(|e| ImportError::file(path, format!("cannot map: {e}")))
@@ -68,10 +64,7 @@ impl WeightStore {
     pub fn insert(&mut self, name: String, tensor: StoredTensor) -> Result<(), ImportError> {
         let path = self.files[tensor.file].0.clone();
         if self.tensors.insert(name.clone(), tensor).is_some() {
-            return Err(ImportError::file(
-                &path,
-                format!("tensor `{name}` is stored twice"),
-            ));
+            return Err(ImportError::file(&path, format!("tensor `{name}` is stored twice")));
         }
         Ok(())
     }
@@ -108,11 +101,7 @@ impl WeightStore {
 impl WeightSource for WeightStore {
     fn view(&self, name: &str) -> Option<WeightView<'_>> {
         let t = self.tensors.get(name)?;
-        Some(WeightView {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            bytes: self.bytes(t),
-        })
+        Some(WeightView { dtype: t.dtype, shape: t.shape.clone(), bytes: self.bytes(t) })
     }
 }
 
@@ -150,19 +139,12 @@ pub struct Model {
 /// Imports a model from a Hugging Face directory (or its config.json / a .safetensors
 /// file inside it) or a GGUF file.
 pub fn load(path: &Path) -> Result<Model, ImportError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| ImportError::file(path, format!("cannot read: {e}")))?;
+    let meta = std::fs::metadata(path).map_err(|e| ImportError::file(path, format!("cannot read: {e}")))?;
     if meta.is_dir() {
         return hf::load(path);
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if name == "config.json"
-        || name.ends_with(".safetensors")
-        || name == "model.safetensors.index.json"
-    {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name == "config.json" || name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
         return hf::load(path.parent().unwrap_or(Path::new(".")));
     }
     let mut magic = [0u8; 4];

@@ -19,82 +19,50 @@ use super::gguf::Value;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
-type TokenizerParts = (
-    Result<Tokenizer, String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+type TokenizerParts = (Result<Tokenizer, String>, Option<String>, Option<String>, Option<String>);
 
 /// Builds the tokenizer, chat template, BOS and EOS text from GGUF metadata. A model
 /// without a usable tokenizer still imports; the reason is kept for commands that need text.
 pub fn from_gguf(md: &BTreeMap<String, Value>) -> TokenizerParts {
-    let template = md
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
+    let template = md.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
     let tokens: Vec<&str> = md
         .get("tokenizer.ggml.tokens")
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
         .unwrap_or_default();
-    let special = |key: &str| {
-        md.get(key)
-            .and_then(|v| v.as_u64())
-            .and_then(|id| tokens.get(id as usize))
-            .map(|s| s.to_string())
-    };
-    let (bos, eos) = (
-        special("tokenizer.ggml.bos_token_id"),
-        special("tokenizer.ggml.eos_token_id"),
-    );
+    let special =
+        |key: &str| md.get(key).and_then(|v| v.as_u64()).and_then(|id| tokens.get(id as usize)).map(|s| s.to_string());
+    let (bos, eos) = (special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id"));
     (build(md), template, bos, eos)
 }
 
 fn build(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
-    let model = md
-        .get("tokenizer.ggml.model")
-        .and_then(|v| v.as_str())
-        .ok_or("the GGUF has no tokenizer.ggml.model")?;
+    let model =
+        md.get("tokenizer.ggml.model").and_then(|v| v.as_str()).ok_or("the GGUF has no tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(format!(
-            "GGUF tokenizer model `{model}` is not supported (gpt2-style BPE only)"
-        ));
+        return Err(format!("GGUF tokenizer model `{model}` is not supported (gpt2-style BPE only)"));
     }
-    let pre = md
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
+    let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
     // llama.cpp's `smollm` pre-tokenizer splits every digit on its own before the GPT-2
     // regex; `gpt2`/`default` is the plain GPT-2 regex.
     let split_digits = match pre {
         "smollm" => true,
         "gpt2" | "default" => false,
-        other => {
-            return Err(format!(
-                "GGUF pre-tokenizer `{other}` is not supported (smollm, gpt2)"
-            ))
-        }
+        other => return Err(format!("GGUF pre-tokenizer `{other}` is not supported (smollm, gpt2)")),
     };
     let strings = |key: &str| -> Result<Vec<String>, String> {
         md.get(key)
             .and_then(|v| v.as_array())
             .ok_or_else(|| format!("the GGUF has no {key}"))?
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("{key} holds a non-string"))
-            })
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| format!("{key} holds a non-string")))
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
         .into_iter()
         .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| format!("bad merge `{m}`"))
+            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| format!("bad merge `{m}`"))
         })
         .collect::<Result<_, _>>()?;
     let types: Vec<i64> = md
@@ -102,15 +70,8 @@ fn build(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
         .and_then(|v| v.as_array())
         .map(|a| a.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect())
         .unwrap_or_default();
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| format!("cannot build BPE: {e}"))?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| format!("cannot build BPE: {e}"))?;
     let mut tokenizer = Tokenizer::new(bpe);
     let byte_level = ByteLevel::new(false, true, true);
     let pre_tokenizer: PreTokenizerWrapper = if split_digits {
@@ -126,21 +87,14 @@ fn build(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
         .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
         .map(|(tok, ty)| AddedToken::from(tok.clone(), *ty == TOKEN_TYPE_CONTROL).normalized(false))
         .collect();
-    tokenizer
-        .add_special_tokens(added)
-        .map_err(|e| format!("cannot add special tokens: {e}"))?;
-    let add_bos = md
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    tokenizer.add_special_tokens(added).map_err(|e| format!("cannot add special tokens: {e}"))?;
+    let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
     if add_bos {
         let bos_id = md
             .get("tokenizer.ggml.bos_token_id")
             .and_then(|v| v.as_u64())
             .ok_or("add_bos_token without bos_token_id")?;
-        let bos = tokens
-            .get(bos_id as usize)
-            .ok_or("bos_token_id outside the vocabulary")?;
+        let bos = tokens.get(bos_id as usize).ok_or("bos_token_id outside the vocabulary")?;
         let processor = TemplateProcessing::builder()
             .try_single(format!("{bos} $A"))
             .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
@@ -173,17 +127,10 @@ pub fn render_chat(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template("chat", template)
-        .map_err(|e| format!("bad chat template: {e}"))?;
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| format!("bad chat template: {e}"))?;
     let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
     tmpl.render(minijinja::context! {
         messages => messages,
