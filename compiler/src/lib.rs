@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod import;
 pub mod lower;
+pub mod optimize;
 
 use std::path::PathBuf;
 

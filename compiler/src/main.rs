@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use slmc_compiler::import::tokenizer::{render_chat, Message};
 use slmc_compiler::import::{self, Model};
+use slmc_compiler::optimize::{golden_sequences, optimize, OptRequest, Optimized};
 use slmc_compiler::{convert, default_model_path, lower};
 use slmc_ir::DType;
+use slmc_ir::Layered;
 use slmc_runtime::{generate, score, GenerateOptions, InterpreterExecutor};
 
 #[derive(Parser)]
@@ -34,6 +36,60 @@ struct Common {
 enum Emit {
     Ir,
     Dot,
+    /// Print nothing but the report (with --json) or the pass table.
+    None,
+}
+
+/// Optimizer options shared by `opt`, `run`, `score` and `quality`. Without any of them,
+/// `run` and `score` execute the lowered graph as imported.
+#[derive(clap::Args, Clone, Default)]
+struct OptArgs {
+    /// Named pipeline (default, gpu, portable, minimal).
+    #[arg(long)]
+    pipeline: Option<String>,
+    /// Weight scheme for linear matrices: q4g32, q4g64, q4g128, q4g32-sym, ..., q8, f16, f32, keep.
+    #[arg(long)]
+    quant: Option<String>,
+    /// Per-tensor overrides, e.g. 'lm_head=q8,embed=f16' (roles embed, lm_head, or a name substring).
+    #[arg(long)]
+    quant_override: Option<String>,
+    /// rtn (round to nearest) or clip (activation-aware clipping search on calibration data).
+    #[arg(long)]
+    quant_method: Option<String>,
+    /// KV-cache storage: f32, int8 or int4 (per token and head scales).
+    #[arg(long)]
+    kv_quant: Option<String>,
+    /// Calibration data for --quant-method clip: golden-style JSON or text, one sample per line.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Print the IR to stderr after PASS (repeatable, or `all`).
+    #[arg(long, value_delimiter = ',')]
+    print_after: Vec<String>,
+    /// Write numbered IR files (000_input.slir, NNN_<pass>.slir) into DIR.
+    #[arg(long)]
+    dump_ir: Option<PathBuf>,
+    /// Skip PASS (repeatable).
+    #[arg(long, value_delimiter = ',')]
+    disable_pass: Vec<String>,
+    /// Print a table of wall time per pass to stderr.
+    #[arg(long)]
+    time_passes: bool,
+}
+
+impl OptArgs {
+    fn request(&self) -> OptRequest {
+        OptRequest {
+            pipeline: self.pipeline.clone(),
+            quant: self.quant.clone(),
+            quant_override: self.quant_override.clone(),
+            quant_method: self.quant_method.clone(),
+            kv_quant: self.kv_quant.clone(),
+            calibration: self.calibration.clone(),
+            print_after: self.print_after.clone(),
+            dump_ir: self.dump_ir.clone(),
+            disable_pass: self.disable_pass.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -54,6 +110,29 @@ enum Command {
         common: Common,
         #[arg(long, value_enum, default_value = "ir")]
         emit: Emit,
+    },
+    /// Run the optimizer and print the optimized IR (and the pass report).
+    Opt {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        opt: OptArgs,
+        #[arg(long, value_enum, default_value = "ir")]
+        emit: Emit,
+    },
+    /// Compare the optimized model with the unoptimized one, teacher-forced.
+    Quality {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        opt: OptArgs,
+        /// Evaluation prompts: golden-style JSON (prompts[].input_ids + generated_ids) or text, one per line
+        /// (default: $SLMC_GOLDEN/smollm2-135m-greedy.json or ../shared/golden/smollm2-135m-greedy.json).
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Fail when top-1 agreement drops by more than this many percentage points.
+        #[arg(long)]
+        max_quality_drop: Option<f64>,
     },
     /// Parse, verify and re-print an IR text file.
     Cat {
@@ -78,6 +157,8 @@ enum Command {
         /// How many of the largest logits each recorded step keeps.
         #[arg(long, default_value_t = 20)]
         record_top_k: usize,
+        #[command(flatten)]
+        opt: OptArgs,
     },
     /// Teacher-forced scoring of a continuation.
     Score {
@@ -87,6 +168,8 @@ enum Command {
         prompt_ids: Vec<u32>,
         #[arg(long, value_delimiter = ',', required = true)]
         continuation_ids: Vec<u32>,
+        #[command(flatten)]
+        opt: OptArgs,
     },
     /// Tokenize text (and decode it back) with the model's tokenizer.
     Tokenize {
@@ -135,6 +218,8 @@ fn main() -> ExitCode {
         Command::Inspect { common }
         | Command::Lower { common, .. }
         | Command::Run { common, .. }
+        | Command::Opt { common, .. }
+        | Command::Quality { common, .. }
         | Command::Score { common, .. }
         | Command::Tokenize { common, .. }
         | Command::Convert { common, .. } => common.json,
@@ -174,6 +259,7 @@ fn dispatch(command: Command) -> Result<()> {
             let text = match emit {
                 Emit::Ir => slmc_ir::text::print(&graph),
                 Emit::Dot => graph.to_dot(),
+                Emit::None => String::new(),
             };
             if common.json {
                 print_json(&json!({ "graph": graph.name, "nodes": graph.len(), "text": text }));
@@ -194,13 +280,18 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { common, prompt, max_new_tokens, ignore_eos, record_logits, record_top_k } => {
-            run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k))
+        Command::Run { common, prompt, max_new_tokens, ignore_eos, record_logits, record_top_k, opt } => {
+            run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k), &opt)
         }
-        Command::Score { common, prompt_ids, continuation_ids } => {
+        Command::Opt { common, opt, emit } => opt_command(&common, &opt, emit),
+        Command::Quality { common, opt, prompts, max_quality_drop } => {
+            quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
+        }
+        Command::Score { common, prompt_ids, continuation_ids, opt } => {
             let model = load(&common)?;
-            let graph = lower::lower(&model)?;
-            let mut exec = InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
+            let prepared = prepare(&model, &opt, false)?;
+            let weights = Layered { top: &prepared.derived, base: &model.weights };
+            let mut exec = InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
             let s = score(&mut exec, &prompt_ids, &continuation_ids)?;
             let positions: Vec<Value> = s
                 .positions
@@ -320,6 +411,7 @@ fn run(
     max_new_tokens: usize,
     ignore_eos: bool,
     record: (usize, usize),
+    opt: &OptArgs,
 ) -> Result<()> {
     let model = load(common)?;
     let tokenizer = || model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"));
@@ -348,8 +440,9 @@ fn run(
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
     };
-    let graph = lower::lower(&model)?;
-    let mut exec = InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
+    let prepared = prepare(&model, opt, false)?;
+    let weights = Layered { top: &prepared.derived, base: &model.weights };
+    let mut exec = InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
     let opts = GenerateOptions {
         max_new_tokens,
         stop_ids: if ignore_eos { vec![] } else { model.config.eos_token_ids.clone() },
@@ -414,6 +507,186 @@ fn run(
             prompt_ids.len() as f64 / ttft.max(1e-9),
             gen.decode_tokens_per_s()
         );
+    }
+    Ok(())
+}
+
+/// The graph a command executes: lowered, then optimized when asked (or `force`d).
+fn prepare(model: &Model, opt: &OptArgs, force: bool) -> Result<Optimized> {
+    let graph = lower::lower(model)?;
+    let req = opt.request();
+    if !force && !req.is_active() {
+        return Ok(Optimized {
+            graph,
+            derived: Default::default(),
+            passes: vec![],
+            timings: vec![],
+            memory_plan: None,
+            policy: Default::default(),
+            kv_quant: Default::default(),
+        });
+    }
+    let mut stderr = std::io::stderr();
+    let optimized = optimize(model, graph, &req, Some(&mut stderr))?;
+    if opt.time_passes {
+        eprint!("{}", slmc_passes::format_timings(&optimized.timings));
+    }
+    Ok(optimized)
+}
+
+fn memory_json(plan: &slmc_passes::MemoryPlan) -> Value {
+    let arena = |a: &slmc_passes::memory::ArenaPlan| {
+        json!({
+            "tokens": a.tokens,
+            "past": a.past,
+            "buffers": a.buffers,
+            "arena_bytes": a.arena_bytes,
+            "one_buffer_per_value_bytes": a.one_buffer_per_value_bytes,
+            "live_peak_bytes": a.live_peak_bytes,
+        })
+    };
+    json!({
+        "weight_bytes": plan.weight_bytes,
+        "kv_bytes_per_token": plan.kv_bytes_per_token,
+        "kv_bytes_per_token_f32": plan.kv_bytes_per_token_f32,
+        "context_len": plan.context_len,
+        "prefill": arena(&plan.prefill),
+        "decode": arena(&plan.decode),
+    })
+}
+
+fn opt_command(common: &Common, opt: &OptArgs, emit: Emit) -> Result<()> {
+    let model = load(common)?;
+    let optimized = prepare(&model, opt, true)?;
+    let text = match emit {
+        Emit::Ir => slmc_ir::text::print(&optimized.graph),
+        Emit::Dot => optimized.graph.to_dot(),
+        Emit::None => String::new(),
+    };
+    if common.json {
+        let passes: Vec<Value> = optimized
+            .timings
+            .iter()
+            .map(|t| json!({ "pass": t.pass, "wall_ms": t.wall.as_secs_f64() * 1e3, "changes": t.changes, "nodes": t.nodes_after }))
+            .collect();
+        print_json(&json!({
+            "pipeline": optimized.passes,
+            "passes": passes,
+            "quant": optimized.policy.scheme.map(|s| s.name()),
+            "quant_method": optimized.policy.method.name(),
+            "kv_quant": optimized.kv_quant.name(),
+            "derived_weights": optimized.derived.len(),
+            "memory": optimized.memory_plan.as_ref().map(memory_json),
+            "nodes": optimized.graph.len(),
+            "text": text,
+        }));
+    } else {
+        print!("{text}");
+        if let Some(plan) = &optimized.memory_plan {
+            eprintln!(
+                "memory: weights {} B, KV {} B/token (f32 would be {}), activations prefill({}) {} B planned vs {} B one-per-value, decode {} B vs {} B",
+                plan.weight_bytes,
+                plan.kv_bytes_per_token,
+                plan.kv_bytes_per_token_f32,
+                plan.prefill.tokens,
+                plan.prefill.arena_bytes,
+                plan.prefill.one_buffer_per_value_bytes,
+                plan.decode.arena_bytes,
+                plan.decode.one_buffer_per_value_bytes
+            );
+        }
+    }
+    Ok(())
+}
+
+fn default_prompts_file() -> Option<PathBuf> {
+    let dir = std::env::var_os("SLMC_GOLDEN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("../shared/golden"));
+    let file = dir.join("smollm2-135m-greedy.json");
+    file.exists().then_some(file)
+}
+
+fn quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec<slmc_runtime::QualityCase>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
+    if let Ok(json) = serde_json::from_str::<Value>(&text) {
+        let prompts = golden_sequences(&json).with_context(|| format!("{}: not a prompts file", file.display()))?;
+        let lens: Vec<usize> = json["prompts"]
+            .as_array()
+            .map(|a| a.iter().map(|p| p["input_ids"].as_array().map(|x| x.len()).unwrap_or(0)).collect())
+            .unwrap_or_default();
+        return Ok(prompts
+            .into_iter()
+            .zip(lens)
+            .map(|(seq, n)| slmc_runtime::QualityCase { prompt: seq[..n].to_vec(), continuation: seq[n..].to_vec() })
+            .collect());
+    }
+    // Text: each line is scored on itself after its first token.
+    let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("text prompts need a tokenizer: {e}"))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let ids = tok.encode(l, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+            if ids.len() < 2 {
+                bail!("{}: a prompt line needs at least two tokens", file.display());
+            }
+            Ok(slmc_runtime::QualityCase { prompt: ids[..1].to_vec(), continuation: ids[1..].to_vec() })
+        })
+        .collect()
+}
+
+fn quality_command(
+    common: &Common,
+    opt: &OptArgs,
+    prompts: Option<&std::path::Path>,
+    max_drop: Option<f64>,
+) -> Result<()> {
+    let model = load(common)?;
+    let file = match prompts {
+        Some(p) => p.to_path_buf(),
+        None => default_prompts_file().ok_or_else(|| anyhow!("no golden prompts found: give --prompts FILE"))?,
+    };
+    let cases = quality_cases(&model, &file)?;
+    let base_graph = lower::lower(&model)?;
+    let optimized = prepare(&model, opt, true)?;
+    let weights = Layered { top: &optimized.derived, base: &model.weights };
+    let ctx = model.config.max_position_embeddings;
+    let mut base = InterpreterExecutor::new(&base_graph, &model.weights, ctx)?;
+    let mut opt_exec = InterpreterExecutor::new(&optimized.graph, &weights, ctx)?;
+    let r = slmc_runtime::compare_quality(&mut base, &mut opt_exec, &cases)?;
+    let drop_points = 100.0 * (1.0 - r.top1_agreement);
+    let report = json!({
+        "prompts_file": file,
+        "cases": r.cases,
+        "positions": r.positions,
+        "quant": optimized.policy.scheme.map(|s| s.name()),
+        "quant_method": optimized.policy.method.name(),
+        "kv_quant": optimized.kv_quant.name(),
+        "top1_agreement": r.top1_agreement,
+        "top1_agreement_reference": r.top1_agreement_reference,
+        "base_top1_agreement_reference": r.base_top1_agreement_reference,
+        "mean_kl": r.mean_kl,
+        "perplexity_base": r.perplexity_base,
+        "perplexity_optimized": r.perplexity_optimized,
+        "perplexity_change_pct": 100.0 * (r.perplexity_optimized / r.perplexity_base - 1.0),
+        "quality_drop_points": drop_points,
+        "max_quality_drop": max_drop,
+        "memory": optimized.memory_plan.as_ref().map(memory_json),
+    });
+    if common.json {
+        print_json(&report);
+    } else {
+        println!("positions:                {} over {} prompts", r.positions, r.cases);
+        println!("top-1 agreement:          {:.4} (with the unoptimized model)", r.top1_agreement);
+        println!(
+            "top-1 vs reference:       {:.4} (unoptimized: {:.4})",
+            r.top1_agreement_reference, r.base_top1_agreement_reference
+        );
+        println!("mean KL:                  {:.4} nats", r.mean_kl);
+        println!("perplexity:               {:.3} -> {:.3}", r.perplexity_base, r.perplexity_optimized);
+    }
+    if let Some(limit) = max_drop {
+        if drop_points > limit {
+            bail!("quality drop of {drop_points:.2} top-1 points exceeds --max-quality-drop {limit}");
+        }
     }
     Ok(())
 }

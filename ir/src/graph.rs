@@ -94,6 +94,38 @@ impl Graph {
         self.graph[id.0].inputs = inputs.to_vec();
     }
 
+    /// Makes every user (and output) of `old` use `new` instead. `old` is left unused.
+    pub fn replace_all_uses(&mut self, old: NodeId, new: NodeId) {
+        for user in self.users(old) {
+            let inputs: Vec<NodeId> = self.node(user).inputs.iter().map(|i| if *i == old { new } else { *i }).collect();
+            self.set_inputs(user, &inputs);
+        }
+        for (_, out) in self.outputs.iter_mut() {
+            if *out == old {
+                *out = new;
+            }
+        }
+    }
+
+    /// Renames a value; the new name must be free.
+    pub fn rename(&mut self, id: NodeId, name: &str) -> Result<(), String> {
+        if self.by_name.contains_key(name) {
+            return Err(format!("value %{name} is defined twice"));
+        }
+        let old = std::mem::replace(&mut self.graph[id.0].name, name.to_string());
+        self.by_name.remove(&old);
+        self.by_name.insert(name.to_string(), id);
+        Ok(())
+    }
+
+    /// A value name not yet used in the graph, `base` itself when free.
+    pub fn fresh_name(&self, base: &str) -> String {
+        if !self.by_name.contains_key(base) {
+            return base.to_string();
+        }
+        (1..).map(|i| format!("{base}.{i}")).find(|n| !self.by_name.contains_key(n)).expect("unbounded")
+    }
+
     pub fn set_output(&mut self, name: &str, value: NodeId) {
         self.outputs.retain(|(n, _)| n != name);
         self.outputs.push((name.to_string(), value));

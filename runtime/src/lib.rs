@@ -229,3 +229,82 @@ pub fn score(exec: &mut dyn Executor, prompt: &[u32], continuation: &[u32]) -> R
     let mean_nll = -positions.iter().map(|p| p.logprob).sum::<f64>() / n;
     Ok(Score { positions, top1_agreement, mean_nll })
 }
+
+/// One evaluation case: a prompt and the continuation whose positions are scored.
+#[derive(Debug, Clone)]
+pub struct QualityCase {
+    pub prompt: Vec<u32>,
+    pub continuation: Vec<u32>,
+}
+
+/// How an optimized model's next-token distributions compare with the unoptimized one's,
+/// teacher-forced over every continuation position.
+#[derive(Debug, Clone, Default)]
+pub struct QualityReport {
+    pub cases: usize,
+    pub positions: usize,
+    /// Optimized argmax equals the unoptimized argmax.
+    pub top1_agreement: f64,
+    /// Optimized argmax equals the given continuation token.
+    pub top1_agreement_reference: f64,
+    /// Unoptimized argmax equals the given continuation token.
+    pub base_top1_agreement_reference: f64,
+    /// Mean KL(P_unoptimized || P_optimized) in nats.
+    pub mean_kl: f64,
+    pub perplexity_base: f64,
+    pub perplexity_optimized: f64,
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let lse = logsumexp(row);
+    row.iter().map(|v| *v as f64 - lse).collect()
+}
+
+/// Teacher-forced comparison of two executors over `cases`.
+pub fn compare_quality(
+    base: &mut dyn Executor,
+    optimized: &mut dyn Executor,
+    cases: &[QualityCase],
+) -> Result<QualityReport, ExecError> {
+    let vocab = base.vocab_size();
+    if optimized.vocab_size() != vocab {
+        return Err(ExecError::Usage("the two executors have different vocabularies".into()));
+    }
+    let (mut n, mut agree, mut agree_ref, mut base_ref) = (0usize, 0usize, 0usize, 0usize);
+    let (mut kl, mut nll_base, mut nll_opt) = (0.0f64, 0.0f64, 0.0f64);
+    for case in cases {
+        if case.prompt.is_empty() || case.continuation.is_empty() {
+            return Err(ExecError::Usage("a quality case needs prompt and continuation tokens".into()));
+        }
+        let mut all = case.prompt.clone();
+        all.extend_from_slice(&case.continuation);
+        base.reset();
+        optimized.reset();
+        let a = base.forward(&all[..all.len() - 1])?;
+        let b = optimized.forward(&all[..all.len() - 1])?;
+        for (i, &token) in case.continuation.iter().enumerate() {
+            let row = case.prompt.len() - 1 + i;
+            let (ra, rb) = (&a[row * vocab..(row + 1) * vocab], &b[row * vocab..(row + 1) * vocab]);
+            let (la, lb) = (log_softmax(ra), log_softmax(rb));
+            kl += la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+            let (ma, mb) = (argmax(ra), argmax(rb));
+            agree += (ma == mb) as usize;
+            agree_ref += (mb == token as usize) as usize;
+            base_ref += (ma == token as usize) as usize;
+            nll_base -= la[token as usize];
+            nll_opt -= lb[token as usize];
+            n += 1;
+        }
+    }
+    let nf = n.max(1) as f64;
+    Ok(QualityReport {
+        cases: cases.len(),
+        positions: n,
+        top1_agreement: agree as f64 / nf,
+        top1_agreement_reference: agree_ref as f64 / nf,
+        base_top1_agreement_reference: base_ref as f64 / nf,
+        mean_kl: kl / nf,
+        perplexity_base: (nll_base / nf).exp(),
+        perplexity_optimized: (nll_opt / nf).exp(),
+    })
+}

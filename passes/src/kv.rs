@@ -1,0 +1,26 @@
+//! KV-cache quantization: sets every cache write (`kv_append`, `gqa`) to the requested
+//! storage type. The interpreter then stores integer codes with one scale per
+//! (position, head) vector and attends over their dequantized values.
+
+use slmc_ir::{Graph, KvQuant, Op};
+
+use crate::PassContext;
+
+pub fn kv_quant(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, String> {
+    let want = cx.options.kv_quant;
+    if want == KvQuant::F32 {
+        return Ok(0);
+    }
+    let mut changed = 0;
+    let ids: Vec<_> = graph.nodes().map(|(id, _)| id).collect();
+    for id in ids {
+        match &mut graph.node_mut(id).op {
+            Op::KvAppend { quant, .. } | Op::Gqa { quant, .. } if *quant != want => {
+                *quant = want;
+                changed += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(changed)
+}

@@ -1,0 +1,461 @@
+//! Weight quantization: named schemes, a per-tensor policy, round-to-nearest and an
+//! activation-aware clipping search, and lossless pass-through of weights that are
+//! already in the requested format (GGUF Q4_0/Q4_1/Q8_0 blocks keep their bytes).
+//!
+//! Packed layout: ggml's block layout (f16 scale, f16 minimum for asymmetric schemes,
+//! then element j and j + g/2 in one byte, low nibble first), with groups of 32/64/128.
+//! Other layouts (interleaved nibbles for MatMulNBits, f32 scales) are re-layouts of
+//! the same codes, done by the backend that needs them.
+
+use std::collections::HashMap;
+
+use half::f16;
+use rayon::prelude::*;
+use slmc_ir::dtype::{encode_float, pack_q4, pack_q8_0};
+use slmc_ir::{DType, Dim, Graph, Interpreter, NodeId, Op, OwnedWeight, Tensor, TensorType, WeightSource};
+
+use crate::PassContext;
+
+/// A quantization scheme for one weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Leave the weight as stored.
+    Keep,
+    F32,
+    F16,
+    /// Q8_0: symmetric int8 in blocks of 32.
+    Q8,
+    /// 4-bit groups: asymmetric (scale = (max - min) / 15, offset = min, 16 levels) or
+    /// symmetric (scale = max|w| / 7, levels -7..7).
+    Q4 {
+        group: usize,
+        sym: bool,
+    },
+}
+
+impl Scheme {
+    pub fn parse(text: &str) -> Result<Scheme, String> {
+        Ok(match text {
+            "keep" | "none" => Scheme::Keep,
+            "f32" => Scheme::F32,
+            "f16" => Scheme::F16,
+            "q8" | "q8_0" => Scheme::Q8,
+            _ => {
+                let (body, sym) = match text.strip_suffix("-sym") {
+                    Some(b) => (b, true),
+                    None => (text, false),
+                };
+                let group = body.strip_prefix("q4g").and_then(|g| g.parse::<usize>().ok());
+                match group {
+                    Some(g @ (32 | 64 | 128)) => Scheme::Q4 { group: g, sym },
+                    _ => {
+                        return Err(format!(
+                            "unknown quantization scheme `{text}` (q4g32, q4g64, q4g128, their -sym variants, q8, f16, f32, keep)"
+                        ))
+                    }
+                }
+            }
+        })
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Scheme::Keep => "keep".into(),
+            Scheme::F32 => "f32".into(),
+            Scheme::F16 => "f16".into(),
+            Scheme::Q8 => "q8".into(),
+            Scheme::Q4 { group, sym } => format!("q4g{group}{}", if sym { "-sym" } else { "" }),
+        }
+    }
+
+    /// The stored dtype this scheme produces (`None` for keep).
+    pub fn dtype(self) -> Option<DType> {
+        Some(match self {
+            Scheme::Keep => return None,
+            Scheme::F32 => DType::F32,
+            Scheme::F16 => DType::F16,
+            Scheme::Q8 => DType::Q8_0,
+            Scheme::Q4 { group: 32, sym: true } => DType::Q4_0,
+            Scheme::Q4 { group: 64, sym: true } => DType::Q4_0G64,
+            Scheme::Q4 { group: _, sym: true } => DType::Q4_0G128,
+            Scheme::Q4 { group: 32, sym: false } => DType::Q4_1,
+            Scheme::Q4 { group: 64, sym: false } => DType::Q4_1G64,
+            Scheme::Q4 { group: _, sym: false } => DType::Q4_1G128,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum QuantMethod {
+    /// Round to nearest on the plain grid.
+    #[default]
+    Rtn,
+    /// Per-group search of a clipping ratio minimizing the output error weighted by the
+    /// mean squared calibration activation of each input channel (AWQ's clip search).
+    Clip,
+}
+
+impl QuantMethod {
+    pub fn parse(text: &str) -> Result<QuantMethod, String> {
+        match text {
+            "rtn" => Ok(QuantMethod::Rtn),
+            "clip" | "awq" => Ok(QuantMethod::Clip),
+            other => Err(format!("unknown quantization method `{other}` (rtn, clip)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantMethod::Rtn => "rtn",
+            QuantMethod::Clip => "clip",
+        }
+    }
+}
+
+/// Which scheme each weight gets. Matrices of `linear` ops take `scheme`; the embedding
+/// table and an LM head tied to it are left as stored unless an override names them. Overrides
+/// match the roles `embed` and `lm_head` or any substring of a weight's name; the first
+/// match wins.
+#[derive(Clone, Debug, Default)]
+pub struct QuantPolicy {
+    pub scheme: Option<Scheme>,
+    pub overrides: Vec<(String, Scheme)>,
+    pub method: QuantMethod,
+}
+
+impl QuantPolicy {
+    /// Parses `lm_head=q8,embed=f16`.
+    pub fn parse_overrides(text: &str) -> Result<Vec<(String, Scheme)>, String> {
+        text.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|item| {
+                let (key, scheme) =
+                    item.split_once('=').ok_or_else(|| format!("override `{item}` is not KEY=SCHEME"))?;
+                Ok((key.trim().to_string(), Scheme::parse(scheme.trim())?))
+            })
+            .collect()
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.scheme.is_none() && self.overrides.is_empty()
+    }
+
+    fn scheme_for(&self, role: Role, weight: &str, tied: bool) -> Scheme {
+        let role_key = match role {
+            Role::Embed => "embed",
+            Role::LmHead => "lm_head",
+            Role::Matrix => "",
+        };
+        for (key, scheme) in &self.overrides {
+            if key == role_key || weight.contains(key.as_str()) {
+                return *scheme;
+            }
+        }
+        match role {
+            Role::Matrix => self.scheme.unwrap_or(Scheme::Keep),
+            // Embedding tables (and the LM head tied to one) stay as they are by default.
+            Role::Embed => Scheme::Keep,
+            // A head tied to the embedding table is that table: it stays unless named.
+            Role::LmHead if tied => Scheme::Keep,
+            Role::LmHead => self.scheme.unwrap_or(Scheme::Keep),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Role {
+    Embed,
+    LmHead,
+    Matrix,
+}
+
+/// Each use of a weight node: (user, operand slot, role).
+fn weight_uses(graph: &Graph, w: NodeId) -> Vec<(NodeId, usize, Role)> {
+    let logits: Vec<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    let mut uses = Vec::new();
+    for u in graph.users(w) {
+        let node = graph.node(u);
+        for (slot, input) in node.inputs.iter().enumerate() {
+            if *input != w {
+                continue;
+            }
+            let role = match (&node.op, slot) {
+                (Op::Embed, 0) => Role::Embed,
+                (Op::Linear, 1) if logits.contains(&u) => Role::LmHead,
+                (Op::Linear | Op::LinearSwiglu, 1) => Role::Matrix,
+                _ => continue,
+            };
+            uses.push((u, slot, role));
+        }
+    }
+    uses
+}
+
+pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, String> {
+    let policy = cx.options.quant.clone();
+    if policy.is_noop() {
+        return Ok(0);
+    }
+    // Decide per (weight node, role).
+    let mut plan: Vec<(NodeId, Role, Scheme, Vec<(NodeId, usize)>)> = Vec::new();
+    for id in graph.topo_order()? {
+        let Op::Weight { name } = &graph.node(id).op else { continue };
+        if graph.node(id).ty.rank() != 2 {
+            continue;
+        }
+        let mut by_role: Vec<(Role, Vec<(NodeId, usize)>)> = Vec::new();
+        for (user, slot, role) in weight_uses(graph, id) {
+            match by_role.iter_mut().find(|(r, _)| *r == role) {
+                Some((_, v)) => v.push((user, slot)),
+                None => by_role.push((role, vec![(user, slot)])),
+            }
+        }
+        let tied = by_role.iter().any(|(r, _)| *r == Role::Embed);
+        for (role, uses) in by_role {
+            let scheme = policy.scheme_for(role, name, tied);
+            if scheme != Scheme::Keep {
+                plan.push((id, role, scheme, uses));
+            }
+        }
+    }
+    if plan.is_empty() {
+        return Ok(0);
+    }
+    let stats = if policy.method == QuantMethod::Clip {
+        activation_stats(graph, cx, &plan.iter().flat_map(|p| p.3.iter().map(|u| u.0)).collect::<Vec<_>>())?
+    } else {
+        HashMap::new()
+    };
+    let mut changed = 0;
+    for (w, role, scheme, uses) in plan {
+        let name = match &graph.node(w).op {
+            Op::Weight { name } => name.clone(),
+            _ => unreachable!(),
+        };
+        let view_dtype = graph.node(w).ty.dtype;
+        let target = scheme.dtype().expect("keep is filtered out");
+        if target == view_dtype {
+            continue; // already in the requested format: the stored bytes pass through
+        }
+        let shape: Vec<usize> = graph.node(w).ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+        let (rows, cols) = (shape[0], shape[1]);
+        if cols % target.block_len() != 0 {
+            return Err(format!("weight \"{name}\": {cols} columns are not a multiple of {}'s group", scheme.name()));
+        }
+        let derived_name = format!(
+            "{name}@{}{}",
+            scheme.name(),
+            if policy.method == QuantMethod::Clip && matches!(scheme, Scheme::Q4 { .. }) { "-clip" } else { "" }
+        );
+        if cx.derived.get(&derived_name).is_none() {
+            let values = cx.weights().to_f32(&name).ok_or_else(|| format!("weight \"{name}\" cannot be read"))?;
+            // Channel weights for the clipping search: mean x^2 of the input of this weight's users.
+            let importance: Option<Vec<f32>> = uses.iter().find_map(|(u, _)| stats.get(u).cloned());
+            let bytes = quantize_matrix(&values, rows, cols, scheme, policy.method, importance.as_deref());
+            cx.derived.insert(derived_name.clone(), OwnedWeight { dtype: target, shape: shape.clone(), bytes });
+        }
+        let ty = TensorType::new(target, shape.iter().map(|d| Dim::from(*d)).collect());
+        let base = graph.node(w).name.clone();
+        let suffix = match role {
+            Role::LmHead => "lm_head",
+            _ => "q",
+        };
+        let new_w = graph.weight(&graph.fresh_name(&format!("{base}.{suffix}")), &derived_name, ty)?;
+        for (user, slot) in uses {
+            let mut inputs = graph.node(user).inputs.clone();
+            inputs[slot] = new_w;
+            graph.set_inputs(user, &inputs);
+        }
+        changed += 1;
+    }
+    crate::cleanup::dead_code_elimination(graph);
+    Ok(changed)
+}
+
+/// Mean squared activation per input channel of each of `users` (linear nodes), from
+/// running the current graph on the calibration sequences.
+fn activation_stats(graph: &Graph, cx: &PassContext, users: &[NodeId]) -> Result<HashMap<NodeId, Vec<f32>>, String> {
+    if cx.options.calibration.is_empty() {
+        return Err("the clip method needs calibration sequences".into());
+    }
+    let inputs: HashMap<NodeId, Vec<NodeId>> = users.iter().fold(HashMap::new(), |mut m, u| {
+        m.entry(graph.node(*u).inputs[0]).or_default().push(*u);
+        m
+    });
+    let weights = cx.weights();
+    let mut interp = Interpreter::new(graph, &weights).map_err(|e| format!("calibration: {e}"))?;
+    let mut sums: HashMap<NodeId, (Vec<f64>, usize)> = HashMap::new();
+    for seq in &cx.options.calibration {
+        interp.reset();
+        let tokens = Tensor::i32(vec![seq.len()], seq.iter().map(|t| *t as i32).collect());
+        interp
+            .run_observed(&[("tokens", tokens)], &mut |id, t| {
+                if inputs.contains_key(&id) {
+                    let x = t.as_f32().expect("linear inputs are f32");
+                    let k = *t.shape.last().unwrap();
+                    let entry = sums.entry(id).or_insert_with(|| (vec![0.0; k], 0));
+                    for row in x.chunks_exact(k) {
+                        for (s, v) in entry.0.iter_mut().zip(row) {
+                            *s += (*v as f64) * (*v as f64);
+                        }
+                        entry.1 += 1;
+                    }
+                }
+            })
+            .map_err(|e| format!("calibration: {e}"))?;
+    }
+    let mut out = HashMap::new();
+    for (x, (sum, n)) in sums {
+        let mean: Vec<f32> = sum.iter().map(|s| (*s / n.max(1) as f64) as f32).collect();
+        for u in &inputs[&x] {
+            out.insert(*u, mean.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Quantizes a row-major `[rows, cols]` matrix into `scheme`'s packed bytes.
+pub fn quantize_matrix(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: Scheme,
+    method: QuantMethod,
+    importance: Option<&[f32]>,
+) -> Vec<u8> {
+    match scheme {
+        Scheme::F32 | Scheme::F16 => encode_float(scheme.dtype().unwrap(), values).expect("float scheme"),
+        Scheme::Q8 => {
+            let mut out = Vec::new();
+            for row in values.chunks_exact(cols) {
+                pack_q8_0(row, &mut out);
+            }
+            out
+        }
+        Scheme::Q4 { group, sym } => {
+            let dtype = scheme.dtype().unwrap();
+            let rows_out: Vec<Vec<u8>> = values
+                .par_chunks(cols)
+                .map(|row| {
+                    let mut codes = Vec::with_capacity(cols);
+                    let (mut scales, mut mins) = (Vec::new(), Vec::new());
+                    for (gi, g) in row.chunks_exact(group).enumerate() {
+                        let imp = importance.map(|w| &w[gi * group..(gi + 1) * group]);
+                        let (d, m, c) = quantize_group(g, sym, method, imp);
+                        scales.push(d);
+                        mins.push(m);
+                        codes.extend(c);
+                    }
+                    let mut out = Vec::new();
+                    pack_q4(dtype, &codes, &scales, (!sym).then_some(&mins[..]), &mut out);
+                    out
+                })
+                .collect();
+            debug_assert_eq!(rows_out.len(), rows);
+            rows_out.concat()
+        }
+        Scheme::Keep => unreachable!("keep is never quantized"),
+    }
+}
+
+/// One group: codes 0..=15 and the f16 scale (and minimum) they decode with.
+fn quantize_group(g: &[f32], sym: bool, method: QuantMethod, importance: Option<&[f32]>) -> (f16, f16, Vec<u8>) {
+    let ratios: &[f32] = match method {
+        QuantMethod::Rtn => &[1.0],
+        QuantMethod::Clip => &CLIP_RATIOS,
+    };
+    let mut best: Option<(f64, (f16, f16, Vec<u8>))> = None;
+    for &r in ratios {
+        let candidate = if sym { rtn_sym(g, r) } else { rtn_asym(g, r) };
+        if ratios.len() == 1 {
+            return candidate;
+        }
+        let (d, m) = (candidate.0.to_f32(), candidate.1.to_f32());
+        let err: f64 = g
+            .iter()
+            .zip(&candidate.2)
+            .enumerate()
+            .map(|(k, (w, q))| {
+                let deq = if sym { (*q as f32 - 8.0) * d } else { *q as f32 * d + m };
+                let e = (w - deq) as f64;
+                importance.map(|i| i[k] as f64).unwrap_or(1.0) * e * e
+            })
+            .sum();
+        if best.as_ref().is_none_or(|(b, _)| err < *b) {
+            best = Some((err, candidate));
+        }
+    }
+    best.expect("at least one ratio").1
+}
+
+const CLIP_RATIOS: [f32; 21] = [
+    1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.725, 0.7, 0.675, 0.65, 0.625, 0.6, 0.575,
+    0.55, 0.525, 0.5,
+];
+
+/// Symmetric: scale = ratio * max|w| / 7, codes q + 8 for q in -7..=7.
+fn rtn_sym(g: &[f32], ratio: f32) -> (f16, f16, Vec<u8>) {
+    let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs())) * ratio;
+    let d = f16::from_f32(amax / 7.0);
+    let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+    let codes = g.iter().map(|w| ((w * inv).round().clamp(-7.0, 7.0) + 8.0) as u8).collect();
+    (d, f16::ZERO, codes)
+}
+
+/// Asymmetric: scale = (max - min) / 15 and offset = min over the (clipped) range.
+fn rtn_asym(g: &[f32], ratio: f32) -> (f16, f16, Vec<u8>) {
+    let mn = g.iter().copied().fold(f32::INFINITY, f32::min) * ratio;
+    let mx = g.iter().copied().fold(f32::NEG_INFINITY, f32::max) * ratio;
+    let d = f16::from_f32((mx - mn) / 15.0);
+    let m = f16::from_f32(mn);
+    let (df, mf) = (d.to_f32(), m.to_f32());
+    let codes = g.iter().map(|w| if df > 0.0 { ((w - mf) / df).round().clamp(0.0, 15.0) as u8 } else { 0 }).collect();
+    (d, m, codes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_parse_and_name_round_trip() {
+        for s in ["q4g32", "q4g64", "q4g128", "q4g32-sym", "q4g128-sym", "q8", "f16", "f32", "keep"] {
+            assert_eq!(Scheme::parse(s).unwrap().name(), s);
+        }
+        assert!(Scheme::parse("q4g48").is_err());
+        assert_eq!(Scheme::parse("q4g32").unwrap().dtype(), Some(DType::Q4_1));
+        assert_eq!(Scheme::parse("q4g32-sym").unwrap().dtype(), Some(DType::Q4_0));
+    }
+
+    #[test]
+    fn asym_rtn_is_exact_on_its_own_grid() {
+        // Values on a q4 grid whose group spans codes 0..=15 come back exactly.
+        let d = f16::from_f32(0.125).to_f32();
+        let m = f16::from_f32(-1.0).to_f32();
+        let g: Vec<f32> = (0..32).map(|i| ((i * 5) % 16) as f32 * d + m).collect();
+        let bytes = quantize_matrix(&g, 1, 32, Scheme::Q4 { group: 32, sym: false }, QuantMethod::Rtn, None);
+        let mut out = vec![0.0; 32];
+        slmc_ir::dtype::dequantize_into(DType::Q4_1, &bytes, &mut out);
+        assert_eq!(out, g);
+    }
+
+    #[test]
+    fn sym_uses_levels_minus7_to_7() {
+        let g: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 4.0).collect();
+        let (d, _, codes) = rtn_sym(&g, 1.0);
+        assert!((d.to_f32() - 4.0 / 7.0).abs() < 1e-3);
+        assert!(codes.iter().all(|c| (1..=15).contains(c)));
+    }
+
+    #[test]
+    fn clip_search_never_increases_weighted_error() {
+        let g: Vec<f32> =
+            (0..64).map(|i| ((i * 37 % 64) as f32 / 64.0 - 0.5) * if i == 3 { 8.0 } else { 1.0 }).collect();
+        let imp = vec![1.0f32; 64];
+        let err = |method| {
+            let (d, _, c) = quantize_group(&g, true, method, Some(&imp));
+            g.iter().zip(c).map(|(w, q)| ((w - (q as f32 - 8.0) * d.to_f32()) as f64).powi(2)).sum::<f64>()
+        };
+        assert!(err(QuantMethod::Clip) <= err(QuantMethod::Rtn));
+    }
+}
