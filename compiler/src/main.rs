@@ -45,8 +45,11 @@ enum Emit {
 #[derive(clap::Args, Clone, Default)]
 struct OptArgs {
     /// Named pipeline (default, gpu, portable, minimal).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "passes")]
     pipeline: Option<String>,
+    /// An explicit pass list instead of a pipeline, e.g. `fuse-qkv,dce`.
+    #[arg(long, value_delimiter = ',')]
+    passes: Vec<String>,
     /// Weight scheme for linear matrices: q4g32, q4g64, q4g128, q4g32-sym, ..., q8, f16, f32, keep.
     #[arg(long)]
     quant: Option<String>,
@@ -80,6 +83,7 @@ impl OptArgs {
     fn request(&self) -> OptRequest {
         OptRequest {
             pipeline: self.pipeline.clone(),
+            passes: self.passes.clone(),
             quant: self.quant.clone(),
             quant_override: self.quant_override.clone(),
             quant_method: self.quant_method.clone(),
@@ -548,6 +552,7 @@ fn memory_json(plan: &slmc_passes::MemoryPlan) -> Value {
     json!({
         "weight_bytes": plan.weight_bytes,
         "kv_bytes_per_token": plan.kv_bytes_per_token,
+        "kv_scale_bytes_per_token": plan.kv_scale_bytes_per_token,
         "kv_bytes_per_token_f32": plan.kv_bytes_per_token_f32,
         "context_len": plan.context_len,
         "prefill": arena(&plan.prefill),
@@ -671,8 +676,21 @@ fn quality_command(
         "max_quality_drop": max_drop,
         "memory": optimized.memory_plan.as_ref().map(memory_json),
     });
+    let failure = max_drop
+        .filter(|limit| drop_points > *limit)
+        .map(|limit| format!("quality drop of {drop_points:.2} top-1 points exceeds --max-quality-drop {limit}"));
     if common.json {
+        let mut report = report;
+        report["passed"] = json!(failure.is_none());
+        if let Some(f) = &failure {
+            report["error"] = json!(f);
+        }
         print_json(&report);
+        if let Some(f) = failure {
+            // The report above is the one JSON document on stdout; the error goes to stderr.
+            eprintln!("error: {f}");
+            std::process::exit(1);
+        }
     } else {
         println!("positions:                {} over {} prompts", r.positions, r.cases);
         println!("top-1 agreement:          {:.4} (with the unoptimized model)", r.top1_agreement);
@@ -683,10 +701,8 @@ fn quality_command(
         println!("mean KL:                  {:.4} nats", r.mean_kl);
         println!("perplexity:               {:.3} -> {:.3}", r.perplexity_base, r.perplexity_optimized);
     }
-    if let Some(limit) = max_drop {
-        if drop_points > limit {
-            bail!("quality drop of {drop_points:.2} top-1 points exceeds --max-quality-drop {limit}");
-        }
+    match failure {
+        Some(f) => bail!(f),
+        None => Ok(()),
     }
-    Ok(())
 }

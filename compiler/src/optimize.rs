@@ -19,6 +19,8 @@ const CALIBRATION_TEXT: &str = include_str!("calibration.txt");
 #[derive(Debug, Clone, Default)]
 pub struct OptRequest {
     pub pipeline: Option<String>,
+    /// An explicit pass list; overrides `pipeline`.
+    pub passes: Vec<String>,
     pub quant: Option<String>,
     pub quant_override: Option<String>,
     pub quant_method: Option<String>,
@@ -33,6 +35,7 @@ impl OptRequest {
     /// Whether any optimization was asked for (otherwise commands run the lowered graph).
     pub fn is_active(&self) -> bool {
         self.pipeline.is_some()
+            || !self.passes.is_empty()
             || self.quant.is_some()
             || self.quant_override.is_some()
             || self.kv_quant.is_some()
@@ -106,8 +109,11 @@ pub fn optimize(
     req: &OptRequest,
     sink: Option<&mut dyn std::io::Write>,
 ) -> Result<Optimized> {
-    let pipeline = req.pipeline.as_deref().unwrap_or("default");
-    let passes = slmc_passes::lookup_pipeline(pipeline)?.to_vec();
+    let passes: Vec<&'static str> = if req.passes.is_empty() {
+        slmc_passes::lookup_pipeline(req.pipeline.as_deref().unwrap_or("default"))?.to_vec()
+    } else {
+        req.passes.iter().map(|p| slmc_passes::lookup_pass(p).map(|info| info.name)).collect::<Result<_, _>>()?
+    };
     let method = QuantMethod::parse(req.quant_method.as_deref().unwrap_or("rtn")).map_err(|e| anyhow!(e))?;
     let policy = QuantPolicy {
         scheme: req.quant.as_deref().map(Scheme::parse).transpose().map_err(|e| anyhow!(e))?,

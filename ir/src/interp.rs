@@ -488,15 +488,16 @@ fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], rotary: &Rotary) {
 }
 
 /// One KV cache (keys or values of one layer). Quantized caches hold integer codes and
-/// one scale per (position, head) vector, and are dequantized when read.
+/// a scale and minimum per (position, head) vector, and are dequantized when read.
 #[derive(Clone, Debug, Default)]
 struct CacheBuf {
     quant: KvQuant,
     heads: usize,
     head_dim: usize,
     plain: Vec<f32>,
-    codes: Vec<i8>,
-    scales: Vec<f32>,
+    codes: Vec<u8>,
+    /// Per vector: scale and minimum (asymmetric codes, value = code * scale + min).
+    scales: Vec<(f32, f32)>,
 }
 
 impl CacheBuf {
@@ -509,17 +510,18 @@ impl CacheBuf {
 
     fn append(&mut self, quant: KvQuant, heads: usize, head_dim: usize, x: &[f32]) {
         (self.quant, self.heads, self.head_dim) = (quant, heads, head_dim);
-        let levels = match quant {
+        let top = match quant {
             KvQuant::F32 => return self.plain.extend_from_slice(x),
-            KvQuant::Int8 => 127.0f32,
-            KvQuant::Int4 => 7.0f32,
+            KvQuant::Int8 => 255.0f32,
+            KvQuant::Int4 => 15.0f32,
         };
         for v in x.chunks_exact(head_dim) {
-            let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let scale = amax / levels;
+            let min = v.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let scale = (max - min) / top;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            self.scales.push(scale);
-            self.codes.extend(v.iter().map(|x| (x * inv).round().clamp(-levels, levels) as i8));
+            self.scales.push((scale, min));
+            self.codes.extend(v.iter().map(|x| ((x - min) * inv).round().clamp(0.0, top) as u8));
         }
     }
 
@@ -530,7 +532,7 @@ impl CacheBuf {
                 .codes
                 .chunks_exact(self.head_dim)
                 .zip(&self.scales)
-                .flat_map(|(c, s)| c.iter().map(move |q| *q as f32 * s))
+                .flat_map(|(c, (s, m))| c.iter().map(move |q| *q as f32 * s + m))
                 .collect(),
         }
     }

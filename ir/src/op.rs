@@ -29,8 +29,10 @@ pub enum RopeScaling {
     },
 }
 
-/// How the KV cache stores its values. Quantized caches keep one f32 scale per
-/// (position, head) vector: int8 uses levels -127..127, int4 levels -7..7.
+/// How the KV cache stores its values. Quantized caches keep, per (position, head)
+/// vector, an f32 scale and an f32 minimum, and codes 0..=255 (int8) or 0..=15 (int4):
+/// value = code * scale + minimum. (Symmetric absmax codes flipped confident argmaxes on
+/// SmolLM2's goldens; the asymmetric range did not.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum KvQuant {
     #[default]
@@ -52,12 +54,20 @@ impl KvQuant {
         [KvQuant::F32, KvQuant::Int8, KvQuant::Int4].into_iter().find(|q| q.name() == name)
     }
 
-    /// Bytes one cached vector of `head_dim` values takes, its scale included.
-    pub fn bytes_per_vector(self, head_dim: usize) -> usize {
+    /// Bytes of the values of one cached vector of `head_dim` elements.
+    pub fn data_bytes_per_vector(self, head_dim: usize) -> usize {
         match self {
             KvQuant::F32 => 4 * head_dim,
-            KvQuant::Int8 => head_dim + 4,
-            KvQuant::Int4 => head_dim.div_ceil(2) + 4,
+            KvQuant::Int8 => head_dim,
+            KvQuant::Int4 => head_dim.div_ceil(2),
+        }
+    }
+
+    /// Bytes of the scale and minimum of one cached vector (two f32 when quantized).
+    pub fn scale_bytes_per_vector(self) -> usize {
+        match self {
+            KvQuant::F32 => 0,
+            _ => 8,
         }
     }
 }

@@ -14,13 +14,37 @@
 use std::fmt::Write;
 
 use crate::dtype::DType;
-use crate::graph::Graph;
+use crate::graph::{Graph, NodeId};
 use crate::op::{Attr, Op};
 use crate::shape::{Dim, TensorType};
 
-/// Prints the graph in topological order (insertion order among ready nodes).
-pub fn print(graph: &Graph) -> String {
+/// The printed order: computations in topological order (insertion order among ready
+/// nodes), each input and weight printed just before its first use, so a reader sees a
+/// weight where it is used. Sources nothing uses come last.
+pub fn print_order(graph: &Graph) -> Vec<NodeId> {
     let order = graph.topo_order().unwrap_or_else(|_| graph.nodes().map(|(id, _)| id).collect());
+    let mut emitted = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(order.len());
+    for id in &order {
+        let node = graph.node(*id);
+        if node.op.is_source() {
+            continue;
+        }
+        for input in &node.inputs {
+            if graph.contains(*input) && graph.node(*input).op.is_source() && emitted.insert(*input) {
+                out.push(*input);
+            }
+        }
+        emitted.insert(*id);
+        out.push(*id);
+    }
+    out.extend(order.into_iter().filter(|id| !emitted.contains(id)));
+    out
+}
+
+/// Prints the graph in [`print_order`].
+pub fn print(graph: &Graph) -> String {
+    let order = print_order(graph);
     let mut out = String::new();
     writeln!(out, "graph {:?} {{", graph.name).unwrap();
     for id in order {

@@ -1,5 +1,5 @@
 //! KV-cache quantization: sets every cache write (`kv_append`, `gqa`) to the requested
-//! storage type. The interpreter then stores integer codes with one scale per
+//! storage type. The interpreter then stores integer codes with a scale and minimum per
 //! (position, head) vector and attends over their dequantized values.
 
 use slmc_ir::{Graph, KvQuant, Op};

@@ -29,7 +29,10 @@ pub struct ArenaPlan {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryPlan {
     pub weight_bytes: usize,
+    /// KV-cache value bytes per token (all layers, keys and values).
     pub kv_bytes_per_token: usize,
+    /// Scale bytes per token of a quantized cache, on top of the values.
+    pub kv_scale_bytes_per_token: usize,
     /// The same cache in f32, for comparison.
     pub kv_bytes_per_token_f32: usize,
     pub context_len: usize,
@@ -43,7 +46,7 @@ pub fn plan_memory(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, Str
     let weights = cx.weights();
     let mut weight_bytes = 0;
     let mut seen = HashSet::new();
-    let (mut kv, mut kv_f32) = (0, 0);
+    let (mut kv, mut kv_scales, mut kv_f32) = (0, 0, 0);
     for (_, node) in graph.nodes() {
         match &node.op {
             Op::Weight { name } if seen.insert(name.clone()) => {
@@ -51,12 +54,14 @@ pub fn plan_memory(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, Str
             }
             Op::KvAppend { quant, .. } => {
                 let (h, d) = heads_and_dim(&node.ty.shape);
-                kv += h * quant.bytes_per_vector(d);
+                kv += h * quant.data_bytes_per_vector(d);
+                kv_scales += h * quant.scale_bytes_per_vector();
                 kv_f32 += h * 4 * d;
             }
             Op::Gqa { quant, .. } => {
                 let (h, d) = heads_and_dim(&graph.node(node.inputs[1]).ty.shape);
-                kv += 2 * h * quant.bytes_per_vector(d);
+                kv += 2 * h * quant.data_bytes_per_vector(d);
+                kv_scales += 2 * h * quant.scale_bytes_per_vector();
                 kv_f32 += 2 * h * 4 * d;
             }
             _ => {}
@@ -65,6 +70,7 @@ pub fn plan_memory(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, Str
     cx.memory_plan = Some(MemoryPlan {
         weight_bytes,
         kv_bytes_per_token: kv,
+        kv_scale_bytes_per_token: kv_scales,
         kv_bytes_per_token_f32: kv_f32,
         context_len: context,
         prefill: plan_arena(graph, prefill_len, 0)?,

@@ -227,7 +227,7 @@ pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize
         HashMap::new()
     };
     let mut changed = 0;
-    for (w, role, scheme, uses) in plan {
+    for (w, _role, scheme, uses) in plan {
         let name = match &graph.node(w).op {
             Op::Weight { name } => name.clone(),
             _ => unreachable!(),
@@ -256,11 +256,7 @@ pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize
         }
         let ty = TensorType::new(target, shape.iter().map(|d| Dim::from(*d)).collect());
         let base = graph.node(w).name.clone();
-        let suffix = match role {
-            Role::LmHead => "lm_head",
-            _ => "q",
-        };
-        let new_w = graph.weight(&graph.fresh_name(&format!("{base}.{suffix}")), &derived_name, ty)?;
+        let new_w = graph.weight(&graph.fresh_name(&format!("{base}.{}", scheme.name())), &derived_name, ty)?;
         for (user, slot) in uses {
             let mut inputs = graph.node(user).inputs.clone();
             inputs[slot] = new_w;
