@@ -60,8 +60,8 @@ fn dot_output_is_a_digraph() {
 }
 
 const GOOD: &str = r#"graph "broken" {
-  %tokens = input "tokens" : i32[s]
   %emb = weight "embed" : f32[16, 8]
+  %tokens = input "tokens" : i32[s]
   %x = embed(%emb, %tokens) : f32[s, 8]
   %norm.w = weight "norm" : f32[8]
   %y = rms_norm(%x, %norm.w) {eps = 1e-5} : f32[s, 8]
@@ -122,5 +122,5 @@ fn parser_reports_lines() {
     let err = cat_error(&GOOD.replace("{eps = 1e-5}", "{eps = 1e-5, bogus = 3}"));
     assert!(err.contains("line 6") && err.contains("bogus"), "{err}");
     let err = cat_error(&GOOD.replace("f32[16, 8]", "f33[16, 8]"));
-    assert!(err.contains("line 3") && err.contains("f33"), "{err}");
+    assert!(err.contains("line 2") && err.contains("f33"), "{err}");
 }

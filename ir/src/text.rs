@@ -381,8 +381,8 @@ mod tests {
     use crate::verify::{verify, VerifyError};
 
     const SMALL: &str = r#"graph "small" {
-  %tokens = input "tokens" : i32[s]
   %emb = weight "embed" : f16[10, 4]
+  %tokens = input "tokens" : i32[s]
   %x = embed(%emb, %tokens) : f32[s, 4]
   %norm.w = weight "norm" : f32[4]
   %y = rms_norm(%x, %norm.w) {eps = 1e-5} : f32[s, 4]
