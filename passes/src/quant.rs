@@ -191,13 +191,19 @@ fn weight_uses(graph: &Graph, w: NodeId) -> Vec<(NodeId, usize, Role)> {
     uses
 }
 
+/// A weight node, the role and scheme of some of its uses, and those uses (user, slot).
+type PlannedWeight = (NodeId, Role, Scheme, Vec<(NodeId, usize)>);
+
+/// A quantized group: f16 scale, f16 minimum (zero for symmetric) and codes 0..=15.
+type QuantGroup = (f16, f16, Vec<u8>);
+
 pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, String> {
     let policy = cx.options.quant.clone();
     if policy.is_noop() {
         return Ok(0);
     }
     // Decide per (weight node, role).
-    let mut plan: Vec<(NodeId, Role, Scheme, Vec<(NodeId, usize)>)> = Vec::new();
+    let mut plan: Vec<PlannedWeight> = Vec::new();
     for id in graph.topo_order()? {
         let Op::Weight { name } = &graph.node(id).op else { continue };
         if graph.node(id).ty.rank() != 2 {
@@ -355,12 +361,12 @@ pub fn quantize_matrix(
 }
 
 /// One group: codes 0..=15 and the f16 scale (and minimum) they decode with.
-fn quantize_group(g: &[f32], sym: bool, method: QuantMethod, importance: Option<&[f32]>) -> (f16, f16, Vec<u8>) {
+fn quantize_group(g: &[f32], sym: bool, method: QuantMethod, importance: Option<&[f32]>) -> QuantGroup {
     let ratios: &[f32] = match method {
         QuantMethod::Rtn => &[1.0],
         QuantMethod::Clip => &CLIP_RATIOS,
     };
-    let mut best: Option<(f64, (f16, f16, Vec<u8>))> = None;
+    let mut best: Option<(f64, QuantGroup)> = None;
     for &r in ratios {
         let candidate = if sym { rtn_sym(g, r) } else { rtn_asym(g, r) };
         if ratios.len() == 1 {
@@ -390,7 +396,7 @@ const CLIP_RATIOS: [f32; 21] = [
 ];
 
 /// Symmetric: scale = ratio * max|w| / 7, codes q + 8 for q in -7..=7.
-fn rtn_sym(g: &[f32], ratio: f32) -> (f16, f16, Vec<u8>) {
+fn rtn_sym(g: &[f32], ratio: f32) -> QuantGroup {
     let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs())) * ratio;
     let d = f16::from_f32(amax / 7.0);
     let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
@@ -399,7 +405,7 @@ fn rtn_sym(g: &[f32], ratio: f32) -> (f16, f16, Vec<u8>) {
 }
 
 /// Asymmetric: scale = (max - min) / 15 and offset = min over the (clipped) range.
-fn rtn_asym(g: &[f32], ratio: f32) -> (f16, f16, Vec<u8>) {
+fn rtn_asym(g: &[f32], ratio: f32) -> QuantGroup {
     let mn = g.iter().copied().fold(f32::INFINITY, f32::min) * ratio;
     let mx = g.iter().copied().fold(f32::NEG_INFINITY, f32::max) * ratio;
     let d = f16::from_f32((mx - mn) / 15.0);
