@@ -109,3 +109,24 @@ fn score_agrees_with_greedy_run() {
     assert_eq!(positions.len(), ids.len());
     assert!(positions.iter().all(|p| p["logprob"].as_f64().unwrap() <= 0.0));
 }
+
+/// GGUF's K-quant super-blocks against gguf-py's dequantizer (fixtures/kquant-reference.json,
+/// written by scripts/gen-kquant-reference.py).
+#[test]
+fn kquant_dequantization_matches_gguf_py() {
+    let reference = read_json(&repo_root().join("fixtures").join("kquant-reference.json"));
+    for case in reference["cases"].as_array().unwrap() {
+        let dtype = match case["type"].as_str().unwrap() {
+            "Q4_K" => slmc_ir::DType::Q4K,
+            "Q6_K" => slmc_ir::DType::Q6K,
+            other => panic!("{other}"),
+        };
+        let bytes: Vec<u8> = case["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        let expected: Vec<f64> = case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut out = vec![0.0f32; expected.len()];
+        slmc_ir::dtype::dequantize_into(dtype, &bytes, &mut out);
+        for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+            assert!((*a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0), "{dtype} element {i}: {a} vs {b}");
+        }
+    }
+}

@@ -174,8 +174,8 @@ fn ggml_dtype(id: u32) -> Result<DType, String> {
         3 => DType::Q4_1,
         8 => DType::Q8_0,
         30 => DType::BF16,
-        12 => return Err("ggml type Q4_K (12) is not supported yet".into()),
-        14 => return Err("ggml type Q6_K (14) is not supported yet".into()),
+        12 => DType::Q4K,
+        14 => DType::Q6K,
         other => return Err(format!("ggml type {other} is not supported")),
     })
 }
