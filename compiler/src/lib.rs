@@ -1,6 +1,7 @@
 //! slmc's driver: importers, lowering to the IR, converters. The `slmc` binary
 //! (src/main.rs) is the CLI on top.
 
+pub mod compile;
 pub mod convert;
 pub mod import;
 pub mod lower;

@@ -115,6 +115,28 @@ enum Command {
         #[arg(long, value_enum, default_value = "ir")]
         emit: Emit,
     },
+    /// Compile for one or more targets: OUT/<target>/ per target (webgpu, vulkan, metal).
+    Compile {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        opt: OptArgs,
+        /// Target names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        target: Vec<String>,
+        /// Output root directory.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// KV-cache positions the artifact holds (capped by the model's context).
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        /// Most tokens per step (longer prompts run in chunks).
+        #[arg(long, default_value_t = 256)]
+        max_step_tokens: usize,
+        /// Replace existing target directories.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the optimizer and print the optimized IR (and the pass report).
     Opt {
         #[command(flatten)]
@@ -223,6 +245,7 @@ fn main() -> ExitCode {
         | Command::Lower { common, .. }
         | Command::Run { common, .. }
         | Command::Opt { common, .. }
+        | Command::Compile { common, .. }
         | Command::Quality { common, .. }
         | Command::Score { common, .. }
         | Command::Tokenize { common, .. }
@@ -288,6 +311,27 @@ fn dispatch(command: Command) -> Result<()> {
             run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k), &opt)
         }
         Command::Opt { common, opt, emit } => opt_command(&common, &opt, emit),
+        Command::Compile { common, opt, target, out, context, max_step_tokens, force } => {
+            let model = load(&common)?;
+            let mut opt = opt;
+            if opt.pipeline.is_none() && opt.passes.is_empty() {
+                opt.pipeline = Some("gpu".into());
+            }
+            let optimized = prepare(&model, &opt, true)?;
+            let options = slmc_compiler::compile::CompileOptions { context_len: context, max_step_tokens, force };
+            let mut written = Vec::new();
+            for t in &target {
+                written.push(slmc_compiler::compile::compile_target(&model, &optimized, t, &out, &options)?);
+            }
+            if common.json {
+                print_json(&json!({ "targets": target, "outputs": written }));
+            } else {
+                for w in written {
+                    eprintln!("wrote {}", w.display());
+                }
+            }
+            Ok(())
+        }
         Command::Quality { common, opt, prompts, max_quality_drop } => {
             quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
         }

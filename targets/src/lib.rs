@@ -1,6 +1,8 @@
 //! Device target profiles. The full catalog (issue 7) grows here; for now the generic
 //! profiles the backends start with, with only facts this project has checked.
 
+pub mod artifact;
+
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

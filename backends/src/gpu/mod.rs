@@ -1,0 +1,337 @@
+//! The GPU backend: WGSL compute kernels from tera templates, validated with naga and
+//! written as Metal (MSL, real `[[buffer(N)]]` slots) and Vulkan (SPIR-V 1.3) from the
+//! same module, plus the dispatch schedule and the weights in the layouts the kernels read.
+//!
+//! Scope of this first version: f32 activations, one invocation per output element,
+//! f32 / 4-bit (q4, from any Q4_0/Q4_1 group size) / 8-bit (Q8_0) weights; other weight
+//! types are converted to f32. Graphs must be fused by the `gpu` pipeline (`gqa`).
+
+mod kernels;
+
+use std::collections::{BTreeMap, HashMap};
+
+use slmc_ir::{DType, Graph, NodeId, Op, WeightSource};
+use slmc_targets::artifact::{BufferDecl, BufferKind, Count, Dispatch, GpuArtifact, KernelDecl, ModelInfo, GPU_ARTIFACT_FORMAT};
+
+pub use kernels::{validate_and_translate, Translated};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("%{node}: op `{op}` is not supported by the GPU backend yet (the `gpu` pipeline fuses rope/kv_append/attention into gqa)")]
+    UnsupportedOp { node: String, op: &'static str },
+    #[error("%{node}: {message}")]
+    Shape { node: String, message: String },
+    #[error("weight \"{0}\" is not in the weight store")]
+    MissingWeight(String),
+    #[error("kernel `{kernel}`: {message}")]
+    Kernel { kernel: String, message: String },
+    #[error("the graph does not verify: {0}")]
+    Verify(#[from] slmc_ir::VerifyError),
+}
+
+/// What the backend needs to know beyond the graph.
+pub struct GpuOptions {
+    pub target: String,
+    pub model_name: String,
+    pub eos_token_ids: Vec<u32>,
+    pub context_len: usize,
+    pub max_step_tokens: usize,
+}
+
+/// The artifact: its manifest and every file to write beside it (relative paths).
+pub struct GpuOutput {
+    pub artifact: GpuArtifact,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+struct Builder<'a> {
+    graph: &'a Graph,
+    weights: &'a dyn WeightSource,
+    opts: &'a GpuOptions,
+    buffers: Vec<BufferDecl>,
+    weight_bytes: Vec<u8>,
+    /// Value -> buffer holding it (reshapes share their operand's).
+    value_buffer: HashMap<NodeId, usize>,
+    kernels: Vec<KernelDecl>,
+    kernel_sources: BTreeMap<String, String>,
+    dispatches: Vec<Dispatch>,
+    tables: HashMap<String, usize>,
+}
+
+fn dims(graph: &Graph, id: NodeId) -> Vec<Option<usize>> {
+    graph.node(id).ty.shape.iter().map(|d| d.as_const().map(|c| c as usize)).collect()
+}
+
+impl<'a> Builder<'a> {
+    fn err(&self, id: NodeId, message: impl Into<String>) -> GpuError {
+        GpuError::Shape { node: self.graph.node(id).name.clone(), message: message.into() }
+    }
+
+    fn add_buffer(&mut self, name: &str, kind: BufferKind, bytes: u64) -> usize {
+        self.buffers.push(BufferDecl { name: name.to_string(), kind, bytes: bytes.max(4) });
+        self.buffers.len() - 1
+    }
+
+    /// Appends bytes to the weights file at a 256-byte boundary (binding offset alignment).
+    fn append_weight_bytes(&mut self, bytes: &[u8]) -> u64 {
+        while self.weight_bytes.len() % 256 != 0 {
+            self.weight_bytes.push(0);
+        }
+        let offset = self.weight_bytes.len() as u64;
+        self.weight_bytes.extend_from_slice(bytes);
+        offset
+    }
+
+    /// Elements per token of an activation `[s, ...]`.
+    fn per_token(&self, id: NodeId) -> Result<usize, GpuError> {
+        let node = self.graph.node(id);
+        let first = node.ty.shape.first().map(|d| d.to_string());
+        if first.as_deref() != Some("s") {
+            return Err(self.err(id, format!("activations must be [s, ...], found {}", node.ty)));
+        }
+        node.ty.shape[1..]
+            .iter()
+            .map(|d| d.as_const().map(|c| c as usize))
+            .product::<Option<usize>>()
+            .ok_or_else(|| self.err(id, format!("symbolic inner dimensions in {}", node.ty)))
+    }
+
+    fn activation(&mut self, id: NodeId) -> Result<usize, GpuError> {
+        let per = self.per_token(id)?;
+        let name = self.graph.node(id).name.clone();
+        let b = self.add_buffer(&name, BufferKind::Activation, (per * self.opts.max_step_tokens * 4) as u64);
+        self.value_buffer.insert(id, b);
+        Ok(b)
+    }
+
+    /// The buffer of a weight node in the layout the kernels read; returns (buffer, layout info).
+    fn weight(&mut self, id: NodeId) -> Result<(usize, kernels::WeightLayout), GpuError> {
+        let Op::Weight { name } = &self.graph.node(id).op else {
+            return Err(self.err(id, "expected a weight operand"));
+        };
+        let view = self.weights.view(name).ok_or_else(|| GpuError::MissingWeight(name.clone()))?;
+        let (rows, cols) = match view.shape[..] {
+            [r, c] => (r, c),
+            [c] => (1, c),
+            _ => return Err(self.err(id, "weights must be vectors or matrices")),
+        };
+        let (bytes, layout) = kernels::relayout(view.dtype, view.bytes, rows, cols);
+        if let Some(b) = self.value_buffer.get(&id) {
+            return Ok((*b, layout));
+        }
+        let offset = self.append_weight_bytes(&bytes);
+        let b = self.add_buffer(name, BufferKind::Weight { offset, layout: layout.name() }, bytes.len() as u64);
+        self.value_buffer.insert(id, b);
+        Ok((b, layout))
+    }
+
+    fn buffer_of(&self, id: NodeId) -> Result<usize, GpuError> {
+        self.value_buffer.get(&id).copied().ok_or_else(|| self.err(id, "value has no buffer"))
+    }
+
+    fn kernel(&mut self, name: String, source: String, storage_bindings: usize) -> usize {
+        if let Some(i) = self.kernels.iter().position(|k| k.name == name) {
+            return i;
+        }
+        self.kernel_sources.insert(name.clone(), source);
+        self.kernels.push(KernelDecl { name, entry_point: "run".into(), storage_bindings });
+        self.kernels.len() - 1
+    }
+
+    fn dispatch(&mut self, value: NodeId, kernel: usize, bindings: Vec<usize>, workgroups: [Count; 3]) {
+        let value = self.graph.node(value).name.clone();
+        self.dispatches.push(Dispatch { value, kernel, bindings, workgroups });
+    }
+
+    fn rope_table(&mut self, rotary: &slmc_ir::Rotary) -> usize {
+        let key = format!("{rotary:?}");
+        if let Some(b) = self.tables.get(&key) {
+            return *b;
+        }
+        // cos then sin for every position and frequency, in f32 exactly as the interpreter.
+        let freqs = slmc_ir::interp::rope_inv_freq(rotary.theta, rotary.rotary_dim, &rotary.scaling);
+        let ctx = self.opts.context_len;
+        let mut cos = Vec::with_capacity(ctx * freqs.len());
+        let mut sin = Vec::with_capacity(ctx * freqs.len());
+        for p in 0..ctx {
+            for f in &freqs {
+                cos.push((p as f32 * f).cos());
+                sin.push((p as f32 * f).sin());
+            }
+        }
+        let bytes: Vec<u8> = cos.iter().chain(&sin).flat_map(|v| v.to_le_bytes()).collect();
+        let offset = self.append_weight_bytes(&bytes);
+        let b = self.add_buffer(&format!("rope_table.{}", self.tables.len()), BufferKind::Table { offset }, bytes.len() as u64);
+        self.tables.insert(key, b);
+        b
+    }
+
+    fn lower_node(&mut self, id: NodeId) -> Result<(), GpuError> {
+        let graph = self.graph;
+        let node = graph.node(id);
+        let per_tok = |n: u64, div: u64| Count { per_token: n, constant: 0, divisor: div };
+        let one = Count::fixed(1);
+        let s_count = Count { per_token: 1, constant: 0, divisor: 1 };
+        match &node.op {
+            Op::Input { .. } => {
+                let b = self.add_buffer(&node.name, BufferKind::Input, (self.opts.max_step_tokens * 4) as u64);
+                self.value_buffer.insert(id, b);
+            }
+            Op::Weight { .. } | Op::Positions => {} // bound when used; positions come from the step uniform
+            Op::Reshape { .. } => {
+                let b = self.buffer_of(node.inputs[0])?;
+                self.value_buffer.insert(id, b);
+            }
+            Op::Embed => {
+                let (w, layout) = self.weight(node.inputs[0])?;
+                let ids = self.buffer_of(node.inputs[1])?;
+                let out = self.activation(id)?;
+                let (rows, cols) = (layout.rows, layout.cols);
+                let (name, src) = kernels::embed(&layout)?;
+                let k = self.kernel(name, src, 3);
+                self.dispatch(id, k, vec![w, ids, out], [Count::fixed(cols.div_ceil(64) as u64), s_count, one]);
+                let _ = rows;
+            }
+            Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => {
+                let add = matches!(node.op, Op::AddRmsNorm { .. });
+                let dim = self.per_token(id)?;
+                let mut bindings = vec![self.buffer_of(node.inputs[0])?];
+                if add {
+                    bindings.push(self.buffer_of(node.inputs[1])?);
+                }
+                let (w, _) = self.weight(*node.inputs.last().unwrap())?;
+                bindings.push(w);
+                bindings.push(self.activation(id)?);
+                let (name, src) = kernels::rms_norm(dim, *eps, add)?;
+                let k = self.kernel(name, src, bindings.len());
+                self.dispatch(id, k, bindings, [per_tok(1, 64), one, one]);
+            }
+            Op::Linear | Op::LinearSwiglu => {
+                let swiglu = matches!(node.op, Op::LinearSwiglu);
+                let x = self.buffer_of(node.inputs[0])?;
+                let (w, layout) = self.weight(node.inputs[1])?;
+                let out = self.activation(id)?;
+                let out_cols = self.per_token(id)?;
+                let (name, src) = kernels::linear(&layout, out_cols, swiglu)?;
+                let k = self.kernel(name, src, 3);
+                self.dispatch(id, k, vec![x, w, out], [Count::fixed(out_cols.div_ceil(64) as u64), s_count, one]);
+            }
+            Op::Add | Op::Mul | Op::Silu => {
+                let per = self.per_token(id)?;
+                let a = self.buffer_of(node.inputs[0])?;
+                let (op, bindings, b_len, b_weight) = match node.op {
+                    Op::Silu => ("silu", vec![a], 0, false),
+                    _ => {
+                        let b_id = node.inputs[1];
+                        let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
+                        let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
+                        let b = if is_weight { self.weight(b_id)?.0 } else { self.buffer_of(b_id)? };
+                        let b_len = if is_weight { b_len } else { per };
+                        (if matches!(node.op, Op::Add) { "add" } else { "mul" }, vec![a, b], b_len, is_weight)
+                    }
+                };
+                let mut bindings = bindings;
+                bindings.push(self.activation(id)?);
+                let (name, src) = kernels::elementwise(op, per, b_len, b_weight)?;
+                let k = self.kernel(name, src, bindings.len());
+                self.dispatch(id, k, bindings, [per_tok(per as u64, 64), one, one]);
+            }
+            Op::Slice { axis, start, end } => {
+                let in_dims = dims(graph, node.inputs[0]);
+                if *axis != in_dims.len() - 1 || in_dims.len() != 2 {
+                    return Err(self.err(id, "only slices of the last axis of [s, n] are supported"));
+                }
+                let in_cols = in_dims[1].unwrap_or(0);
+                let width = (end - start) as usize;
+                let x = self.buffer_of(node.inputs[0])?;
+                let out = self.activation(id)?;
+                let (name, src) = kernels::slice(in_cols, *start as usize, width)?;
+                let k = self.kernel(name, src, 2);
+                self.dispatch(id, k, vec![x, out], [per_tok(width as u64, 64), one, one]);
+            }
+            Op::Gqa { layer, scale, rotary, quant } => {
+                if *quant != slmc_ir::KvQuant::F32 {
+                    return Err(self.err(id, "quantized KV caches are not supported by the GPU backend yet"));
+                }
+                let qd = dims(graph, node.inputs[0]);
+                let kd = dims(graph, node.inputs[1]);
+                let (hq, hk, hd) = (qd[1].unwrap_or(0), kd[1].unwrap_or(0), qd[2].unwrap_or(0));
+                let (q, kin, v) = (self.buffer_of(node.inputs[0])?, self.buffer_of(node.inputs[1])?, self.buffer_of(node.inputs[2])?);
+                let table = self.rope_table(rotary);
+                let cache_bytes = (self.opts.context_len * hk * hd * 4) as u64;
+                let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
+                let v_cache = self.add_buffer(&format!("cache.{layer}.value"), BufferKind::Cache, cache_bytes);
+                let q_rot = self.add_buffer(&format!("{}.q_rope", node.name), BufferKind::Activation, (self.opts.max_step_tokens * hq * hd * 4) as u64);
+                let (name, src) = kernels::rope_cache(rotary, hq, hk, hd, self.opts.context_len)?;
+                let k = self.kernel(name, src, 7);
+                self.dispatch(id, k, vec![q, kin, v, table, q_rot, k_cache, v_cache], [per_tok((hq + hk) as u64, 64), one, one]);
+                let out = self.activation(id)?;
+                let (name, src) = kernels::attention(hq, hk, hd, *scale)?;
+                let k = self.kernel(name, src, 4);
+                self.dispatch(id, k, vec![q_rot, k_cache, v_cache, out], [per_tok(hq as u64, 64), one, one]);
+            }
+            op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
+                return Err(GpuError::UnsupportedOp { node: node.name.clone(), op: op.mnemonic() })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Generates the GPU artifact for a graph (input `tokens`, output `logits`).
+pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> Result<GpuOutput, GpuError> {
+    slmc_ir::verify(graph)?;
+    let mut b = Builder {
+        graph,
+        weights,
+        opts,
+        buffers: Vec::new(),
+        weight_bytes: Vec::new(),
+        value_buffer: HashMap::new(),
+        kernels: Vec::new(),
+        kernel_sources: BTreeMap::new(),
+        dispatches: Vec::new(),
+        tables: HashMap::new(),
+    };
+    for id in slmc_ir::text::print_order(graph) {
+        b.lower_node(id)?;
+    }
+    let tokens = graph.find("tokens").and_then(|id| b.value_buffer.get(&id).copied());
+    let logits_id = graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
+    let (Some(tokens_buffer), Some(logits_id)) = (tokens, logits_id) else {
+        return Err(GpuError::Shape { node: "logits".into(), message: "the graph needs input `tokens` and output `logits`".into() });
+    };
+    let logits_buffer = b.buffer_of(logits_id)?;
+    let vocab = b.per_token(logits_id)?;
+    let mut files = BTreeMap::new();
+    for (name, src) in &b.kernel_sources {
+        let t = validate_and_translate(src).map_err(|message| GpuError::Kernel { kernel: name.clone(), message })?;
+        files.insert(format!("kernels/{name}.wgsl"), src.clone().into_bytes());
+        files.insert(format!("kernels/{name}.metal"), t.msl.into_bytes());
+        files.insert(format!("kernels/{name}.spv"), t.spirv.iter().flat_map(|w| w.to_le_bytes()).collect());
+    }
+    files.insert("weights.bin".into(), std::mem::take(&mut b.weight_bytes));
+    let artifact = GpuArtifact {
+        format: GPU_ARTIFACT_FORMAT.into(),
+        target: opts.target.clone(),
+        model: ModelInfo {
+            name: opts.model_name.clone(),
+            vocab_size: vocab,
+            eos_token_ids: opts.eos_token_ids.clone(),
+            context_len: opts.context_len,
+            max_step_tokens: opts.max_step_tokens,
+        },
+        buffers: b.buffers,
+        kernels: b.kernels,
+        dispatches: b.dispatches,
+        tokens_buffer,
+        logits_buffer,
+        weights_file: "weights.bin".into(),
+    };
+    Ok(GpuOutput { artifact, files })
+}
+
+/// Weight dtypes the kernels read directly (others are converted to f32).
+pub fn native_weight_dtype(dtype: DType) -> bool {
+    kernels::WeightLayout::native(dtype)
+}

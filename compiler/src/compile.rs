@@ -1,0 +1,72 @@
+//! `slmc compile`: optimize once, then write one artifact directory per target under
+//! OUT/<target>/. Each directory is written beside its final place and renamed into it,
+//! so a failure never leaves a half-written artifact.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use slmc_backends::gpu::{GpuOptions, GpuOutput};
+use slmc_ir::Layered;
+
+use crate::import::Model;
+use crate::optimize::Optimized;
+
+pub struct CompileOptions {
+    pub context_len: usize,
+    pub max_step_tokens: usize,
+    pub force: bool,
+}
+
+/// Writes the artifact for `target` into `out_root/<target>/`; returns that directory.
+pub fn compile_target(model: &Model, optimized: &Optimized, target: &str, out_root: &Path, opts: &CompileOptions) -> Result<PathBuf> {
+    let profile = slmc_targets::lookup(target)?;
+    let weights = Layered { top: &optimized.derived, base: &model.weights };
+    let output: GpuOutput = match profile.backend {
+        "wgsl" | "spirv" | "msl" => {
+            let gpu = GpuOptions {
+                target: profile.name.to_string(),
+                model_name: model.path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string(),
+                eos_token_ids: model.config.eos_token_ids.clone(),
+                context_len: opts.context_len.min(model.config.max_position_embeddings),
+                max_step_tokens: opts.max_step_tokens,
+            };
+            slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu).with_context(|| format!("target {target}"))?
+        }
+        _ => {
+            let info = slmc_ir::verify(&optimized.graph)?;
+            slmc_backends::emit(&optimized.graph, &info, profile)?;
+            unreachable!("other backends return an error until they exist");
+        }
+    };
+    let dir = out_root.join(profile.name);
+    if dir.exists() && !opts.force {
+        bail!("{}: already exists (use --force to replace it)", dir.display());
+    }
+    std::fs::create_dir_all(out_root).with_context(|| format!("{}: cannot create", out_root.display()))?;
+    let tmp = out_root.join(format!(".{}.slmc-tmp-{}", profile.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = write_artifact(&tmp, model, optimized, &output);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move the artifact into place", dir.display()))?;
+    Ok(dir)
+}
+
+fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, output: &GpuOutput) -> Result<()> {
+    std::fs::create_dir_all(dir.join("kernels")).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (rel, bytes) in &output.files {
+        std::fs::write(dir.join(rel), bytes).with_context(|| format!("{}: cannot write", dir.join(rel).display()))?;
+    }
+    let manifest = serde_json::to_string_pretty(&output.artifact)? + "\n";
+    std::fs::write(dir.join("artifact.json"), manifest)?;
+    std::fs::write(dir.join("graph.slir"), slmc_ir::text::print(&optimized.graph))?;
+    if let Ok(tok) = &model.tokenizer {
+        tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow!("writing tokenizer.json: {e}"))?;
+    }
+    Ok(())
+}

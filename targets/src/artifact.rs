@@ -1,0 +1,96 @@
+//! The GPU artifact's manifest (`artifact.json`): the contract between the code
+//! generator (backends) and the executor (runtime). Buffers, kernels and the dispatch
+//! schedule; counts are symbolic in the step's token count `s`.
+
+use serde::{Deserialize, Serialize};
+
+pub const GPU_ARTIFACT_FORMAT: &str = "slmc-gpu-1";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GpuArtifact {
+    pub format: String,
+    pub target: String,
+    pub model: ModelInfo,
+    /// Every buffer the schedule binds.
+    pub buffers: Vec<BufferDecl>,
+    /// Unique kernels; each has `kernels/<name>.wgsl` (+ `.metal`, `.spv`) beside this file.
+    pub kernels: Vec<KernelDecl>,
+    /// Dispatches of one step, in order; binding 0 of every kernel is the step uniform
+    /// (`s`, `p`), bindings 1.. are `buffers` in the order listed.
+    pub dispatches: Vec<Dispatch>,
+    /// The buffer holding the tokens of a step (u32 each).
+    pub tokens_buffer: usize,
+    /// The buffer holding the logits `[s, vocab]` after a step.
+    pub logits_buffer: usize,
+    /// File with every weight buffer's bytes (offsets in `BufferKind::Weight`).
+    pub weights_file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    /// Positions the KV cache holds.
+    pub context_len: usize,
+    /// Most tokens one step may carry (longer prompts run in chunks).
+    pub max_step_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BufferDecl {
+    pub name: String,
+    pub kind: BufferKind,
+    /// Bytes to allocate.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BufferKind {
+    /// Read from `weights_file` at `offset`.
+    Weight { offset: u64, layout: String },
+    /// Written by kernels each step.
+    Activation,
+    /// Persists across steps (KV cache).
+    Cache,
+    /// Filled once from `weights_file` at `offset` (constant tables).
+    Table { offset: u64 },
+    /// Written by the host each step.
+    Input,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KernelDecl {
+    pub name: String,
+    pub entry_point: String,
+    /// Storage buffers the kernel binds after the uniform.
+    pub storage_bindings: usize,
+}
+
+/// `ceil((per_token * s + constant) / divisor)`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Count {
+    pub per_token: u64,
+    pub constant: u64,
+    pub divisor: u64,
+}
+
+impl Count {
+    pub fn fixed(n: u64) -> Count {
+        Count { per_token: 0, constant: n, divisor: 1 }
+    }
+
+    pub fn eval(&self, tokens: u64) -> u64 {
+        (self.per_token * tokens + self.constant).div_ceil(self.divisor.max(1))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Dispatch {
+    /// The graph value this dispatch computes (for profiles and errors).
+    pub value: String,
+    pub kernel: usize,
+    pub bindings: Vec<usize>,
+    pub workgroups: [Count; 3],
+}
