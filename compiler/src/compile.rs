@@ -18,7 +18,13 @@ pub struct CompileOptions {
 }
 
 /// Writes the artifact for `target` into `out_root/<target>/`; returns that directory.
-pub fn compile_target(model: &Model, optimized: &Optimized, target: &str, out_root: &Path, opts: &CompileOptions) -> Result<PathBuf> {
+pub fn compile_target(
+    model: &Model,
+    optimized: &Optimized,
+    target: &str,
+    out_root: &Path,
+    opts: &CompileOptions,
+) -> Result<PathBuf> {
     let profile = slmc_targets::lookup(target)?;
     let weights = Layered { top: &optimized.derived, base: &model.weights };
     let output: GpuOutput = match profile.backend {
@@ -68,5 +74,11 @@ fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, output: &Gpu
     if let Ok(tok) = &model.tokenizer {
         tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow!("writing tokenizer.json: {e}"))?;
     }
+    let tok_cfg = serde_json::json!({
+        "chat_template": model.chat_template,
+        "bos_token": model.bos_token,
+        "eos_token": model.eos_token,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok_cfg)? + "\n")?;
     Ok(())
 }

@@ -14,6 +14,7 @@ use slmc_compiler::optimize::{golden_sequences, optimize, OptRequest, Optimized}
 use slmc_compiler::{convert, default_model_path, lower};
 use slmc_ir::DType;
 use slmc_ir::Layered;
+use slmc_runtime::gpu::GpuExecutor;
 use slmc_runtime::{generate, score, GenerateOptions, InterpreterExecutor};
 
 #[derive(Parser)]
@@ -30,6 +31,9 @@ struct Common {
     /// Print machine-readable JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Say more on stderr (the GPU adapter, for example).
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -336,11 +340,17 @@ fn dispatch(command: Command) -> Result<()> {
             quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
         }
         Command::Score { common, prompt_ids, continuation_ids, opt } => {
-            let model = load(&common)?;
-            let prepared = prepare(&model, &opt, false)?;
-            let weights = Layered { top: &prepared.derived, base: &model.weights };
-            let mut exec = InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
-            let s = score(&mut exec, &prompt_ids, &continuation_ids)?;
+            let s = match gpu_executor(&common, &opt)? {
+                Some((mut exec, _)) => score(&mut exec, &prompt_ids, &continuation_ids)?,
+                None => {
+                    let model = load(&common)?;
+                    let prepared = prepare(&model, &opt, false)?;
+                    let weights = Layered { top: &prepared.derived, base: &model.weights };
+                    let mut exec =
+                        InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
+                    score(&mut exec, &prompt_ids, &continuation_ids)?
+                }
+            };
             let positions: Vec<Value> = s
                 .positions
                 .iter()
@@ -453,6 +463,85 @@ fn inspect(model: &Model, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Text handling of whatever is being run: a model's tokenizer and chat template, or the
+/// copies an artifact carries.
+struct TextSide {
+    origin: PathBuf,
+    tokenizer: Result<tokenizers::Tokenizer, String>,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+}
+
+impl TextSide {
+    fn of_model(model: &Model) -> TextSide {
+        TextSide {
+            origin: model.path.clone(),
+            tokenizer: model.tokenizer.clone(),
+            chat_template: model.chat_template.clone(),
+            bos_token: model.bos_token.clone(),
+            eos_token: model.eos_token.clone(),
+            eos_ids: model.config.eos_token_ids.clone(),
+        }
+    }
+
+    fn of_artifact(dir: &std::path::Path, eos_ids: Vec<u32>) -> Result<TextSide> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| format!("{}: {e}", tok_path.display()))
+        } else {
+            Err(format!("{} has no tokenizer.json", dir.display()))
+        };
+        let (chat_template, bos_token, eos_token) = slmc_compiler::import::hf::read_tokenizer_config(dir)?;
+        Ok(TextSide { origin: dir.to_path_buf(), tokenizer, chat_template, bos_token, eos_token, eos_ids })
+    }
+
+    fn prompt_ids(&self, prompt: &PromptArgs) -> Result<Vec<u32>> {
+        match (&prompt.prompt, &prompt.prompt_ids) {
+            (Some(text), _) => {
+                let (text, special) = if prompt.chat {
+                    let template = self
+                        .chat_template
+                        .as_deref()
+                        .ok_or_else(|| anyhow!("{}: the model has no chat template", self.origin.display()))?;
+                    let messages = [Message { role: "user".into(), content: text.clone() }];
+                    let rendered =
+                        render_chat(template, &messages, self.bos_token.as_deref(), self.eos_token.as_deref())
+                            .map_err(|e| anyhow!(e))?;
+                    (rendered, false)
+                } else {
+                    (text.clone(), true)
+                };
+                let tok = self.tokenizer.as_ref().map_err(|e| anyhow!("{e}"))?;
+                Ok(tok
+                    .encode(text.as_str(), special)
+                    .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
+                    .get_ids()
+                    .to_vec())
+            }
+            (None, Some(ids)) => Ok(ids.clone()),
+            (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
+        }
+    }
+}
+
+/// A GPU artifact directory given as MODEL, loaded with its executor.
+fn gpu_executor(common: &Common, opt: &OptArgs) -> Result<Option<(GpuExecutor, TextSide)>> {
+    let Some(path) = common.model.as_ref().filter(|p| slmc_runtime::gpu::is_artifact(p)) else {
+        return Ok(None);
+    };
+    if opt.request().is_active() {
+        bail!("{}: optimizer flags apply when compiling; this is a compiled artifact", path.display());
+    }
+    let exec = GpuExecutor::load(path, None)?;
+    if common.verbose {
+        eprintln!("adapter: {}", exec.adapter_info);
+    }
+    let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
+    Ok(Some((exec, side)))
+}
+
 fn run(
     common: &Common,
     prompt: &PromptArgs,
@@ -461,47 +550,41 @@ fn run(
     record: (usize, usize),
     opt: &OptArgs,
 ) -> Result<()> {
+    if let Some((mut exec, side)) = gpu_executor(common, opt)? {
+        let prompt_ids = side.prompt_ids(prompt)?;
+        return generate_and_print(common, &mut exec, "wgpu", &side, &prompt_ids, max_new_tokens, ignore_eos, record);
+    }
     let model = load(common)?;
-    let tokenizer = || model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"));
-    let prompt_ids: Vec<u32> = match (&prompt.prompt, &prompt.prompt_ids) {
-        (Some(text), _) => {
-            let (text, special) = if prompt.chat {
-                let template = model
-                    .chat_template
-                    .as_deref()
-                    .ok_or_else(|| anyhow!("{}: the model has no chat template", model.path.display()))?;
-                let messages = [Message { role: "user".into(), content: text.clone() }];
-                (
-                    render_chat(template, &messages, model.bos_token.as_deref(), model.eos_token.as_deref())
-                        .map_err(|e| anyhow!(e))?,
-                    false,
-                )
-            } else {
-                (text.clone(), true)
-            };
-            tokenizer()?
-                .encode(text.as_str(), special)
-                .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
-                .get_ids()
-                .to_vec()
-        }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
-    };
+    let side = TextSide::of_model(&model);
+    let prompt_ids = side.prompt_ids(prompt)?;
     let prepared = prepare(&model, opt, false)?;
     let weights = Layered { top: &prepared.derived, base: &model.weights };
     let mut exec = InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
+    generate_and_print(common, &mut exec, "interpreter", &side, &prompt_ids, max_new_tokens, ignore_eos, record)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_and_print(
+    common: &Common,
+    exec: &mut dyn slmc_runtime::Executor,
+    executor: &str,
+    side: &TextSide,
+    prompt_ids: &[u32],
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    record: (usize, usize),
+) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens,
-        stop_ids: if ignore_eos { vec![] } else { model.config.eos_token_ids.clone() },
+        stop_ids: if ignore_eos { vec![] } else { side.eos_ids.clone() },
         record_steps: record.0,
         record_top_k: record.1,
     };
-    let tok = model.tokenizer.as_ref().ok();
+    let tok = side.tokenizer.as_ref().ok();
     let mut streamed = String::new();
     let mut so_far = Vec::new();
     let stream = !common.json && tok.is_some();
-    let gen = generate(&mut exec, &prompt_ids, &opts, |id| {
+    let gen = generate(exec, prompt_ids, &opts, |id| {
         if !stream {
             return;
         }
@@ -534,7 +617,7 @@ fn run(
             "decode_tokens_per_s": gen.decode_tokens_per_s(),
             "prefill_tokens_per_s": prompt_ids.len() as f64 / ttft.max(1e-9),
             "time_to_first_token_s": ttft,
-            "executor": "interpreter",
+            "executor": executor,
             "recorded_logits": recorded,
         }));
     } else {

@@ -4,6 +4,8 @@
 //! [`generate`] and [`score`] loops are written once against it, so every executor
 //! (the reference interpreter now, wgpu and ONNX Runtime later) is driven the same way.
 
+pub mod gpu;
+
 use std::time::Instant;
 
 use slmc_ir::{Graph, InterpError, Interpreter, Tensor, WeightSource};

@@ -29,7 +29,14 @@ impl WeightLayout {
     pub fn native(dtype: DType) -> bool {
         matches!(
             dtype,
-            DType::F32 | DType::Q8_0 | DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128
+            DType::F32
+                | DType::Q8_0
+                | DType::Q4_0
+                | DType::Q4_0G64
+                | DType::Q4_0G128
+                | DType::Q4_1
+                | DType::Q4_1G64
+                | DType::Q4_1G128
         )
     }
 }
@@ -105,7 +112,9 @@ fn tera() -> &'static tera::Tera {
 }
 
 fn render(template: &str, name: String, ctx: tera::Context) -> Result<(String, String), GpuError> {
-    let src = tera().render(template, &ctx).map_err(|e| GpuError::Kernel { kernel: name.clone(), message: format!("{e:?}") })?;
+    let src = tera()
+        .render(template, &ctx)
+        .map_err(|e| GpuError::Kernel { kernel: name.clone(), message: format!("{e:?}") })?;
     // Collapse the blank lines template tags leave behind, so snapshots stay tidy.
     let mut out = String::with_capacity(src.len());
     let mut blank = false;
@@ -160,7 +169,7 @@ pub fn elementwise(op: &str, per_token: usize, b_len: usize, b_weight: bool) -> 
     let mut ctx = tera::Context::new();
     ctx.insert("op", op);
     ctx.insert("per_token", &per_token);
-    ctx.insert("b_len", &b_len.max(1));
+    ctx.insert("b_len", &b_len);
     ctx.insert("b_weight", &b_weight);
     let kind = if b_weight { "w" } else { "a" };
     render("elementwise", format!("{op}_{per_token}_{kind}{b_len}"), ctx)
@@ -174,7 +183,13 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
     render("slice", format!("slice_{in_cols}_{start}_{width}"), ctx)
 }
 
-pub fn rope_cache(rotary: &slmc_ir::Rotary, hq: usize, hk: usize, hd: usize, context: usize) -> Result<(String, String), GpuError> {
+pub fn rope_cache(
+    rotary: &slmc_ir::Rotary,
+    hq: usize,
+    hk: usize,
+    hd: usize,
+    context: usize,
+) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     let style = match rotary.style {
         slmc_ir::RopeStyle::Half => "half",
@@ -219,7 +234,9 @@ pub fn validate_and_translate(wgsl: &str) -> Result<Translated, String> {
             let slot = binding.binding as u8;
             max_slot = max_slot.max(slot);
             let mutable = matches!(var.space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE));
-            resources.resources.insert(binding.clone(), msl::BindTarget { buffer: Some(slot), mutable, ..Default::default() });
+            resources
+                .resources
+                .insert(binding.clone(), msl::BindTarget { buffer: Some(slot), mutable, ..Default::default() });
         }
     }
     resources.sizes_buffer = Some(max_slot + 1);
@@ -227,7 +244,8 @@ pub fn validate_and_translate(wgsl: &str) -> Result<Translated, String> {
     for ep in &module.entry_points {
         options.per_entry_point_map.insert(ep.name.clone(), resources.clone());
     }
-    let (msl_src, _) = msl::write_string(&module, &info, &options, &msl::PipelineOptions::default()).map_err(|e| format!("MSL: {e}"))?;
+    let (msl_src, _) = msl::write_string(&module, &info, &options, &msl::PipelineOptions::default())
+        .map_err(|e| format!("MSL: {e}"))?;
     let spv_options = spv::Options { lang_version: (1, 3), ..Default::default() };
     let spirv = spv::write_vec(&module, &info, &spv_options, None).map_err(|e| format!("SPIR-V: {e}"))?;
     Ok(Translated { msl: msl_src, spirv })

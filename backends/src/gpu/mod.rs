@@ -11,7 +11,9 @@ mod kernels;
 use std::collections::{BTreeMap, HashMap};
 
 use slmc_ir::{DType, Graph, NodeId, Op, WeightSource};
-use slmc_targets::artifact::{BufferDecl, BufferKind, Count, Dispatch, GpuArtifact, KernelDecl, ModelInfo, GPU_ARTIFACT_FORMAT};
+use slmc_targets::artifact::{
+    BufferDecl, BufferKind, Count, Dispatch, GpuArtifact, KernelDecl, ModelInfo, GPU_ARTIFACT_FORMAT,
+};
 
 pub use kernels::{validate_and_translate, Translated};
 
@@ -161,7 +163,11 @@ impl<'a> Builder<'a> {
         }
         let bytes: Vec<u8> = cos.iter().chain(&sin).flat_map(|v| v.to_le_bytes()).collect();
         let offset = self.append_weight_bytes(&bytes);
-        let b = self.add_buffer(&format!("rope_table.{}", self.tables.len()), BufferKind::Table { offset }, bytes.len() as u64);
+        let b = self.add_buffer(
+            &format!("rope_table.{}", self.tables.len()),
+            BufferKind::Table { offset },
+            bytes.len() as u64,
+        );
         self.tables.insert(key, b);
         b
     }
@@ -226,7 +232,9 @@ impl<'a> Builder<'a> {
                         let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
                         let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
                         let b = if is_weight { self.weight(b_id)?.0 } else { self.buffer_of(b_id)? };
-                        let b_len = if is_weight { b_len } else { per };
+                        // 0: b has a's shape; otherwise b (a bias) repeats every b_len elements.
+                        let same_shape = graph.node(b_id).ty == node.ty;
+                        let b_len = if same_shape { 0 } else { b_len };
                         (if matches!(node.op, Op::Add) { "add" } else { "mul" }, vec![a, b], b_len, is_weight)
                     }
                 };
@@ -256,15 +264,25 @@ impl<'a> Builder<'a> {
                 let qd = dims(graph, node.inputs[0]);
                 let kd = dims(graph, node.inputs[1]);
                 let (hq, hk, hd) = (qd[1].unwrap_or(0), kd[1].unwrap_or(0), qd[2].unwrap_or(0));
-                let (q, kin, v) = (self.buffer_of(node.inputs[0])?, self.buffer_of(node.inputs[1])?, self.buffer_of(node.inputs[2])?);
+                let (q, kin, v) =
+                    (self.buffer_of(node.inputs[0])?, self.buffer_of(node.inputs[1])?, self.buffer_of(node.inputs[2])?);
                 let table = self.rope_table(rotary);
                 let cache_bytes = (self.opts.context_len * hk * hd * 4) as u64;
                 let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
                 let v_cache = self.add_buffer(&format!("cache.{layer}.value"), BufferKind::Cache, cache_bytes);
-                let q_rot = self.add_buffer(&format!("{}.q_rope", node.name), BufferKind::Activation, (self.opts.max_step_tokens * hq * hd * 4) as u64);
+                let q_rot = self.add_buffer(
+                    &format!("{}.q_rope", node.name),
+                    BufferKind::Activation,
+                    (self.opts.max_step_tokens * hq * hd * 4) as u64,
+                );
                 let (name, src) = kernels::rope_cache(rotary, hq, hk, hd, self.opts.context_len)?;
                 let k = self.kernel(name, src, 7);
-                self.dispatch(id, k, vec![q, kin, v, table, q_rot, k_cache, v_cache], [per_tok((hq + hk) as u64, 64), one, one]);
+                self.dispatch(
+                    id,
+                    k,
+                    vec![q, kin, v, table, q_rot, k_cache, v_cache],
+                    [per_tok((hq + hk) as u64, 64), one, one],
+                );
                 let out = self.activation(id)?;
                 let (name, src) = kernels::attention(hq, hk, hd, *scale)?;
                 let k = self.kernel(name, src, 4);
@@ -299,7 +317,10 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
     let tokens = graph.find("tokens").and_then(|id| b.value_buffer.get(&id).copied());
     let logits_id = graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
     let (Some(tokens_buffer), Some(logits_id)) = (tokens, logits_id) else {
-        return Err(GpuError::Shape { node: "logits".into(), message: "the graph needs input `tokens` and output `logits`".into() });
+        return Err(GpuError::Shape {
+            node: "logits".into(),
+            message: "the graph needs input `tokens` and output `logits`".into(),
+        });
     };
     let logits_buffer = b.buffer_of(logits_id)?;
     let vocab = b.per_token(logits_id)?;

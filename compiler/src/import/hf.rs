@@ -89,9 +89,11 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
 }
 
 /// Chat template, BOS text and EOS text.
-type TokenizerConfig = (Option<String>, Option<String>, Option<String>);
+pub type TokenizerConfig = (Option<String>, Option<String>, Option<String>);
 
-fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig, ImportError> {
+/// The chat template and BOS/EOS text of a directory (`tokenizer_config.json` or
+/// `chat_template.jinja`).
+pub fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig, ImportError> {
     let path = dir.join("tokenizer_config.json");
     let mut template = None;
     let (mut bos, mut eos) = (None, None);

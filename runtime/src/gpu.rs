@@ -1,0 +1,302 @@
+//! The wgpu executor: loads a GPU artifact (`artifact.json`, `kernels/*.wgsl`,
+//! `weights.bin`), uploads weights, keeps the KV cache on the GPU and runs the dispatch
+//! schedule once per step. Only logits cross back.
+
+use std::path::{Path, PathBuf};
+
+use slmc_targets::artifact::{BufferKind, GpuArtifact, GPU_ARTIFACT_FORMAT};
+
+use crate::{ExecError, Executor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuExecError {
+    #[error("{path}: {message}")]
+    Artifact { path: PathBuf, message: String },
+    #[error("no GPU adapter{0}")]
+    NoAdapter(String),
+    #[error("GPU device: {0}")]
+    Device(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
+}
+
+impl From<GpuExecError> for ExecError {
+    fn from(e: GpuExecError) -> ExecError {
+        ExecError::Usage(e.to_string())
+    }
+}
+
+/// Whether `dir` holds a GPU artifact.
+pub fn is_artifact(dir: &Path) -> bool {
+    dir.join("artifact.json").is_file()
+}
+
+pub struct GpuExecutor {
+    artifact: GpuArtifact,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    buffers: Vec<wgpu::Buffer>,
+    pipelines: Vec<wgpu::ComputePipeline>,
+    bind_groups: Vec<wgpu::BindGroup>,
+    uniform: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    past: usize,
+    pub adapter_info: String,
+}
+
+fn artifact_err(path: &Path, message: impl Into<String>) -> GpuExecError {
+    GpuExecError::Artifact { path: path.to_path_buf(), message: message.into() }
+}
+
+/// Loads and checks the manifest: every offset and size against `weights.bin`, every
+/// binding against the buffer table, every kernel file present.
+pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
+    let path = dir.join("artifact.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| artifact_err(&path, format!("cannot read: {e}")))?;
+    let artifact: GpuArtifact =
+        serde_json::from_str(&text).map_err(|e| artifact_err(&path, format!("invalid manifest: {e}")))?;
+    if artifact.format != GPU_ARTIFACT_FORMAT {
+        return Err(artifact_err(&path, format!("format `{}` is not {GPU_ARTIFACT_FORMAT}", artifact.format)));
+    }
+    let weights = dir.join(&artifact.weights_file);
+    let len = std::fs::metadata(&weights).map_err(|e| artifact_err(&weights, format!("cannot read: {e}")))?.len();
+    for b in &artifact.buffers {
+        if let BufferKind::Weight { offset, .. } | BufferKind::Table { offset } = b.kind {
+            if offset.checked_add(b.bytes).is_none_or(|end| end > len) {
+                return Err(artifact_err(
+                    &weights,
+                    format!(
+                        "buffer `{}` ({} bytes at {offset}) runs past the end of the file ({len} bytes)",
+                        b.name, b.bytes
+                    ),
+                ));
+            }
+        }
+    }
+    for d in &artifact.dispatches {
+        let kernel = artifact
+            .kernels
+            .get(d.kernel)
+            .ok_or_else(|| artifact_err(&path, format!("dispatch `{}` names kernel {}", d.value, d.kernel)))?;
+        if d.bindings.len() != kernel.storage_bindings || d.bindings.iter().any(|b| *b >= artifact.buffers.len()) {
+            return Err(artifact_err(&path, format!("dispatch `{}` has bad bindings", d.value)));
+        }
+    }
+    for k in &artifact.kernels {
+        let f = dir.join("kernels").join(format!("{}.wgsl", k.name));
+        if !f.is_file() {
+            return Err(artifact_err(&f, "missing kernel"));
+        }
+    }
+    for idx in [artifact.tokens_buffer, artifact.logits_buffer] {
+        if idx >= artifact.buffers.len() {
+            return Err(artifact_err(&path, "tokens/logits buffer out of range"));
+        }
+    }
+    Ok(artifact)
+}
+
+impl GpuExecutor {
+    /// `adapter_filter`: a case-insensitive substring of the adapter name to pick
+    /// (else `$SLMC_ADAPTER`, else the first adapter).
+    pub fn load(dir: &Path, adapter_filter: Option<&str>) -> Result<GpuExecutor, GpuExecError> {
+        let artifact = load_artifact(dir)?;
+        let weights_path = dir.join(&artifact.weights_file);
+        let weights =
+            std::fs::read(&weights_path).map_err(|e| artifact_err(&weights_path, format!("cannot read: {e}")))?;
+
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let filter = adapter_filter.map(str::to_string).or_else(|| std::env::var("SLMC_ADAPTER").ok());
+        let adapter = adapters
+            .into_iter()
+            .find(|a| filter.as_ref().is_none_or(|f| a.get_info().name.to_lowercase().contains(&f.to_lowercase())))
+            .ok_or_else(|| GpuExecError::NoAdapter(filter.map(|f| format!(" matching `{f}`")).unwrap_or_default()))?;
+        let info = adapter.get_info();
+        let adapter_info = format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            info.name, info.backend, info.device_type, info.driver, info.driver_info
+        );
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("slmc"),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| GpuExecError::Device(e.to_string()))?;
+
+        let largest = artifact.buffers.iter().map(|b| b.bytes).max().unwrap_or(0);
+        if largest > limits.max_storage_buffer_binding_size || largest > limits.max_buffer_size {
+            return Err(GpuExecError::Device(format!(
+                "a buffer of {largest} bytes exceeds the adapter's limits (binding {}, buffer {})",
+                limits.max_storage_buffer_binding_size, limits.max_buffer_size
+            )));
+        }
+        let mut buffers = Vec::with_capacity(artifact.buffers.len());
+        for b in &artifact.buffers {
+            let size = b.bytes.div_ceil(4) * 4;
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&b.name),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            if let BufferKind::Weight { offset, .. } | BufferKind::Table { offset } = b.kind {
+                let mut bytes = weights[offset as usize..(offset + b.bytes) as usize].to_vec();
+                bytes.resize(size as usize, 0);
+                queue.write_buffer(&buf, 0, &bytes);
+            }
+            buffers.push(buf);
+        }
+        let uniform = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step"),
+            size: 16,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let logits_bytes = artifact.buffers[artifact.logits_buffer].bytes.div_ceil(4) * 4;
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("logits readback"),
+            size: logits_bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+
+        let mut pipelines = Vec::with_capacity(artifact.kernels.len());
+        for k in &artifact.kernels {
+            let path = dir.join("kernels").join(format!("{}.wgsl", k.name));
+            let src = std::fs::read_to_string(&path).map_err(|e| artifact_err(&path, format!("cannot read: {e}")))?;
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&k.name),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&k.name),
+                layout: None,
+                module: &module,
+                entry_point: Some(&k.entry_point),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(artifact_err(&path, format!("the GPU rejected the kernel: {e}")));
+            }
+            pipelines.push(pipeline);
+        }
+        let mut bind_groups = Vec::with_capacity(artifact.dispatches.len());
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        for d in &artifact.dispatches {
+            let layout = pipelines[d.kernel].get_bind_group_layout(0);
+            let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+            for (i, b) in d.bindings.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: buffers[*b].as_entire_binding() });
+            }
+            bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&d.value),
+                layout: &layout,
+                entries: &entries,
+            }));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(GpuExecError::Gpu(format!("binding the schedule: {e}")));
+        }
+        Ok(GpuExecutor {
+            artifact,
+            device,
+            queue,
+            buffers,
+            pipelines,
+            bind_groups,
+            uniform,
+            readback,
+            past: 0,
+            adapter_info,
+        })
+    }
+
+    pub fn artifact(&self) -> &GpuArtifact {
+        &self.artifact
+    }
+
+    /// One step of at most `max_step_tokens` tokens.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuExecError> {
+        let s = tokens.len();
+        let vocab = self.artifact.model.vocab_size;
+        let words: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        self.queue.write_buffer(&self.buffers[self.artifact.tokens_buffer], 0, &words);
+        let step: Vec<u8> = [s as u32, self.past as u32, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.queue.write_buffer(&self.uniform, 0, &step);
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        {
+            let mut pass = encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
+            for (d, bg) in self.artifact.dispatches.iter().zip(&self.bind_groups) {
+                let [x, y, z] = d.workgroups.map(|c| c.eval(s as u64));
+                if x.max(y).max(z) > 65535 {
+                    return Err(GpuExecError::Gpu(format!(
+                        "dispatch `{}` needs {x}x{y}x{z} workgroups (limit 65535)",
+                        d.value
+                    )));
+                }
+                if x * y * z == 0 {
+                    continue;
+                }
+                pass.set_pipeline(&self.pipelines[d.kernel]);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(x as u32, y as u32, z as u32);
+            }
+        }
+        let bytes = (s * vocab * 4) as u64;
+        encoder.copy_buffer_to_buffer(&self.buffers[self.artifact.logits_buffer], 0, &self.readback, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let slice = self.readback.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuExecError::Gpu(e.to_string()))?;
+        rx.recv().map_err(|e| GpuExecError::Gpu(e.to_string()))?.map_err(|e| GpuExecError::Gpu(e.to_string()))?;
+        let logits = {
+            let view = slice.get_mapped_range().map_err(|e| GpuExecError::Gpu(e.to_string()))?;
+            view.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
+        self.readback.unmap();
+        self.past += s;
+        Ok(logits)
+    }
+}
+
+impl Executor for GpuExecutor {
+    fn vocab_size(&self) -> usize {
+        self.artifact.model.vocab_size
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
+        let model = &self.artifact.model;
+        if self.past + tokens.len() > model.context_len {
+            return Err(ExecError::Usage(format!(
+                "the KV cache holds {} positions; {} more would exceed the artifact's context of {}",
+                self.past,
+                tokens.len(),
+                model.context_len
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|t| **t as usize >= model.vocab_size) {
+            return Err(ExecError::Usage(format!("token id {bad} is outside the vocabulary of {}", model.vocab_size)));
+        }
+        let mut out = Vec::with_capacity(tokens.len() * model.vocab_size);
+        for chunk in tokens.chunks(model.max_step_tokens.max(1)) {
+            out.extend(self.step(chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn reset(&mut self) {
+        self.past = 0;
+    }
+
+    fn past_len(&self) -> usize {
+        self.past
+    }
+}
