@@ -220,7 +220,8 @@ impl<'a> Builder<'a> {
                 let out_cols = self.per_token(id)?;
                 let (name, src) = kernels::linear(&layout, out_cols, swiglu)?;
                 let k = self.kernel(name, src, 3);
-                self.dispatch(id, k, vec![x, w, out], [Count::fixed(out_cols.div_ceil(64) as u64), s_count, one]);
+                let tiles = Count { per_token: 1, constant: 0, divisor: 4 };
+                self.dispatch(id, k, vec![x, w, out], [Count::fixed(out_cols.div_ceil(64) as u64), tiles, one]);
             }
             Op::Add | Op::Mul | Op::Silu => {
                 let per = self.per_token(id)?;
