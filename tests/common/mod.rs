@@ -38,6 +38,8 @@ pub fn slmc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_slmc"))
         .args(args)
         .env("RUST_BACKTRACE", "0")
+        // The Vulkan loader warns without it; harmless, but noisy.
+        .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
         .output()
         .expect("the slmc binary runs")
 }
