@@ -6,7 +6,7 @@
 //! f32 / 4-bit (q4, from any Q4_0/Q4_1 group size) / 8-bit (Q8_0) weights; other weight
 //! types are converted to f32. Graphs must be fused by the `gpu` pipeline (`gqa`).
 
-mod kernels;
+pub mod kernels;
 
 use std::collections::{BTreeMap, HashMap};
 
