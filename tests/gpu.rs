@@ -116,6 +116,8 @@ fn unsupported_targets_and_graphs_are_clear_errors() {
     assert!(err.contains("not implemented yet"), "{err}");
     let err = slmc_fails(&["compile", m, "--target", "webgpu", "-o", o, "--pipeline", "portable"]);
     assert!(err.contains("not supported by the GPU backend yet"), "{err}");
+    let err = slmc_fails(&["compile", m, "--target", "webgpu", "-o", o, "--max-step-tokens", "2000000"]);
+    assert!(err.contains("binds at most 134217728 bytes") && err.contains("lower --max-step-tokens"), "{err}");
     let err = slmc_fails(&["compile", m, "--target", "tpu", "-o", o]);
     assert!(err.contains("unknown target `tpu`"), "{err}");
     assert!(std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0, "nothing is left behind");

@@ -34,6 +34,9 @@ struct Common {
     /// Say more on stderr (the GPU adapter, for example).
     #[arg(long)]
     verbose: bool,
+    /// GPU adapter to use for compiled artifacts: a substring of its name (else $SLMC_ADAPTER, else the first).
+    #[arg(long)]
+    adapter: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -534,7 +537,7 @@ fn gpu_executor(common: &Common, opt: &OptArgs) -> Result<Option<(GpuExecutor, T
     if opt.request().is_active() {
         bail!("{}: optimizer flags apply when compiling; this is a compiled artifact", path.display());
     }
-    let exec = GpuExecutor::load(path, None)?;
+    let exec = GpuExecutor::load(path, common.adapter.as_deref())?;
     if common.verbose {
         eprintln!("adapter: {}", exec.adapter_info);
     }

@@ -11,16 +11,67 @@ pub struct TargetProfile {
     /// Which backend family generates code for it.
     pub backend: &'static str,
     pub description: &'static str,
+    /// Largest storage-buffer binding, bytes (None: not a GPU target).
+    pub max_storage_buffer_binding_size: Option<u64>,
+    /// Largest buffer, bytes.
+    pub max_buffer_size: Option<u64>,
 }
 
+/// WebGPU's default limits (spec): 128 MiB per storage binding, 256 MiB per buffer. The
+/// generic GPU profiles promise no more than these, so their artifacts run anywhere.
+const WEBGPU_BINDING: Option<u64> = Some(128 << 20);
+const WEBGPU_BUFFER: Option<u64> = Some(256 << 20);
+
 pub const GENERIC_PROFILES: &[TargetProfile] = &[
-    TargetProfile { name: "webgpu", backend: "wgsl", description: "WebGPU with default limits" },
-    TargetProfile { name: "vulkan", backend: "spirv", description: "Vulkan 1.1 (SPIR-V 1.3)" },
-    TargetProfile { name: "metal", backend: "msl", description: "Metal (MSL)" },
-    TargetProfile { name: "onnx-cpu", backend: "onnx", description: "ONNX Runtime CPU, contrib ops" },
-    TargetProfile { name: "onnx-portable", backend: "onnx", description: "ONNX, standard ops only" },
-    TargetProfile { name: "coreml-ios18", backend: "coreml", description: "Core ML ML program, iOS 18" },
-    TargetProfile { name: "coreml-ios17", backend: "coreml", description: "Core ML ML program, iOS 17" },
+    TargetProfile {
+        name: "webgpu",
+        backend: "wgsl",
+        description: "WebGPU with default limits",
+        max_storage_buffer_binding_size: WEBGPU_BINDING,
+        max_buffer_size: WEBGPU_BUFFER,
+    },
+    TargetProfile {
+        name: "vulkan",
+        backend: "spirv",
+        description: "Vulkan 1.1 (SPIR-V 1.3), WebGPU default limits",
+        max_storage_buffer_binding_size: WEBGPU_BINDING,
+        max_buffer_size: WEBGPU_BUFFER,
+    },
+    TargetProfile {
+        name: "metal",
+        backend: "msl",
+        description: "Metal (MSL), WebGPU default limits",
+        max_storage_buffer_binding_size: WEBGPU_BINDING,
+        max_buffer_size: WEBGPU_BUFFER,
+    },
+    TargetProfile {
+        name: "onnx-cpu",
+        backend: "onnx",
+        description: "ONNX Runtime CPU, contrib ops",
+        max_storage_buffer_binding_size: None,
+        max_buffer_size: None,
+    },
+    TargetProfile {
+        name: "onnx-portable",
+        backend: "onnx",
+        description: "ONNX, standard ops only",
+        max_storage_buffer_binding_size: None,
+        max_buffer_size: None,
+    },
+    TargetProfile {
+        name: "coreml-ios18",
+        backend: "coreml",
+        description: "Core ML ML program, iOS 18",
+        max_storage_buffer_binding_size: None,
+        max_buffer_size: None,
+    },
+    TargetProfile {
+        name: "coreml-ios17",
+        backend: "coreml",
+        description: "Core ML ML program, iOS 17",
+        max_storage_buffer_binding_size: None,
+        max_buffer_size: None,
+    },
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -27,6 +27,8 @@ pub enum GpuError {
     MissingWeight(String),
     #[error("kernel `{kernel}`: {message}")]
     Kernel { kernel: String, message: String },
+    #[error("buffer `{name}` needs {bytes} bytes but target `{target}` binds at most {limit} bytes per storage buffer; {advice}")]
+    TooLarge { name: String, bytes: u64, target: String, limit: u64, advice: String },
     #[error("the graph does not verify: {0}")]
     Verify(#[from] slmc_ir::VerifyError),
 }
@@ -38,6 +40,9 @@ pub struct GpuOptions {
     pub eos_token_ids: Vec<u32>,
     pub context_len: usize,
     pub max_step_tokens: usize,
+    /// The target's largest storage binding and buffer, bytes.
+    pub max_binding_bytes: u64,
+    pub max_buffer_bytes: u64,
 }
 
 /// The artifact: its manifest and every file to write beside it (relative paths).
@@ -324,6 +329,21 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
         });
     };
     let logits_buffer = b.buffer_of(logits_id)?;
+    let limit = opts.max_binding_bytes.min(opts.max_buffer_bytes);
+    if let Some(big) = b.buffers.iter().find(|buf| buf.bytes > limit) {
+        let advice = match big.kind {
+            BufferKind::Activation => "lower --max-step-tokens",
+            BufferKind::Cache => "lower --context",
+            _ => "splitting large weights across bindings is not implemented yet",
+        };
+        return Err(GpuError::TooLarge {
+            name: big.name.clone(),
+            bytes: big.bytes,
+            target: opts.target.clone(),
+            limit,
+            advice: advice.into(),
+        });
+    }
     let vocab = b.per_token(logits_id)?;
     let mut files = BTreeMap::new();
     for (name, src) in &b.kernel_sources {
