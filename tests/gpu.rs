@@ -52,15 +52,27 @@ fn project_checkpoints_match_the_interpreter() {
         (golden_dir().join("arch/llama-tied-f16"), 256),
     ];
     let prompt = "5,17,3,88,41,9,60,2,33,1,4,7,12";
-    for (i, (model, vocab)) in models.iter().enumerate() {
+    let variants: [&[&str]; 3] =
+        [&[], &["--kv-quant", "int8"], &["--quant", "q4g32-sym", "--quant-override", "lm_head=q8"]];
+    let cases = models.iter().enumerate().flat_map(|(i, m)| {
+        // Every model plain; the first also with an int8 cache and with 4-bit/8-bit weights.
+        let n = if i == 0 { 3 } else { 1 };
+        (0..n).map(move |v| (i, m, v))
+    });
+    for (i, (model, vocab), v) in cases {
+        let flags = variants[v];
         // A small step size so the 13-token prompt also exercises chunked prefill.
-        let artifact = compile(model, &format!("fixture{i}"), &["--max-step-tokens", "8"]);
-        let (a, a_ids, exec) = run(model.to_str().unwrap(), prompt, *vocab, &["--pipeline", "gpu"]);
+        let mut compile_args = vec!["--max-step-tokens", "8"];
+        compile_args.extend_from_slice(flags);
+        let artifact = compile(model, &format!("fixture{i}-{v}"), &compile_args);
+        let mut interp_args = vec!["--pipeline", "gpu"];
+        interp_args.extend_from_slice(flags);
+        let (a, a_ids, exec) = run(model.to_str().unwrap(), prompt, *vocab, &interp_args);
         let (b, b_ids, gexec) = run(artifact.to_str().unwrap(), prompt, *vocab, &[]);
         assert_eq!((exec.as_str(), gexec.as_str()), ("interpreter", "wgpu"));
         let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
-        eprintln!("{}: max relative logit difference {diff:.2e}", model.display());
+        eprintln!("{} {flags:?}: max relative logit difference {diff:.2e}", model.display());
         assert!(diff <= 1e-4, "{}: GPU logits differ by {diff}", model.display());
         assert_eq!(a_ids, b_ids, "{}", model.display());
     }
@@ -152,4 +164,52 @@ fn smollm2_on_the_gpu_matches_the_goldens() {
         report.push(format!("{id}: {same}/48 identical (near-tie bound {must}), top-1 {:.3}", score["top1_agreement"]));
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// q4g32-sym weights and an int8 KV cache: the GPU's teacher-forced argmax against the
+/// interpreter's on the same optimized graph over the golden positions. Issue 4 asks for
+/// 99%; measured 98.70% (5 of 384 flip, at interpreter top-2 gaps of 0.004 to 0.047): the
+/// int8 cache's rounding turns float-level differences between the two implementations
+/// (summation order, GPU exp/sqrt) into whole code steps. This bound records the measured
+/// state so a regression fails; the 99% goal stays open.
+#[test]
+fn smollm2_q4_sym_int8_kv_on_the_gpu_matches_the_interpreter() {
+    let gguf = smollm2_gguf();
+    let flags = ["--quant", "q4g32-sym", "--kv-quant", "int8"];
+    let artifact = compile(&gguf, "smollm2-sym-int8", &flags);
+    let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
+    let (mut same, mut total) = (0, 0);
+    for p in golden["prompts"].as_array().unwrap() {
+        let (input, cont) = (ids_arg(&as_ids(&p["input_ids"])), ids_arg(&as_ids(&p["generated_ids"])));
+        let gpu =
+            slmc_json(&["score", artifact.to_str().unwrap(), "--prompt-ids", &input, "--continuation-ids", &cont]);
+        let mut args = vec![
+            "score",
+            gguf.to_str().unwrap(),
+            "--prompt-ids",
+            &input,
+            "--continuation-ids",
+            &cont,
+            "--pipeline",
+            "gpu",
+        ];
+        args.extend_from_slice(&flags);
+        let interp = slmc_json(&args);
+        for (i, (a, b)) in
+            gpu["positions"].as_array().unwrap().iter().zip(interp["positions"].as_array().unwrap()).enumerate()
+        {
+            total += 1;
+            if a["argmax"] == b["argmax"] {
+                same += 1;
+            } else {
+                eprintln!(
+                    "{} step {i}: GPU {} vs interpreter {} (interpreter gap {})",
+                    p["id"], a["argmax"], b["argmax"], b["top1_minus_top2"]
+                );
+            }
+        }
+    }
+    let rate = same as f64 / total as f64;
+    eprintln!("q4g32-sym + int8 KV: GPU argmax equals the interpreter's at {same}/{total} ({:.2}%)", 100.0 * rate);
+    assert!(rate >= 0.98, "{same}/{total}");
 }

@@ -9,9 +9,10 @@ use slmc_ir::{RopeScaling, RopeStyle, Rotary};
 
 fn layouts() -> Vec<WeightLayout> {
     vec![
-        WeightLayout { kind: "f32", rows: 64, cols: 32, group: 1, codes_offset: 0 },
-        WeightLayout { kind: "q4", rows: 64, cols: 64, group: 32, codes_offset: 256 },
-        WeightLayout { kind: "q8", rows: 64, cols: 64, group: 32, codes_offset: 128 },
+        WeightLayout { kind: "f32", rows: 64, cols: 32, group: 1, codes_offset: 0, sym: false },
+        WeightLayout { kind: "q4", rows: 64, cols: 64, group: 32, codes_offset: 256, sym: false },
+        WeightLayout { kind: "q4", rows: 64, cols: 64, group: 32, codes_offset: 256, sym: true },
+        WeightLayout { kind: "q8", rows: 64, cols: 64, group: 32, codes_offset: 128, sym: true },
     ]
 }
 
@@ -31,9 +32,13 @@ fn all_kernels() -> Vec<(String, String)> {
     out.push(kernels::slice(96, 32, 16).unwrap());
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {
         let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
-        out.push(kernels::rope_cache(&rotary, 4, 2, 8, 16).unwrap());
+        for kv in ["f32", "int8"] {
+            out.push(kernels::rope_cache(&rotary, 4, 2, 8, 16, kv).unwrap());
+        }
     }
-    out.push(kernels::attention(4, 2, 8, 0.35355338).unwrap());
+    for kv in ["f32", "int8"] {
+        out.push(kernels::attention(4, 2, 8, 0.35355338, 16, kv).unwrap());
+    }
     out
 }
 

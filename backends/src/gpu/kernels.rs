@@ -16,12 +16,14 @@ pub struct WeightLayout {
     pub group: usize,
     /// Word offset of the codes after the per-block scales.
     pub codes_offset: usize,
+    /// 4-bit symmetric codes: value = (code - 8) * scale (the minimum word is unused).
+    pub sym: bool,
 }
 
 impl WeightLayout {
     pub fn name(&self) -> String {
         match self.kind {
-            "q4" => format!("q4g{}", self.group),
+            "q4" => format!("q4g{}{}", self.group, if self.sym { "s" } else { "" }),
             other => other.to_string(),
         }
     }
@@ -46,9 +48,9 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// Rewrites stored bytes into the layout the kernels read: 4-bit blocks become
-/// (scale, minimum) f32 pairs followed by the code bytes as they were (Q4_0's offset of
-/// -8 folded into the minimum); Q8_0 becomes f32 scales then the code bytes; everything
-/// else becomes f32.
+/// (scale, minimum) f32 pairs followed by the code bytes as they were (symmetric Q4_0
+/// blocks keep a zero minimum and decode as (code - 8) * scale); Q8_0 becomes f32 scales
+/// then the code bytes; everything else becomes f32.
 pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> (Vec<u8>, WeightLayout) {
     let g = dtype.block_len();
     let blocks = rows * cols / g;
@@ -60,14 +62,14 @@ pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> (Vec<u8
             let mut codes = Vec::with_capacity(blocks * g / 2);
             for b in bytes.chunks_exact(dtype.block_bytes()) {
                 let d = f16_at(b, 0);
-                let m = if has_min { f16_at(b, 2) } else { -8.0 * d };
+                let m = if has_min { f16_at(b, 2) } else { 0.0 };
                 scales.extend_from_slice(&d.to_le_bytes());
                 scales.extend_from_slice(&m.to_le_bytes());
                 codes.extend_from_slice(&b[data_at..data_at + g / 2]);
             }
             let codes_offset = scales.len() / 4;
             scales.extend(codes);
-            (scales, WeightLayout { kind: "q4", rows, cols, group: g, codes_offset })
+            (scales, WeightLayout { kind: "q4", rows, cols, group: g, codes_offset, sym: !has_min })
         }
         DType::Q8_0 => {
             let mut scales = Vec::with_capacity(blocks * 4);
@@ -78,13 +80,13 @@ pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> (Vec<u8
             }
             let codes_offset = scales.len() / 4;
             scales.extend(codes);
-            (scales, WeightLayout { kind: "q8", rows, cols, group: 32, codes_offset })
+            (scales, WeightLayout { kind: "q8", rows, cols, group: 32, codes_offset, sym: true })
         }
         _ => {
             let mut values = vec![0.0f32; rows * cols];
             slmc_ir::dtype::dequantize_into(dtype, bytes, &mut values);
             let out = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (out, WeightLayout { kind: "f32", rows, cols, group: 1, codes_offset: 0 })
+            (out, WeightLayout { kind: "f32", rows, cols, group: 1, codes_offset: 0, sym: false })
         }
     }
 }
@@ -99,6 +101,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("slice", include_str!("templates/slice.wgsl.tera")),
     ("rope_cache", include_str!("templates/rope_cache.wgsl.tera")),
     ("attention", include_str!("templates/attention.wgsl.tera")),
+    ("kv_cache", include_str!("templates/kv_cache.wgsl.tera")),
 ];
 
 fn tera() -> &'static tera::Tera {
@@ -136,6 +139,7 @@ fn weight_ctx(layout: &WeightLayout) -> tera::Context {
     ctx.insert("cols", &layout.cols);
     ctx.insert("group", &layout.group);
     ctx.insert("codes_offset", &layout.codes_offset);
+    ctx.insert("sym", &layout.sym);
     ctx
 }
 
@@ -183,14 +187,17 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
     render("slice", format!("slice_{in_cols}_{start}_{width}"), ctx)
 }
 
+/// `kv`: "f32" or "int8" cache storage.
 pub fn rope_cache(
     rotary: &slmc_ir::Rotary,
     hq: usize,
     hk: usize,
     hd: usize,
     context: usize,
+    kv: &str,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
+    ctx.insert("kv", kv);
     let style = match rotary.style {
         slmc_ir::RopeStyle::Half => "half",
         slmc_ir::RopeStyle::Interleaved => "interleaved",
@@ -201,16 +208,25 @@ pub fn rope_cache(
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("context", &context);
-    render("rope_cache", format!("rope_cache_{style}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim), ctx)
+    render("rope_cache", format!("rope_cache_{style}_{kv}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim), ctx)
 }
 
-pub fn attention(hq: usize, hk: usize, hd: usize, scale: f32) -> Result<(String, String), GpuError> {
+pub fn attention(
+    hq: usize,
+    hk: usize,
+    hd: usize,
+    scale: f32,
+    context: usize,
+    kv: &str,
+) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
+    ctx.insert("kv", kv);
+    ctx.insert("context", &context);
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("head_dim", &hd);
     ctx.insert("scale", &float(scale));
-    render("attention", format!("attention_{hq}_{hk}_{hd}"), ctx)
+    render("attention", format!("attention_{kv}_{hq}_{hk}_{hd}_{context}"), ctx)
 }
 
 /// A kernel in the other shader languages.

@@ -264,16 +264,27 @@ impl<'a> Builder<'a> {
                 self.dispatch(id, k, vec![x, out], [per_tok(width as u64, 64), one, one]);
             }
             Op::Gqa { layer, scale, rotary, quant } => {
-                if *quant != slmc_ir::KvQuant::F32 {
-                    return Err(self.err(id, "quantized KV caches are not supported by the GPU backend yet"));
-                }
+                let kv = match quant {
+                    slmc_ir::KvQuant::F32 => "f32",
+                    slmc_ir::KvQuant::Int8 => "int8",
+                    slmc_ir::KvQuant::Int4 => {
+                        return Err(
+                            self.err(id, "int4 KV caches are not supported by the GPU backend yet (int8 and f32 are)")
+                        )
+                    }
+                };
                 let qd = dims(graph, node.inputs[0]);
                 let kd = dims(graph, node.inputs[1]);
                 let (hq, hk, hd) = (qd[1].unwrap_or(0), kd[1].unwrap_or(0), qd[2].unwrap_or(0));
                 let (q, kin, v) =
                     (self.buffer_of(node.inputs[0])?, self.buffer_of(node.inputs[1])?, self.buffer_of(node.inputs[2])?);
                 let table = self.rope_table(rotary);
-                let cache_bytes = (self.opts.context_len * hk * hd * 4) as u64;
+                if kv == "int8" && hd % 4 != 0 {
+                    return Err(self.err(id, format!("an int8 cache needs a head dim divisible by 4, found {hd}")));
+                }
+                // int8: per vector an f32 scale and minimum, then one byte per value.
+                let per_vector = if kv == "int8" { 8 + hd } else { 4 * hd };
+                let cache_bytes = (self.opts.context_len * hk * per_vector) as u64;
                 let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
                 let v_cache = self.add_buffer(&format!("cache.{layer}.value"), BufferKind::Cache, cache_bytes);
                 let q_rot = self.add_buffer(
@@ -281,7 +292,7 @@ impl<'a> Builder<'a> {
                     BufferKind::Activation,
                     (self.opts.max_step_tokens * hq * hd * 4) as u64,
                 );
-                let (name, src) = kernels::rope_cache(rotary, hq, hk, hd, self.opts.context_len)?;
+                let (name, src) = kernels::rope_cache(rotary, hq, hk, hd, self.opts.context_len, kv)?;
                 let k = self.kernel(name, src, 7);
                 self.dispatch(
                     id,
@@ -290,7 +301,7 @@ impl<'a> Builder<'a> {
                     [per_tok((hq + hk) as u64, 64), one, one],
                 );
                 let out = self.activation(id)?;
-                let (name, src) = kernels::attention(hq, hk, hd, *scale)?;
+                let (name, src) = kernels::attention(hq, hk, hd, *scale, self.opts.context_len, kv)?;
                 let k = self.kernel(name, src, 4);
                 self.dispatch(id, k, vec![q_rot, k_cache, v_cache, out], [per_tok(hq as u64, 64), one, one]);
             }

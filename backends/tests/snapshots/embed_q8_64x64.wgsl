@@ -20,14 +20,13 @@ fn dot_row(row: u32, xoff: u32) -> f32 {
     for (var blk = 0u; blk < 2u; blk++) {
         let b = row * 2u + blk;
         let base = xoff + blk * 32u;
-        var sq = 0.0;
+        let d = bitcast<f32>(w[b]);
         for (var wi = 0u; wi < 8u; wi++) {
             let word = bitcast<i32>(w[128u + b * 8u + wi]);
             for (var t = 0u; t < 4u; t++) {
-                sq += f32(extractBits(word, 8u * t, 8u)) * x[base + wi * 4u + t];
+                acc += f32(extractBits(word, 8u * t, 8u)) * d * x[base + wi * 4u + t];
             }
         }
-        acc += bitcast<f32>(w[b]) * sq;
     }
     return acc;
 }
@@ -36,15 +35,14 @@ fn dot_rows4(row: u32, r: vec4<u32>) -> vec4<f32> {
     for (var blk = 0u; blk < 2u; blk++) {
         let b = row * 2u + blk;
         let base = r + vec4<u32>(blk * 32u);
-        var sq = vec4<f32>(0.0);
+        let d = bitcast<f32>(w[b]);
         for (var wi = 0u; wi < 8u; wi++) {
             let word = bitcast<i32>(w[128u + b * 8u + wi]);
             for (var c = 0u; c < 4u; c++) {
                 let j = wi * 4u + c;
-                sq += f32(extractBits(word, 8u * c, 8u)) * vec4<f32>(x[base.x + j], x[base.y + j], x[base.z + j], x[base.w + j]);
+                acc += f32(extractBits(word, 8u * c, 8u)) * d * vec4<f32>(x[base.x + j], x[base.y + j], x[base.z + j], x[base.w + j]);
             }
         }
-        acc += bitcast<f32>(w[b]) * sq;
     }
     return acc;
 }

@@ -13,7 +13,13 @@ struct Step {
 
 // Blocks of 32: (scale, minimum) as two f32 words at [2b, 2b+1], then from word
 // 256 the codes, 4 words per block: byte j holds element j in its low
-// nibble and element j + 16 in its high nibble. value = code * scale + minimum.
+// nibble and element j + 16 in its high nibble. value = code * scale + minimum,
+// computed per element as the interpreter dequantizes, then multiplied.
+fn dq(code: u32, d: f32, m: f32) -> f32 {
+
+    return f32(code) * d + m;
+
+}
 fn dot_row(row: u32, xoff: u32) -> f32 {
     var acc = 0.0;
     for (var blk = 0u; blk < 2u; blk++) {
@@ -21,20 +27,14 @@ fn dot_row(row: u32, xoff: u32) -> f32 {
         let d = bitcast<f32>(w[2u * b]);
         let m = bitcast<f32>(w[2u * b + 1u]);
         let base = xoff + blk * 32u;
-        var sq = 0.0;
-        var sx = 0.0;
         for (var wi = 0u; wi < 4u; wi++) {
             let word = w[256u + b * 4u + wi];
             for (var t = 0u; t < 4u; t++) {
                 let byte = (word >> (8u * t)) & 0xffu;
                 let j = wi * 4u + t;
-                let x0 = x[base + j];
-                let x1 = x[base + j + 16u];
-                sq += f32(byte & 0xfu) * x0 + f32(byte >> 4u) * x1;
-                sx += x0 + x1;
+                acc += dq(byte & 0xfu, d, m) * x[base + j] + dq(byte >> 4u, d, m) * x[base + j + 16u];
             }
         }
-        acc += d * sq + m * sx;
     }
     return acc;
 }
@@ -45,8 +45,6 @@ fn dot_rows4(row: u32, r: vec4<u32>) -> vec4<f32> {
         let d = bitcast<f32>(w[2u * b]);
         let m = bitcast<f32>(w[2u * b + 1u]);
         let base = r + vec4<u32>(blk * 32u);
-        var sq = vec4<f32>(0.0);
-        var sx = vec4<f32>(0.0);
         for (var wi = 0u; wi < 4u; wi++) {
             let word = w[256u + b * 4u + wi];
             for (var c = 0u; c < 4u; c++) {
@@ -55,11 +53,9 @@ fn dot_rows4(row: u32, r: vec4<u32>) -> vec4<f32> {
                 let x0 = vec4<f32>(x[base.x + j], x[base.y + j], x[base.z + j], x[base.w + j]);
                 let h = j + 16u;
                 let x1 = vec4<f32>(x[base.x + h], x[base.y + h], x[base.z + h], x[base.w + h]);
-                sq += f32(byte & 0xfu) * x0 + f32(byte >> 4u) * x1;
-                sx += x0 + x1;
+                acc += dq(byte & 0xfu, d, m) * x0 + dq(byte >> 4u, d, m) * x1;
             }
         }
-        acc += d * sq + m * sx;
     }
     return acc;
 }
@@ -70,7 +66,7 @@ fn load(row: u32, k: u32) -> f32 {
     let word = w[256u + b * 4u + jb / 4u];
     let byte = (word >> (8u * (jb % 4u))) & 0xffu;
     let q = select(byte >> 4u, byte & 0xfu, j < 16u);
-    return f32(q) * bitcast<f32>(w[2u * b]) + bitcast<f32>(w[2u * b + 1u]);
+    return dq(q, bitcast<f32>(w[2u * b]), bitcast<f32>(w[2u * b + 1u]));
 }
 
 // out[i, n] = x_i . w_n for n < 64.

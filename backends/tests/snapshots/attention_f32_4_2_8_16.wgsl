@@ -10,9 +10,18 @@ struct Step {
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;
+
+fn k_at(vec: u32, d: u32) -> f32 {
+    return k_cache[vec * 8u + d];
+}
+
+fn v_at(vec: u32, d: u32) -> f32 {
+    return v_cache[vec * 8u + d];
+}
+
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 // Causal grouped-query attention: query i of this step sits at position p + i and sees
-// positions 0..=p+i; 4 query heads share 2 kv heads of 8 dims.
+// positions 0..=p+i; 4 query heads share 2 kv heads of 8 dims (f32 cache).
 @compute @workgroup_size(64)
 fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let idx = gid.x;
@@ -26,25 +35,25 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let visible = step.p + i + 1u;
     var mx = -3.4e38;
     for (var t = 0u; t < visible; t++) {
-        let ko = (t * 2u + kvh) * 8u;
+        let kv = t * 2u + kvh;
         var dotv = 0.0;
         for (var d = 0u; d < 8u; d++) {
-            dotv += q[qo + d] * k_cache[ko + d];
+            dotv += q[qo + d] * k_at(kv, d);
         }
         mx = max(mx, dotv * 0.35355338);
     }
     var acc: array<f32, 8>;
     var sum = 0.0;
     for (var t = 0u; t < visible; t++) {
-        let ko = (t * 2u + kvh) * 8u;
+        let kv = t * 2u + kvh;
         var dotv = 0.0;
         for (var d = 0u; d < 8u; d++) {
-            dotv += q[qo + d] * k_cache[ko + d];
+            dotv += q[qo + d] * k_at(kv, d);
         }
         let e = exp(dotv * 0.35355338 - mx);
         sum += e;
         for (var d = 0u; d < 8u; d++) {
-            acc[d] += e * v_cache[ko + d];
+            acc[d] += e * v_at(kv, d);
         }
     }
     for (var d = 0u; d < 8u; d++) {

@@ -15,7 +15,24 @@ struct Step {
 @group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;
 // Rotary embedding (interleaved pairs, first 8 of 8 dims) with a cos/sin
-// table computed on the host, then keys and values written to the cache at p + i.
+// table computed on the host; keys and values go to the f32 cache at position p + i.
+
+fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
+
+    for (var d = 0u; d < 8u; d++) {
+        k_cache[vec * 8u + d] = (*vals)[d];
+    }
+
+}
+
+fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
+
+    for (var d = 0u; d < 8u; d++) {
+        v_cache[vec * 8u + d] = (*vals)[d];
+    }
+
+}
+
 @compute @workgroup_size(64)
 fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let idx = gid.x;
@@ -25,6 +42,12 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = idx / 6u;
     let h = idx % 6u;
     let pos = step.p + i;
+    let is_q = h < 4u;
+    let src = select((i * 2u + h - 4u) * 8u, (i * 4u + h) * 8u, is_q);
+    var vals: array<f32, 8>;
+    for (var d = 0u; d < 8u; d++) {
+        vals[d] = select(k[src + d], q[src + d], is_q);
+    }
     for (var j = 0u; j < 4u; j++) {
         let c = table[pos * 4u + j];
         let sn = table[64u + pos * 4u + j];
@@ -32,36 +55,21 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         let ia = 2u * j;
         let ib = 2u * j + 1u;
 
-        if (h < 4u) {
-            let src = (i * 4u + h) * 8u;
-            let x0 = q[src + ia];
-            let x1 = q[src + ib];
-            q_out[src + ia] = x0 * c - x1 * sn;
-            q_out[src + ib] = x1 * c + x0 * sn;
-        } else {
-            let kh = h - 4u;
-            let src = (i * 2u + kh) * 8u;
-            let dst = (pos * 2u + kh) * 8u;
-            let x0 = k[src + ia];
-            let x1 = k[src + ib];
-            k_cache[dst + ia] = x0 * c - x1 * sn;
-            k_cache[dst + ib] = x1 * c + x0 * sn;
-        }
+        let x0 = vals[ia];
+        let x1 = vals[ib];
+        vals[ia] = x0 * c - x1 * sn;
+        vals[ib] = x1 * c + x0 * sn;
     }
-    if (h < 4u) {
-        let src = (i * 4u + h) * 8u;
-        for (var d = 8u; d < 8u; d++) {
-            q_out[src + d] = q[src + d];
-        }
-    } else {
-        let kh = h - 4u;
-        let src = (i * 2u + kh) * 8u;
-        let dst = (pos * 2u + kh) * 8u;
-        for (var d = 8u; d < 8u; d++) {
-            k_cache[dst + d] = k[src + d];
-        }
+    if (is_q) {
         for (var d = 0u; d < 8u; d++) {
-            v_cache[dst + d] = v[src + d];
+            q_out[src + d] = vals[d];
         }
+        return;
     }
+    let vec = pos * 2u + (h - 4u);
+    store_k(vec, &vals);
+    for (var d = 0u; d < 8u; d++) {
+        vals[d] = v[src + d];
+    }
+    store_v(vec, &vals);
 }
