@@ -250,9 +250,7 @@ pub fn validate_and_translate(wgsl: &str) -> Result<Translated, String> {
             let slot = binding.binding as u8;
             max_slot = max_slot.max(slot);
             let mutable = matches!(var.space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE));
-            resources
-                .resources
-                .insert(binding.clone(), msl::BindTarget { buffer: Some(slot), mutable, ..Default::default() });
+            resources.resources.insert(*binding, msl::BindTarget { buffer: Some(slot), mutable, ..Default::default() });
         }
     }
     resources.sizes_buffer = Some(max_slot + 1);

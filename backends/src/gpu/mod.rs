@@ -81,7 +81,7 @@ impl<'a> Builder<'a> {
 
     /// Appends bytes to the weights file at a 256-byte boundary (binding offset alignment).
     fn append_weight_bytes(&mut self, bytes: &[u8]) -> u64 {
-        while self.weight_bytes.len() % 256 != 0 {
+        while !self.weight_bytes.len().is_multiple_of(256) {
             self.weight_bytes.push(0);
         }
         let offset = self.weight_bytes.len() as u64;
@@ -197,11 +197,10 @@ impl<'a> Builder<'a> {
                 let (w, layout) = self.weight(node.inputs[0])?;
                 let ids = self.buffer_of(node.inputs[1])?;
                 let out = self.activation(id)?;
-                let (rows, cols) = (layout.rows, layout.cols);
+                let cols = layout.cols;
                 let (name, src) = kernels::embed(&layout)?;
                 let k = self.kernel(name, src, 3);
                 self.dispatch(id, k, vec![w, ids, out], [Count::fixed(cols.div_ceil(64) as u64), s_count, one]);
-                let _ = rows;
             }
             Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => {
                 let add = matches!(node.op, Op::AddRmsNorm { .. });
