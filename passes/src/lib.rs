@@ -147,46 +147,29 @@ pub const PASSES: &[PassInfo] = &[
     },
 ];
 
+/// Every fusion, then quantization and planning: the interpreter's default, and what GPU
+/// targets need (their kernels implement the fused ops, `gqa` included).
+const FUSED: &[&str] = &[
+    "fold-reshape",
+    "cse",
+    "dedup-weights",
+    "dce",
+    "fuse-qkv",
+    "fuse-gate-up",
+    "fuse-swiglu",
+    "fuse-add-rmsnorm",
+    "fuse-rope-attention",
+    "quantize-weights",
+    "kv-quant",
+    "dce",
+    "plan-memory",
+];
+
 /// Named pipelines per target family. Dequantize + matmul needs no pass: `linear`
 /// consumes packed weights directly.
 pub const PIPELINES: &[(&str, &[&str])] = &[
-    (
-        "default",
-        &[
-            "fold-reshape",
-            "cse",
-            "dedup-weights",
-            "dce",
-            "fuse-qkv",
-            "fuse-gate-up",
-            "fuse-swiglu",
-            "fuse-add-rmsnorm",
-            "fuse-rope-attention",
-            "quantize-weights",
-            "kv-quant",
-            "dce",
-            "plan-memory",
-        ],
-    ),
-    // Runtimes with a GroupQueryAttention-like fused op (ONNX Runtime contrib, WGSL).
-    (
-        "gpu",
-        &[
-            "fold-reshape",
-            "cse",
-            "dedup-weights",
-            "dce",
-            "fuse-qkv",
-            "fuse-gate-up",
-            "fuse-swiglu",
-            "fuse-add-rmsnorm",
-            "fuse-rope-attention",
-            "quantize-weights",
-            "kv-quant",
-            "dce",
-            "plan-memory",
-        ],
-    ),
+    ("default", FUSED),
+    ("gpu", FUSED),
     // Standard ONNX ops only: attention stays explicit.
     (
         "portable",
