@@ -36,6 +36,7 @@ fn all_kernels() -> Vec<(String, String)> {
             out.push(kernels::rope_cache(&rotary, 4, 2, 8, 16, kv).unwrap());
         }
     }
+    out.push(kernels::argmax(300).unwrap());
     for kv in ["f32", "int8"] {
         out.push(kernels::attention(4, 2, 8, 0.35355338, 16, kv).unwrap());
     }

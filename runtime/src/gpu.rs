@@ -40,6 +40,8 @@ pub struct GpuExecutor {
     bind_groups: Vec<wgpu::BindGroup>,
     uniform: wgpu::Buffer,
     readback: wgpu::Buffer,
+    token_readback: wgpu::Buffer,
+    argmax_bind_group: wgpu::BindGroup,
     past: usize,
     pub adapter_info: String,
 }
@@ -186,7 +188,7 @@ impl GpuExecutor {
         }
         let mut bind_groups = Vec::with_capacity(artifact.dispatches.len());
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        for d in &artifact.dispatches {
+        for d in artifact.dispatches.iter().chain([&artifact.argmax_dispatch]) {
             let layout = pipelines[d.kernel].get_bind_group_layout(0);
             let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
             for (i, b) in d.bindings.iter().enumerate() {
@@ -201,6 +203,13 @@ impl GpuExecutor {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuExecError::Gpu(format!("binding the schedule: {e}")));
         }
+        let argmax_bind_group = bind_groups.pop().expect("the argmax dispatch was bound last");
+        let token_readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("next token readback"),
+            size: 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(GpuExecutor {
             artifact,
             device,
@@ -210,6 +219,8 @@ impl GpuExecutor {
             bind_groups,
             uniform,
             readback,
+            token_readback,
+            argmax_bind_group,
             past: 0,
             adapter_info,
         })
@@ -219,10 +230,10 @@ impl GpuExecutor {
         &self.artifact
     }
 
-    /// One step of at most `max_step_tokens` tokens.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuExecError> {
+    /// Records one step of at most `max_step_tokens` tokens (and, with `argmax`, the
+    /// greedy pick of its last row) into a new encoder.
+    fn encode_step(&mut self, tokens: &[u32], argmax: bool) -> Result<wgpu::CommandEncoder, GpuExecError> {
         let s = tokens.len();
-        let vocab = self.artifact.model.vocab_size;
         let words: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         self.queue.write_buffer(&self.buffers[self.artifact.tokens_buffer], 0, &words);
         let step: Vec<u8> = [s as u32, self.past as u32, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -231,7 +242,8 @@ impl GpuExecutor {
         {
             let mut pass = encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-            for (d, bg) in self.artifact.dispatches.iter().zip(&self.bind_groups) {
+            let argmax_step = argmax.then_some((&self.artifact.argmax_dispatch, &self.argmax_bind_group));
+            for (d, bg) in self.artifact.dispatches.iter().zip(&self.bind_groups).chain(argmax_step) {
                 let [x, y, z] = d.workgroups.map(|c| c.eval(s as u64));
                 if x.max(y).max(z) > 65535 {
                     return Err(GpuExecError::Gpu(format!(
@@ -247,33 +259,44 @@ impl GpuExecutor {
                 pass.dispatch_workgroups(x as u32, y as u32, z as u32);
             }
         }
-        let bytes = (s * vocab * 4) as u64;
-        encoder.copy_buffer_to_buffer(&self.buffers[self.artifact.logits_buffer], 0, &self.readback, 0, bytes);
+        self.past += s;
+        Ok(encoder)
+    }
+
+    /// Submits, waits, and copies the first `bytes` of the mapped `readback` out.
+    fn read_back(
+        &self,
+        encoder: wgpu::CommandEncoder,
+        readback: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<u8>, GpuExecError> {
         self.queue.submit([encoder.finish()]);
-        let slice = self.readback.slice(..bytes);
+        let slice = readback.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuExecError::Gpu(e.to_string()))?;
         rx.recv().map_err(|e| GpuExecError::Gpu(e.to_string()))?.map_err(|e| GpuExecError::Gpu(e.to_string()))?;
-        let logits = {
-            let view = slice.get_mapped_range().map_err(|e| GpuExecError::Gpu(e.to_string()))?;
-            view.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-        };
-        self.readback.unmap();
-        self.past += s;
-        Ok(logits)
-    }
-}
-
-impl Executor for GpuExecutor {
-    fn vocab_size(&self) -> usize {
-        self.artifact.model.vocab_size
+        let out = slice.get_mapped_range().map_err(|e| GpuExecError::Gpu(e.to_string()))?.to_vec();
+        readback.unmap();
+        Ok(out)
     }
 
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
+    /// One step returning the logits of every token.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuExecError> {
+        let bytes = (tokens.len() * self.artifact.model.vocab_size * 4) as u64;
+        let mut encoder = self.encode_step(tokens, false)?;
+        encoder.copy_buffer_to_buffer(&self.buffers[self.artifact.logits_buffer], 0, &self.readback, 0, bytes);
+        let raw = self.read_back(encoder, &self.readback, bytes)?;
+        Ok(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    fn check_step(&self, tokens: &[u32]) -> Result<(), ExecError> {
         let model = &self.artifact.model;
+        if tokens.is_empty() {
+            return Err(ExecError::Usage("no tokens to feed".into()));
+        }
         if self.past + tokens.len() > model.context_len {
             return Err(ExecError::Usage(format!(
                 "the KV cache holds {} positions; {} more would exceed the artifact's context of {}",
@@ -285,11 +308,37 @@ impl Executor for GpuExecutor {
         if let Some(bad) = tokens.iter().find(|t| **t as usize >= model.vocab_size) {
             return Err(ExecError::Usage(format!("token id {bad} is outside the vocabulary of {}", model.vocab_size)));
         }
-        let mut out = Vec::with_capacity(tokens.len() * model.vocab_size);
-        for chunk in tokens.chunks(model.max_step_tokens.max(1)) {
+        Ok(())
+    }
+}
+
+impl Executor for GpuExecutor {
+    fn vocab_size(&self) -> usize {
+        self.artifact.model.vocab_size
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
+        self.check_step(tokens)?;
+        let mut out = Vec::with_capacity(tokens.len() * self.artifact.model.vocab_size);
+        for chunk in tokens.chunks(self.artifact.model.max_step_tokens.max(1)) {
             out.extend(self.step(chunk)?);
         }
         Ok(out)
+    }
+
+    /// The argmax runs on the GPU; only the token id is read back.
+    fn next_token(&mut self, tokens: &[u32]) -> Result<u32, ExecError> {
+        self.check_step(tokens)?;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.artifact.model.max_step_tokens.max(1)).collect();
+        let (last, earlier) = chunks.split_last().expect("check_step refuses no tokens");
+        for chunk in earlier {
+            let encoder = self.encode_step(chunk, false)?;
+            self.queue.submit([encoder.finish()]);
+        }
+        let mut encoder = self.encode_step(last, true)?;
+        encoder.copy_buffer_to_buffer(&self.buffers[self.artifact.next_token_buffer], 0, &self.token_readback, 0, 4);
+        let raw = self.read_back(encoder, &self.token_readback, 4)?;
+        Ok(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
     }
 
     fn reset(&mut self) {

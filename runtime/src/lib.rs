@@ -28,6 +28,15 @@ pub trait Executor {
     fn reset(&mut self);
     /// Positions already in the cache.
     fn past_len(&self) -> usize;
+
+    /// Feeds `tokens` and returns the greedy next token (the argmax of the last row).
+    /// Executors that can choose it on the device override this, so only a token id
+    /// crosses back.
+    fn next_token(&mut self, tokens: &[u32]) -> Result<u32, ExecError> {
+        let logits = self.forward(tokens)?;
+        let vocab = self.vocab_size();
+        Ok(argmax(&logits[logits.len() - vocab..]) as u32)
+    }
 }
 
 /// The reference interpreter as an executor of a graph with input "tokens" and output "logits".
@@ -157,23 +166,30 @@ pub fn generate(
     let vocab = exec.vocab_size();
     let mut generated = Vec::new();
     let mut recorded = Vec::new();
+    // Full logits only while steps are being recorded; otherwise the executor picks the
+    // token (on the device, for GPU executors).
+    let step = |exec: &mut dyn Executor, tokens: &[u32], recorded: &mut Vec<StepLogits>| -> Result<u32, ExecError> {
+        if recorded.len() < opts.record_steps {
+            let logits = exec.forward(tokens)?;
+            let row = &logits[logits.len() - vocab..];
+            recorded.push(StepLogits { top: top_k(row, opts.record_top_k), logsumexp: logsumexp(row) });
+            Ok(argmax(row) as u32)
+        } else {
+            exec.next_token(tokens)
+        }
+    };
     let start = Instant::now();
-    let logits = exec.forward(prompt)?;
-    let mut row = logits[(prompt.len() - 1) * vocab..].to_vec();
+    let mut next = step(exec, prompt, &mut recorded)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut decode_steps = 0;
-    while generated.len() < opts.max_new_tokens {
-        if recorded.len() < opts.record_steps {
-            recorded.push(StepLogits { top: top_k(&row, opts.record_top_k), logsumexp: logsumexp(&row) });
-        }
-        let next = argmax(&row) as u32;
+    while opts.max_new_tokens > 0 {
         generated.push(next);
         on_token(next);
         if opts.stop_ids.contains(&next) || generated.len() == opts.max_new_tokens {
             break;
         }
-        row = exec.forward(&[next])?;
+        next = step(exec, &[next], &mut recorded)?;
         decode_steps += 1;
     }
     Ok(Generation {

@@ -22,6 +22,10 @@ pub struct GpuArtifact {
     pub tokens_buffer: usize,
     /// The buffer holding the logits `[s, vocab]` after a step.
     pub logits_buffer: usize,
+    /// Run after `dispatches` when only the next greedy token is wanted: writes the
+    /// argmax of the last logits row to `next_token_buffer` (one u32).
+    pub argmax_dispatch: Dispatch,
+    pub next_token_buffer: usize,
     /// File with every weight buffer's bytes (offsets in `BufferKind::Weight`).
     pub weights_file: String,
 }

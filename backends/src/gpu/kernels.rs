@@ -102,6 +102,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("rope_cache", include_str!("templates/rope_cache.wgsl.tera")),
     ("attention", include_str!("templates/attention.wgsl.tera")),
     ("kv_cache", include_str!("templates/kv_cache.wgsl.tera")),
+    ("argmax", include_str!("templates/argmax.wgsl.tera")),
 ];
 
 fn tera() -> &'static tera::Tera {
@@ -227,6 +228,12 @@ pub fn attention(
     ctx.insert("head_dim", &hd);
     ctx.insert("scale", &float(scale));
     render("attention", format!("attention_{kv}_{hq}_{hk}_{hd}_{context}"), ctx)
+}
+
+pub fn argmax(vocab: usize) -> Result<(String, String), GpuError> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("vocab", &vocab);
+    render("argmax", format!("argmax_{vocab}"), ctx)
 }
 
 /// A kernel in the other shader languages.

@@ -339,6 +339,16 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
         });
     };
     let logits_buffer = b.buffer_of(logits_id)?;
+    let vocab = b.per_token(logits_id)?;
+    let next_token_buffer = b.add_buffer("next_token", BufferKind::Activation, 4);
+    let (name, src) = kernels::argmax(vocab)?;
+    let argmax_kernel = b.kernel(name, src, 2);
+    let argmax_dispatch = Dispatch {
+        value: "next_token".into(),
+        kernel: argmax_kernel,
+        bindings: vec![logits_buffer, next_token_buffer],
+        workgroups: [Count::fixed(1), Count::fixed(1), Count::fixed(1)],
+    };
     let limit = opts.max_binding_bytes.min(opts.max_buffer_bytes);
     if let Some(big) = b.buffers.iter().find(|buf| buf.bytes > limit) {
         let advice = match big.kind {
@@ -354,7 +364,6 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
             advice: advice.into(),
         });
     }
-    let vocab = b.per_token(logits_id)?;
     let mut files = BTreeMap::new();
     for (name, src) in &b.kernel_sources {
         let t = validate_and_translate(src).map_err(|message| GpuError::Kernel { kernel: name.clone(), message })?;
@@ -378,6 +387,8 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
         dispatches: b.dispatches,
         tokens_buffer,
         logits_buffer,
+        argmax_dispatch,
+        next_token_buffer,
         weights_file: "weights.bin".into(),
     };
     Ok(GpuOutput { artifact, files })
