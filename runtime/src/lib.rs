@@ -183,7 +183,7 @@ pub fn generate(
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut decode_steps = 0;
-    while opts.max_new_tokens > 0 {
+    while generated.len() < opts.max_new_tokens {
         generated.push(next);
         on_token(next);
         if opts.stop_ids.contains(&next) || generated.len() == opts.max_new_tokens {
