@@ -154,12 +154,18 @@ fn elementwise_and_slice() {
 }
 
 #[test]
-fn gqa_with_f32_and_int8_caches() {
-    for (kv, style) in [("", "half"), (", kv = int8", "interleaved")] {
+fn gqa_with_f32_int8_and_int4_caches() {
+    for (kv, style) in [("", "half"), (", kv = int8", "interleaved"), (", kv = int4", "half")] {
         let body = format!(
             "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = 64}} : f32[s, 64]\n  %q = reshape(%q0) {{shape = [s, 4, 16]}} : f32[s, 4, 16]\n  %k0 = slice(%x) {{axis = 1, start = 64, end = 96}} : f32[s, 32]\n  %k = reshape(%k0) {{shape = [s, 2, 16]}} : f32[s, 2, 16]\n  %v0 = slice(%x) {{axis = 1, start = 96, end = 128}} : f32[s, 32]\n  %v = reshape(%v0) {{shape = [s, 2, 16]}} : f32[s, 2, 16]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = 12, style = {style}{kv}}} : f32[s, 4, 16]\n  %out = reshape(%att) {{shape = [s, 64]}} : f32[s, 64]\n"
         );
-        check(&format!("gqa-{style}{}", if kv.is_empty() { "" } else { "-int8" }), &body, 64, OwnedWeights::default());
+        let label = kv.trim_start_matches(", kv = ");
+        check(
+            &format!("gqa-{style}-{}", if label.is_empty() { "f32" } else { label }),
+            &body,
+            64,
+            OwnedWeights::default(),
+        );
     }
 }
 

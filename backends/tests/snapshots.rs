@@ -32,12 +32,12 @@ fn all_kernels() -> Vec<(String, String)> {
     out.push(kernels::slice(96, 32, 16).unwrap());
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {
         let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
-        for kv in ["f32", "int8"] {
+        for kv in ["f32", "int8", "int4"] {
             out.push(kernels::rope_cache(&rotary, 4, 2, 8, 16, kv).unwrap());
         }
     }
     out.push(kernels::argmax(300).unwrap());
-    for kv in ["f32", "int8"] {
+    for kv in ["f32", "int8", "int4"] {
         out.push(kernels::attention(4, 2, 8, 0.35355338, 16, kv).unwrap());
     }
     out

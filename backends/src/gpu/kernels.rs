@@ -188,7 +188,19 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
     render("slice", format!("slice_{in_cols}_{start}_{width}"), ctx)
 }
 
-/// `kv`: "f32" or "int8" cache storage.
+/// Template parameters of a cache storage kind: bits per code, codes per word, largest code.
+fn kv_params(ctx: &mut tera::Context, kv: &str) {
+    let (bits, per_word, top) = match kv {
+        "int4" => (4, 8, 15),
+        _ => (8, 4, 255),
+    };
+    ctx.insert("kv", kv);
+    ctx.insert("bits", &bits);
+    ctx.insert("per_word", &per_word);
+    ctx.insert("top", &top);
+}
+
+/// `kv`: "f32", "int8" or "int4" cache storage.
 pub fn rope_cache(
     rotary: &slmc_ir::Rotary,
     hq: usize,
@@ -198,7 +210,7 @@ pub fn rope_cache(
     kv: &str,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
-    ctx.insert("kv", kv);
+    kv_params(&mut ctx, kv);
     let style = match rotary.style {
         slmc_ir::RopeStyle::Half => "half",
         slmc_ir::RopeStyle::Interleaved => "interleaved",
@@ -221,7 +233,7 @@ pub fn attention(
     kv: &str,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
-    ctx.insert("kv", kv);
+    kv_params(&mut ctx, kv);
     ctx.insert("context", &context);
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);

@@ -266,11 +266,7 @@ impl<'a> Builder<'a> {
                 let kv = match quant {
                     slmc_ir::KvQuant::F32 => "f32",
                     slmc_ir::KvQuant::Int8 => "int8",
-                    slmc_ir::KvQuant::Int4 => {
-                        return Err(
-                            self.err(id, "int4 KV caches are not supported by the GPU backend yet (int8 and f32 are)")
-                        )
-                    }
+                    slmc_ir::KvQuant::Int4 => "int4",
                 };
                 let qd = dims(graph, node.inputs[0]);
                 let kd = dims(graph, node.inputs[1]);
@@ -278,11 +274,15 @@ impl<'a> Builder<'a> {
                 let (q, kin, v) =
                     (self.buffer_of(node.inputs[0])?, self.buffer_of(node.inputs[1])?, self.buffer_of(node.inputs[2])?);
                 let table = self.rope_table(rotary);
-                if kv == "int8" && hd % 4 != 0 {
-                    return Err(self.err(id, format!("an int8 cache needs a head dim divisible by 4, found {hd}")));
+                // Quantized: per vector an f32 scale and minimum, then the packed codes.
+                let per_vector = match kv {
+                    "int8" => 8 + hd,
+                    "int4" => 8 + hd / 2,
+                    _ => 4 * hd,
+                };
+                if kv != "f32" && hd % 8 != 0 {
+                    return Err(self.err(id, format!("a quantized cache needs a head dim divisible by 8, found {hd}")));
                 }
-                // int8: per vector an f32 scale and minimum, then one byte per value.
-                let per_vector = if kv == "int8" { 8 + hd } else { 4 * hd };
                 let cache_bytes = (self.opts.context_len * hk * per_vector) as u64;
                 let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
                 let v_cache = self.add_buffer(&format!("cache.{layer}.value"), BufferKind::Cache, cache_bytes);

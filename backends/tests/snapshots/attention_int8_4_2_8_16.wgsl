@@ -13,13 +13,13 @@ struct Step {
 
 fn k_at(vec: u32, d: u32) -> f32 {
     let word = k_cache[64u + vec * 2u + d / 4u];
-    let q = (word >> (8u * (d % 4u))) & 0xffu;
+    let q = (word >> (8u * (d % 4u))) & 255u;
     return f32(q) * bitcast<f32>(k_cache[2u * vec]) + bitcast<f32>(k_cache[2u * vec + 1u]);
 }
 
 fn v_at(vec: u32, d: u32) -> f32 {
     let word = v_cache[64u + vec * 2u + d / 4u];
-    let q = (word >> (8u * (d % 4u))) & 0xffu;
+    let q = (word >> (8u * (d % 4u))) & 255u;
     return f32(q) * bitcast<f32>(v_cache[2u * vec]) + bitcast<f32>(v_cache[2u * vec + 1u]);
 }
 
