@@ -58,7 +58,18 @@ fn norm_weight(cols: usize, seed: u64) -> OwnedWeight {
 }
 
 /// Runs `body` (IR lines reading `%x: f32[s, K]`, defining `%out`) on both executors.
-fn check(name: &str, body: &str, out_cols: usize, mut weights: OwnedWeights) {
+fn check(name: &str, body: &str, out_cols: usize, weights: OwnedWeights) {
+    check_with_limit(name, body, out_cols, weights, 128 << 20);
+}
+
+/// `check` with a given binding limit; returns the names of the artifact's buffers.
+fn check_with_limit(
+    name: &str,
+    body: &str,
+    out_cols: usize,
+    mut weights: OwnedWeights,
+    max_binding_bytes: u64,
+) -> Vec<String> {
     let text = format!(
         "graph \"{name}\" {{\n  %table = weight \"table\" : f32[40, {K}]\n  %tokens = input \"tokens\" : i32[s]\n  %x = embed(%table, %tokens) : f32[s, {K}]\n{body}  output \"logits\" = %out\n}}\n"
     );
@@ -72,7 +83,7 @@ fn check(name: &str, body: &str, out_cols: usize, mut weights: OwnedWeights) {
         eos_token_ids: vec![],
         context_len: 32,
         max_step_tokens: 8,
-        max_binding_bytes: 128 << 20,
+        max_binding_bytes,
         max_buffer_bytes: 256 << 20,
     };
     let output = slmc_backends::gpu::compile(&graph, &weights, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -95,6 +106,7 @@ fn check(name: &str, body: &str, out_cols: usize, mut weights: OwnedWeights) {
     let host_pick = slmc_runtime::argmax(&logits[logits.len() - out_cols..]) as u32;
     gpu.reset();
     assert_eq!(gpu.next_token(&[3, 1, 4]).unwrap(), host_pick, "{name}: argmax kernel");
+    gpu.artifact().buffers.iter().map(|b| b.name.clone()).collect()
 }
 
 fn write_artifact(dir: &Path, output: &slmc_backends::gpu::GpuOutput) {
@@ -178,5 +190,27 @@ fn embed_from_packed_tables() {
             dtype.name()
         );
         check(&format!("embed-{}", dtype.name()), &body, K, one("t2", weight(dtype, 40, K, 29)));
+    }
+}
+
+/// A table and an LM head larger than the binding limit are split by rows: one gather per
+/// chunk, one matmul per chunk writing its own output columns.
+#[test]
+fn weights_past_the_binding_limit_are_split_by_rows() {
+    for dtype in [DType::F32, DType::Q8_0, DType::Q4_1] {
+        let body = format!(
+            "  %t2 = weight \"t2\" : {d}[40, {K}]\n  %e = embed(%t2, %tokens) : f32[s, {K}]\n  %a = add(%e, %x) : f32[s, {K}]\n  %head = weight \"head\" : {d}[100, {K}]\n  %out = linear(%a, %head) : f32[s, 100]\n",
+            d = dtype.name()
+        );
+        let mut ws = one("t2", weight(dtype, 40, K, 31));
+        ws.insert("head".into(), weight(dtype, 100, K, 37));
+        // 16 f32 rows of 128 per binding: the table splits in 3, the head in 7.
+        let buffers = check_with_limit(&format!("split-{}", dtype.name()), &body, 100, ws, 16 * K as u64 * 4);
+        if dtype == DType::F32 {
+            assert!(buffers.contains(&"t2#2".to_string()) && !buffers.contains(&"t2#3".to_string()), "{buffers:?}");
+            assert!(buffers.contains(&"head#6".to_string()) && !buffers.contains(&"head#7".to_string()), "{buffers:?}");
+        } else {
+            assert!(buffers.iter().any(|b| b == "head#1"), "{dtype}: the head was not split: {buffers:?}");
+        }
     }
 }

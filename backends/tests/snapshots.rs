@@ -19,9 +19,9 @@ fn layouts() -> Vec<WeightLayout> {
 fn all_kernels() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for l in layouts() {
-        out.push(kernels::embed(&l).unwrap());
-        out.push(kernels::linear(&l, l.rows, false).unwrap());
-        out.push(kernels::linear(&l, l.rows / 2, true).unwrap());
+        out.push(kernels::embed(&l, 0).unwrap());
+        out.push(kernels::linear(&l, l.rows, false, l.rows, 0).unwrap());
+        out.push(kernels::linear(&l, l.rows / 2, true, l.rows / 2, 0).unwrap());
     }
     out.push(kernels::rms_norm(64, 1e-5, false).unwrap());
     out.push(kernels::rms_norm(64, 1e-6, true).unwrap());
@@ -37,6 +37,10 @@ fn all_kernels() -> Vec<(String, String)> {
         }
     }
     out.push(kernels::argmax(300).unwrap());
+    // A chunk of a split table and of a split LM head.
+    let chunk = WeightLayout { kind: "q8", rows: 16, cols: 64, group: 32, codes_offset: 32, sym: true };
+    out.push(kernels::embed(&chunk, 48).unwrap());
+    out.push(kernels::linear(&chunk, 16, false, 64, 48).unwrap());
     for kv in ["f32", "int8", "int4"] {
         out.push(kernels::attention(4, 2, 8, 0.35355338, 16, kv).unwrap());
     }

@@ -15,6 +15,8 @@ pub struct CompileOptions {
     pub context_len: usize,
     pub max_step_tokens: usize,
     pub force: bool,
+    /// Overrides the target's storage-binding limit (a smaller device, or tests).
+    pub max_binding_bytes: Option<u64>,
 }
 
 /// Writes the artifact for `target` into `out_root/<target>/`; returns that directory.
@@ -35,7 +37,10 @@ pub fn compile_target(
                 eos_token_ids: model.config.eos_token_ids.clone(),
                 context_len: opts.context_len.min(model.config.max_position_embeddings),
                 max_step_tokens: opts.max_step_tokens,
-                max_binding_bytes: profile.max_storage_buffer_binding_size.unwrap_or(u64::MAX),
+                max_binding_bytes: opts
+                    .max_binding_bytes
+                    .or(profile.max_storage_buffer_binding_size)
+                    .unwrap_or(u64::MAX),
                 max_buffer_bytes: profile.max_buffer_size.unwrap_or(u64::MAX),
             };
             slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu).with_context(|| format!("target {target}"))?

@@ -143,6 +143,10 @@ enum Command {
         /// Replace existing target directories.
         #[arg(long)]
         force: bool,
+        /// Bind at most this many bytes per storage buffer (default: the target's limit);
+        /// larger embedding tables and LM heads are split by rows.
+        #[arg(long)]
+        max_binding_bytes: Option<u64>,
     },
     /// Run the optimizer and print the optimized IR (and the pass report).
     Opt {
@@ -318,14 +322,19 @@ fn dispatch(command: Command) -> Result<()> {
             run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k), &opt)
         }
         Command::Opt { common, opt, emit } => opt_command(&common, &opt, emit),
-        Command::Compile { common, opt, target, out, context, max_step_tokens, force } => {
+        Command::Compile { common, opt, target, out, context, max_step_tokens, force, max_binding_bytes } => {
             let model = load(&common)?;
             let mut opt = opt;
             if opt.pipeline.is_none() && opt.passes.is_empty() {
                 opt.pipeline = Some("gpu".into());
             }
             let optimized = prepare(&model, &opt, true)?;
-            let options = slmc_compiler::compile::CompileOptions { context_len: context, max_step_tokens, force };
+            let options = slmc_compiler::compile::CompileOptions {
+                context_len: context,
+                max_step_tokens,
+                force,
+                max_binding_bytes,
+            };
             let mut written = Vec::new();
             for t in &target {
                 written.push(slmc_compiler::compile::compile_target(&model, &optimized, t, &out, &options)?);

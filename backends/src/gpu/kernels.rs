@@ -148,17 +148,31 @@ fn float(v: f32) -> String {
     format!("{v:?}")
 }
 
-pub fn embed(layout: &WeightLayout) -> Result<(String, String), GpuError> {
-    let name = format!("embed_{}_{}x{}", layout.name(), layout.rows, layout.cols);
-    render("embed", name, weight_ctx(layout))
+/// Gathers the rows of a table (or of the chunk of it holding rows `row0..`).
+pub fn embed(layout: &WeightLayout, row0: usize) -> Result<(String, String), GpuError> {
+    let mut ctx = weight_ctx(layout);
+    ctx.insert("row0", &row0);
+    let chunk = if row0 > 0 { format!("_r{row0}") } else { String::new() };
+    render("embed", format!("embed_{}_{}x{}{chunk}", layout.name(), layout.rows, layout.cols), ctx)
 }
 
-pub fn linear(layout: &WeightLayout, out_cols: usize, swiglu: bool) -> Result<(String, String), GpuError> {
+/// `out_cols` outputs per token from this weight (chunk), written at columns
+/// `out_offset..` of rows `out_stride` wide.
+pub fn linear(
+    layout: &WeightLayout,
+    out_cols: usize,
+    swiglu: bool,
+    out_stride: usize,
+    out_offset: usize,
+) -> Result<(String, String), GpuError> {
     let mut ctx = weight_ctx(layout);
     ctx.insert("out_cols", &out_cols);
     ctx.insert("swiglu", &swiglu);
+    ctx.insert("out_stride", &out_stride);
+    ctx.insert("out_offset", &out_offset);
     let op = if swiglu { "linear_swiglu" } else { "linear" };
-    render("linear", format!("{op}_{}_{}x{}", layout.name(), layout.rows, layout.cols), ctx)
+    let placed = if out_stride != out_cols { format!("_o{out_offset}of{out_stride}") } else { String::new() };
+    render("linear", format!("{op}_{}_{}x{}{placed}", layout.name(), layout.rows, layout.cols), ctx)
 }
 
 pub fn rms_norm(dim: usize, eps: f32, add: bool) -> Result<(String, String), GpuError> {

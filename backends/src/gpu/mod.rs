@@ -51,6 +51,14 @@ pub struct GpuOutput {
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
+/// Rows `row_start..row_start + layout.rows` of a weight, in one buffer.
+#[derive(Clone)]
+struct WeightChunk {
+    buffer: usize,
+    layout: kernels::WeightLayout,
+    row_start: usize,
+}
+
 struct Builder<'a> {
     graph: &'a Graph,
     weights: &'a dyn WeightSource,
@@ -63,6 +71,7 @@ struct Builder<'a> {
     kernel_sources: BTreeMap<String, String>,
     dispatches: Vec<Dispatch>,
     tables: HashMap<String, usize>,
+    weight_cache: HashMap<NodeId, Vec<WeightChunk>>,
 }
 
 fn dims(graph: &Graph, id: NodeId) -> Vec<Option<usize>> {
@@ -111,25 +120,64 @@ impl<'a> Builder<'a> {
         Ok(b)
     }
 
-    /// The buffer of a weight node in the layout the kernels read; returns (buffer, layout info).
-    fn weight(&mut self, id: NodeId) -> Result<(usize, kernels::WeightLayout), GpuError> {
+    /// A weight in the layout the kernels read, as one buffer per chunk of rows: one
+    /// chunk unless the weight is larger than the target's binding limit.
+    fn weight_chunks(&mut self, id: NodeId) -> Result<Vec<WeightChunk>, GpuError> {
+        if let Some(chunks) = self.weight_cache.get(&id) {
+            return Ok(chunks.clone());
+        }
         let Op::Weight { name } = &self.graph.node(id).op else {
             return Err(self.err(id, "expected a weight operand"));
         };
-        let view = self.weights.view(name).ok_or_else(|| GpuError::MissingWeight(name.clone()))?;
+        let name = name.clone();
+        let view = self.weights.view(&name).ok_or_else(|| GpuError::MissingWeight(name.clone()))?;
         let (rows, cols) = match view.shape[..] {
             [r, c] => (r, c),
             [c] => (1, c),
             _ => return Err(self.err(id, "weights must be vectors or matrices")),
         };
-        let (bytes, layout) = kernels::relayout(view.dtype, view.bytes, rows, cols);
-        if let Some(b) = self.value_buffer.get(&id) {
-            return Ok((*b, layout));
+        let stored_row = view.bytes.len() / rows;
+        let limit = self.opts.max_binding_bytes.min(self.opts.max_buffer_bytes);
+        let laid_row = kernels::relayout(view.dtype, &view.bytes[..stored_row], 1, cols).0.len() as u64;
+        if laid_row > limit {
+            return Err(GpuError::TooLarge {
+                name: name.clone(),
+                bytes: laid_row,
+                target: self.opts.target.clone(),
+                limit,
+                advice: "a single row is larger than a binding".into(),
+            });
         }
-        let offset = self.append_weight_bytes(&bytes);
-        let b = self.add_buffer(name, BufferKind::Weight { offset, layout: layout.name() }, bytes.len() as u64);
-        self.value_buffer.insert(id, b);
-        Ok((b, layout))
+        let per_chunk = if laid_row * rows as u64 <= limit { rows } else { (limit / laid_row) as usize };
+        let n_chunks = rows.div_ceil(per_chunk);
+        let bytes = view.bytes.to_vec();
+        let dtype = view.dtype;
+        let mut chunks = Vec::with_capacity(n_chunks);
+        for c in 0..n_chunks {
+            let (start, end) = (c * per_chunk, ((c + 1) * per_chunk).min(rows));
+            let (laid, layout) =
+                kernels::relayout(dtype, &bytes[start * stored_row..end * stored_row], end - start, cols);
+            let offset = self.append_weight_bytes(&laid);
+            let buffer_name = if n_chunks == 1 { name.clone() } else { format!("{name}#{c}") };
+            let buffer =
+                self.add_buffer(&buffer_name, BufferKind::Weight { offset, layout: layout.name() }, laid.len() as u64);
+            chunks.push(WeightChunk { buffer, layout, row_start: start });
+        }
+        self.weight_cache.insert(id, chunks.clone());
+        Ok(chunks)
+    }
+
+    /// A weight that the op reading it needs in one binding.
+    fn weight(&mut self, id: NodeId) -> Result<(usize, kernels::WeightLayout), GpuError> {
+        let mut chunks = self.weight_chunks(id)?;
+        if chunks.len() > 1 {
+            return Err(self.err(
+                id,
+                format!("this weight needs {} bindings and its user cannot read split weights yet; lower --max-step-tokens or use a target with larger bindings", chunks.len()),
+            ));
+        }
+        let chunk = chunks.pop().expect("at least one chunk");
+        Ok((chunk.buffer, chunk.layout))
     }
 
     fn buffer_of(&self, id: NodeId) -> Result<usize, GpuError> {
@@ -194,13 +242,21 @@ impl<'a> Builder<'a> {
                 self.value_buffer.insert(id, b);
             }
             Op::Embed => {
-                let (w, layout) = self.weight(node.inputs[0])?;
+                // A split table: one gather per chunk, each writing the tokens in its rows.
+                let chunks = self.weight_chunks(node.inputs[0])?;
                 let ids = self.buffer_of(node.inputs[1])?;
                 let out = self.activation(id)?;
-                let cols = layout.cols;
-                let (name, src) = kernels::embed(&layout)?;
-                let k = self.kernel(name, src, 3);
-                self.dispatch(id, k, vec![w, ids, out], [Count::fixed(cols.div_ceil(64) as u64), s_count, one]);
+                for chunk in chunks {
+                    let cols = chunk.layout.cols;
+                    let (name, src) = kernels::embed(&chunk.layout, chunk.row_start)?;
+                    let k = self.kernel(name, src, 3);
+                    self.dispatch(
+                        id,
+                        k,
+                        vec![chunk.buffer, ids, out],
+                        [Count::fixed(cols.div_ceil(64) as u64), s_count, one],
+                    );
+                }
             }
             Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => {
                 let add = matches!(node.op, Op::AddRmsNorm { .. });
@@ -219,13 +275,29 @@ impl<'a> Builder<'a> {
             Op::Linear | Op::LinearSwiglu => {
                 let swiglu = matches!(node.op, Op::LinearSwiglu);
                 let x = self.buffer_of(node.inputs[0])?;
-                let (w, layout) = self.weight(node.inputs[1])?;
+                // A split weight (an LM head past the binding limit): one matmul per chunk,
+                // each writing its own range of output columns. SwiGLU pairs rows n and
+                // n + f, so its weight must be whole.
+                let chunks = if swiglu {
+                    let (buffer, layout) = self.weight(node.inputs[1])?;
+                    vec![WeightChunk { buffer, layout, row_start: 0 }]
+                } else {
+                    self.weight_chunks(node.inputs[1])?
+                };
                 let out = self.activation(id)?;
                 let out_cols = self.per_token(id)?;
-                let (name, src) = kernels::linear(&layout, out_cols, swiglu)?;
-                let k = self.kernel(name, src, 3);
                 let tiles = Count { per_token: 1, constant: 0, divisor: 4 };
-                self.dispatch(id, k, vec![x, w, out], [Count::fixed(out_cols.div_ceil(64) as u64), tiles, one]);
+                for chunk in chunks {
+                    let cols_here = if swiglu { out_cols } else { chunk.layout.rows };
+                    let (name, src) = kernels::linear(&chunk.layout, cols_here, swiglu, out_cols, chunk.row_start)?;
+                    let k = self.kernel(name, src, 3);
+                    self.dispatch(
+                        id,
+                        k,
+                        vec![x, chunk.buffer, out],
+                        [Count::fixed(cols_here.div_ceil(64) as u64), tiles, one],
+                    );
+                }
             }
             Op::Add | Op::Mul | Op::Silu => {
                 let per = self.per_token(id)?;
@@ -326,6 +398,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
         kernel_sources: BTreeMap::new(),
         dispatches: Vec::new(),
         tables: HashMap::new(),
+        weight_cache: HashMap::new(),
     };
     for id in slmc_ir::text::print_order(graph) {
         b.lower_node(id)?;

@@ -34,7 +34,8 @@ fn load(row: u32, k: u32) -> f32 {
     return bitcast<f32>(w[row * 32u + k]);
 }
 
-// Row gather: out[i, k] = table[ids[i], k], dims [64, 32].
+// Row gather: out[i, k] = table[ids[i], k] for the ids in rows 0..64
+// (the table, or this chunk of it, is [64, 32]); other ids are another chunk's.
 @compute @workgroup_size(64)
 fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k = gid.x;
@@ -42,5 +43,9 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (k >= 32u || i >= step.s) {
         return;
     }
-    out[i * 32u + k] = load(min(ids[i], 63u), k);
+    let id = ids[i];
+    if (id < 0u || id >= 64u) {
+        return;
+    }
+    out[i * 32u + k] = load(id - 0u, k);
 }

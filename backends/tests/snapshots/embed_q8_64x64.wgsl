@@ -53,7 +53,8 @@ fn load(row: u32, k: u32) -> f32 {
     return f32(extractBits(word, 8u * (j % 4u), 8u)) * bitcast<f32>(w[b]);
 }
 
-// Row gather: out[i, k] = table[ids[i], k], dims [64, 64].
+// Row gather: out[i, k] = table[ids[i], k] for the ids in rows 0..64
+// (the table, or this chunk of it, is [64, 64]); other ids are another chunk's.
 @compute @workgroup_size(64)
 fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k = gid.x;
@@ -61,5 +62,9 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (k >= 64u || i >= step.s) {
         return;
     }
-    out[i * 64u + k] = load(min(ids[i], 63u), k);
+    let id = ids[i];
+    if (id < 0u || id >= 64u) {
+        return;
+    }
+    out[i * 64u + k] = load(id - 0u, k);
 }

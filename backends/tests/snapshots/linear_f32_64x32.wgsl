@@ -32,7 +32,7 @@ fn load(row: u32, k: u32) -> f32 {
     return bitcast<f32>(w[row * 32u + k]);
 }
 
-// out[i, n] = x_i . w_n for n < 64.
+// out[i, 0 + n] = x_i . w_n for n < 64, rows of out 64 wide.
 // Decode (s = 1): one invocation per output column. Prefill: one per column and group of
 // four tokens (gid.y), so each weight is decoded once for four tokens; rows past s are
 // clamped to a valid row and their results dropped.
@@ -45,7 +45,7 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     if (step.s == 1u) {
 
-        out[n] = dot_row(n, 0u);
+        out[0u + n] = dot_row(n, 0u);
 
         return;
     }
@@ -55,14 +55,14 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
 
     let y = dot_rows4(n, r);
 
-    out[rows.x * 64u + n] = y.x;
+    out[rows.x * 64u + 0u + n] = y.x;
     if (i0 + 1u < step.s) {
-        out[rows.y * 64u + n] = y.y;
+        out[rows.y * 64u + 0u + n] = y.y;
     }
     if (i0 + 2u < step.s) {
-        out[rows.z * 64u + n] = y.z;
+        out[rows.z * 64u + 0u + n] = y.z;
     }
     if (i0 + 3u < step.s) {
-        out[rows.w * 64u + n] = y.w;
+        out[rows.w * 64u + 0u + n] = y.w;
     }
 }

@@ -84,7 +84,7 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
 
         let g = dot_row(n, 0u);
         let u = dot_row(n + 32u, 0u);
-        out[n] = g / (1.0 + exp(-g)) * u;
+        out[0u + n] = g / (1.0 + exp(-g)) * u;
 
         return;
     }
@@ -96,14 +96,14 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
     let u = dot_rows4(n + 32u, r);
     let y = g / (vec4<f32>(1.0) + exp(-g)) * u;
 
-    out[rows.x * 32u + n] = y.x;
+    out[rows.x * 32u + 0u + n] = y.x;
     if (i0 + 1u < step.s) {
-        out[rows.y * 32u + n] = y.y;
+        out[rows.y * 32u + 0u + n] = y.y;
     }
     if (i0 + 2u < step.s) {
-        out[rows.z * 32u + n] = y.z;
+        out[rows.z * 32u + 0u + n] = y.z;
     }
     if (i0 + 3u < step.s) {
-        out[rows.w * 32u + n] = y.w;
+        out[rows.w * 32u + 0u + n] = y.w;
     }
 }
