@@ -54,21 +54,7 @@ pub fn compile_target(
         }
     };
     let dir = out_root.join(profile.name);
-    if dir.exists() && !opts.force {
-        bail!("{}: already exists (use --force to replace it)", dir.display());
-    }
-    std::fs::create_dir_all(out_root).with_context(|| format!("{}: cannot create", out_root.display()))?;
-    let tmp = out_root.join(format!(".{}.slmc-tmp-{}", profile.name, std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = write_artifact(&tmp, model, optimized, &output);
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
-    }
-    std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move the artifact into place", dir.display()))?;
+    crate::output::write_dir_atomically(&dir, opts.force, |tmp| write_artifact(tmp, model, optimized, &output))?;
     Ok(dir)
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::TensorView;
 use serde_json::json;
-use slmc_ir::{DType, RopeScaling, RopeStyle};
+use slmc_ir::{DType, RopeScaling, RopeStyle, WeightSource};
 
 use crate::import::config::Role;
 use crate::import::{Arch, Model, WeightNaming};
@@ -88,29 +88,7 @@ pub fn to_hf(model: &Model, out_dir: &Path, dtype: DType, force: bool) -> Result
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("the GGUF's tokenizer is needed for tokenizer.json")?;
-    if out_dir.exists() && !force {
-        bail!("{}: already exists (use --force to replace it)", out_dir.display());
-    }
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.slmc-tmp-{}",
-        out_dir.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = write_hf(model, &tmp, dtype, tokenizer);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out_dir.exists() {
-        std::fs::remove_dir_all(out_dir).with_context(|| format!("{}: cannot replace", out_dir.display()))?;
-    }
-    std::fs::rename(&tmp, out_dir)
-        .with_context(|| format!("{}: cannot move the result into place", out_dir.display()))?;
-    Ok(())
+    crate::output::write_dir_atomically(out_dir, force, |tmp| write_hf(model, tmp, dtype, tokenizer))
 }
 
 fn write_hf(model: &Model, dir: &Path, dtype: DType, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
@@ -121,7 +99,10 @@ fn write_hf(model: &Model, dir: &Path, dtype: DType, tokenizer: &tokenizers::Tok
         let hf = names
             .get(gguf_name)
             .with_context(|| format!("{}: tensor `{gguf_name}` has no Hugging Face name", model.path.display()))?;
-        let mut values = model.weights.to_f32(t);
+        let mut values = model
+            .weights
+            .to_f32(gguf_name)
+            .with_context(|| format!("{}: tensor `{gguf_name}` cannot be read", model.path.display()))?;
         if cfg.rope_style == RopeStyle::Interleaved && cfg.arch == Arch::Llama {
             let heads = if gguf_name.ends_with("attn_q.weight") {
                 Some(cfg.num_heads)

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod import;
 pub mod lower;
 pub mod optimize;
+pub mod output;
 
 use std::path::PathBuf;
 

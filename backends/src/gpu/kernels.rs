@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use slmc_ir::dtype::f16_at;
 use slmc_ir::DType;
 
 use super::GpuError;
@@ -41,10 +42,6 @@ impl WeightLayout {
                 | DType::Q4_1G128
         )
     }
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Rewrites stored bytes into the layout the kernels read: 4-bit blocks become

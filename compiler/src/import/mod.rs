@@ -89,13 +89,6 @@ impl WeightStore {
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|(p, _)| p.as_path())
     }
-
-    /// Dequantizes a whole tensor to f32 (converters and tests; the interpreter has its own cache).
-    pub fn to_f32(&self, t: &StoredTensor) -> Vec<f32> {
-        let mut out = vec![0.0; t.shape.iter().product()];
-        slmc_ir::dtype::dequantize_into(t.dtype, self.bytes(t), &mut out);
-        out
-    }
 }
 
 impl WeightSource for WeightStore {
