@@ -4,6 +4,11 @@
 //! prefill of five tokens and two decode steps. Weights are random; quantized ones are
 //! random matrices packed by the project's own quantizer.
 //!
+//! Every case runs twice: with no optional GPU features (the plain kernels) and with
+//! `shader-f16` and `subgroups` (lavapipe offers both), which selects the f16 variants
+//! (f16 weights and caches read natively instead of unpacked from u32 words) and the
+//! subgroup variants (RMSNorm and argmax reductions).
+//!
 //! Tolerance: max |gpu - interpreter| / max |interpreter| <= 1e-5 for every kernel; the two
 //! differ only in summation order and in the GPU's exp/sqrt.
 
@@ -12,6 +17,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use slmc_backends::gpu::GpuFeatures;
 use slmc_ir::{DType, OwnedWeight, OwnedWeights};
 use slmc_passes::quant::{quantize_matrix, QuantMethod, Scheme};
 use slmc_runtime::gpu::GpuExecutor;
@@ -37,6 +43,7 @@ fn weight(dtype: DType, rows: usize, cols: usize, seed: u64) -> OwnedWeight {
     let values: Vec<f32> = random(seed, rows * cols).iter().map(|v| v / (cols as f32).sqrt()).collect();
     let scheme = match dtype {
         DType::F32 => Scheme::F32,
+        DType::F16 => Scheme::F16,
         DType::Q8_0 => Scheme::Q8,
         DType::Q4_0 => Scheme::Q4 { group: 32, sym: true },
         DType::Q4_1 => Scheme::Q4 { group: 32, sym: false },
@@ -57,7 +64,8 @@ fn norm_weight(cols: usize, seed: u64) -> OwnedWeight {
     }
 }
 
-/// Runs `body` (IR lines reading `%x: f32[s, K]`, defining `%out`) on both executors.
+/// Runs `body` (IR lines reading `%x: f32[s, K]`, defining `%out`) on both executors,
+/// with the plain kernels and with the f16 and subgroup variants.
 fn check(name: &str, body: &str, out_cols: usize, weights: OwnedWeights) {
     check_with_limit(name, body, out_cols, weights, 128 << 20);
 }
@@ -67,9 +75,25 @@ fn check_with_limit(
     name: &str,
     body: &str,
     out_cols: usize,
-    mut weights: OwnedWeights,
+    weights: OwnedWeights,
     max_binding_bytes: u64,
 ) -> Vec<String> {
+    let plain = check_variant(name, body, out_cols, weights.clone(), max_binding_bytes, GpuFeatures::NONE);
+    let variants = check_variant(name, body, out_cols, weights, max_binding_bytes, GpuFeatures::ALL);
+    assert_eq!(plain, variants, "{name}: the variants lay out the same buffers");
+    plain
+}
+
+fn check_variant(
+    name: &str,
+    body: &str,
+    out_cols: usize,
+    mut weights: OwnedWeights,
+    max_binding_bytes: u64,
+    features: GpuFeatures,
+) -> Vec<String> {
+    let label = if features == GpuFeatures::NONE { "plain" } else { "f16+subgroups" };
+    let name = &format!("{name} ({label})");
     let text = format!(
         "graph \"{name}\" {{\n  %table = weight \"table\" : f32[40, {K}]\n  %tokens = input \"tokens\" : i32[s]\n  %x = embed(%table, %tokens) : f32[s, {K}]\n{body}  output \"logits\" = %out\n}}\n"
     );
@@ -85,10 +109,15 @@ fn check_with_limit(
         max_step_tokens: 8,
         max_binding_bytes,
         max_buffer_bytes: 256 << 20,
+        features,
     };
     let output = slmc_backends::gpu::compile(&graph, &weights, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let dir = scratch(&format!("kernel-{name}"));
+    let dir = scratch(&format!("kernel-{}", name.replace([' ', '(', ')', '+'], "-")));
     write_artifact(&dir, &output);
+    // Variants are used where they exist and declared so the executor requests them.
+    let used = &output.artifact.required_features;
+    assert!(features != GpuFeatures::NONE || used.is_empty(), "{name}: plain kernels use {used:?}");
+    assert!(features == GpuFeatures::NONE || used.contains(&"subgroups".to_string()), "{name}: no subgroup variant");
     let mut gpu = GpuExecutor::load(&dir, None).unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut interp = InterpreterExecutor::new(&graph, &weights, 32).unwrap();
     assert_eq!(gpu.vocab_size(), out_cols);
@@ -132,6 +161,7 @@ fn linear_for_every_weight_layout() {
         (DType::Q4_1G64, "q4_1g64"),
         (DType::Q4_0G128, "q4_0g128"),
         (DType::Q8_0, "q8_0"),
+        (DType::F16, "f16"),
     ] {
         let body = format!("  %w = weight \"w\" : {}[96, {K}]\n  %out = linear(%x, %w) : f32[s, 96]\n", dtype.name());
         check(&format!("linear-{label}"), &body, 96, one("w", weight(dtype, 96, K, 11)));
@@ -140,7 +170,7 @@ fn linear_for_every_weight_layout() {
 
 #[test]
 fn linear_swiglu() {
-    for dtype in [DType::F32, DType::Q4_1, DType::Q8_0] {
+    for dtype in [DType::F32, DType::Q4_1, DType::Q8_0, DType::F16] {
         let body =
             format!("  %w = weight \"w\" : {}[128, {K}]\n  %out = linear_swiglu(%x, %w) : f32[s, 64]\n", dtype.name());
         check(&format!("swiglu-{}", dtype.name()), &body, 64, one("w", weight(dtype, 128, K, 13)));
@@ -166,8 +196,10 @@ fn elementwise_and_slice() {
 }
 
 #[test]
-fn gqa_with_f32_int8_and_int4_caches() {
-    for (kv, style) in [("", "half"), (", kv = int8", "interleaved"), (", kv = int4", "half")] {
+fn gqa_with_f32_f16_int8_and_int4_caches() {
+    for (kv, style) in
+        [("", "half"), (", kv = f16", "interleaved"), (", kv = int8", "interleaved"), (", kv = int4", "half")]
+    {
         let body = format!(
             "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = 64}} : f32[s, 64]\n  %q = reshape(%q0) {{shape = [s, 4, 16]}} : f32[s, 4, 16]\n  %k0 = slice(%x) {{axis = 1, start = 64, end = 96}} : f32[s, 32]\n  %k = reshape(%k0) {{shape = [s, 2, 16]}} : f32[s, 2, 16]\n  %v0 = slice(%x) {{axis = 1, start = 96, end = 128}} : f32[s, 32]\n  %v = reshape(%v0) {{shape = [s, 2, 16]}} : f32[s, 2, 16]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = 12, style = {style}{kv}}} : f32[s, 4, 16]\n  %out = reshape(%att) {{shape = [s, 64]}} : f32[s, 64]\n"
         );
@@ -183,7 +215,7 @@ fn gqa_with_f32_int8_and_int4_caches() {
 
 #[test]
 fn embed_from_packed_tables() {
-    for dtype in [DType::Q8_0, DType::Q4_1] {
+    for dtype in [DType::Q8_0, DType::Q4_1, DType::F16] {
         // A second, packed table read by embed: the output is its rows for the tokens.
         let body = format!(
             "  %t2 = weight \"t2\" : {}[40, {K}]\n  %e = embed(%t2, %tokens) : f32[s, {K}]\n  %out = add(%e, %x) : f32[s, {K}]\n",
@@ -197,7 +229,7 @@ fn embed_from_packed_tables() {
 /// chunk, one matmul per chunk writing its own output columns.
 #[test]
 fn weights_past_the_binding_limit_are_split_by_rows() {
-    for dtype in [DType::F32, DType::Q8_0, DType::Q4_1] {
+    for dtype in [DType::F32, DType::Q8_0, DType::Q4_1, DType::F16] {
         let body = format!(
             "  %t2 = weight \"t2\" : {d}[40, {K}]\n  %e = embed(%t2, %tokens) : f32[s, {K}]\n  %a = add(%e, %x) : f32[s, {K}]\n  %head = weight \"head\" : {d}[100, {K}]\n  %out = linear(%a, %head) : f32[s, 100]\n",
             d = dtype.name()

@@ -1,10 +1,12 @@
 //! Snapshot tests of generated WGSL: one kernel of each template and layout, rendered for
 //! fixed shapes and compared with `tests/snapshots/<name>.wgsl`. `SLMC_BLESS=1` rewrites
-//! them. Every snapshot must also pass naga validation and translate to MSL and SPIR-V.
+//! them. Every snapshot must also pass naga validation (allowing only the optional features
+//! it was generated for) and translate to MSL and SPIR-V. Plain kernels come from
+//! `GpuFeatures::NONE`; the f16 and subgroup variants from the features that select them.
 
 use std::path::PathBuf;
 
-use slmc_backends::gpu::kernels::{self, WeightLayout};
+use slmc_backends::gpu::kernels::{self, GpuFeatures, WeightLayout};
 use slmc_ir::{RopeScaling, RopeStyle, Rotary};
 
 fn layouts() -> Vec<WeightLayout> {
@@ -13,38 +15,65 @@ fn layouts() -> Vec<WeightLayout> {
         WeightLayout { kind: "q4", rows: 64, cols: 64, group: 32, codes_offset: 256, sym: false },
         WeightLayout { kind: "q4", rows: 64, cols: 64, group: 32, codes_offset: 256, sym: true },
         WeightLayout { kind: "q8", rows: 64, cols: 64, group: 32, codes_offset: 128, sym: true },
+        WeightLayout { kind: "f16", rows: 64, cols: 32, group: 1, codes_offset: 0, sym: false },
     ]
 }
 
-fn all_kernels() -> Vec<(String, String)> {
+/// Every kernel with the features it is generated for.
+fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
+    let none = GpuFeatures::NONE;
+    let f16 = GpuFeatures { shader_f16: true, subgroups: false };
+    let sg = GpuFeatures { shader_f16: false, subgroups: true };
     let mut out = Vec::new();
+    let mut push = |k: (String, String), f: GpuFeatures| out.push((k.0, k.1, f));
     for l in layouts() {
-        out.push(kernels::embed(&l, 0).unwrap());
-        out.push(kernels::linear(&l, l.rows, false, l.rows, 0).unwrap());
-        out.push(kernels::linear(&l, l.rows / 2, true, l.rows / 2, 0).unwrap());
-    }
-    out.push(kernels::rms_norm(64, 1e-5, false).unwrap());
-    out.push(kernels::rms_norm(64, 1e-6, true).unwrap());
-    out.push(kernels::elementwise("add", 64, 0, false).unwrap());
-    out.push(kernels::elementwise("add", 64, 64, true).unwrap());
-    out.push(kernels::elementwise("mul", 64, 0, false).unwrap());
-    out.push(kernels::elementwise("silu", 64, 0, false).unwrap());
-    out.push(kernels::slice(96, 32, 16).unwrap());
-    for style in [RopeStyle::Half, RopeStyle::Interleaved] {
-        let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
-        for kv in ["f32", "int8", "int4"] {
-            out.push(kernels::rope_cache(&rotary, 4, 2, 8, 16, kv).unwrap());
+        let variants: &[GpuFeatures] = if l.kind == "f16" { &[none, f16] } else { &[none] };
+        for &f in variants {
+            push(kernels::embed(&l, 0, f).unwrap(), f);
+            push(kernels::linear(&l, l.rows, false, l.rows, 0, f).unwrap(), f);
+            push(kernels::linear(&l, l.rows / 2, true, l.rows / 2, 0, f).unwrap(), f);
         }
     }
-    out.push(kernels::argmax(300).unwrap());
+    for f in [none, sg] {
+        push(kernels::rms_norm(64, 1e-5, false, f).unwrap(), f);
+        push(kernels::rms_norm(64, 1e-6, true, f).unwrap(), f);
+        push(kernels::argmax(300, f).unwrap(), f);
+    }
+    push(kernels::elementwise("add", 64, 0, false).unwrap(), none);
+    push(kernels::elementwise("add", 64, 64, true).unwrap(), none);
+    push(kernels::elementwise("mul", 64, 0, false).unwrap(), none);
+    push(kernels::elementwise("silu", 64, 0, false).unwrap(), none);
+    push(kernels::slice(96, 32, 16).unwrap(), none);
+    let caches = [("f32", none), ("f16", none), ("f16", f16), ("int8", none), ("int4", none)];
+    for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+        let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
+        for (kv, f) in caches {
+            push(kernels::rope_cache(&rotary, (4, 2, 8), 16, kv, f).unwrap(), f);
+        }
+    }
     // A chunk of a split table and of a split LM head.
     let chunk = WeightLayout { kind: "q8", rows: 16, cols: 64, group: 32, codes_offset: 32, sym: true };
-    out.push(kernels::embed(&chunk, 48).unwrap());
-    out.push(kernels::linear(&chunk, 16, false, 64, 48).unwrap());
-    for kv in ["f32", "int8", "int4"] {
-        out.push(kernels::attention(4, 2, 8, 0.35355338, 16, kv).unwrap());
+    push(kernels::embed(&chunk, 48, none).unwrap(), none);
+    push(kernels::linear(&chunk, 16, false, 64, 48, none).unwrap(), none);
+    for (kv, f) in caches {
+        push(kernels::attention((4, 2, 8), 0.35355338, 16, kv, f).unwrap(), f);
     }
     out
+}
+
+/// A variant that uses an optional feature does not validate without it, and the
+/// features a kernel declares it uses are exactly the ones that selected it.
+#[test]
+fn variants_need_their_features() {
+    for (name, src, f) in all_kernels() {
+        assert_eq!(GpuFeatures::used_by(&src), f, "{name}");
+        if f != GpuFeatures::NONE {
+            assert!(
+                kernels::validate_and_translate(&src, GpuFeatures::NONE).is_err(),
+                "{name} validates without {f:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -52,8 +81,8 @@ fn wgsl_snapshots() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
     let bless = std::env::var_os("SLMC_BLESS").is_some();
     let mut failures = Vec::new();
-    for (name, src) in all_kernels() {
-        if let Err(e) = kernels::validate_and_translate(&src) {
+    for (name, src, features) in all_kernels() {
+        if let Err(e) = kernels::validate_and_translate(&src, features) {
             failures.push(format!("{name}: does not validate:\n{e}"));
         }
         let path = dir.join(format!("{name}.wgsl"));

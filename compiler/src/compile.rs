@@ -42,6 +42,7 @@ pub fn compile_target(
                     .or(profile.max_storage_buffer_binding_size)
                     .unwrap_or(u64::MAX),
                 max_buffer_bytes: profile.max_buffer_size.unwrap_or(u64::MAX),
+                features: slmc_backends::gpu::GpuFeatures::of_profile(profile),
             };
             slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu).with_context(|| format!("target {target}"))?
         }

@@ -129,7 +129,7 @@ pub fn optimize(
     let kv_quant = match req.kv_quant.as_deref() {
         None => KvQuant::F32,
         Some(name) => {
-            KvQuant::from_name(name).ok_or_else(|| anyhow!("unknown --kv-quant `{name}` (f32, int8, int4)"))?
+            KvQuant::from_name(name).ok_or_else(|| anyhow!("unknown --kv-quant `{name}` (f32, f16, int8, int4)"))?
         }
     };
     if method == QuantMethod::Clip && policy.is_noop() {

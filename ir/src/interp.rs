@@ -512,6 +512,7 @@ impl CacheBuf {
         (self.quant, self.heads, self.head_dim) = (quant, heads, head_dim);
         let top = match quant {
             KvQuant::F32 => return self.plain.extend_from_slice(x),
+            KvQuant::F16 => return self.plain.extend(x.iter().map(|v| half::f16::from_f32(*v).to_f32())),
             KvQuant::Int8 => 255.0f32,
             KvQuant::Int4 => 15.0f32,
         };
@@ -527,7 +528,7 @@ impl CacheBuf {
 
     fn read(&self) -> Vec<f32> {
         match self.quant {
-            KvQuant::F32 => self.plain.clone(),
+            KvQuant::F32 | KvQuant::F16 => self.plain.clone(),
             _ => self
                 .codes
                 .chunks_exact(self.head_dim)

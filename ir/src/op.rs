@@ -29,7 +29,8 @@ pub enum RopeScaling {
     },
 }
 
-/// How the KV cache stores its values. Quantized caches keep, per (position, head)
+/// How the KV cache stores its values. `f16` rounds each value to half precision (half
+/// the memory of f32, no per-vector metadata). Quantized caches keep, per (position, head)
 /// vector, an f32 scale and an f32 minimum, and codes 0..=255 (int8) or 0..=15 (int4):
 /// value = code * scale + minimum. (Symmetric absmax codes flipped confident argmaxes on
 /// SmolLM2's goldens; the asymmetric range did not.)
@@ -37,6 +38,7 @@ pub enum RopeScaling {
 pub enum KvQuant {
     #[default]
     F32,
+    F16,
     Int8,
     Int4,
 }
@@ -45,19 +47,21 @@ impl KvQuant {
     pub fn name(self) -> &'static str {
         match self {
             KvQuant::F32 => "f32",
+            KvQuant::F16 => "f16",
             KvQuant::Int8 => "int8",
             KvQuant::Int4 => "int4",
         }
     }
 
     pub fn from_name(name: &str) -> Option<KvQuant> {
-        [KvQuant::F32, KvQuant::Int8, KvQuant::Int4].into_iter().find(|q| q.name() == name)
+        [KvQuant::F32, KvQuant::F16, KvQuant::Int8, KvQuant::Int4].into_iter().find(|q| q.name() == name)
     }
 
     /// Bytes of the values of one cached vector of `head_dim` elements.
     pub fn data_bytes_per_vector(self, head_dim: usize) -> usize {
         match self {
             KvQuant::F32 => 4 * head_dim,
+            KvQuant::F16 => 2 * head_dim,
             KvQuant::Int8 => head_dim,
             KvQuant::Int4 => head_dim.div_ceil(2),
         }
@@ -66,7 +70,7 @@ impl KvQuant {
     /// Bytes of the scale and minimum of one cached vector (two f32 when quantized).
     pub fn scale_bytes_per_vector(self) -> usize {
         match self {
-            KvQuant::F32 => 0,
+            KvQuant::F32 | KvQuant::F16 => 0,
             _ => 8,
         }
     }
@@ -590,7 +594,7 @@ impl AttrBag {
             return Ok(KvQuant::F32);
         }
         let name = self.ident("kv")?;
-        KvQuant::from_name(&name).ok_or_else(|| format!("unknown kv cache type `{name}` (f32, int8, int4)"))
+        KvQuant::from_name(&name).ok_or_else(|| format!("unknown kv cache type `{name}` (f32, f16, int8, int4)"))
     }
 
     fn finish(self) -> Result<(), String> {

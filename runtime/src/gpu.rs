@@ -120,9 +120,26 @@ impl GpuExecutor {
             info.name, info.backend, info.device_type, info.driver, info.driver_info
         );
         let limits = adapter.limits();
+        let mut required_features = wgpu::Features::empty();
+        for name in &artifact.required_features {
+            let feature = match name.as_str() {
+                slmc_targets::FEATURE_SHADER_F16 => wgpu::Features::SHADER_F16,
+                slmc_targets::FEATURE_SUBGROUPS => wgpu::Features::SUBGROUP,
+                other => {
+                    return Err(artifact_err(&dir.join("artifact.json"), format!("unknown GPU feature `{other}`")))
+                }
+            };
+            if !adapter.features().contains(feature) {
+                return Err(GpuExecError::Device(format!(
+                    "the artifact's kernels use the GPU feature `{name}`, which adapter {adapter_info} does not offer; compile for a target without it (e.g. --target webgpu)"
+                )));
+            }
+            required_features |= feature;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("slmc"),
             required_limits: limits.clone(),
+            required_features,
             ..Default::default()
         }))
         .map_err(|e| GpuExecError::Device(e.to_string()))?;

@@ -10,6 +10,10 @@ pub const GPU_ARTIFACT_FORMAT: &str = "slmc-gpu-1";
 pub struct GpuArtifact {
     pub format: String,
     pub target: String,
+    /// Optional GPU features the kernels use (WebGPU names: `shader-f16`, `subgroups`);
+    /// an adapter without one of them cannot run the artifact.
+    #[serde(default)]
+    pub required_features: Vec<String>,
     pub model: ModelInfo,
     /// Every buffer the schedule binds.
     pub buffers: Vec<BufferDecl>,

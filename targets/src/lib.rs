@@ -15,7 +15,21 @@ pub struct TargetProfile {
     pub max_storage_buffer_binding_size: Option<u64>,
     /// Largest buffer, bytes.
     pub max_buffer_size: Option<u64>,
+    /// Optional GPU features the kernels may use, by their WebGPU names
+    /// ([`FEATURE_SHADER_F16`], [`FEATURE_SUBGROUPS`]); kernels never assume a subgroup width.
+    pub features: &'static [&'static str],
 }
+
+impl TargetProfile {
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.contains(&feature)
+    }
+}
+
+/// `enable f16;`: f16 storage and arithmetic in shaders.
+pub const FEATURE_SHADER_F16: &str = "shader-f16";
+/// Subgroup (SIMD-group, wave) operations such as `subgroupAdd`.
+pub const FEATURE_SUBGROUPS: &str = "subgroups";
 
 /// WebGPU's default limits (spec): 128 MiB per storage binding, 256 MiB per buffer. The
 /// generic GPU profiles promise no more than these, so their artifacts run anywhere.
@@ -26,23 +40,26 @@ pub const GENERIC_PROFILES: &[TargetProfile] = &[
     TargetProfile {
         name: "webgpu",
         backend: "wgsl",
-        description: "WebGPU with default limits",
+        description: "WebGPU with default limits and no optional features",
         max_storage_buffer_binding_size: WEBGPU_BINDING,
         max_buffer_size: WEBGPU_BUFFER,
+        features: &[],
     },
     TargetProfile {
         name: "vulkan",
         backend: "spirv",
-        description: "Vulkan 1.1 (SPIR-V 1.3), WebGPU default limits",
+        description: "Vulkan 1.1 (SPIR-V 1.3) with shaderFloat16 and subgroup arithmetic, WebGPU default limits",
         max_storage_buffer_binding_size: WEBGPU_BINDING,
         max_buffer_size: WEBGPU_BUFFER,
+        features: &[FEATURE_SHADER_F16, FEATURE_SUBGROUPS],
     },
     TargetProfile {
         name: "metal",
         backend: "msl",
-        description: "Metal (MSL), WebGPU default limits",
+        description: "Metal (MSL) with half precision and SIMD-group functions, WebGPU default limits",
         max_storage_buffer_binding_size: WEBGPU_BINDING,
         max_buffer_size: WEBGPU_BUFFER,
+        features: &[FEATURE_SHADER_F16, FEATURE_SUBGROUPS],
     },
     TargetProfile {
         name: "onnx-cpu",
@@ -50,6 +67,7 @@ pub const GENERIC_PROFILES: &[TargetProfile] = &[
         description: "ONNX Runtime CPU, contrib ops",
         max_storage_buffer_binding_size: None,
         max_buffer_size: None,
+        features: &[],
     },
     TargetProfile {
         name: "onnx-portable",
@@ -57,6 +75,7 @@ pub const GENERIC_PROFILES: &[TargetProfile] = &[
         description: "ONNX, standard ops only",
         max_storage_buffer_binding_size: None,
         max_buffer_size: None,
+        features: &[],
     },
     TargetProfile {
         name: "coreml-ios18",
@@ -64,6 +83,7 @@ pub const GENERIC_PROFILES: &[TargetProfile] = &[
         description: "Core ML ML program, iOS 18",
         max_storage_buffer_binding_size: None,
         max_buffer_size: None,
+        features: &[],
     },
     TargetProfile {
         name: "coreml-ios17",
@@ -71,6 +91,7 @@ pub const GENERIC_PROFILES: &[TargetProfile] = &[
         description: "Core ML ML program, iOS 17",
         max_storage_buffer_binding_size: None,
         max_buffer_size: None,
+        features: &[],
     },
 ];
 

@@ -8,6 +8,58 @@ use slmc_ir::DType;
 
 use super::GpuError;
 
+/// Optional GPU features a kernel may use (the target profile's `shader-f16` and
+/// `subgroups`). Without them every kernel has a plain fallback.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuFeatures {
+    /// Native f16 storage types (`enable f16;`); without it f16 data is read in pairs
+    /// from u32 words with `unpack2x16float`.
+    pub shader_f16: bool,
+    /// Subgroup reductions (`subgroupAdd`, `subgroupMax`, ...); the width is never assumed.
+    pub subgroups: bool,
+}
+
+impl GpuFeatures {
+    pub const NONE: GpuFeatures = GpuFeatures { shader_f16: false, subgroups: false };
+    pub const ALL: GpuFeatures = GpuFeatures { shader_f16: true, subgroups: true };
+
+    pub fn of_profile(profile: &slmc_targets::TargetProfile) -> GpuFeatures {
+        GpuFeatures {
+            shader_f16: profile.has_feature(slmc_targets::FEATURE_SHADER_F16),
+            subgroups: profile.has_feature(slmc_targets::FEATURE_SUBGROUPS),
+        }
+    }
+
+    /// The features a generated kernel actually uses.
+    pub fn used_by(wgsl: &str) -> GpuFeatures {
+        GpuFeatures { shader_f16: wgsl.starts_with("enable f16;"), subgroups: wgsl.contains("subgroup") }
+    }
+
+    pub fn union(self, other: GpuFeatures) -> GpuFeatures {
+        GpuFeatures { shader_f16: self.shader_f16 || other.shader_f16, subgroups: self.subgroups || other.subgroups }
+    }
+
+    /// WebGPU feature names, in a stable order.
+    pub fn names(self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.shader_f16 {
+            out.push(slmc_targets::FEATURE_SHADER_F16.to_string());
+        }
+        if self.subgroups {
+            out.push(slmc_targets::FEATURE_SUBGROUPS.to_string());
+        }
+        out
+    }
+
+    fn naga_capabilities(self) -> naga::valid::Capabilities {
+        // pack2x16float / unpack2x16float are core WebGPU (wgpu's downlevel SHADER_F16_IN_F32).
+        let mut caps = naga::valid::Capabilities::default() | naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        caps.set(naga::valid::Capabilities::SHADER_FLOAT16, self.shader_f16);
+        caps.set(naga::valid::Capabilities::SUBGROUP, self.subgroups);
+        caps
+    }
+}
+
 /// How a weight buffer is laid out for the kernels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightLayout {
@@ -33,6 +85,7 @@ impl WeightLayout {
         matches!(
             dtype,
             DType::F32
+                | DType::F16
                 | DType::Q8_0
                 | DType::Q4_0
                 | DType::Q4_0G64
@@ -47,11 +100,17 @@ impl WeightLayout {
 /// Rewrites stored bytes into the layout the kernels read: 4-bit blocks become
 /// (scale, minimum) f32 pairs followed by the code bytes as they were (symmetric Q4_0
 /// blocks keep a zero minimum and decode as (code - 8) * scale); Q8_0 becomes f32 scales
-/// then the code bytes; everything else becomes f32.
-pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> (Vec<u8>, WeightLayout) {
+/// then the code bytes; f16 matrices with an even row length keep their bytes (read as
+/// pairs); everything else becomes f32. `packed: false` (norm and bias vectors, which
+/// their kernels read as f32) always gives f32.
+pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize, packed: bool) -> (Vec<u8>, WeightLayout) {
     let g = dtype.block_len();
     let blocks = rows * cols / g;
-    match dtype {
+    let dtype_here = if packed { dtype } else { DType::F32 };
+    match dtype_here {
+        DType::F16 if cols.is_multiple_of(2) => {
+            (bytes.to_vec(), WeightLayout { kind: "f16", rows, cols, group: 1, codes_offset: 0, sym: false })
+        }
         DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => {
             let has_min = dtype.q4_has_min() == Some(true);
             let data_at = if has_min { 4 } else { 2 };
@@ -113,26 +172,39 @@ fn tera() -> &'static tera::Tera {
 }
 
 fn render(template: &str, name: String, ctx: tera::Context) -> Result<(String, String), GpuError> {
+    let mut ctx = ctx;
+    if !ctx.contains_key("enable_f16") {
+        ctx.insert("enable_f16", &false);
+    }
     let src = tera()
         .render(template, &ctx)
         .map_err(|e| GpuError::Kernel { kernel: name.clone(), message: format!("{e:?}") })?;
-    // Collapse the blank lines template tags leave behind, so snapshots stay tidy.
-    let mut out = String::with_capacity(src.len());
-    let mut blank = false;
-    for line in src.lines() {
-        let is_blank = line.trim().is_empty();
-        if !(is_blank && blank) {
-            out.push_str(line.trim_end());
-            out.push('\n');
+    // Drop the blank lines template tags leave behind: repeated ones, ones right after an
+    // opening brace or before a closing one, and trailing ones, so snapshots stay tidy.
+    let lines: Vec<&str> = src.lines().map(str::trim_end).collect();
+    let mut kept: Vec<&str> = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.is_empty() {
+            let after_open = kept.last().is_none_or(|l| l.is_empty() || l.ends_with('{'));
+            let next = lines[i + 1..].iter().find(|l| !l.is_empty());
+            let before_close = next.is_none_or(|l| l.trim_start().starts_with('}'));
+            if after_open || before_close {
+                continue;
+            }
         }
-        blank = is_blank;
+        kept.push(line);
     }
+    let mut out = kept.join("\n");
+    out.push('\n');
     Ok((name, out))
 }
 
-fn weight_ctx(layout: &WeightLayout) -> tera::Context {
+fn weight_ctx(layout: &WeightLayout, features: GpuFeatures) -> tera::Context {
     let mut ctx = tera::Context::new();
+    let native_f16 = layout.kind == "f16" && features.shader_f16;
     ctx.insert("layout", layout.kind);
+    ctx.insert("enable_f16", &native_f16);
+    ctx.insert("w_elem", if native_f16 { "vec2<f16>" } else { "u32" });
     ctx.insert("rows", &layout.rows);
     ctx.insert("cols", &layout.cols);
     ctx.insert("group", &layout.group);
@@ -141,16 +213,25 @@ fn weight_ctx(layout: &WeightLayout) -> tera::Context {
     ctx
 }
 
+/// The layout's part of a kernel name: `f16h` when f16 weights are read natively.
+fn layout_tag(layout: &WeightLayout, features: GpuFeatures) -> String {
+    if layout.kind == "f16" && features.shader_f16 {
+        "f16h".into()
+    } else {
+        layout.name()
+    }
+}
+
 fn float(v: f32) -> String {
     format!("{v:?}")
 }
 
 /// Gathers the rows of a table (or of the chunk of it holding rows `row0..`).
-pub fn embed(layout: &WeightLayout, row0: usize) -> Result<(String, String), GpuError> {
-    let mut ctx = weight_ctx(layout);
+pub fn embed(layout: &WeightLayout, row0: usize, features: GpuFeatures) -> Result<(String, String), GpuError> {
+    let mut ctx = weight_ctx(layout, features);
     ctx.insert("row0", &row0);
     let chunk = if row0 > 0 { format!("_r{row0}") } else { String::new() };
-    render("embed", format!("embed_{}_{}x{}{chunk}", layout.name(), layout.rows, layout.cols), ctx)
+    render("embed", format!("embed_{}_{}x{}{chunk}", layout_tag(layout, features), layout.rows, layout.cols), ctx)
 }
 
 /// `out_cols` outputs per token from this weight (chunk), written at columns
@@ -161,24 +242,29 @@ pub fn linear(
     swiglu: bool,
     out_stride: usize,
     out_offset: usize,
+    features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
-    let mut ctx = weight_ctx(layout);
+    let mut ctx = weight_ctx(layout, features);
     ctx.insert("out_cols", &out_cols);
     ctx.insert("swiglu", &swiglu);
     ctx.insert("out_stride", &out_stride);
     ctx.insert("out_offset", &out_offset);
     let op = if swiglu { "linear_swiglu" } else { "linear" };
     let placed = if out_stride != out_cols { format!("_o{out_offset}of{out_stride}") } else { String::new() };
-    render("linear", format!("{op}_{}_{}x{}{placed}", layout.name(), layout.rows, layout.cols), ctx)
+    render("linear", format!("{op}_{}_{}x{}{placed}", layout_tag(layout, features), layout.rows, layout.cols), ctx)
 }
 
-pub fn rms_norm(dim: usize, eps: f32, add: bool) -> Result<(String, String), GpuError> {
+/// With subgroups: one workgroup per row (strided partial sums, `subgroupAdd`, one
+/// barrier); otherwise one invocation per row.
+pub fn rms_norm(dim: usize, eps: f32, add: bool, features: GpuFeatures) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     ctx.insert("dim", &dim);
     ctx.insert("eps", &float(eps));
     ctx.insert("add", &add);
+    ctx.insert("subgroups", &features.subgroups);
     let op = if add { "add_rms_norm" } else { "rms_norm" };
-    render("rms_norm", format!("{op}_{dim}_{}", eps.to_bits()), ctx)
+    let variant = if features.subgroups { "_sg" } else { "" };
+    render("rms_norm", format!("{op}_{dim}_{}{variant}", eps.to_bits()), ctx)
 }
 
 pub fn elementwise(op: &str, per_token: usize, b_len: usize, b_weight: bool) -> Result<(String, String), GpuError> {
@@ -199,29 +285,43 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
     render("slice", format!("slice_{in_cols}_{start}_{width}"), ctx)
 }
 
-/// Template parameters of a cache storage kind: bits per code, codes per word, largest code.
-fn kv_params(ctx: &mut tera::Context, kv: &str) {
+/// Template parameters of a cache storage kind: bits per code, codes per word, largest
+/// code, and the cache's WGSL element type (f16 natively with shader-f16, else pairs in
+/// u32 words). Returns the kind's part of kernel names.
+fn kv_params(ctx: &mut tera::Context, kv: &str, features: GpuFeatures) -> String {
     let (bits, per_word, top) = match kv {
         "int4" => (4, 8, 15),
         _ => (8, 4, 255),
     };
+    let native_f16 = kv == "f16" && features.shader_f16;
+    let elem = match kv {
+        "f32" => "f32",
+        "f16" if native_f16 => "f16",
+        _ => "u32",
+    };
+    ctx.insert("cache_elem", elem);
+    ctx.insert("enable_f16", &native_f16);
     ctx.insert("kv", kv);
     ctx.insert("bits", &bits);
     ctx.insert("per_word", &per_word);
     ctx.insert("top", &top);
+    if native_f16 {
+        "f16h".into()
+    } else {
+        kv.into()
+    }
 }
 
-/// `kv`: "f32", "int8" or "int4" cache storage.
+/// `kv`: "f32", "f16", "int8" or "int4" cache storage.
 pub fn rope_cache(
     rotary: &slmc_ir::Rotary,
-    hq: usize,
-    hk: usize,
-    hd: usize,
+    (hq, hk, hd): (usize, usize, usize),
     context: usize,
     kv: &str,
+    features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
-    kv_params(&mut ctx, kv);
+    let kv_tag = kv_params(&mut ctx, kv, features);
     let style = match rotary.style {
         slmc_ir::RopeStyle::Half => "half",
         slmc_ir::RopeStyle::Interleaved => "interleaved",
@@ -232,31 +332,34 @@ pub fn rope_cache(
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("context", &context);
-    render("rope_cache", format!("rope_cache_{style}_{kv}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim), ctx)
+    render("rope_cache", format!("rope_cache_{style}_{kv_tag}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim), ctx)
 }
 
 pub fn attention(
-    hq: usize,
-    hk: usize,
-    hd: usize,
+    (hq, hk, hd): (usize, usize, usize),
     scale: f32,
     context: usize,
     kv: &str,
+    features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
-    kv_params(&mut ctx, kv);
+    let kv_tag = kv_params(&mut ctx, kv, features);
     ctx.insert("context", &context);
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("head_dim", &hd);
     ctx.insert("scale", &float(scale));
-    render("attention", format!("attention_{kv}_{hq}_{hk}_{hd}_{context}"), ctx)
+    render("attention", format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}"), ctx)
 }
 
-pub fn argmax(vocab: usize) -> Result<(String, String), GpuError> {
+/// With subgroups, each subgroup reduces its lanes with `subgroupMax`/`subgroupMin` and
+/// only one value per subgroup goes through workgroup memory; otherwise a barrier tree.
+pub fn argmax(vocab: usize, features: GpuFeatures) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     ctx.insert("vocab", &vocab);
-    render("argmax", format!("argmax_{vocab}"), ctx)
+    ctx.insert("subgroups", &features.subgroups);
+    let variant = if features.subgroups { "_sg" } else { "" };
+    render("argmax", format!("argmax_{vocab}{variant}"), ctx)
 }
 
 /// A kernel in the other shader languages.
@@ -266,11 +369,12 @@ pub struct Translated {
 }
 
 /// Parses and validates WGSL with naga, then writes MSL (each binding at
-/// `[[buffer(binding)]]`, buffer sizes after them) and SPIR-V 1.3.
-pub fn validate_and_translate(wgsl: &str) -> Result<Translated, String> {
+/// `[[buffer(binding)]]`, buffer sizes after them) and SPIR-V 1.3. Validation allows only
+/// the optional features in `features` (a kernel needing more fails here).
+pub fn validate_and_translate(wgsl: &str, features: GpuFeatures) -> Result<Translated, String> {
     use naga::back::{msl, spv};
     let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
-    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::default())
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), features.naga_capabilities())
         .validate(&module)
         .map_err(|e| e.emit_to_string(wgsl))?;
     let mut resources = msl::EntryPointResources::default();

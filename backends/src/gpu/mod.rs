@@ -2,9 +2,12 @@
 //! written as Metal (MSL, real `[[buffer(N)]]` slots) and Vulkan (SPIR-V 1.3) from the
 //! same module, plus the dispatch schedule and the weights in the layouts the kernels read.
 //!
-//! Scope of this first version: f32 activations, one invocation per output element,
-//! f32 / 4-bit (q4, from any Q4_0/Q4_1 group size) / 8-bit (Q8_0) weights; other weight
-//! types are converted to f32. Graphs must be fused by the `gpu` pipeline (`gqa`).
+//! Scope: f32 activations and accumulation, one invocation per output element (four tokens
+//! per invocation in prefill), f32 / f16 / 4-bit (q4, from any Q4_0/Q4_1 group size) /
+//! 8-bit (Q8_0) weights; other weight types are converted to f32. KV caches in f32, f16,
+//! int8 or int4. Kernels with an f16 or subgroup variant use it when the target profile
+//! has `shader-f16` / `subgroups` and fall back to plain WGSL otherwise; the artifact lists
+//! the features its kernels use. Graphs must be fused by the `gpu` pipeline (`gqa`).
 
 pub mod kernels;
 
@@ -15,7 +18,7 @@ use slmc_targets::artifact::{
     BufferDecl, BufferKind, Count, Dispatch, GpuArtifact, KernelDecl, ModelInfo, GPU_ARTIFACT_FORMAT,
 };
 
-pub use kernels::{validate_and_translate, Translated};
+pub use kernels::{validate_and_translate, GpuFeatures, Translated};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -43,6 +46,8 @@ pub struct GpuOptions {
     /// The target's largest storage binding and buffer, bytes.
     pub max_binding_bytes: u64,
     pub max_buffer_bytes: u64,
+    /// Optional features the target offers; kernels use them where they have a variant.
+    pub features: GpuFeatures,
 }
 
 /// The artifact: its manifest and every file to write beside it (relative paths).
@@ -122,7 +127,8 @@ impl<'a> Builder<'a> {
 
     /// A weight in the layout the kernels read, as one buffer per chunk of rows: one
     /// chunk unless the weight is larger than the target's binding limit.
-    fn weight_chunks(&mut self, id: NodeId) -> Result<Vec<WeightChunk>, GpuError> {
+    /// `packed: false` for vectors their kernels read as f32 (norm weights, biases).
+    fn weight_chunks(&mut self, id: NodeId, packed: bool) -> Result<Vec<WeightChunk>, GpuError> {
         if let Some(chunks) = self.weight_cache.get(&id) {
             return Ok(chunks.clone());
         }
@@ -138,7 +144,7 @@ impl<'a> Builder<'a> {
         };
         let stored_row = view.bytes.len() / rows;
         let limit = self.opts.max_binding_bytes.min(self.opts.max_buffer_bytes);
-        let laid_row = kernels::relayout(view.dtype, &view.bytes[..stored_row], 1, cols).0.len() as u64;
+        let laid_row = kernels::relayout(view.dtype, &view.bytes[..stored_row], 1, cols, packed).0.len() as u64;
         if laid_row > limit {
             return Err(GpuError::TooLarge {
                 name: name.clone(),
@@ -156,7 +162,7 @@ impl<'a> Builder<'a> {
         for c in 0..n_chunks {
             let (start, end) = (c * per_chunk, ((c + 1) * per_chunk).min(rows));
             let (laid, layout) =
-                kernels::relayout(dtype, &bytes[start * stored_row..end * stored_row], end - start, cols);
+                kernels::relayout(dtype, &bytes[start * stored_row..end * stored_row], end - start, cols, packed);
             let offset = self.append_weight_bytes(&laid);
             let buffer_name = if n_chunks == 1 { name.clone() } else { format!("{name}#{c}") };
             let buffer =
@@ -168,8 +174,8 @@ impl<'a> Builder<'a> {
     }
 
     /// A weight that the op reading it needs in one binding.
-    fn weight(&mut self, id: NodeId) -> Result<(usize, kernels::WeightLayout), GpuError> {
-        let mut chunks = self.weight_chunks(id)?;
+    fn weight(&mut self, id: NodeId, packed: bool) -> Result<(usize, kernels::WeightLayout), GpuError> {
+        let mut chunks = self.weight_chunks(id, packed)?;
         if chunks.len() > 1 {
             return Err(self.err(
                 id,
@@ -243,12 +249,12 @@ impl<'a> Builder<'a> {
             }
             Op::Embed => {
                 // A split table: one gather per chunk, each writing the tokens in its rows.
-                let chunks = self.weight_chunks(node.inputs[0])?;
+                let chunks = self.weight_chunks(node.inputs[0], true)?;
                 let ids = self.buffer_of(node.inputs[1])?;
                 let out = self.activation(id)?;
                 for chunk in chunks {
                     let cols = chunk.layout.cols;
-                    let (name, src) = kernels::embed(&chunk.layout, chunk.row_start)?;
+                    let (name, src) = kernels::embed(&chunk.layout, chunk.row_start, self.opts.features)?;
                     let k = self.kernel(name, src, 3);
                     self.dispatch(
                         id,
@@ -265,12 +271,14 @@ impl<'a> Builder<'a> {
                 if add {
                     bindings.push(self.buffer_of(node.inputs[1])?);
                 }
-                let (w, _) = self.weight(*node.inputs.last().unwrap())?;
+                let (w, _) = self.weight(*node.inputs.last().unwrap(), false)?;
                 bindings.push(w);
                 bindings.push(self.activation(id)?);
-                let (name, src) = kernels::rms_norm(dim, *eps, add)?;
+                let (name, src) = kernels::rms_norm(dim, *eps, add, self.opts.features)?;
                 let k = self.kernel(name, src, bindings.len());
-                self.dispatch(id, k, bindings, [per_tok(1, 64), one, one]);
+                // Subgroup variant: a workgroup per row; plain: an invocation per row.
+                let rows = if self.opts.features.subgroups { per_tok(1, 1) } else { per_tok(1, 64) };
+                self.dispatch(id, k, bindings, [rows, one, one]);
             }
             Op::Linear | Op::LinearSwiglu => {
                 let swiglu = matches!(node.op, Op::LinearSwiglu);
@@ -279,17 +287,24 @@ impl<'a> Builder<'a> {
                 // each writing its own range of output columns. SwiGLU pairs rows n and
                 // n + f, so its weight must be whole.
                 let chunks = if swiglu {
-                    let (buffer, layout) = self.weight(node.inputs[1])?;
+                    let (buffer, layout) = self.weight(node.inputs[1], true)?;
                     vec![WeightChunk { buffer, layout, row_start: 0 }]
                 } else {
-                    self.weight_chunks(node.inputs[1])?
+                    self.weight_chunks(node.inputs[1], true)?
                 };
                 let out = self.activation(id)?;
                 let out_cols = self.per_token(id)?;
                 let tiles = Count { per_token: 1, constant: 0, divisor: 4 };
                 for chunk in chunks {
                     let cols_here = if swiglu { out_cols } else { chunk.layout.rows };
-                    let (name, src) = kernels::linear(&chunk.layout, cols_here, swiglu, out_cols, chunk.row_start)?;
+                    let (name, src) = kernels::linear(
+                        &chunk.layout,
+                        cols_here,
+                        swiglu,
+                        out_cols,
+                        chunk.row_start,
+                        self.opts.features,
+                    )?;
                     let k = self.kernel(name, src, 3);
                     self.dispatch(
                         id,
@@ -308,7 +323,7 @@ impl<'a> Builder<'a> {
                         let b_id = node.inputs[1];
                         let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
                         let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
-                        let b = if is_weight { self.weight(b_id)?.0 } else { self.buffer_of(b_id)? };
+                        let b = if is_weight { self.weight(b_id, false)?.0 } else { self.buffer_of(b_id)? };
                         // 0: b has a's shape; otherwise b (a bias) repeats every b_len elements.
                         let same_shape = graph.node(b_id).ty == node.ty;
                         let b_len = if same_shape { 0 } else { b_len };
@@ -337,6 +352,7 @@ impl<'a> Builder<'a> {
             Op::Gqa { layer, scale, rotary, quant } => {
                 let kv = match quant {
                     slmc_ir::KvQuant::F32 => "f32",
+                    slmc_ir::KvQuant::F16 => "f16",
                     slmc_ir::KvQuant::Int8 => "int8",
                     slmc_ir::KvQuant::Int4 => "int4",
                 };
@@ -350,10 +366,18 @@ impl<'a> Builder<'a> {
                 let per_vector = match kv {
                     "int8" => 8 + hd,
                     "int4" => 8 + hd / 2,
+                    "f16" => 2 * hd,
                     _ => 4 * hd,
                 };
-                if kv != "f32" && hd % 8 != 0 {
-                    return Err(self.err(id, format!("a quantized cache needs a head dim divisible by 8, found {hd}")));
+                let multiple = match kv {
+                    "int8" | "int4" => 8,
+                    "f16" => 2,
+                    _ => 1,
+                };
+                if hd % multiple != 0 {
+                    return Err(
+                        self.err(id, format!("a {kv} cache needs a head dim divisible by {multiple}, found {hd}"))
+                    );
                 }
                 let cache_bytes = (self.opts.context_len * hk * per_vector) as u64;
                 let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
@@ -363,7 +387,8 @@ impl<'a> Builder<'a> {
                     BufferKind::Activation,
                     (self.opts.max_step_tokens * hq * hd * 4) as u64,
                 );
-                let (name, src) = kernels::rope_cache(rotary, hq, hk, hd, self.opts.context_len, kv)?;
+                let features = self.opts.features;
+                let (name, src) = kernels::rope_cache(rotary, (hq, hk, hd), self.opts.context_len, kv, features)?;
                 let k = self.kernel(name, src, 7);
                 self.dispatch(
                     id,
@@ -372,7 +397,7 @@ impl<'a> Builder<'a> {
                     [per_tok((hq + hk) as u64, 64), one, one],
                 );
                 let out = self.activation(id)?;
-                let (name, src) = kernels::attention(hq, hk, hd, *scale, self.opts.context_len, kv)?;
+                let (name, src) = kernels::attention((hq, hk, hd), *scale, self.opts.context_len, kv, features)?;
                 let k = self.kernel(name, src, 4);
                 self.dispatch(id, k, vec![q_rot, k_cache, v_cache, out], [per_tok(hq as u64, 64), one, one]);
             }
@@ -414,7 +439,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
     let logits_buffer = b.buffer_of(logits_id)?;
     let vocab = b.per_token(logits_id)?;
     let next_token_buffer = b.add_buffer("next_token", BufferKind::Activation, 4);
-    let (name, src) = kernels::argmax(vocab)?;
+    let (name, src) = kernels::argmax(vocab, opts.features)?;
     let argmax_kernel = b.kernel(name, src, 2);
     let argmax_dispatch = Dispatch {
         value: "next_token".into(),
@@ -438,8 +463,11 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
         });
     }
     let mut files = BTreeMap::new();
+    let mut used = GpuFeatures::NONE;
     for (name, src) in &b.kernel_sources {
-        let t = validate_and_translate(src).map_err(|message| GpuError::Kernel { kernel: name.clone(), message })?;
+        used = used.union(GpuFeatures::used_by(src));
+        let t = validate_and_translate(src, opts.features)
+            .map_err(|message| GpuError::Kernel { kernel: name.clone(), message })?;
         files.insert(format!("kernels/{name}.wgsl"), src.clone().into_bytes());
         files.insert(format!("kernels/{name}.metal"), t.msl.into_bytes());
         files.insert(format!("kernels/{name}.spv"), t.spirv.iter().flat_map(|w| w.to_le_bytes()).collect());
@@ -448,6 +476,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> 
     let artifact = GpuArtifact {
         format: GPU_ARTIFACT_FORMAT.into(),
         target: opts.target.clone(),
+        required_features: used.names(),
         model: ModelInfo {
             name: opts.model_name.clone(),
             vocab_size: vocab,

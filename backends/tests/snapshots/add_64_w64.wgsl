@@ -22,5 +22,4 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
 
     let bv = bitcast<f32>(b[bi]);
     out[e] = a[e] + bv;
-
 }

@@ -26,6 +26,7 @@ fn run(@builtin(local_invocation_index) lid: u32) {
             idx = i;
         }
     }
+
     best_value[lid] = v;
     best_index[lid] = idx;
     workgroupBarrier();

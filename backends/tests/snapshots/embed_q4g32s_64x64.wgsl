@@ -18,9 +18,7 @@ var<private> x: array<f32, 1>;
 // nibble and element j + 16 in its high nibble. value = (code - 8) * scale,
 // computed per element as the interpreter dequantizes, then multiplied.
 fn dq(code: u32, d: f32, m: f32) -> f32 {
-
     return (f32(code) - 8.0) * d;
-
 }
 fn dot_row(row: u32, xoff: u32) -> f32 {
     var acc = 0.0;

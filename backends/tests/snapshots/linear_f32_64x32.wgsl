@@ -44,7 +44,6 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     if (step.s == 1u) {
-
         out[0u + n] = dot_row(n, 0u);
 
         return;

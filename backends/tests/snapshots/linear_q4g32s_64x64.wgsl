@@ -16,9 +16,7 @@ struct Step {
 // nibble and element j + 16 in its high nibble. value = (code - 8) * scale,
 // computed per element as the interpreter dequantizes, then multiplied.
 fn dq(code: u32, d: f32, m: f32) -> f32 {
-
     return (f32(code) - 8.0) * d;
-
 }
 fn dot_row(row: u32, xoff: u32) -> f32 {
     var acc = 0.0;
@@ -81,7 +79,6 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     if (step.s == 1u) {
-
         out[0u + n] = dot_row(n, 0u);
 
         return;

@@ -44,7 +44,6 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     if (step.s == 1u) {
-
         let g = dot_row(n, 0u);
         let u = dot_row(n + 32u, 0u);
         out[0u + n] = g / (1.0 + exp(-g)) * u;

@@ -16,9 +16,7 @@ struct Step {
 // nibble and element j + 16 in its high nibble. value = code * scale + minimum,
 // computed per element as the interpreter dequantizes, then multiplied.
 fn dq(code: u32, d: f32, m: f32) -> f32 {
-
     return f32(code) * d + m;
-
 }
 fn dot_row(row: u32, xoff: u32) -> f32 {
     var acc = 0.0;
@@ -81,7 +79,6 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     if (step.s == 1u) {
-
         let g = dot_row(n, 0u);
         let u = dot_row(n + 32u, 0u);
         out[0u + n] = g / (1.0 + exp(-g)) * u;

@@ -18,7 +18,6 @@ struct Step {
 // table computed on the host; keys and values go to the int8 cache at position p + i.
 
 fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
-
     var mn = (*vals)[0];
     var mx = (*vals)[0];
     for (var d = 1u; d < 8u; d++) {
@@ -38,11 +37,9 @@ fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
         }
         k_cache[64u + vec * 2u + wi] = word;
     }
-
 }
 
 fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
-
     var mn = (*vals)[0];
     var mx = (*vals)[0];
     for (var d = 1u; d < 8u; d++) {
@@ -62,7 +59,6 @@ fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
         }
         v_cache[64u + vec * 2u + wi] = word;
     }
-
 }
 
 @compute @workgroup_size(64)

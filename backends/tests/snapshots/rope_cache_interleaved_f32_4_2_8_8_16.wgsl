@@ -18,19 +18,15 @@ struct Step {
 // table computed on the host; keys and values go to the f32 cache at position p + i.
 
 fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
-
     for (var d = 0u; d < 8u; d++) {
         k_cache[vec * 8u + d] = (*vals)[d];
     }
-
 }
 
 fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
-
     for (var d = 0u; d < 8u; d++) {
         v_cache[vec * 8u + d] = (*vals)[d];
     }
-
 }
 
 @compute @workgroup_size(64)

@@ -19,5 +19,4 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
 
     let v = a[e];
     out[e] = v / (1.0 + exp(-v));
-
 }
