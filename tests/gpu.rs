@@ -131,6 +131,14 @@ fn a_tampered_artifact_is_refused_naming_the_file() {
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let err = slmc_fails(&["run", artifact.to_str().unwrap(), "--prompt-ids", "1,2"]);
     assert!(err.contains(weights.to_str().unwrap()) && err.contains("runs past the end of the file"), "{err}");
+    // A feature the executor does not know is refused before any device is created.
+    std::fs::write(&weights, &bytes).unwrap();
+    let manifest_path = artifact.join("artifact.json");
+    let mut manifest = read_json(&manifest_path);
+    manifest["required_features"] = serde_json::json!(["shader-f64"]);
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let err = slmc_fails(&["run", artifact.to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert!(err.contains("artifact.json") && err.contains("unknown GPU feature `shader-f64`"), "{err}");
     std::fs::write(artifact.join("artifact.json"), "{ not json").unwrap();
     let err = slmc_fails(&["run", artifact.to_str().unwrap(), "--prompt-ids", "1,2"]);
     assert!(err.contains("artifact.json") && err.contains("invalid manifest"), "{err}");

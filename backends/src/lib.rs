@@ -3,6 +3,7 @@
 //! never a placeholder artifact.
 
 pub mod gpu;
+pub mod onnx;
 
 use slmc_ir::GraphInfo;
 use slmc_targets::TargetProfile;

@@ -17,6 +17,18 @@ pub struct CompileOptions {
     pub force: bool,
     /// Overrides the target's storage-binding limit (a smaller device, or tests).
     pub max_binding_bytes: Option<u64>,
+    /// MatMulNBits accuracy level for ONNX targets (0: f32 activations).
+    pub onnx_accuracy_level: i64,
+}
+
+/// Files of one target's artifact, relative to its directory.
+enum Artifact {
+    Gpu(GpuOutput),
+    Onnx { manifest: slmc_targets::artifact::OnnxArtifact, files: std::collections::BTreeMap<String, Vec<u8>> },
+}
+
+fn model_name(model: &Model) -> String {
+    model.path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string()
 }
 
 /// Writes the artifact for `target` into `out_root/<target>/`; returns that directory.
@@ -29,13 +41,21 @@ pub fn compile_target(
 ) -> Result<PathBuf> {
     let profile = slmc_targets::lookup(target)?;
     let weights = Layered { top: &optimized.derived, base: &model.weights };
-    let output: GpuOutput = match profile.backend {
+    let context_len = opts.context_len.min(model.config.max_position_embeddings);
+    let model_info = slmc_targets::artifact::ModelInfo {
+        name: model_name(model),
+        vocab_size: 0,
+        eos_token_ids: model.config.eos_token_ids.clone(),
+        context_len,
+        max_step_tokens: opts.max_step_tokens,
+    };
+    let artifact = match profile.backend {
         "wgsl" | "spirv" | "msl" => {
             let gpu = GpuOptions {
                 target: profile.name.to_string(),
-                model_name: model.path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string(),
-                eos_token_ids: model.config.eos_token_ids.clone(),
-                context_len: opts.context_len.min(model.config.max_position_embeddings),
+                model_name: model_info.name.clone(),
+                eos_token_ids: model_info.eos_token_ids.clone(),
+                context_len,
                 max_step_tokens: opts.max_step_tokens,
                 max_binding_bytes: opts
                     .max_binding_bytes
@@ -44,7 +64,45 @@ pub fn compile_target(
                 max_buffer_bytes: profile.max_buffer_size.unwrap_or(u64::MAX),
                 features: slmc_backends::gpu::GpuFeatures::of_profile(profile),
             };
-            slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu).with_context(|| format!("target {target}"))?
+            let out = slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu)
+                .with_context(|| format!("target {target}"))?;
+            Artifact::Gpu(out)
+        }
+        "onnx" => {
+            use slmc_backends::onnx::{OnnxOptions, OnnxProfile};
+            let profile_kind = if profile.name == "onnx-portable" { OnnxProfile::Portable } else { OnnxProfile::OrtContrib };
+            let onnx_opts = OnnxOptions {
+                profile: profile_kind,
+                model_name: model_info.name.clone(),
+                context_len,
+                accuracy_level: opts.onnx_accuracy_level,
+            };
+            let out = slmc_backends::onnx::compile(&optimized.graph, &weights, &onnx_opts)
+                .with_context(|| format!("target {target}"))?;
+            let files_meta = out
+                .files
+                .iter()
+                .map(|(path, bytes)| slmc_targets::artifact::FileDigest {
+                    path: path.clone(),
+                    bytes: bytes.len() as u64,
+                    sha256: slmc_targets::artifact::sha256_hex(bytes),
+                })
+                .collect();
+            let manifest = slmc_targets::artifact::OnnxArtifact {
+                format: slmc_targets::artifact::ONNX_ARTIFACT_FORMAT.into(),
+                target: profile.name.to_string(),
+                profile: match profile_kind {
+                    OnnxProfile::OrtContrib => "ort-contrib".into(),
+                    OnnxProfile::Portable => "portable".into(),
+                },
+                model: slmc_targets::artifact::ModelInfo { vocab_size: out.info.vocab, ..model_info },
+                layers: out.info.layers,
+                kv_heads: out.info.kv_heads,
+                head_dim: out.info.head_dim,
+                accuracy_level: opts.onnx_accuracy_level,
+                files: files_meta,
+            };
+            Artifact::Onnx { manifest, files: out.files }
         }
         backend => {
             // Every other backend still reports itself as not implemented; should one start
@@ -55,17 +113,23 @@ pub fn compile_target(
         }
     };
     let dir = out_root.join(profile.name);
-    crate::output::write_dir_atomically(&dir, opts.force, |tmp| write_artifact(tmp, model, optimized, &output))?;
+    crate::output::write_dir_atomically(&dir, opts.force, |tmp| write_artifact(tmp, model, optimized, &artifact))?;
     Ok(dir)
 }
 
-fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, output: &GpuOutput) -> Result<()> {
-    std::fs::create_dir_all(dir.join("kernels")).with_context(|| format!("{}: cannot create", dir.display()))?;
-    for (rel, bytes) in &output.files {
-        std::fs::write(dir.join(rel), bytes).with_context(|| format!("{}: cannot write", dir.join(rel).display()))?;
+fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, artifact: &Artifact) -> Result<()> {
+    let (files, manifest) = match artifact {
+        Artifact::Gpu(output) => (&output.files, serde_json::to_string_pretty(&output.artifact)?),
+        Artifact::Onnx { manifest, files } => (files, serde_json::to_string_pretty(manifest)?),
+    };
+    for (rel, bytes) in files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
     }
-    let manifest = serde_json::to_string_pretty(&output.artifact)? + "\n";
-    std::fs::write(dir.join("artifact.json"), manifest)?;
+    std::fs::write(dir.join("artifact.json"), manifest + "\n")?;
     std::fs::write(dir.join("graph.slir"), slmc_ir::text::print(&optimized.graph))?;
     if let Ok(tok) = &model.tokenizer {
         tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow!("writing tokenizer.json: {e}"))?;

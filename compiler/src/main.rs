@@ -37,6 +37,9 @@ struct Common {
     /// GPU adapter to use for compiled artifacts: a substring of its name (else $SLMC_ADAPTER, else the first).
     #[arg(long)]
     adapter: Option<String>,
+    /// Intra-op threads for ONNX artifacts (0: ONNX Runtime's default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +150,10 @@ enum Command {
         /// larger embedding tables and LM heads are split by rows.
         #[arg(long)]
         max_binding_bytes: Option<u64>,
+        /// ONNX MatMulNBits accuracy level: 0 keeps f32 activations (reproduces the
+        /// goldens); 4 quantizes activations to int8 per block (faster, flips tokens).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
+        onnx_accuracy_level: i64,
     },
     /// Run the optimizer and print the optimized IR (and the pass report).
     Opt {
@@ -322,7 +329,17 @@ fn dispatch(command: Command) -> Result<()> {
             run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k), &opt)
         }
         Command::Opt { common, opt, emit } => opt_command(&common, &opt, emit),
-        Command::Compile { common, opt, target, out, context, max_step_tokens, force, max_binding_bytes } => {
+        Command::Compile {
+            common,
+            opt,
+            target,
+            out,
+            context,
+            max_step_tokens,
+            force,
+            max_binding_bytes,
+            onnx_accuracy_level,
+        } => {
             let model = load(&common)?;
             let mut opt = opt;
             if opt.pipeline.is_none() && opt.passes.is_empty() {
@@ -334,6 +351,7 @@ fn dispatch(command: Command) -> Result<()> {
                 max_step_tokens,
                 force,
                 max_binding_bytes,
+                onnx_accuracy_level,
             };
             let mut written = Vec::new();
             for t in &target {
@@ -352,8 +370,8 @@ fn dispatch(command: Command) -> Result<()> {
             quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
         }
         Command::Score { common, prompt_ids, continuation_ids, opt } => {
-            let s = match gpu_executor(&common, &opt)? {
-                Some((mut exec, _)) => score(&mut exec, &prompt_ids, &continuation_ids)?,
+            let s = match artifact_executor(&common, &opt)? {
+                Some((mut exec, _, _)) => score(exec.as_mut(), &prompt_ids, &continuation_ids)?,
                 None => {
                     let model = load(&common)?;
                     let prepared = prepare(&model, &opt, false)?;
@@ -538,20 +556,41 @@ impl TextSide {
     }
 }
 
-/// A GPU artifact directory given as MODEL, loaded with its executor.
-fn gpu_executor(common: &Common, opt: &OptArgs) -> Result<Option<(GpuExecutor, TextSide)>> {
-    let Some(path) = common.model.as_ref().filter(|p| slmc_runtime::gpu::is_artifact(p)) else {
+/// A compiled artifact directory given as MODEL (`artifact.json`), loaded with the
+/// executor its format names: wgpu for GPU artifacts, ONNX Runtime for ONNX ones.
+fn artifact_executor(
+    common: &Common,
+    opt: &OptArgs,
+) -> Result<Option<(Box<dyn slmc_runtime::Executor>, &'static str, TextSide)>> {
+    let Some(path) = common.model.as_ref().filter(|p| p.join("artifact.json").is_file()) else {
         return Ok(None);
     };
     if opt.request().is_active() {
         bail!("{}: optimizer flags apply when compiling; this is a compiled artifact", path.display());
     }
-    let exec = GpuExecutor::load(path, common.adapter.as_deref())?;
-    if common.verbose {
-        eprintln!("adapter: {}", exec.adapter_info);
+    let manifest = path.join("artifact.json");
+    let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: cannot read", manifest.display()))?;
+    let format: slmc_targets::artifact::ArtifactFormat = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: invalid manifest: {e}", manifest.display()))?;
+    match format.format.as_str() {
+        slmc_targets::artifact::GPU_ARTIFACT_FORMAT => {
+            let exec = GpuExecutor::load(path, common.adapter.as_deref())?;
+            if common.verbose {
+                eprintln!("adapter: {}", exec.adapter_info);
+            }
+            let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
+            Ok(Some((Box::new(exec), "wgpu", side)))
+        }
+        slmc_targets::artifact::ONNX_ARTIFACT_FORMAT => {
+            let exec = slmc_runtime::onnx::OnnxExecutor::load(path, common.threads)?;
+            if common.verbose {
+                eprintln!("ONNX Runtime: {}", slmc_runtime::onnx::library_path()?.display());
+            }
+            let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
+            Ok(Some((Box::new(exec), "onnxruntime", side)))
+        }
+        other => bail!("{}: unknown artifact format `{other}`", manifest.display()),
     }
-    let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
-    Ok(Some((exec, side)))
 }
 
 fn run(
@@ -562,9 +601,9 @@ fn run(
     record: (usize, usize),
     opt: &OptArgs,
 ) -> Result<()> {
-    if let Some((mut exec, side)) = gpu_executor(common, opt)? {
+    if let Some((mut exec, name, side)) = artifact_executor(common, opt)? {
         let prompt_ids = side.prompt_ids(prompt)?;
-        return generate_and_print(common, &mut exec, "wgpu", &side, &prompt_ids, max_new_tokens, ignore_eos, record);
+        return generate_and_print(common, exec.as_mut(), name, &side, &prompt_ids, max_new_tokens, ignore_eos, record);
     }
     let model = load(common)?;
     let side = TextSide::of_model(&model);

@@ -90,6 +90,11 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
             return Err(artifact_err(&f, "missing kernel"));
         }
     }
+    for name in &artifact.required_features {
+        if ![slmc_targets::FEATURE_SHADER_F16, slmc_targets::FEATURE_SUBGROUPS].contains(&name.as_str()) {
+            return Err(artifact_err(&path, format!("unknown GPU feature `{name}`")));
+        }
+    }
     for idx in [artifact.tokens_buffer, artifact.logits_buffer] {
         if idx >= artifact.buffers.len() {
             return Err(artifact_err(&path, "tokens/logits buffer out of range"));

@@ -102,3 +102,46 @@ pub struct Dispatch {
     pub bindings: Vec<usize>,
     pub workgroups: [Count; 3],
 }
+
+pub const ONNX_ARTIFACT_FORMAT: &str = "slmc-onnx-1";
+
+/// The ONNX artifact's manifest (`artifact.json` beside `model.onnx`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OnnxArtifact {
+    pub format: String,
+    pub target: String,
+    /// `ort-contrib` or `portable`.
+    pub profile: String,
+    pub model: ModelInfo,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// MatMulNBits accuracy level (0: f32 activations; 4: int8 activations).
+    pub accuracy_level: i64,
+    /// The graph file, its external data, with sha256 and size, checked before ONNX
+    /// Runtime reads them.
+    pub files: Vec<FileDigest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileDigest {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The `format` field of any artifact manifest, to pick its executor.
+#[derive(Debug, Deserialize)]
+pub struct ArtifactFormat {
+    pub format: String,
+}
+
+/// The ONNX graph file and its external data file inside an ONNX artifact.
+pub const ONNX_MODEL_FILE: &str = "model.onnx";
+pub const ONNX_DATA_FILE: &str = "model.onnx.data";
+
+/// Lowercase hex sha256, as manifests record file digests.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,194 @@
+//! The ONNX Runtime executor: loads an ONNX artifact (`artifact.json`, `model.onnx`,
+//! `model.onnx.data`) through the `ort` crate with ONNX Runtime loaded at run time, after
+//! checking every file's size and sha256 against the manifest, and keeps the KV cache as
+//! the session's `present.N.*` outputs fed back as `past_key_values.N.*`.
+//!
+//! The shared library: `$ORT_DYLIB_PATH`, else `$SLMC_CACHE/onnxruntime/libonnxruntime.so*`
+//! (installed by scripts/setup from the PyPI wheel).
+
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+use slmc_targets::artifact::{OnnxArtifact, ONNX_ARTIFACT_FORMAT};
+
+use crate::{ExecError, Executor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxExecError {
+    #[error("{path}: {message}")]
+    Artifact { path: PathBuf, message: String },
+    #[error("ONNX Runtime: {0}")]
+    Library(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+}
+
+impl From<OnnxExecError> for ExecError {
+    fn from(e: OnnxExecError) -> ExecError {
+        ExecError::Usage(e.to_string())
+    }
+}
+
+fn ort_err(e: impl std::fmt::Display) -> OnnxExecError {
+    OnnxExecError::Ort(e.to_string())
+}
+
+fn artifact_err(path: &Path, message: impl Into<String>) -> OnnxExecError {
+    OnnxExecError::Artifact { path: path.to_path_buf(), message: message.into() }
+}
+
+/// Reads the manifest and checks every listed file's size and sha256, so a truncated or
+/// altered model never reaches ONNX Runtime.
+pub fn load_artifact(dir: &Path) -> Result<OnnxArtifact, OnnxExecError> {
+    let path = dir.join("artifact.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| artifact_err(&path, format!("cannot read: {e}")))?;
+    let artifact: OnnxArtifact =
+        serde_json::from_str(&text).map_err(|e| artifact_err(&path, format!("invalid manifest: {e}")))?;
+    if artifact.format != ONNX_ARTIFACT_FORMAT {
+        return Err(artifact_err(&path, format!("format `{}` is not {ONNX_ARTIFACT_FORMAT}", artifact.format)));
+    }
+    for f in &artifact.files {
+        if f.path.contains("..") || Path::new(&f.path).is_absolute() {
+            return Err(artifact_err(&path, format!("file `{}` is outside the artifact", f.path)));
+        }
+        let file = dir.join(&f.path);
+        let bytes = std::fs::read(&file).map_err(|e| artifact_err(&file, format!("cannot read: {e}")))?;
+        if bytes.len() as u64 != f.bytes {
+            return Err(artifact_err(
+                &file,
+                format!("{} bytes, the manifest says {} (truncated or replaced)", bytes.len(), f.bytes),
+            ));
+        }
+        let digest = slmc_targets::artifact::sha256_hex(&bytes);
+        if digest != f.sha256 {
+            return Err(artifact_err(&file, format!("sha256 {digest} differs from the manifest's {}", f.sha256)));
+        }
+    }
+    Ok(artifact)
+}
+
+/// The ONNX Runtime shared library to load.
+pub fn library_path() -> Result<PathBuf, OnnxExecError> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("SLMC_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slmc")))
+        .ok_or_else(|| OnnxExecError::Library("set ORT_DYLIB_PATH or SLMC_CACHE".into()))?;
+    let dir = cache.join("onnxruntime");
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    libs.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")));
+    libs.sort();
+    libs.pop().ok_or_else(|| {
+        OnnxExecError::Library(format!(
+            "no libonnxruntime.so in {} (run scripts/setup, or set ORT_DYLIB_PATH)",
+            dir.display()
+        ))
+    })
+}
+
+fn environment() -> Result<&'static ort::environment::Environment, OnnxExecError> {
+    static ENV: std::sync::OnceLock<Result<ort::environment::Environment, String>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let lib = library_path().map_err(|e| e.to_string())?;
+        let builder = ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
+        builder.with_name("slmc").build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| OnnxExecError::Library(e.clone()))
+}
+
+pub struct OnnxExecutor {
+    artifact: OnnxArtifact,
+    session: Session,
+    /// `present.N.key/value` of the last step, fed back as the next step's past.
+    past: Vec<(DynValue, DynValue)>,
+    past_len: usize,
+}
+
+impl OnnxExecutor {
+    /// `threads`: intra-op threads (0: ONNX Runtime's default).
+    pub fn load(dir: &Path, threads: usize) -> Result<OnnxExecutor, OnnxExecError> {
+        let artifact = load_artifact(dir)?;
+        let env = environment()?;
+        let model = dir.join(slmc_targets::artifact::ONNX_MODEL_FILE);
+        let mut builder = Session::builder(env).map_err(ort_err)?;
+        if threads > 0 {
+            builder = builder.with_intra_threads(threads).map_err(ort_err)?;
+        }
+        let session = builder.commit_from_file(&model).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
+        let mut exec = OnnxExecutor { artifact, session, past: Vec::new(), past_len: 0 };
+        exec.reset();
+        Ok(exec)
+    }
+
+    pub fn artifact(&self) -> &OnnxArtifact {
+        &self.artifact
+    }
+
+    fn empty_cache(&self) -> Result<Vec<(DynValue, DynValue)>, OnnxExecError> {
+        let shape = [1i64, self.artifact.kv_heads as i64, 0, self.artifact.head_dim as i64];
+        let empty = || Tensor::<f32>::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()).map_err(ort_err);
+        (0..self.artifact.layers).map(|_| Ok((empty()?, empty()?))).collect()
+    }
+}
+
+impl Executor for OnnxExecutor {
+    fn vocab_size(&self) -> usize {
+        self.artifact.model.vocab_size
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
+        let s = tokens.len();
+        let total = self.past_len + s;
+        if total > self.artifact.model.context_len {
+            return Err(ExecError::Usage(format!(
+                "{total} positions exceed the artifact's context of {}",
+                self.artifact.model.context_len
+            )));
+        }
+        let ids: Vec<i64> = tokens.iter().map(|t| *t as i64).collect();
+        let input_ids = Tensor::from_array(([1i64, s as i64], ids)).map_err(ort_err)?;
+        let mask = Tensor::from_array(([1i64, total as i64], vec![1i64; total])).map_err(ort_err)?;
+        let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> =
+            vec![("input_ids".into(), input_ids.into()), ("attention_mask".into(), mask.into())];
+        for (layer, (k, v)) in self.past.iter().enumerate() {
+            inputs.push((format!("past_key_values.{layer}.key"), k.view().into()));
+            inputs.push((format!("past_key_values.{layer}.value"), v.view().into()));
+        }
+        let mut outputs = self.session.run(inputs).map_err(ort_err)?;
+        let logits = outputs
+            .get("logits")
+            .ok_or_else(|| ort_err("no `logits` output"))?
+            .try_extract_tensor::<f32>()
+            .map_err(ort_err)?
+            .1
+            .to_vec();
+        let mut present = Vec::with_capacity(self.artifact.layers);
+        for layer in 0..self.artifact.layers {
+            let k = outputs.remove(format!("present.{layer}.key")).ok_or_else(|| ort_err("missing present key"))?;
+            let v = outputs.remove(format!("present.{layer}.value")).ok_or_else(|| ort_err("missing present value"))?;
+            present.push((k, v));
+        }
+        drop(outputs);
+        self.past = present;
+        self.past_len = total;
+        if logits.len() != s * self.vocab_size() {
+            return Err(ort_err(format!("logits of {} values for {s} tokens", logits.len())).into());
+        }
+        Ok(logits)
+    }
+
+    fn reset(&mut self) {
+        self.past = self.empty_cache().expect("an empty f32 tensor is always creatable");
+        self.past_len = 0;
+    }
+
+    fn past_len(&self) -> usize {
+        self.past_len
+    }
+}
