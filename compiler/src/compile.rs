@@ -70,7 +70,8 @@ pub fn compile_target(
         }
         "onnx" => {
             use slmc_backends::onnx::{OnnxOptions, OnnxProfile};
-            let profile_kind = if profile.name == "onnx-portable" { OnnxProfile::Portable } else { OnnxProfile::OrtContrib };
+            let profile_kind =
+                if profile.name == "onnx-portable" { OnnxProfile::Portable } else { OnnxProfile::OrtContrib };
             let onnx_opts = OnnxOptions {
                 profile: profile_kind,
                 model_name: model_info.name.clone(),

@@ -570,8 +570,8 @@ fn artifact_executor(
     }
     let manifest = path.join("artifact.json");
     let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: cannot read", manifest.display()))?;
-    let format: slmc_targets::artifact::ArtifactFormat = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{}: invalid manifest: {e}", manifest.display()))?;
+    let format: slmc_targets::artifact::ArtifactFormat =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid manifest: {e}", manifest.display()))?;
     match format.format.as_str() {
         slmc_targets::artifact::GPU_ARTIFACT_FORMAT => {
             let exec = GpuExecutor::load(path, common.adapter.as_deref())?;

@@ -78,9 +78,8 @@ pub fn library_path() -> Result<PathBuf, OnnxExecError> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slmc")))
         .ok_or_else(|| OnnxExecError::Library("set ORT_DYLIB_PATH or SLMC_CACHE".into()))?;
     let dir = cache.join("onnxruntime");
-    let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut libs: Vec<PathBuf> =
+        std::fs::read_dir(&dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     libs.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")));
     libs.sort();
     libs.pop().ok_or_else(|| {
@@ -116,11 +115,19 @@ impl OnnxExecutor {
         let artifact = load_artifact(dir)?;
         let env = environment()?;
         let model = dir.join(slmc_targets::artifact::ONNX_MODEL_FILE);
-        let mut builder = Session::builder(env).map_err(ort_err)?;
+        // ONNX Runtime fuses DequantizeLinear + MatMul (the portable profile's 4-bit weights)
+        // into its 4-bit kernel with int8 activations unless told otherwise: keep the
+        // artifact's accuracy level (0: f32 activations), as MatMulNBits nodes carry it.
+        let level = artifact.accuracy_level.to_string();
+        let mut builder = Session::builder(env)
+            .map_err(ort_err)?
+            .with_config_entry("session.qdq_matmulnbits_accuracy_level", &level)
+            .map_err(ort_err)?;
         if threads > 0 {
             builder = builder.with_intra_threads(threads).map_err(ort_err)?;
         }
-        let session = builder.commit_from_file(&model).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
+        let session =
+            builder.commit_from_file(&model).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
         let mut exec = OnnxExecutor { artifact, session, past: Vec::new(), past_len: 0 };
         exec.reset();
         Ok(exec)

@@ -105,3 +105,49 @@ pub fn converted(dtype: &'static str) -> PathBuf {
     })
     .clone()
 }
+
+/// A compiled SmolLM2 artifact (or the GGUF itself) on the 8 golden prompts: teacher-forced
+/// argmax equals the golden wherever the golden gap is at least 0.02, and greedy generation
+/// reproduces the golden ids up to the first such near-tie. Prints a per-prompt report.
+pub fn check_smollm2_goldens(artifact: &Path) {
+    let a = artifact.to_str().unwrap();
+    let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
+    let mut report = Vec::new();
+    for p in golden["prompts"].as_array().unwrap() {
+        let id = p["id"].as_str().unwrap();
+        let (input, cont) = (as_ids(&p["input_ids"]), as_ids(&p["generated_ids"]));
+        let gaps: Vec<f64> =
+            p["greedy_top1_minus_top2"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
+        let score = slmc_json(&["score", a, "--prompt-ids", &ids_arg(&input), "--continuation-ids", &ids_arg(&cont)]);
+        for (i, pos) in score["positions"].as_array().unwrap().iter().enumerate() {
+            if gaps[i] >= 0.02 {
+                assert_eq!(pos["argmax"].as_u64().unwrap(), cont[i], "{id} step {i} (gap {})", gaps[i]);
+            }
+        }
+        let run = slmc_json(&["run", a, "--prompt-ids", &ids_arg(&input), "--max-new-tokens", "48", "--ignore-eos"]);
+        let generated = as_ids(&run["generated_ids"]);
+        let must = gaps.iter().position(|g| *g < 0.02).map(|i| i + 1).unwrap_or(48);
+        assert_eq!(generated[..must], cont[..must], "{id}: greedy differs before the first near-tie");
+        let same = generated.iter().zip(&cont).take_while(|(a, b)| a == b).count();
+        report.push(format!("{id}: {same}/48 identical (near-tie bound {must}), top-1 {:.3}", score["top1_agreement"]));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The Python environment scripts/setup creates (with `onnx`).
+pub fn venv_python() -> PathBuf {
+    let cache = std::env::var_os("SLMC_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME or SLMC_CACHE")).join(".cache/slmc"));
+    let python = cache.join("venv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/setup (the README's test command does)", python.display());
+    python
+}
+
+/// Runs a Python snippet in the test environment; panics with its output on failure.
+pub fn python(code: &str, args: &[&str]) -> String {
+    let out = Command::new(venv_python()).arg("-c").arg(code).args(args).output().expect("python runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "python failed:\n{text}");
+    text
+}

@@ -9,8 +9,13 @@
 //! minimum add a per-block offset term), Gemm on f32 for everything else (8-bit blocks
 //! included: ONNX Runtime's 8-bit MatMulNBits ran on its slow path),
 //! GroupQueryAttention with rotary, SimplifiedLayerNormalization and
-//! SkipSimplifiedLayerNormalization. The standard-ops profile (`onnx-portable`) is not
-//! written yet and is refused.
+//! SkipSimplifiedLayerNormalization (GroupQueryAttention's CPU kernel needs head sizes that
+//! are multiples of 16; other layers take the standard-ops attention below).
+//!
+//! Profile `portable` (target `onnx-portable`): standard ops only. 4-bit weights as uint4
+//! initializers with blocked DequantizeLinear (opset 21) and MatMul, rotary embedding and
+//! causal attention spelled out (Gather of cos/sin at the step's positions, Concat onto the
+//! past cache, MatMul, Where, Softmax), RMSNorm from Pow/ReduceMean/Sqrt/Div/Mul.
 //!
 //! MatMulNBits `accuracy_level` defaults to 0 (f32 activations): level 4 quantizes the
 //! activations to int8 per block, which is faster and flips greedy tokens.
@@ -32,8 +37,6 @@ pub enum OnnxError {
     Unsupported { node: String, message: String },
     #[error("weight \"{0}\" is not in the weight store")]
     MissingWeight(String),
-    #[error("the {0} ONNX profile is not implemented yet")]
-    ProfileNotImplemented(&'static str),
     #[error("the graph does not verify: {0}")]
     Verify(#[from] slmc_ir::VerifyError),
 }
@@ -72,8 +75,8 @@ pub struct OnnxOutput {
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
-pub use slmc_targets::artifact::ONNX_MODEL_FILE as MODEL_FILE;
 pub use slmc_targets::artifact::ONNX_DATA_FILE as DATA_FILE;
+pub use slmc_targets::artifact::ONNX_MODEL_FILE as MODEL_FILE;
 const ALIGN: usize = 4096;
 
 struct Builder<'a> {
@@ -90,6 +93,20 @@ struct Builder<'a> {
     counter: usize,
     layers: BTreeMap<usize, (usize, usize, usize)>,
     rope_tables: HashMap<String, (String, String)>,
+    /// Standard-ops attention: the step's positions and causal mask, cos/sin gathered at
+    /// those positions (per rotary), the mask tiled per query-group size.
+    step_positions: Option<(String, String)>,
+    gathered_rope: HashMap<String, (String, String)>,
+    tiled_masks: HashMap<usize, String>,
+}
+
+/// Cache inputs/outputs and the result name of one attention layer.
+struct AttentionIo {
+    past_k: String,
+    past_v: String,
+    present_k: String,
+    present_v: String,
+    out: String,
 }
 
 fn dims_of(graph: &Graph, id: NodeId) -> Vec<Option<usize>> {
@@ -227,6 +244,9 @@ impl<'a> Builder<'a> {
             self.node("Reshape", "", &[&y, &s3], &[out], vec![]);
             return Ok(());
         }
+        if self.opts.profile == OnnxProfile::Portable {
+            return self.dequantize_matmul(x, w, out);
+        }
         let key = (w, "matmul");
         let group = dtype.block_len();
         let blocks_per_row = k / group;
@@ -234,7 +254,12 @@ impl<'a> Builder<'a> {
         let has_min = dtype.q4_has_min() == Some(true);
         if !self.written.contains_key(&key) {
             let (codes, scales, offsets) = matmul_nbits_blocks(dtype, &view.bytes, n * blocks_per_row);
-            self.external(&b_name, data_type::UINT8, &[n as i64, blocks_per_row as i64, (group * nbits / 8) as i64], &codes);
+            self.external(
+                &b_name,
+                data_type::UINT8,
+                &[n as i64, blocks_per_row as i64, (group * nbits / 8) as i64],
+                &codes,
+            );
             let sb: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
             self.external(&s_name, data_type::FLOAT, &[(n * blocks_per_row) as i64], &sb);
             if has_min {
@@ -266,6 +291,20 @@ impl<'a> Builder<'a> {
         // 4-bit kernel stays on ONNX Runtime's fast path (float zero points leave it).
         let main = self.fresh(&format!("{out}/nbits"));
         self.node("MatMulNBits", "com.microsoft", &[x, &b_name, &s_name], &[&main], attrs);
+        self.add_block_offsets(x, &main, &c_name, (blocks_per_row, group), out);
+        Ok(())
+    }
+
+    /// `out = main + blocksum(x) @ offsets` with `offsets` `[blocks, n]`: the per-block
+    /// constant part of asymmetric 4-bit blocks.
+    fn add_block_offsets(
+        &mut self,
+        x: &str,
+        main: &str,
+        c_name: &str,
+        (blocks_per_row, group): (usize, usize),
+        out: &str,
+    ) {
         let blocked_shape = self.inline_i64("shape", &[0, 0, blocks_per_row as i64, group as i64], false);
         let blocked = self.fresh(&format!("{out}/blocks"));
         self.node("Reshape", "", &[x, &blocked_shape], &[&blocked], vec![]);
@@ -273,9 +312,271 @@ impl<'a> Builder<'a> {
         let sums = self.fresh(&format!("{out}/block_sums"));
         self.node("ReduceSum", "", &[&blocked, &axes], &[&sums], vec![attr_int("keepdims", 0)]);
         let correction = self.fresh(&format!("{out}/offsets"));
-        self.node("MatMul", "", &[&sums, &c_name], &[&correction], vec![]);
-        self.node("Add", "", &[&main, &correction], &[out], vec![]);
+        self.node("MatMul", "", &[&sums, c_name], &[&correction], vec![]);
+        self.node("Add", "", &[main, &correction], &[out], vec![]);
+    }
+
+    /// Standard-ops 4-bit linear: the codes as a uint4 `[k, n]` initializer, blocked
+    /// DequantizeLinear (axis 0, zero point 8, opset 21) and MatMul, a pattern ONNX Runtime
+    /// fuses into its 4-bit kernel; blocks with a minimum add the per-block offset term.
+    fn dequantize_matmul(&mut self, x: &str, w: NodeId, out: &str) -> Result<(), OnnxError> {
+        let (name, view) = self.weight_view(w)?;
+        let [n, k] = view.shape[..] else {
+            return Err(self.err(w, "a linear weight must be a matrix"));
+        };
+        let dtype = view.dtype;
+        let group = dtype.block_len();
+        let blocks_per_row = k / group;
+        let has_min = dtype.q4_has_min() == Some(true);
+        let (q_name, s_name, z_name, c_name) = (
+            format!("{name}.q4"),
+            format!("{name}.scales"),
+            format!("{name}.zero_points"),
+            format!("{name}.block_offsets"),
+        );
+        let key = (w, "dequantize");
+        if !self.written.contains_key(&key) {
+            let (codes, scales, offsets) = matmul_nbits_blocks(dtype, &view.bytes, n * blocks_per_row);
+            // codes: row r, element j at byte (r * k + j) / 2, low nibble when j is even.
+            let nibble = |r: usize, j: usize| (codes[(r * k + j) / 2] >> (4 * (j % 2))) & 0xf;
+            let mut packed = vec![0u8; (k * n).div_ceil(2)];
+            for j in 0..k {
+                for r in 0..n {
+                    let e = j * n + r;
+                    packed[e / 2] |= nibble(r, j) << (4 * (e % 2));
+                }
+            }
+            self.external(&q_name, data_type::UINT4, &[k as i64, n as i64], &packed);
+            let mut sc = vec![0.0f32; blocks_per_row * n];
+            let mut off = vec![0.0f32; if has_min { blocks_per_row * n } else { 0 }];
+            for r in 0..n {
+                for b in 0..blocks_per_row {
+                    sc[b * n + r] = scales[r * blocks_per_row + b];
+                    if has_min {
+                        off[b * n + r] = offsets[r * blocks_per_row + b];
+                    }
+                }
+            }
+            let sb: Vec<u8> = sc.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.external(&s_name, data_type::FLOAT, &[blocks_per_row as i64, n as i64], &sb);
+            let zeros = vec![0x88u8; (blocks_per_row * n).div_ceil(2)];
+            self.external(&z_name, data_type::UINT4, &[blocks_per_row as i64, n as i64], &zeros);
+            if has_min {
+                let cb: Vec<u8> = off.iter().flat_map(|v| v.to_le_bytes()).collect();
+                self.external(&c_name, data_type::FLOAT, &[blocks_per_row as i64, n as i64], &cb);
+            }
+            self.written.insert(key, q_name.clone());
+        }
+        let weight = self.fresh(&format!("{out}/weight"));
+        self.node(
+            "DequantizeLinear",
+            "",
+            &[&q_name, &s_name, &z_name],
+            &[&weight],
+            vec![attr_int("axis", 0), attr_int("block_size", group as i64)],
+        );
+        if !has_min {
+            self.node("MatMul", "", &[x, &weight], &[out], vec![]);
+            return Ok(());
+        }
+        let main = self.fresh(&format!("{out}/main"));
+        self.node("MatMul", "", &[x, &weight], &[&main], vec![]);
+        self.add_block_offsets(x, &main, &c_name, (blocks_per_row, group), out);
         Ok(())
+    }
+
+    /// `x / sqrt(mean(x^2) + eps) * w` in standard ops, which ONNX Runtime fuses into its
+    /// SimplifiedLayerNormalization kernel (that op itself lives in the default domain
+    /// without an ONNX schema, so onnx.checker would reject it).
+    fn rms_norm(&mut self, x: &str, w: &str, eps: f32, out: &str) {
+        let two = self.inline_f32("two", 2.0);
+        let eps_c = self.inline_f32("eps", eps);
+        let axes = self.inline_i64("axes", &[-1], false);
+        let [sq, mean, shifted, root, normed] =
+            ["pow", "mean", "add_eps", "sqrt", "normalized"].map(|h| self.fresh(&format!("{out}/{h}")));
+        self.node("Pow", "", &[x, &two], &[&sq], vec![]);
+        self.node("ReduceMean", "", &[&sq, &axes], &[&mean], vec![attr_int("keepdims", 1)]);
+        self.node("Add", "", &[&mean, &eps_c], &[&shifted], vec![]);
+        self.node("Sqrt", "", &[&shifted], &[&root], vec![]);
+        self.node("Div", "", &[x, &root], &[&normed], vec![]);
+        self.node("Mul", "", &[&normed, w], &[out], vec![]);
+    }
+
+    /// Positions of this step's tokens (`[s]`, int64) and the causal mask `[s, total]`
+    /// (true where visible), from the past length of layer 0's cache; made once.
+    fn positions_and_mask(&mut self) -> (String, String) {
+        if self.step_positions.is_none() {
+            let one_i = self.inline_i64("one", &[1], true);
+            let zero_i = self.inline_i64("zero", &[0], true);
+            let idx1 = self.inline_i64("index", &[1], true);
+            let idx2 = self.inline_i64("index", &[2], true);
+            self.node("Shape", "", &["input_ids"], &["step/ids_shape"], vec![]);
+            self.node("Gather", "", &["step/ids_shape", &idx1], &["step/tokens"], vec![]);
+            self.node("Shape", "", &["past_key_values.0.key"], &["step/past_shape"], vec![]);
+            self.node("Gather", "", &["step/past_shape", &idx2], &["step/past_len"], vec![]);
+            self.node("Add", "", &["step/past_len", "step/tokens"], &["step/total_len"], vec![]);
+            self.node("Range", "", &["step/past_len", "step/total_len", &one_i], &["step/positions"], vec![]);
+            self.node("Range", "", &[&zero_i, "step/total_len", &one_i], &["step/key_positions"], vec![]);
+            let ax0 = self.inline_i64("axes", &[0], false);
+            let ax1 = self.inline_i64("axes", &[1], false);
+            self.node("Unsqueeze", "", &["step/key_positions", &ax0], &["step/key_row"], vec![]);
+            self.node("Unsqueeze", "", &["step/positions", &ax1], &["step/query_column"], vec![]);
+            self.node("LessOrEqual", "", &["step/key_row", "step/query_column"], &["step/causal_mask"], vec![]);
+            self.step_positions = Some(("step/positions".into(), "step/causal_mask".into()));
+        }
+        self.step_positions.clone().expect("just set")
+    }
+
+    /// Rotary embedding of `x` `[1, s, heads, d]` in standard ops (the first `rotary_dim`
+    /// dims; half or interleaved pairs), with cos/sin gathered at the step's positions.
+    fn rotate(&mut self, x: &str, heads: usize, hd: usize, rotary: &slmc_ir::Rotary, out: &str) {
+        let (pos, _) = self.positions_and_mask();
+        let (cos_t, sin_t) = self.rope_tables(rotary);
+        let rd = rotary.rotary_dim;
+        let half = rd / 2;
+        let interleaved = matches!(rotary.style, RopeStyle::Interleaved);
+        let key = format!("{rotary:?}");
+        let (cos, sin) = match self.gathered_rope.get(&key) {
+            Some(t) => t.clone(),
+            None => {
+                // [1, s, 1, rd/2] (half) or [1, s, 1, rd/2, 1] (interleaved) to broadcast.
+                let shape: Vec<i64> =
+                    if interleaved { vec![1, -1, 1, half as i64, 1] } else { vec![1, -1, 1, half as i64] };
+                let sh = self.inline_i64("shape", &shape, false);
+                let mut names = Vec::new();
+                for (table, label) in [(&cos_t, "cos"), (&sin_t, "sin")] {
+                    let g = self.fresh(&format!("rope/{label}_rows"));
+                    self.node("Gather", "", &[table, &pos], &[&g], vec![]);
+                    let r = self.fresh(&format!("rope/{label}"));
+                    self.node("Reshape", "", &[&g, &sh], &[&r], vec![]);
+                    names.push(r);
+                }
+                let t = (names[0].clone(), names[1].clone());
+                self.gathered_rope.insert(key, t.clone());
+                t
+            }
+        };
+        let slice = |b: &mut Self, src: &str, start: i64, end: i64, axis: i64, hint: &str| {
+            let st = b.inline_i64("starts", &[start], false);
+            let en = b.inline_i64("ends", &[end], false);
+            let ax = b.inline_i64("axes", &[axis], false);
+            let o = b.fresh(&format!("{out}/{hint}"));
+            b.node("Slice", "", &[src, &st, &en, &ax], &[&o], vec![]);
+            o
+        };
+        let (rot_src, axis) = if interleaved {
+            let head = slice(self, x, 0, rd as i64, 3, "rotary_part");
+            let sh = self.inline_i64("shape", &[0, 0, heads as i64, half as i64, 2], false);
+            let pairs = self.fresh(&format!("{out}/pairs"));
+            self.node("Reshape", "", &[&head, &sh], &[&pairs], vec![]);
+            (pairs, 4)
+        } else {
+            (x.to_string(), 3)
+        };
+        let (a, b) = if interleaved {
+            (slice(self, &rot_src, 0, 1, axis, "even"), slice(self, &rot_src, 1, 2, axis, "odd"))
+        } else {
+            (
+                slice(self, &rot_src, 0, half as i64, axis, "first"),
+                slice(self, &rot_src, half as i64, rd as i64, axis, "second"),
+            )
+        };
+        let mul = |bl: &mut Self, p: &str, q: &str, hint: &str| {
+            let o = bl.fresh(&format!("{out}/{hint}"));
+            bl.node("Mul", "", &[p, q], &[&o], vec![]);
+            o
+        };
+        let (ac, bs, bc, as_) = (
+            mul(self, &a, &cos, "a_cos"),
+            mul(self, &b, &sin, "b_sin"),
+            mul(self, &b, &cos, "b_cos"),
+            mul(self, &a, &sin, "a_sin"),
+        );
+        let (ra, rb) = (self.fresh(&format!("{out}/rot_a")), self.fresh(&format!("{out}/rot_b")));
+        self.node("Sub", "", &[&ac, &bs], &[&ra], vec![]);
+        self.node("Add", "", &[&bc, &as_], &[&rb], vec![]);
+        let mut parts = Vec::new();
+        if interleaved {
+            let joined = self.fresh(&format!("{out}/joined"));
+            self.node("Concat", "", &[&ra, &rb], &[&joined], vec![attr_int("axis", 4)]);
+            let sh = self.inline_i64("shape", &[0, 0, heads as i64, rd as i64], false);
+            let flat = self.fresh(&format!("{out}/rotated"));
+            self.node("Reshape", "", &[&joined, &sh], &[&flat], vec![]);
+            parts.push(flat);
+        } else {
+            parts.push(ra);
+            parts.push(rb);
+        }
+        if rd < hd {
+            parts.push(slice(self, x, rd as i64, hd as i64, 3, "pass_through"));
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        self.node("Concat", "", &refs, &[out], vec![attr_int("axis", 3)]);
+    }
+
+    /// Causal grouped-query attention in standard ops over the cache: rotary on q and k,
+    /// `present = concat(past, new)` in [1, heads, positions, d], then per kv head the
+    /// `group` query heads' rows at once: softmax(q k^T * scale, masked) v.
+    #[allow(clippy::too_many_arguments)]
+    fn explicit_attention(
+        &mut self,
+        q: &str,
+        k: &str,
+        v: &str,
+        (hq, hk, hd): (usize, usize, usize),
+        scale: f32,
+        rotary: &slmc_ir::Rotary,
+        io: AttentionIo,
+    ) {
+        let out = io.out.clone();
+        let (_, mask) = self.positions_and_mask();
+        let (q_rot, k_rot) = (self.fresh(&format!("{out}/q_rot")), self.fresh(&format!("{out}/k_rot")));
+        self.rotate(q, hq, hd, rotary, &q_rot);
+        self.rotate(k, hk, hd, rotary, &k_rot);
+        let bnsh = [0i64, 2, 1, 3];
+        let (k_t, v_t, q_t) = (
+            self.fresh(&format!("{out}/k_bnsh")),
+            self.fresh(&format!("{out}/v_bnsh")),
+            self.fresh(&format!("{out}/q_bnsh")),
+        );
+        self.node("Transpose", "", &[&k_rot], &[&k_t], vec![proto::attr_ints("perm", &bnsh)]);
+        self.node("Transpose", "", &[v], &[&v_t], vec![proto::attr_ints("perm", &bnsh)]);
+        self.node("Transpose", "", &[&q_rot], &[&q_t], vec![proto::attr_ints("perm", &bnsh)]);
+        self.node("Concat", "", &[&io.past_k, &k_t], &[&io.present_k], vec![attr_int("axis", 2)]);
+        self.node("Concat", "", &[&io.past_v, &v_t], &[&io.present_v], vec![attr_int("axis", 2)]);
+        let group = hq / hk;
+        // Query head h uses kv head h / group: [1, hq, s, d] -> [1, hk, group * s, d].
+        let sh = self.inline_i64("shape", &[1, hk as i64, -1, hd as i64], false);
+        let q_g = self.fresh(&format!("{out}/q_grouped"));
+        self.node("Reshape", "", &[&q_t, &sh], &[&q_g], vec![]);
+        let k_tt = self.fresh(&format!("{out}/k_transposed"));
+        self.node("Transpose", "", &[&io.present_k], &[&k_tt], vec![proto::attr_ints("perm", &[0, 1, 3, 2])]);
+        let scores = self.fresh(&format!("{out}/scores"));
+        self.node("MatMul", "", &[&q_g, &k_tt], &[&scores], vec![]);
+        let sc = self.inline_f32("scale", scale);
+        let scaled = self.fresh(&format!("{out}/scaled"));
+        self.node("Mul", "", &[&scores, &sc], &[&scaled], vec![]);
+        let rows = match self.tiled_masks.get(&group) {
+            Some(m) => m.clone(),
+            None => {
+                let reps = self.inline_i64("repeats", &[group as i64, 1], false);
+                let m = self.fresh("step/causal_mask_tiled");
+                self.node("Tile", "", &[&mask, &reps], &[&m], vec![]);
+                self.tiled_masks.insert(group, m.clone());
+                m
+            }
+        };
+        let neg = self.inline_f32("masked", f32::NEG_INFINITY);
+        let masked = self.fresh(&format!("{out}/masked"));
+        self.node("Where", "", &[&rows, &scaled, &neg], &[&masked], vec![]);
+        let probs = self.fresh(&format!("{out}/probs"));
+        self.node("Softmax", "", &[&masked], &[&probs], vec![attr_int("axis", -1)]);
+        let ctx = self.fresh(&format!("{out}/context"));
+        self.node("MatMul", "", &[&probs, &io.present_v], &[&ctx], vec![]);
+        let sh = self.inline_i64("shape", &[1, hq as i64, -1, hd as i64], false);
+        let heads = self.fresh(&format!("{out}/heads"));
+        self.node("Reshape", "", &[&ctx, &sh], &[&heads], vec![]);
+        self.node("Transpose", "", &[&heads], &[&out], vec![proto::attr_ints("perm", &bnsh)]);
     }
 
     /// A weight as an f32 `[rows, cols]` initializer (written once, shared by its users).
@@ -333,30 +634,27 @@ impl<'a> Builder<'a> {
                 self.node("Gather", "", &[&table, &ids], &[&out], vec![]);
             }
             Op::RmsNorm { eps } => {
-                // Standard ops (x / sqrt(mean(x^2) + eps) * w), which ONNX Runtime fuses into
-                // its SimplifiedLayerNormalization kernel; that op itself lives in the
-                // default domain without an ONNX schema, so onnx.checker would reject it.
                 let x = self.name_of(node.inputs[0])?;
                 let w = self.vector(node.inputs[1])?;
-                let two = self.inline_f32("two", 2.0);
-                let eps_c = self.inline_f32("eps", *eps);
-                let axes = self.inline_i64("axes", &[-1], false);
-                let [sq, mean, shifted, root, normed] =
-                    ["pow", "mean", "add_eps", "sqrt", "normalized"].map(|h| self.fresh(&format!("{out}/{h}")));
-                self.node("Pow", "", &[&x, &two], &[&sq], vec![]);
-                self.node("ReduceMean", "", &[&sq, &axes], &[&mean], vec![attr_int("keepdims", 1)]);
-                self.node("Add", "", &[&mean, &eps_c], &[&shifted], vec![]);
-                self.node("Sqrt", "", &[&shifted], &[&root], vec![]);
-                self.node("Div", "", &[&x, &root], &[&normed], vec![]);
-                self.node("Mul", "", &[&normed, &w], &[&out], vec![]);
+                self.rms_norm(&x, &w, *eps, &out);
             }
             Op::AddRmsNorm { eps } => {
                 let a = self.name_of(node.inputs[0])?;
                 let b = self.name_of(node.inputs[1])?;
                 let w = self.vector(node.inputs[2])?;
-                self.node("SkipSimplifiedLayerNormalization", "com.microsoft", &[&a, &b, &w], &[&out], vec![
-                    attr_float("epsilon", *eps),
-                ]);
+                if self.opts.profile == OnnxProfile::OrtContrib {
+                    self.node(
+                        "SkipSimplifiedLayerNormalization",
+                        "com.microsoft",
+                        &[&a, &b, &w],
+                        &[&out],
+                        vec![attr_float("epsilon", *eps)],
+                    );
+                } else {
+                    let sum = self.fresh(&format!("{out}/sum"));
+                    self.node("Add", "", &[&a, &b], &[&sum], vec![]);
+                    self.rms_norm(&sum, &w, *eps, &out);
+                }
             }
             Op::Linear => {
                 let x = self.name_of(node.inputs[0])?;
@@ -415,7 +713,10 @@ impl<'a> Builder<'a> {
                 if *quant != KvQuant::F32 {
                     return Err(self.err(
                         id,
-                        format!("a {} KV cache has no ONNX lowering yet; the ONNX cache is f32 (drop --kv-quant)", quant.name()),
+                        format!(
+                            "a {} KV cache has no ONNX lowering yet; the ONNX cache is f32 (drop --kv-quant)",
+                            quant.name()
+                        ),
                     ));
                 }
                 let qd = dims_of(graph, node.inputs[0]);
@@ -427,6 +728,19 @@ impl<'a> Builder<'a> {
                 if self.layers.insert(*layer, (hq, hk, hd)).is_some() {
                     return Err(self.err(id, format!("layer {layer} appears twice")));
                 }
+                let (past_k, past_v) =
+                    (format!("past_key_values.{layer}.key"), format!("past_key_values.{layer}.value"));
+                let (present_k, present_v) = (format!("present.{layer}.key"), format!("present.{layer}.value"));
+                // GroupQueryAttention's CPU kernel needs head sizes that are multiples of 16.
+                if self.opts.profile == OnnxProfile::Portable || hd % 16 != 0 {
+                    let q = self.name_of(node.inputs[0])?;
+                    let k = self.name_of(node.inputs[1])?;
+                    let v = self.name_of(node.inputs[2])?;
+                    let io = AttentionIo { past_k, past_v, present_k, present_v, out: out.clone() };
+                    self.explicit_attention(&q, &k, &v, (hq, hk, hd), *scale, rotary, io);
+                    self.names.insert(id, out);
+                    return Ok(());
+                }
                 let mut flat = Vec::new();
                 for (i, heads) in [(0, hq), (1, hk), (2, hk)] {
                     let x = self.name_of(node.inputs[i])?;
@@ -436,8 +750,6 @@ impl<'a> Builder<'a> {
                     flat.push(f);
                 }
                 let (cos, sin) = self.rope_tables(rotary);
-                let (past_k, past_v) = (format!("past_key_values.{layer}.key"), format!("past_key_values.{layer}.value"));
-                let (present_k, present_v) = (format!("present.{layer}.key"), format!("present.{layer}.value"));
                 let attn = self.fresh(&format!("{out}/attention"));
                 self.node(
                     "GroupQueryAttention",
@@ -495,9 +807,6 @@ fn matmul_nbits_blocks(dtype: DType, bytes: &[u8], blocks: usize) -> (Vec<u8>, V
 /// Writes the ONNX model for a graph (input `tokens`, output `logits`).
 pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) -> Result<OnnxOutput, OnnxError> {
     slmc_ir::verify(graph)?;
-    if opts.profile == OnnxProfile::Portable {
-        return Err(OnnxError::ProfileNotImplemented("portable (standard ops)"));
-    }
     let mut b = Builder {
         graph,
         weights,
@@ -510,9 +819,13 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         counter: 0,
         layers: BTreeMap::new(),
         rope_tables: HashMap::new(),
+        step_positions: None,
+        gathered_rope: HashMap::new(),
+        tiled_masks: HashMap::new(),
     };
     // GQA's sequence bookkeeping from the attention mask, as onnxruntime-genai feeds it:
-    // seqlens_k = sum(mask) - 1, total_seq_len = mask width.
+    // seqlens_k = sum(mask) - 1, total_seq_len = mask width. (Unused nodes when every layer
+    // takes the standard-ops attention; ONNX Runtime drops them.)
     let axes = b.inline_i64("axes", &[1], false);
     b.node("ReduceSum", "", &["attention_mask", &axes], &["mask_sum"], vec![attr_int("keepdims", 0)]);
     let one = b.inline_i64("one", &[1], true);
@@ -551,8 +864,11 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         value_info("input_ids", data_type::INT64, &[Named("batch_size"), Named("sequence_length")]),
         value_info("attention_mask", data_type::INT64, &[Named("batch_size"), Named("total_sequence_length")]),
     ];
-    let mut outputs =
-        vec![value_info("logits", data_type::FLOAT, &[Named("batch_size"), Named("sequence_length"), Fixed(vocab as i64)])];
+    let mut outputs = vec![value_info(
+        "logits",
+        data_type::FLOAT,
+        &[Named("batch_size"), Named("sequence_length"), Fixed(vocab as i64)],
+    )];
     for (layer, (_, kv, d)) in &b.layers {
         for kind in ["key", "value"] {
             let past = [Named("batch_size"), Fixed(*kv as i64), Named("past_sequence_length"), Fixed(*d as i64)];
@@ -561,7 +877,10 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
             outputs.push(value_info(&format!("present.{layer}.{kind}"), data_type::FLOAT, &present));
         }
     }
-    // input_ids is int64; Gather accepts it directly.
+    let mut opset_import = vec![proto::OperatorSetIdProto { domain: String::new(), version: 21 }];
+    if opts.profile == OnnxProfile::OrtContrib {
+        opset_import.push(proto::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 });
+    }
     let model = proto::ModelProto {
         ir_version: 10,
         producer_name: "slmc".into(),
@@ -574,10 +893,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
             output: outputs,
             ..Default::default()
         }),
-        opset_import: vec![
-            proto::OperatorSetIdProto { domain: String::new(), version: 21 },
-            proto::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
-        ],
+        opset_import,
         ..Default::default()
     };
     let mut files = BTreeMap::new();

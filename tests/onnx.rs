@@ -1,0 +1,113 @@
+//! The ONNX artifact executed by slmc's ONNX Runtime executor: the project's checkpoints
+//! against the interpreter on the same optimized graph, SmolLM2 against the goldens, the
+//! graph through `onnx.checker` (full check), and tampered files refused before ONNX
+//! Runtime sees them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn compile(model: &Path, target: &str, name: &str, extra: &[&str]) -> PathBuf {
+    let out = scratch(&format!("onnx-{name}"));
+    let mut args = vec!["compile", model.to_str().unwrap(), "--target", target, "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    slmc_json(&args);
+    out.join(target)
+}
+
+const CHECK: &str = "import sys, onnx\nonnx.checker.check_model(sys.argv[1], full_check=True)\nprint('ok')";
+
+/// Every logit of the last prompt position and a greedy continuation.
+fn last_logits(model: &str, prompt: &str, vocab: usize, extra: &[&str]) -> (Vec<f64>, Vec<u64>, String) {
+    let v = vocab.to_string();
+    let mut args =
+        vec!["run", model, "--prompt-ids", prompt, "--max-new-tokens", "8", "--ignore-eos", "--record-logits", "1"];
+    args.extend_from_slice(&["--record-top-k", &v]);
+    args.extend_from_slice(extra);
+    let out = slmc_json(&args);
+    let mut logits = vec![f64::NAN; vocab];
+    for t in out["recorded_logits"][0]["top"].as_array().unwrap() {
+        logits[t["id"].as_u64().unwrap() as usize] = t["logit"].as_f64().unwrap();
+    }
+    (logits, as_ids(&out["generated_ids"]), out["executor"].as_str().unwrap().to_string())
+}
+
+/// f32, f16 and quantized weights (Gemm, symmetric MatMulNBits, and MatMulNBits plus the
+/// per-block offset of asymmetric blocks), biases, fused Phi-3 projections, MobileLLM's
+/// shared blocks: logits within 1e-4 of the interpreter's (relative to the largest).
+#[test]
+fn project_checkpoints_match_the_interpreter() {
+    let cases: [(PathBuf, usize, &[&str]); 6] = [
+        (repo_root().join("fixtures/tiny-llama-sharded"), 96, &[]),
+        (repo_root().join("fixtures/tiny-llama-sharded"), 96, &["--quant", "q4g32"]),
+        (repo_root().join("fixtures/tiny-phi3"), 96, &["--quant", "q4g32-sym"]),
+        (repo_root().join("fixtures/tiny-mobilellm-shared"), 96, &[]),
+        (golden_dir().join("arch/qwen2-untied-f32"), 300, &[]),
+        (golden_dir().join("arch/llama-tied-f16"), 256, &[]),
+    ];
+    let prompt = "5,17,3,88,41,9,60,2,33,1,4,7,12";
+    let runs = cases.iter().enumerate().flat_map(|c| ["onnx-cpu", "onnx-portable"].map(|t| (c, t)));
+    for ((i, (model, vocab, flags)), target) in runs {
+        let artifact = compile(model, target, &format!("fixture{i}"), flags);
+        python(CHECK, &[artifact.join("model.onnx").to_str().unwrap()]);
+        let mut interp_flags = vec!["--pipeline", "gpu"];
+        interp_flags.extend_from_slice(flags);
+        let (a, a_ids, exec) = last_logits(model.to_str().unwrap(), prompt, *vocab, &interp_flags);
+        let (b, b_ids, oexec) = last_logits(artifact.to_str().unwrap(), prompt, *vocab, &[]);
+        assert_eq!((exec.as_str(), oexec.as_str()), ("interpreter", "onnxruntime"));
+        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+        eprintln!("{target} {} {flags:?}: max relative logit difference {diff:.2e}", model.display());
+        assert!(diff <= 1e-4, "{target} {} {flags:?}: ONNX logits differ by {diff}", model.display());
+        assert_eq!(a_ids, b_ids, "{target} {} {flags:?}", model.display());
+    }
+}
+
+/// SmolLM2 from the GGUF (Q4_1 blocks re-laid out, never requantized), both profiles:
+/// onnx.checker passes and the goldens hold (argmax where the gap is at least 0.02, greedy
+/// up to the first near-tie).
+#[test]
+fn smollm2_onnx_cpu_matches_the_goldens() {
+    let artifact = compile(&smollm2_gguf(), "onnx-cpu", "smollm2", &[]);
+    python(CHECK, &[artifact.join("model.onnx").to_str().unwrap()]);
+    check_smollm2_goldens(&artifact);
+}
+
+#[test]
+fn smollm2_onnx_portable_matches_the_goldens() {
+    let artifact = compile(&smollm2_gguf(), "onnx-portable", "smollm2-portable", &[]);
+    python(CHECK, &[artifact.join("model.onnx").to_str().unwrap()]);
+    let graph = std::fs::read(artifact.join("model.onnx")).unwrap();
+    assert!(!String::from_utf8_lossy(&graph).contains("com.microsoft"), "the portable graph uses contrib ops");
+    check_smollm2_goldens(&artifact);
+}
+
+#[test]
+fn tampered_onnx_files_are_refused_before_onnx_runtime() {
+    let artifact = compile(&repo_root().join("fixtures/tiny-llama-sharded"), "onnx-cpu", "tampered", &[]);
+    let a = artifact.to_str().unwrap();
+    let data = artifact.join("model.onnx.data");
+    let bytes = std::fs::read(&data).unwrap();
+    std::fs::write(&data, &bytes[..bytes.len() - 100]).unwrap();
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
+    assert!(err.contains(data.to_str().unwrap()) && err.contains("truncated or replaced"), "{err}");
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 1;
+    std::fs::write(&data, &flipped).unwrap();
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
+    assert!(err.contains(data.to_str().unwrap()) && err.contains("differs from the manifest"), "{err}");
+    std::fs::write(&data, &bytes).unwrap();
+    slmc_json(&["run", a, "--prompt-ids", "1,2", "--max-new-tokens", "2"]);
+}
+
+#[test]
+fn unsupported_onnx_requests_are_clear_errors() {
+    let model = repo_root().join("fixtures/tiny-llama-sharded");
+    let out = scratch("onnx-unsupported");
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let err = slmc_fails(&["compile", m, "--target", "onnx-cpu", "-o", o, "--kv-quant", "int8"]);
+    assert!(err.contains("int8 KV cache has no ONNX lowering"), "{err}");
+    assert!(std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0, "nothing is left behind");
+}
