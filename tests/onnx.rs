@@ -84,6 +84,40 @@ fn smollm2_onnx_portable_matches_the_goldens() {
     check_smollm2_goldens(&artifact);
 }
 
+/// onnxruntime-genai loads the artifact directory as it is (genai_config.json and the
+/// tokenizer beside the model) and its greedy tokens equal slmc's ORT executor on every
+/// golden prompt (up to EOS, where genai stops).
+#[test]
+fn onnxruntime_genai_runs_the_artifact_unchanged() {
+    let out = scratch("onnx-genai");
+    slmc_json(&[
+        "compile",
+        smollm2_gguf().to_str().unwrap(),
+        "--target",
+        "onnx-cpu,onnx-portable",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let script = repo_root().join("tests/python/genai_greedy.py");
+    let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
+    for (target, prompts) in [("onnx-cpu", 8), ("onnx-portable", 4)] {
+        let dir = out.join(target);
+        let d = dir.to_str().unwrap();
+        for p in golden["prompts"].as_array().unwrap().iter().take(prompts) {
+            let input = ids_arg(&as_ids(&p["input_ids"]));
+            let ours =
+                as_ids(&slmc_json(&["run", d, "--prompt-ids", &input, "--max-new-tokens", "32"])["generated_ids"]);
+            let code = std::fs::read_to_string(&script).unwrap();
+            let text = python(&code, &[d, &input, "32"]);
+            let line = text.lines().last().unwrap_or_default();
+            let genai: Vec<u64> = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}\n{text}"));
+            // Both stop at 32 tokens or at EOS.
+            assert_eq!(genai, ours, "{target} {}", p["id"]);
+            eprintln!("{target} {}: {} greedy tokens identical", p["id"], genai.len());
+        }
+    }
+}
+
 #[test]
 fn tampered_onnx_files_are_refused_before_onnx_runtime() {
     let artifact = compile(&repo_root().join("fixtures/tiny-llama-sharded"), "onnx-cpu", "tampered", &[]);
