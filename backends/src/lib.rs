@@ -11,7 +11,7 @@ use slmc_targets::TargetProfile;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BackendError {
     #[error("the {backend} backend for target `{target}` is not implemented yet")]
-    NotImplemented { backend: &'static str, target: &'static str },
+    NotImplemented { backend: String, target: String },
 }
 
 /// Emits the artifact for `target`. Every backend is still to be written.
@@ -20,5 +20,5 @@ pub fn emit(
     _info: &GraphInfo,
     target: &TargetProfile,
 ) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
-    Err(BackendError::NotImplemented { backend: target.backend, target: target.name })
+    Err(BackendError::NotImplemented { backend: target.backend.clone(), target: target.name.clone() })
 }

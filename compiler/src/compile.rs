@@ -49,19 +49,16 @@ pub fn compile_target(
         context_len,
         max_step_tokens: opts.max_step_tokens,
     };
-    let artifact = match profile.backend {
+    let artifact = match profile.backend.as_str() {
         "wgsl" | "spirv" | "msl" => {
             let gpu = GpuOptions {
-                target: profile.name.to_string(),
+                target: profile.name.clone(),
                 model_name: model_info.name.clone(),
                 eos_token_ids: model_info.eos_token_ids.clone(),
                 context_len,
                 max_step_tokens: opts.max_step_tokens,
-                max_binding_bytes: opts
-                    .max_binding_bytes
-                    .or(profile.max_storage_buffer_binding_size)
-                    .unwrap_or(u64::MAX),
-                max_buffer_bytes: profile.max_buffer_size.unwrap_or(u64::MAX),
+                max_binding_bytes: opts.max_binding_bytes.or(profile.binding_limit()).unwrap_or(u64::MAX),
+                max_buffer_bytes: profile.buffer_limit().unwrap_or(u64::MAX),
                 features: slmc_backends::gpu::GpuFeatures::of_profile(profile),
             };
             let out = slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu)
@@ -70,8 +67,11 @@ pub fn compile_target(
         }
         "onnx" => {
             use slmc_backends::onnx::{OnnxOptions, OnnxProfile};
-            let profile_kind =
-                if profile.name == "onnx-portable" { OnnxProfile::Portable } else { OnnxProfile::OrtContrib };
+            let profile_kind = if profile.onnx_profile.as_deref() == Some("portable") {
+                OnnxProfile::Portable
+            } else {
+                OnnxProfile::OrtContrib
+            };
             let onnx_opts = OnnxOptions {
                 profile: profile_kind,
                 model_name: model_info.name.clone(),
@@ -91,7 +91,7 @@ pub fn compile_target(
                 .collect();
             let manifest = slmc_targets::artifact::OnnxArtifact {
                 format: slmc_targets::artifact::ONNX_ARTIFACT_FORMAT.into(),
-                target: profile.name.to_string(),
+                target: profile.name.clone(),
                 profile: match profile_kind {
                     OnnxProfile::OrtContrib => "ort-contrib".into(),
                     OnnxProfile::Portable => "portable".into(),
@@ -115,7 +115,7 @@ pub fn compile_target(
             bail!("target {target}: writing {backend} artifacts is not implemented yet");
         }
     };
-    let dir = out_root.join(profile.name);
+    let dir = out_root.join(&profile.name);
     crate::output::write_dir_atomically(&dir, opts.force, |tmp| write_artifact(tmp, model, optimized, &artifact))?;
     Ok(dir)
 }

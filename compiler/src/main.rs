@@ -236,6 +236,22 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The device target catalog.
+    Targets {
+        #[command(subcommand)]
+        action: TargetsAction,
+        /// Print machine-readable JSON on stdout.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum TargetsAction {
+    /// Every profile: name, version, backend, family.
+    List,
+    /// One profile in full (unknown facts shown as unknown).
+    Show { name: String },
 }
 
 #[derive(clap::Args, Clone)]
@@ -268,7 +284,7 @@ fn main() -> ExitCode {
         | Command::Score { common, .. }
         | Command::Tokenize { common, .. }
         | Command::Convert { common, .. } => common.json,
-        Command::Cat { json, .. } => *json,
+        Command::Cat { json, .. } | Command::Targets { json, .. } => *json,
     };
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -295,8 +311,55 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
 }
 
+fn targets_command(action: TargetsAction, json: bool) -> Result<()> {
+    match action {
+        TargetsAction::List => {
+            let all = slmc_targets::catalog();
+            if json {
+                let rows: Vec<Value> = all
+                    .iter()
+                    .map(|p| json!({ "name": p.name, "version": p.version, "backend": p.backend, "family": p.family, "description": p.description }))
+                    .collect();
+                print_json(&json!({ "targets": rows }));
+            } else {
+                for p in all {
+                    println!("{:<20} v{:<3} {:<7} {}", p.name, p.version, p.backend, p.description);
+                }
+            }
+        }
+        TargetsAction::Show { name } => {
+            let p = slmc_targets::lookup(&name)?;
+            if json {
+                print_json(&serde_json::to_value(p)?);
+            } else {
+                let unknown = |v: Option<String>| v.unwrap_or_else(|| "unknown".into());
+                let bytes = |v: Option<u64>| unknown(v.map(|b| format!("{b} bytes")));
+                println!("{} (version {}): {}", p.name, p.version, p.description);
+                println!("  family:              {}", p.family);
+                println!("  backend:             {}", p.backend);
+                println!("  shader language:     {}", p.shader_language.clone().unwrap_or_else(|| "none".into()));
+                println!("  storage binding:     {}", bytes(p.limits.max_storage_buffer_binding_size));
+                println!("  buffer:              {}", bytes(p.limits.max_buffer_size));
+                println!("  workgroup storage:   {}", bytes(p.limits.max_compute_workgroup_storage_size));
+                println!("  invocations/group:   {}", unknown(p.limits.max_compute_invocations_per_workgroup.map(|v| v.to_string())));
+                println!("  storage buffers:     {}", unknown(p.limits.max_storage_buffers_per_shader_stage.map(|v| v.to_string())));
+                println!("  features:            {}", if p.features.is_empty() { "none".into() } else { p.features.join(", ") });
+                println!("  subgroup sizes:      {}", unknown(p.subgroup_sizes.map(|[a, b]| format!("{a}..{b}"))));
+                println!("  RAM:                 {}", bytes(p.ram_bytes));
+                println!("  memory bandwidth:    {}", unknown(p.memory_bandwidth_gbps.map(|v| format!("{v} GB/s"))));
+                println!("  NPU:                 {}", unknown(p.npu.clone().map(|n| format!("{n} via {}", p.npu_runtime.clone().unwrap_or_else(|| "unknown".into())))));
+                println!("  minimum OS:          {}", unknown(p.min_os.clone()));
+                println!("  minimum runtime:     {}", unknown(p.min_runtime.clone()));
+                println!("  sources:             {}", p.sources);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn dispatch(command: Command) -> Result<()> {
     match command {
+        Command::Targets { action, json } => targets_command(action, json),
         Command::Inspect { common } => inspect(&load(&common)?, common.json),
         Command::Lower { common, emit } => {
             let model = load(&common)?;
