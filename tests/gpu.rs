@@ -125,11 +125,17 @@ fn check_kernel_files(artifact: &Path) {
 
 #[test]
 fn a_tampered_artifact_is_refused_naming_the_file() {
-    let artifact = compile(&repo_root().join("fixtures/tiny-llama-sharded"), "tampered", &[]);
+    let artifact = compile(&repo_root().join("fixtures/tiny-llama-sharded"), "tampered", &["--skip-smoke-check"]);
+    let a = artifact.to_str().unwrap();
     let weights = artifact.join("weights.bin");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    let err = slmc_fails(&["run", artifact.to_str().unwrap(), "--prompt-ids", "1,2"]);
+    // The bundle's manifest catches it first...
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
+    assert!(err.contains(weights.to_str().unwrap()) && err.contains("the manifest says"), "{err}");
+    // ...and a bare artifact (no manifest, run with --allow-unsigned) is still checked.
+    std::fs::remove_file(artifact.join("manifest.json")).unwrap();
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
     assert!(err.contains(weights.to_str().unwrap()) && err.contains("runs past the end of the file"), "{err}");
     // A feature the executor does not know is refused before any device is created.
     std::fs::write(&weights, &bytes).unwrap();
@@ -137,10 +143,10 @@ fn a_tampered_artifact_is_refused_naming_the_file() {
     let mut manifest = read_json(&manifest_path);
     manifest["required_features"] = serde_json::json!(["shader-f64"]);
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
-    let err = slmc_fails(&["run", artifact.to_str().unwrap(), "--prompt-ids", "1,2"]);
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
     assert!(err.contains("artifact.json") && err.contains("unknown GPU feature `shader-f64`"), "{err}");
     std::fs::write(artifact.join("artifact.json"), "{ not json").unwrap();
-    let err = slmc_fails(&["run", artifact.to_str().unwrap(), "--prompt-ids", "1,2"]);
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
     assert!(err.contains("artifact.json") && err.contains("invalid manifest"), "{err}");
 }
 

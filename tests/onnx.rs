@@ -149,11 +149,17 @@ fn int8_activations_flip_golden_tokens_so_f32_is_the_default() {
 
 #[test]
 fn tampered_onnx_files_are_refused_before_onnx_runtime() {
-    let artifact = compile(&repo_root().join("fixtures/tiny-llama-sharded"), "onnx-cpu", "tampered", &[]);
+    let artifact =
+        compile(&repo_root().join("fixtures/tiny-llama-sharded"), "onnx-cpu", "tampered", &["--skip-smoke-check"]);
     let a = artifact.to_str().unwrap();
     let data = artifact.join("model.onnx.data");
     let bytes = std::fs::read(&data).unwrap();
     std::fs::write(&data, &bytes[..bytes.len() - 100]).unwrap();
+    let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
+    assert!(err.contains(data.to_str().unwrap()) && err.contains("the manifest says"), "{err}");
+    // Without the bundle manifest the artifact's own digests still refuse it.
+    let manifest = std::fs::read(artifact.join("manifest.json")).unwrap();
+    std::fs::remove_file(artifact.join("manifest.json")).unwrap();
     let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
     assert!(err.contains(data.to_str().unwrap()) && err.contains("truncated or replaced"), "{err}");
     let mut flipped = bytes.clone();
@@ -162,6 +168,7 @@ fn tampered_onnx_files_are_refused_before_onnx_runtime() {
     let err = slmc_fails(&["run", a, "--prompt-ids", "1,2"]);
     assert!(err.contains(data.to_str().unwrap()) && err.contains("differs from the manifest"), "{err}");
     std::fs::write(&data, &bytes).unwrap();
+    std::fs::write(artifact.join("manifest.json"), manifest).unwrap();
     slmc_json(&["run", a, "--prompt-ids", "1,2", "--max-new-tokens", "2"]);
 }
 

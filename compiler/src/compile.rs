@@ -1,6 +1,8 @@
-//! `slmc compile`: optimize once, then write one artifact directory per target under
-//! OUT/<target>/. Each directory is written beside its final place and renamed into it,
-//! so a failure never leaves a half-written artifact.
+//! `slmc compile`: optimize once, then write one bundle per target under OUT/<target>/:
+//! the backend's artifact plus `manifest.json` (see `slmc_targets::bundle`). Per-target
+//! checks fail early (binding limits, the device's memory budget); the bundle's golden
+//! smoke set runs on its own executor before the directory is renamed into place, so a
+//! failure never leaves a half-written or disagreeing bundle.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +21,18 @@ pub struct CompileOptions {
     pub max_binding_bytes: Option<u64>,
     /// MatMulNBits accuracy level for ONNX targets (0: f32 activations).
     pub onnx_accuracy_level: i64,
+    /// For the manifest: the model's version, the checkpoint's sha256, the optimizer options.
+    pub model_version: String,
+    pub source_sha256: String,
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Run the smoke set on the bundle's executor before accepting it.
+    pub smoke_check: bool,
+    /// GPU adapter for the smoke check (as `--adapter`).
+    pub adapter: Option<String>,
 }
+
+/// Share of a device's RAM a bundle may plan to use: the OS and other apps need the rest.
+pub const RAM_BUDGET_FRACTION: f64 = 0.5;
 
 /// Files of one target's artifact, relative to its directory.
 enum Artifact {
@@ -38,6 +51,7 @@ pub fn compile_target(
     target: &str,
     out_root: &Path,
     opts: &CompileOptions,
+    smoke: &slmc_targets::bundle::SmokeSet,
 ) -> Result<PathBuf> {
     let profile = slmc_targets::lookup(target)?;
     let weights = Layered { top: &optimized.derived, base: &model.weights };
@@ -115,9 +129,188 @@ pub fn compile_target(
             bail!("target {target}: writing {backend} artifacts is not implemented yet");
         }
     };
+    let memory = memory_plan(optimized, &artifact, context_len, profile);
+    if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
+        let budget = (ram as f64 * RAM_BUDGET_FRACTION) as u64;
+        if memory.total_bytes > budget {
+            bail!(
+                "target {target}: the bundle needs {} bytes (weights {}, KV cache at {} positions {}, activations {}) but the device's budget is {budget} bytes ({:.0}% of {ram}); lower --context or quantize further",
+                memory.total_bytes, memory.weight_bytes, context_len, memory.kv_cache_bytes, memory.activation_bytes, RAM_BUDGET_FRACTION * 100.0
+            );
+        }
+    }
     let dir = out_root.join(&profile.name);
-    crate::output::write_dir_atomically(&dir, opts.force, |tmp| write_artifact(tmp, model, optimized, &artifact))?;
+    crate::output::write_dir_atomically(&dir, opts.force, |tmp| {
+        write_artifact(tmp, model, optimized, &artifact)?;
+        let manifest = bundle_manifest(tmp, model, optimized, profile, opts, &artifact, memory, smoke)?;
+        std::fs::write(
+            tmp.join(slmc_targets::bundle::MANIFEST_FILE),
+            serde_json::to_string_pretty(&manifest)? + "\n",
+        )?;
+        if opts.smoke_check {
+            check_smoke(tmp, &artifact, smoke, opts).with_context(|| format!("target {target}: golden smoke check"))?;
+        }
+        Ok(())
+    })?;
     Ok(dir)
+}
+
+/// Runs the smoke set on the bundle's own executor (the directory is not yet in place).
+fn check_smoke(
+    dir: &Path,
+    artifact: &Artifact,
+    smoke: &slmc_targets::bundle::SmokeSet,
+    opts: &CompileOptions,
+) -> Result<()> {
+    let mut exec: Box<dyn slmc_runtime::Executor> = match artifact {
+        Artifact::Gpu(_) => Box::new(
+            slmc_runtime::gpu::GpuExecutor::load(dir, opts.adapter.as_deref())
+                .context("cannot run the bundle here (pass --skip-smoke-check to compile without running it)")?,
+        ),
+        Artifact::Onnx { .. } => Box::new(
+            slmc_runtime::onnx::OnnxExecutor::load(dir, 0)
+                .context("cannot run the bundle here (pass --skip-smoke-check to compile without running it)")?,
+        ),
+    };
+    for o in crate::bundle::run_smoke(exec.as_mut(), smoke)? {
+        if !o.passed {
+            bail!(
+                "prompt {:?}: generated {:?}, the reference {:?}: {} leading tokens agree, {} required",
+                o.prompt_ids, o.generated_ids, o.expected_ids, o.matching_prefix, o.required_prefix
+            );
+        }
+    }
+    Ok(())
+}
+
+fn memory_plan(
+    optimized: &Optimized,
+    artifact: &Artifact,
+    context_len: usize,
+    profile: &slmc_targets::TargetProfile,
+) -> slmc_targets::bundle::MemoryPlan {
+    use slmc_targets::artifact::BufferKind;
+    let (weight_bytes, kv_cache_bytes, activation_bytes) = match artifact {
+        Artifact::Gpu(out) => {
+            let sum = |f: &dyn Fn(&BufferKind) -> bool| -> u64 {
+                out.artifact.buffers.iter().filter(|b| f(&b.kind)).map(|b| b.bytes).sum()
+            };
+            (
+                sum(&|k| matches!(k, BufferKind::Weight { .. } | BufferKind::Table { .. })),
+                sum(&|k| matches!(k, BufferKind::Cache)),
+                sum(&|k| matches!(k, BufferKind::Activation | BufferKind::Input)),
+            )
+        }
+        Artifact::Onnx { manifest, files } => {
+            let weights = files.get(slmc_targets::artifact::ONNX_DATA_FILE).map(|f| f.len() as u64).unwrap_or(0);
+            let kv = (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 4 * context_len) as u64;
+            let act = optimized.memory_plan.as_ref().map(|m| m.prefill.arena_bytes as u64).unwrap_or(0);
+            (weights, kv, act)
+        }
+    };
+    slmc_targets::bundle::MemoryPlan {
+        weight_bytes,
+        kv_cache_bytes,
+        activation_bytes,
+        total_bytes: weight_bytes + kv_cache_bytes + activation_bytes,
+        context_len,
+        device_ram_bytes: profile.ram_bytes,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bundle_manifest(
+    dir: &Path,
+    model: &Model,
+    optimized: &Optimized,
+    profile: &slmc_targets::TargetProfile,
+    opts: &CompileOptions,
+    artifact: &Artifact,
+    memory: slmc_targets::bundle::MemoryPlan,
+    smoke: &slmc_targets::bundle::SmokeSet,
+) -> Result<slmc_targets::bundle::BundleManifest> {
+    use slmc_targets::bundle::*;
+    let weights = Layered { top: &optimized.derived, base: &model.weights };
+    let mut weight_dtypes = std::collections::BTreeMap::new();
+    let mut ops_total = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, node) in optimized.graph.nodes() {
+        match &node.op {
+            slmc_ir::Op::Weight { name } => {
+                if seen.insert(name.clone()) {
+                    if let Some(v) = slmc_ir::WeightSource::view(&weights, name) {
+                        *weight_dtypes.entry(v.dtype.name().to_string()).or_insert(0u64) += v.bytes.len() as u64;
+                    }
+                }
+            }
+            slmc_ir::Op::Input { .. } | slmc_ir::Op::Positions => {}
+            _ => ops_total += 1,
+        }
+    }
+    let (required, executor) = match artifact {
+        Artifact::Gpu(out) => {
+            let largest = out.artifact.buffers.iter().map(|b| b.bytes).max();
+            (
+                BundleRequirements {
+                    max_storage_buffer_binding_size: largest,
+                    max_buffer_size: largest,
+                    features: out.artifact.required_features.clone(),
+                    executor: "wgpu".into(),
+                },
+                "wgpu",
+            )
+        }
+        Artifact::Onnx { .. } => (
+            BundleRequirements {
+                max_storage_buffer_binding_size: None,
+                max_buffer_size: None,
+                features: vec![],
+                executor: "onnxruntime".into(),
+            },
+            "onnxruntime",
+        ),
+    };
+    let note = match &profile.npu {
+        Some(npu) => format!(
+            "the device has an NPU ({npu}, reached through {}); this {executor} bundle runs on the {}, so no op is placed on it",
+            profile.npu_runtime.as_deref().unwrap_or("an unknown runtime"),
+            if executor == "wgpu" { "GPU" } else { "CPU" }
+        ),
+        None => "the device has no known NPU".into(),
+    };
+    let arch = model.config.arch_name.clone();
+    Ok(BundleManifest {
+        schema: BUNDLE_SCHEMA.into(),
+        model: BundleModel {
+            name: model_name(model),
+            version: opts.model_version.clone(),
+            architecture: arch,
+            source_sha256: opts.source_sha256.clone(),
+        },
+        compiler: BundleCompiler {
+            name: "slmc".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            options: opts.options.clone(),
+        },
+        min_runtime_version: crate::bundle::MIN_RUNTIME_VERSION.into(),
+        target: BundleTarget {
+            name: profile.name.clone(),
+            profile_version: profile.version,
+            backend: profile.backend.clone(),
+            family: profile.family.clone(),
+        },
+        quantization: BundleQuantization {
+            weights: opts.options.get("quant").cloned().unwrap_or_else(|| "as stored".into()),
+            kv_cache: optimized.kv_quant.name().into(),
+            weight_dtypes,
+        },
+        required,
+        npu_support: NpuSupport { npu: profile.npu.clone(), ops_on_npu: 0, ops_total, note },
+        memory,
+        quality: None,
+        smoke: smoke.clone(),
+        files: crate::bundle::file_digests(dir)?,
+    })
 }
 
 /// `genai_config.json` so onnxruntime-genai loads the artifact directory as it is (the

@@ -1,12 +1,14 @@
 //! slmc's driver: importers, lowering to the IR, converters. The `slmc` binary
 //! (src/main.rs) is the CLI on top.
 
+pub mod bundle;
 pub mod compile;
 pub mod convert;
 pub mod import;
 pub mod lower;
 pub mod optimize;
 pub mod output;
+pub mod store;
 
 use std::path::PathBuf;
 

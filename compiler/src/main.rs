@@ -15,6 +15,8 @@ use slmc_compiler::{convert, default_model_path, lower};
 use slmc_ir::DType;
 use slmc_ir::Layered;
 use slmc_runtime::gpu::GpuExecutor;
+
+mod bundle_cli;
 use slmc_runtime::{generate, score, GenerateOptions, InterpreterExecutor};
 
 #[derive(Parser)]
@@ -40,6 +42,29 @@ struct Common {
     /// Intra-op threads for ONNX artifacts (0: ONNX Runtime's default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// How bundles' signatures are checked before anything runs.
+#[derive(clap::Args, Clone, Default)]
+struct TrustArgs {
+    /// Public key (from `slmc keygen`) a bundle's signature must match (else $SLMC_PUBKEY).
+    #[arg(long)]
+    pubkey: Option<PathBuf>,
+    /// Run bundles without a (checkable) signature; file hashes are still checked
+    /// (also $SLMC_ALLOW_UNSIGNED=1).
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+impl TrustArgs {
+    fn trust(&self) -> Result<slmc_runtime::bundle::Trust> {
+        let key_path = self.pubkey.clone().or_else(|| std::env::var_os("SLMC_PUBKEY").map(PathBuf::from));
+        let public_key = key_path.map(|p| slmc_runtime::bundle::read_public_key(&p)).transpose()?;
+        let allow_unsigned = self.allow_unsigned || std::env::var("SLMC_ALLOW_UNSIGNED").is_ok_and(|v| v == "1");
+        Ok(slmc_runtime::bundle::Trust { public_key, allow_unsigned })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -154,6 +179,16 @@ enum Command {
         /// goldens); 4 quantizes activations to int8 per block (faster, flips tokens).
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
         onnx_accuracy_level: i64,
+        /// The model version the manifest records (default: the start of the checkpoint's sha256).
+        #[arg(long)]
+        model_version: Option<String>,
+        /// Write bundles without running their golden smoke set here (no GPU adapter or
+        /// ONNX Runtime on this machine); `slmc eval` runs it later.
+        #[arg(long)]
+        skip_smoke_check: bool,
+        /// Compile even when the compile cache holds this exact bundle.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Run the optimizer and print the optimized IR (and the pass report).
     Opt {
@@ -236,6 +271,50 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// A new ed25519 key pair for signing bundles: KEY (secret) and KEY.pub.
+    Keygen {
+        #[arg(long = "out")]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a bundle (ed25519 over its manifest, which lists every file's sha256).
+    Sign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a bundle's signature, runtime version and every file's sha256.
+    Verify {
+        bundle: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a bundle's golden smoke set on its executor.
+    Eval {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Verify a bundle, run its smoke set, and make it the store's current version.
+    Install {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Switch the store back to its previous version.
+    Rollback {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The device target catalog.
     Targets {
         #[command(subcommand)]
@@ -284,7 +363,13 @@ fn main() -> ExitCode {
         | Command::Score { common, .. }
         | Command::Tokenize { common, .. }
         | Command::Convert { common, .. } => common.json,
-        Command::Cat { json, .. } | Command::Targets { json, .. } => *json,
+        Command::Eval { common } | Command::Install { common, .. } => common.json,
+        Command::Cat { json, .. }
+        | Command::Targets { json, .. }
+        | Command::Keygen { json, .. }
+        | Command::Sign { json, .. }
+        | Command::Verify { json, .. }
+        | Command::Rollback { json, .. } => *json,
     };
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -360,6 +445,12 @@ fn targets_command(action: TargetsAction, json: bool) -> Result<()> {
 fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Targets { action, json } => targets_command(action, json),
+        Command::Keygen { out, force, json } => bundle_cli::keygen(&out, force, json),
+        Command::Sign { bundle, key, json } => bundle_cli::sign(&bundle, &key, json),
+        Command::Verify { bundle, trust, json } => bundle_cli::verify(&bundle, &trust, json),
+        Command::Eval { common } => bundle_cli::eval(&common),
+        Command::Install { common, store } => bundle_cli::install(&common, &store),
+        Command::Rollback { store, json } => bundle_cli::rollback(&store, json),
         Command::Inspect { common } => inspect(&load(&common)?, common.json),
         Command::Lower { common, emit } => {
             let model = load(&common)?;
@@ -402,32 +493,23 @@ fn dispatch(command: Command) -> Result<()> {
             force,
             max_binding_bytes,
             onnx_accuracy_level,
+            model_version,
+            skip_smoke_check,
+            no_cache,
         } => {
-            let model = load(&common)?;
-            let mut opt = opt;
-            if opt.pipeline.is_none() && opt.passes.is_empty() {
-                opt.pipeline = Some("gpu".into());
-            }
-            let optimized = prepare(&model, &opt, true)?;
-            let options = slmc_compiler::compile::CompileOptions {
-                context_len: context,
+            let args = bundle_cli::CompileArgs {
+                target,
+                out,
+                context,
                 max_step_tokens,
                 force,
                 max_binding_bytes,
                 onnx_accuracy_level,
+                model_version,
+                skip_smoke_check,
+                no_cache,
             };
-            let mut written = Vec::new();
-            for t in &target {
-                written.push(slmc_compiler::compile::compile_target(&model, &optimized, t, &out, &options)?);
-            }
-            if common.json {
-                print_json(&json!({ "targets": target, "outputs": written }));
-            } else {
-                for w in written {
-                    eprintln!("wrote {}", w.display());
-                }
-            }
-            Ok(())
+            bundle_cli::compile_command(&common, opt, args)
         }
         Command::Quality { common, opt, prompts, max_quality_drop } => {
             quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
@@ -630,6 +712,12 @@ fn artifact_executor(
     };
     if opt.request().is_active() {
         bail!("{}: optimizer flags apply when compiling; this is a compiled artifact", path.display());
+    }
+    let trust = common.trust.trust()?;
+    if slmc_runtime::bundle::is_bundle(path) {
+        slmc_runtime::bundle::verify(path, &trust)?;
+    } else if !trust.allow_unsigned {
+        bail!("{}: not a bundle (no manifest.json): refusing it (pass --allow-unsigned to run a bare artifact)", path.display());
     }
     let manifest = path.join("artifact.json");
     let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: cannot read", manifest.display()))?;

@@ -6,6 +6,7 @@
 
 pub mod gpu;
 pub mod onnx;
+pub mod bundle;
 
 use std::time::Instant;
 

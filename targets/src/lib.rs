@@ -5,6 +5,7 @@
 //! WebGPU's default (see [`TargetProfile::binding_limit`]).
 
 pub mod artifact;
+pub mod bundle;
 
 use std::sync::OnceLock;
 

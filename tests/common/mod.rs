@@ -34,8 +34,24 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// Runs slmc. Compiled bundles are unsigned in most tests, so they run with
+/// `SLMC_ALLOW_UNSIGNED=1` (file hashes are still checked); `slmc_strict` runs without it.
 pub fn slmc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slmc"))
+    slmc_with(args, true)
+}
+
+pub fn slmc_strict(args: &[&str]) -> Output {
+    slmc_with(args, false)
+}
+
+fn slmc_with(args: &[&str], allow_unsigned: bool) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_slmc"));
+    if allow_unsigned {
+        cmd.env("SLMC_ALLOW_UNSIGNED", "1");
+    } else {
+        cmd.env_remove("SLMC_ALLOW_UNSIGNED");
+    }
+    cmd.env_remove("SLMC_PUBKEY")
         .args(args)
         .env("RUST_BACKTRACE", "0")
         // The Vulkan loader warns without it; harmless, but noisy.
@@ -61,7 +77,15 @@ pub fn slmc_json(args: &[&str]) -> Value {
 
 /// Runs slmc expecting failure; returns stderr. Asserts a clean non-zero exit (no panic).
 pub fn slmc_fails(args: &[&str]) -> String {
-    let out = slmc(args);
+    failure(args, slmc(args))
+}
+
+/// `slmc_fails` without `SLMC_ALLOW_UNSIGNED`.
+pub fn slmc_strict_fails(args: &[&str]) -> String {
+    failure(args, slmc_strict(args))
+}
+
+fn failure(args: &[&str], out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "slmc {args:?} should fail but succeeded");
     assert_eq!(out.status.code(), Some(1), "slmc {args:?} should exit 1, stderr: {stderr}");

@@ -1,0 +1,223 @@
+//! Bundles: the manifest every compiled target directory carries, its golden smoke set,
+//! signing keys and signatures. Verification lives in the runtime (`slmc_runtime::bundle`),
+//! which must refuse bad bundles without the compiler.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ed25519_dalek::{Signer, SigningKey};
+use slmc_ir::Layered;
+use slmc_runtime::bundle::{hex, parse_hex32};
+use slmc_runtime::{Executor, InterpreterExecutor};
+use slmc_targets::artifact::{sha256_hex, FileDigest};
+use slmc_targets::bundle::{SmokePrompt, SmokeSet, MANIFEST_FILE, SIGNATURE_FILE};
+
+use crate::import::Model;
+use crate::optimize::Optimized;
+
+/// The bundle format's requirement on the runtime (raise it when the runtime must learn
+/// something new to run what the compiler writes).
+pub const MIN_RUNTIME_VERSION: &str = "0.1.0";
+/// Smoke prompts: text for models with a tokenizer (fixed ids otherwise), and how many
+/// greedy tokens each generates.
+const SMOKE_TEXTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
+const SMOKE_TOKENS: usize = 8;
+pub const SMOKE_NEAR_TIE_GAP: f32 = 0.02;
+
+/// sha256 of a checkpoint: the file itself, or for a directory the sha256 of each regular
+/// file's name and digest in name order.
+pub fn source_sha256(path: &Path) -> Result<String> {
+    fn file_digest(path: &Path) -> Result<String> {
+        use sha2::Digest;
+        let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hex(&hasher.finalize()))
+    }
+    if path.is_file() {
+        return file_digest(path);
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot list", path.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    let mut listing = String::new();
+    for e in entries {
+        let name = e.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        listing.push_str(&format!("{name} {}\n", file_digest(&e)?));
+    }
+    Ok(sha256_hex(listing.as_bytes()))
+}
+
+/// Every file under `dir` except the manifest and its signature, sorted by path.
+pub fn file_digests(dir: &Path) -> Result<Vec<FileDigest>> {
+    let mut out = Vec::new();
+    for path in slmc_runtime::bundle::walk(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+        let rel = path.strip_prefix(dir).expect("walk stays inside dir").to_string_lossy().replace('\\', "/");
+        if rel == MANIFEST_FILE || rel == SIGNATURE_FILE {
+            continue;
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        out.push(FileDigest { path: rel, bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// The smoke prompts' expected greedy tokens and top-2 gaps, from the reference
+/// interpreter on the optimized graph.
+pub fn smoke_set(model: &Model, optimized: &Optimized, context: usize) -> Result<SmokeSet> {
+    let vocab = model.config.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = match &model.tokenizer {
+        Ok(tok) => SMOKE_TEXTS
+            .iter()
+            .map(|t| tok.encode(*t, false).map(|e| e.get_ids().to_vec()).map_err(|e| anyhow!("tokenizing: {e}")))
+            .collect::<Result<_>>()?,
+        Err(_) => vec![(1..9).map(|i| (i * 7) % vocab).collect(), (1..6).map(|i| (i * 13 + 3) % vocab).collect()],
+    };
+    let weights = Layered { top: &optimized.derived, base: &model.weights };
+    let mut exec = InterpreterExecutor::new(&optimized.graph, &weights, context)?;
+    let mut out = Vec::new();
+    for prompt_ids in prompts {
+        exec.reset();
+        let (mut expected, mut gaps) = (Vec::new(), Vec::new());
+        let mut feed = prompt_ids.clone();
+        for _ in 0..SMOKE_TOKENS {
+            let logits = exec.forward(&feed)?;
+            let last = &logits[logits.len() - vocab as usize..];
+            let top = slmc_runtime::top_k(last, 2);
+            expected.push(top[0].0);
+            gaps.push(top[0].1 - top.get(1).map(|t| t.1).unwrap_or(f32::NEG_INFINITY));
+            feed = vec![top[0].0];
+        }
+        out.push(SmokePrompt { prompt_ids, expected_ids: expected, gaps });
+    }
+    Ok(SmokeSet { near_tie_gap: SMOKE_NEAR_TIE_GAP, prompts: out })
+}
+
+/// One smoke prompt's outcome on an executor.
+#[derive(Debug, serde::Serialize)]
+pub struct SmokeOutcome {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub expected_ids: Vec<u32>,
+    pub matching_prefix: usize,
+    pub required_prefix: usize,
+    pub passed: bool,
+}
+
+/// Runs the smoke set greedily on `exec`.
+pub fn run_smoke(exec: &mut dyn Executor, smoke: &SmokeSet) -> Result<Vec<SmokeOutcome>> {
+    let mut out = Vec::new();
+    for p in &smoke.prompts {
+        exec.reset();
+        let opts = slmc_runtime::GenerateOptions {
+            max_new_tokens: p.expected_ids.len(),
+            stop_ids: vec![],
+            record_steps: 0,
+            record_top_k: 0,
+        };
+        let generated = slmc_runtime::generate(exec, &p.prompt_ids, &opts, |_| {})?.generated;
+        let matching = generated.iter().zip(&p.expected_ids).take_while(|(a, b)| a == b).count();
+        let required = p.required_prefix(smoke.near_tie_gap);
+        out.push(SmokeOutcome {
+            prompt_ids: p.prompt_ids.clone(),
+            generated_ids: generated,
+            expected_ids: p.expected_ids.clone(),
+            matching_prefix: matching,
+            required_prefix: required,
+            passed: matching >= required,
+        });
+    }
+    Ok(out)
+}
+
+/// `slmc keygen`: a new ed25519 key pair; the secret at `path` (mode 0600), the public
+/// key at `path.pub`, each as hex.
+pub fn keygen(path: &Path, force: bool) -> Result<(String, String)> {
+    let public_path = path.with_extension(match path.extension() {
+        Some(e) => format!("{}.pub", e.to_string_lossy()),
+        None => "pub".into(),
+    });
+    for p in [path, public_path.as_path()] {
+        if p.exists() && !force {
+            bail!("{}: exists (pass --force to replace it)", p.display());
+        }
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+    let key = SigningKey::from_bytes(&seed);
+    write_private(path, &format!("ed25519-secret:{}\n", hex(&seed)))?;
+    std::fs::write(&public_path, format!("ed25519:{}\n", hex(key.verifying_key().as_bytes())))
+        .with_context(|| format!("{}: cannot write", public_path.display()))?;
+    Ok((path.display().to_string(), public_path.display().to_string()))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("{}: cannot write", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+pub fn read_secret_key(path: &Path) -> Result<SigningKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let seed = parse_hex32(text.trim().trim_start_matches("ed25519-secret:"))
+        .ok_or_else(|| anyhow!("{}: not a secret key (`slmc keygen` writes them)", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// `slmc sign`: checks the files against the manifest first (never sign a tampered
+/// bundle), then writes `manifest.sig`.
+pub fn sign(dir: &Path, key_path: &Path) -> Result<String> {
+    let key = read_secret_key(key_path)?;
+    let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
+    slmc_runtime::bundle::verify(dir, &trust)?;
+    let manifest = std::fs::read(dir.join(MANIFEST_FILE))?;
+    let signature = key.sign(&manifest);
+    let sig_path = dir.join(SIGNATURE_FILE);
+    std::fs::write(&sig_path, hex(&signature.to_bytes()) + "\n")
+        .with_context(|| format!("{}: cannot write", sig_path.display()))?;
+    Ok(hex(key.verifying_key().as_bytes()))
+}
+
+/// The optimizer options as the manifest records them (no paths: a calibration file is
+/// recorded by its sha256).
+pub fn options_record(req: &crate::optimize::OptRequest) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            m.insert(k.to_string(), v);
+        }
+    };
+    put("pipeline", req.pipeline.clone());
+    put("passes", (!req.passes.is_empty()).then(|| req.passes.join(",")));
+    put("quant", req.quant.clone());
+    put("quant_override", req.quant_override.clone());
+    put("quant_method", req.quant_method.clone());
+    put("kv_quant", req.kv_quant.clone());
+    put("disable_pass", (!req.disable_pass.is_empty()).then(|| req.disable_pass.join(",")));
+    if let Some(c) = &req.calibration {
+        let bytes = std::fs::read(c).with_context(|| format!("{}: cannot read", c.display()))?;
+        m.insert("calibration_sha256".into(), sha256_hex(&bytes));
+    }
+    Ok(m)
+}

@@ -1,0 +1,297 @@
+//! The bundle commands of the CLI: compile (with the compile cache and progress), keygen,
+//! sign, verify, eval, install, rollback.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use slmc_compiler::bundle as bundles;
+use slmc_compiler::store;
+use slmc_targets::bundle::BundleManifest;
+
+use crate::{artifact_executor, load, prepare, print_json, Common, OptArgs, TrustArgs};
+
+pub struct CompileArgs {
+    pub target: Vec<String>,
+    pub out: PathBuf,
+    pub context: usize,
+    pub max_step_tokens: usize,
+    pub force: bool,
+    pub max_binding_bytes: Option<u64>,
+    pub onnx_accuracy_level: i64,
+    pub model_version: Option<String>,
+    pub skip_smoke_check: bool,
+    pub no_cache: bool,
+}
+
+fn cache_root() -> PathBuf {
+    let cache = std::env::var_os("SLMC_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slmc")))
+        .unwrap_or_else(|| PathBuf::from(".slmc-cache"));
+    cache.join("compile")
+}
+
+/// The compile cache key of one target: everything the bundle's bytes depend on.
+fn cache_key(source_sha256: &str, options: &Value, profile: &slmc_targets::TargetProfile) -> String {
+    let key = json!({
+        "compiler": env!("CARGO_PKG_VERSION"),
+        "source_sha256": source_sha256,
+        "options": options,
+        "profile": profile,
+    });
+    slmc_targets::artifact::sha256_hex(key.to_string().as_bytes())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    for path in slmc_runtime::bundle::walk(from).with_context(|| format!("{}: cannot list", from.display()))? {
+        let dest = to.join(path.strip_prefix(from).expect("inside"));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(&path, &dest).with_context(|| format!("{}: cannot copy", path.display()))?;
+    }
+    Ok(())
+}
+
+fn progress(enabled: bool, len: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:20}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    // Every target name first: an unknown one fails before any work.
+    let profiles = args.target.iter().map(|t| slmc_targets::lookup(t)).collect::<Result<Vec<_>, _>>()?;
+    let model_path = common.model.clone().unwrap_or_else(slmc_compiler::default_model_path);
+    if !model_path.exists() {
+        bail!("{}: no such model (run scripts/setup for the default, or pass MODEL)", model_path.display());
+    }
+    let mut opt = opt;
+    if opt.pipeline.is_none() && opt.passes.is_empty() {
+        opt.pipeline = Some("gpu".into());
+    }
+    let request = opt.request();
+    let bar = progress(!common.json && std::io::stderr().is_terminal(), profiles.len() as u64 + 1);
+    bar.set_message("hashing the checkpoint");
+    let source_sha256 = bundles::source_sha256(&model_path)?;
+    let options = bundles::options_record(&request)?;
+    let model_version = args.model_version.clone().unwrap_or_else(|| source_sha256[..12].to_string());
+    let key_options = json!({
+        "optimizer": options,
+        "context": args.context,
+        "max_step_tokens": args.max_step_tokens,
+        "max_binding_bytes": args.max_binding_bytes,
+        "onnx_accuracy_level": args.onnx_accuracy_level,
+        "model_version": model_version,
+        "smoke_check": !args.skip_smoke_check,
+    });
+    // Debugging output (IR dumps, pass prints) only comes from a real compile.
+    let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty();
+    let mut prepared: Option<(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)> = None;
+    let mut smoke = None;
+    let (mut written, mut cached) = (Vec::new(), Vec::new());
+    for profile in &profiles {
+        let dir = args.out.join(&profile.name);
+        let key = cache_key(&source_sha256, &key_options, profile);
+        let cache_dir = cache_root().join(&key);
+        if use_cache && cache_dir.join(slmc_targets::bundle::MANIFEST_FILE).is_file() {
+            bar.set_message(format!("{}: from the compile cache", profile.name));
+            // A cache entry must still match its own manifest.
+            let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
+            if slmc_runtime::bundle::verify(&cache_dir, &trust).is_ok() {
+                slmc_compiler::output::write_dir_atomically(&dir, args.force, |tmp| copy_tree(&cache_dir, tmp))?;
+                written.push(dir);
+                cached.push(true);
+                bar.inc(1);
+                continue;
+            }
+        }
+        if prepared.is_none() {
+            bar.set_message("importing and optimizing (once for all targets)");
+            let model = load(common)?;
+            let optimized = prepare(&model, &opt, true)?;
+            prepared = Some((model, optimized));
+        }
+        let (model, optimized) = prepared.as_ref().expect("just prepared");
+        let context_len = args.context.min(model.config.max_position_embeddings);
+        if smoke.is_none() {
+            bar.set_message("golden smoke set on the reference interpreter");
+            smoke = Some(bundles::smoke_set(model, optimized, context_len)?);
+        }
+        bar.set_message(format!("{}: generating and checking", profile.name));
+        let options = slmc_compiler::compile::CompileOptions {
+            context_len: args.context,
+            max_step_tokens: args.max_step_tokens,
+            force: args.force,
+            max_binding_bytes: args.max_binding_bytes,
+            onnx_accuracy_level: args.onnx_accuracy_level,
+            model_version: model_version.clone(),
+            source_sha256: source_sha256.clone(),
+            options: options.clone(),
+            smoke_check: !args.skip_smoke_check,
+            adapter: common.adapter.clone(),
+        };
+        let out = slmc_compiler::compile::compile_target(
+            model,
+            optimized,
+            &profile.name,
+            &args.out,
+            &options,
+            smoke.as_ref().expect("just made"),
+        )?;
+        if use_cache {
+            // Best effort: a cache that cannot be written only costs the next compile time.
+            let tmp = cache_root().join(format!(".{key}.tmp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            if copy_tree(&out, &tmp).is_ok() {
+                let _ = std::fs::remove_dir_all(&cache_dir);
+                let _ = std::fs::rename(&tmp, &cache_dir);
+            }
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written.push(out);
+        cached.push(false);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if common.json {
+        print_json(&json!({ "targets": args.target, "outputs": written, "cached": cached }));
+    } else {
+        for (w, c) in written.iter().zip(&cached) {
+            eprintln!("wrote {}{}", w.display(), if *c { " (from the compile cache)" } else { "" });
+        }
+    }
+    Ok(())
+}
+
+pub fn keygen(out: &Path, force: bool, json: bool) -> Result<()> {
+    let (secret, public) = bundles::keygen(out, force)?;
+    if json {
+        print_json(&json!({ "secret_key": secret, "public_key": public }));
+    } else {
+        eprintln!("wrote {secret} (secret: keep it private) and {public}");
+    }
+    Ok(())
+}
+
+pub fn sign(bundle: &Path, key: &Path, json: bool) -> Result<()> {
+    let public = bundles::sign(bundle, key)?;
+    if json {
+        print_json(&json!({ "signed": bundle, "public_key": public }));
+    } else {
+        eprintln!("signed {} (public key {public})", bundle.display());
+    }
+    Ok(())
+}
+
+pub fn verify(bundle: &Path, trust: &TrustArgs, json: bool) -> Result<()> {
+    let mut trust = trust.trust()?;
+    if trust.public_key.is_none() && !trust.allow_unsigned {
+        bail!("give the public key to verify against (--pubkey FILE or $SLMC_PUBKEY)");
+    }
+    // `verify` means the signature too, unless explicitly waived.
+    trust.allow_unsigned &= trust.public_key.is_none();
+    let v = slmc_runtime::bundle::verify(bundle, &trust)?;
+    if json {
+        print_json(&json!({
+            "verified": true,
+            "signature_checked": v.signature_checked,
+            "files": v.manifest.files.len(),
+            "target": v.manifest.target.name,
+            "min_runtime_version": v.manifest.min_runtime_version,
+        }));
+    } else {
+        println!(
+            "{}: {} files match the manifest{}",
+            bundle.display(),
+            v.manifest.files.len(),
+            if v.signature_checked { ", signature valid" } else { " (signature not checked)" }
+        );
+    }
+    Ok(())
+}
+
+fn read_manifest(bundle: &Path) -> Result<BundleManifest> {
+    let path = bundle.join(slmc_targets::bundle::MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (not a bundle?)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))
+}
+
+/// Verifies (through the executor loader) and runs the smoke set; the outcome as JSON.
+fn smoke_outcome(common: &Common, bundle: &Path) -> Result<(bool, Value)> {
+    let mut c = common.clone();
+    c.model = Some(bundle.to_path_buf());
+    let Some((mut exec, executor, _)) = artifact_executor(&c, &OptArgs::default())? else {
+        bail!("{}: not a compiled bundle", bundle.display());
+    };
+    let manifest = read_manifest(bundle)?;
+    let outcomes = bundles::run_smoke(exec.as_mut(), &manifest.smoke)?;
+    let passed = outcomes.iter().all(|o| o.passed);
+    Ok((passed, json!({ "passed": passed, "executor": executor, "prompts": outcomes })))
+}
+
+pub fn eval(common: &Common) -> Result<()> {
+    let bundle = common.model.clone().context("give the bundle directory")?;
+    let (passed, report) = smoke_outcome(common, &bundle)?;
+    if common.json {
+        print_json(&report);
+    } else {
+        for p in report["prompts"].as_array().into_iter().flatten() {
+            println!(
+                "{} {}/{} leading tokens agree ({} required)",
+                if p["passed"] == true { "ok  " } else { "FAIL" },
+                p["matching_prefix"],
+                p["expected_ids"].as_array().map(|a| a.len()).unwrap_or(0),
+                p["required_prefix"]
+            );
+        }
+    }
+    if !passed {
+        bail!("{}: the smoke set disagrees with the reference", bundle.display());
+    }
+    Ok(())
+}
+
+pub fn install(common: &Common, store_dir: &Path) -> Result<()> {
+    let bundle = common.model.clone().context("give the bundle directory")?;
+    let started = std::time::Instant::now();
+    let trust = common.trust.trust()?;
+    // Signature and hashes, then the smoke set on this device's executor; only then the store.
+    slmc_runtime::bundle::verify(&bundle, &trust)?;
+    let (passed, report) = smoke_outcome(common, &bundle)?;
+    if !passed {
+        bail!("{}: the smoke set disagrees with the reference; the store is unchanged", bundle.display());
+    }
+    let manifest = read_manifest(&bundle)?;
+    let id = store::install(&bundle, store_dir, &manifest.target.name, &trust)?;
+    let state = store::read_state(store_dir)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if common.json {
+        print_json(&json!({ "installed": id, "current": state.current, "previous": state.previous, "seconds": seconds, "smoke": report }));
+    } else {
+        eprintln!("installed {id} into {} in {seconds:.2} s (previous: {:?})", store_dir.display(), state.previous);
+    }
+    Ok(())
+}
+
+pub fn rollback(store_dir: &Path, json: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    let (from, to) = store::rollback(store_dir)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        print_json(&json!({ "from": from, "current": to, "seconds": seconds }));
+    } else {
+        eprintln!("rolled back from {from} to {to} in {seconds:.3} s");
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The bundle manifest (`manifest.json` in every compiled target directory): what the
+//! bundle is, what it needs, and the sha256 of every file in it. A signature
+//! (`manifest.sig`, ed25519 over the manifest's bytes) therefore covers every file.
+//!
+//! Reproducible by construction: no timestamps, no absolute paths, files sorted by path,
+//! maps serialized in key order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::FileDigest;
+
+pub const BUNDLE_SCHEMA: &str = "slmc-bundle-1";
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const SIGNATURE_FILE: &str = "manifest.sig";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleManifest {
+    pub schema: String,
+    pub model: BundleModel,
+    pub compiler: BundleCompiler,
+    /// The oldest slmc runtime that can run this bundle.
+    pub min_runtime_version: String,
+    pub target: BundleTarget,
+    pub quantization: BundleQuantization,
+    pub required: BundleRequirements,
+    pub npu_support: NpuSupport,
+    pub memory: MemoryPlan,
+    /// Teacher-forced comparison of the optimized graph with the unoptimized one, when
+    /// the compile measured it (`--quality`); the optimizer's own figures otherwise absent.
+    pub quality: Option<serde_json::Value>,
+    pub smoke: SmokeSet,
+    /// Every file of the bundle except this manifest and its signature, sorted by path.
+    pub files: Vec<FileDigest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleModel {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    /// sha256 of the source checkpoint (the GGUF file, or the directory's files in name order).
+    pub source_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleCompiler {
+    pub name: String,
+    pub version: String,
+    /// The optimizer request that produced the graph (pipeline, quantization, ...).
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleTarget {
+    pub name: String,
+    pub profile_version: u32,
+    pub backend: String,
+    pub family: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleQuantization {
+    pub weights: String,
+    pub kv_cache: String,
+    /// Stored bytes of the weights by dtype, as the artifact holds them.
+    pub weight_dtypes: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRequirements {
+    /// Largest single buffer binding (GPU), bytes.
+    pub max_storage_buffer_binding_size: Option<u64>,
+    pub max_buffer_size: Option<u64>,
+    pub features: Vec<String>,
+    /// The executor that runs it: `wgpu` or `onnxruntime`.
+    pub executor: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NpuSupport {
+    /// The device's NPU, if it has one.
+    pub npu: Option<String>,
+    /// Ops of the graph expected on the NPU, out of all ops, by the placement rules; 0 when
+    /// the bundle does not reach the NPU at all.
+    pub ops_on_npu: usize,
+    pub ops_total: usize,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryPlan {
+    pub weight_bytes: u64,
+    /// KV cache at `context_len` positions.
+    pub kv_cache_bytes: u64,
+    pub activation_bytes: u64,
+    pub total_bytes: u64,
+    pub context_len: usize,
+    /// The device RAM the total was checked against (None: unknown).
+    pub device_ram_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeSet {
+    /// Expected greedy tokens come from the reference interpreter on the optimized graph.
+    /// A bundle passes when, for every prompt, its tokens equal the expected ones up to and
+    /// including the first step whose reference top-2 gap is below `near_tie_gap`.
+    pub near_tie_gap: f32,
+    pub prompts: Vec<SmokePrompt>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SmokePrompt {
+    pub prompt_ids: Vec<u32>,
+    pub expected_ids: Vec<u32>,
+    /// The reference's top-1 minus top-2 logit at each generated step.
+    pub gaps: Vec<f32>,
+}
+
+impl SmokePrompt {
+    /// How many leading tokens must match: through the first near-tie step, or all.
+    pub fn required_prefix(&self, near_tie_gap: f32) -> usize {
+        self.gaps.iter().position(|g| *g < near_tie_gap).map(|i| i + 1).unwrap_or(self.expected_ids.len())
+    }
+}
+
+/// Compares dotted versions numerically (`0.10.0` > `0.9.1`); non-numeric parts are 0.
+pub fn version_at_least(have: &str, need: &str) -> bool {
+    let parse = |v: &str| v.split('.').map(|p| p.parse::<u64>().unwrap_or(0)).collect::<Vec<_>>();
+    let (mut a, mut b) = (parse(have), parse(need));
+    let n = a.len().max(b.len());
+    a.resize(n, 0);
+    b.resize(n, 0);
+    a >= b
+}
