@@ -134,8 +134,14 @@ fn int8_activations_flip_golden_tokens_so_f32_is_the_default() {
     for p in golden["prompts"].as_array().unwrap() {
         let (input, cont) = (ids_arg(&as_ids(&p["input_ids"])), as_ids(&p["generated_ids"]));
         let gaps = p["greedy_top1_minus_top2"].as_array().unwrap();
-        let score =
-            slmc_json(&["score", int8.to_str().unwrap(), "--prompt-ids", &input, "--continuation-ids", &ids_arg(&cont)]);
+        let score = slmc_json(&[
+            "score",
+            int8.to_str().unwrap(),
+            "--prompt-ids",
+            &input,
+            "--continuation-ids",
+            &ids_arg(&cont),
+        ]);
         for (i, pos) in score["positions"].as_array().unwrap().iter().enumerate() {
             if gaps[i].as_f64().unwrap() >= 0.02 {
                 confident += 1;

@@ -189,9 +189,11 @@ pub fn read_secret_key(path: &Path) -> Result<SigningKey> {
 /// bundle), then writes `manifest.sig`.
 pub fn sign(dir: &Path, key_path: &Path) -> Result<String> {
     let key = read_secret_key(key_path)?;
-    let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
-    slmc_runtime::bundle::verify(dir, &trust)?;
-    let manifest = std::fs::read(dir.join(MANIFEST_FILE))?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest = std::fs::read(&manifest_path)
+        .with_context(|| format!("{}: cannot read (not a bundle?)", manifest_path.display()))?;
+    let parsed = slmc_runtime::bundle::parse_manifest(&manifest_path, &manifest)?;
+    slmc_runtime::bundle::check_files(dir, &parsed)?;
     let signature = key.sign(&manifest);
     let sig_path = dir.join(SIGNATURE_FILE);
     std::fs::write(&sig_path, hex(&signature.to_bytes()) + "\n")

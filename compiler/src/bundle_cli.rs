@@ -24,7 +24,11 @@ pub struct CompileArgs {
     pub no_cache: bool,
 }
 
+/// `$SLMC_COMPILE_CACHE`, else `$SLMC_CACHE/compile`.
 fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SLMC_COMPILE_CACHE") {
+        return PathBuf::from(dir);
+    }
     let cache = std::env::var_os("SLMC_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slmc")))
@@ -223,7 +227,8 @@ pub fn verify(bundle: &Path, trust: &TrustArgs, json: bool) -> Result<()> {
 
 fn read_manifest(bundle: &Path) -> Result<BundleManifest> {
     let path = bundle.join(slmc_targets::bundle::MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (not a bundle?)", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (not a bundle?)", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))
 }
 
@@ -277,7 +282,9 @@ pub fn install(common: &Common, store_dir: &Path) -> Result<()> {
     let state = store::read_state(store_dir)?;
     let seconds = started.elapsed().as_secs_f64();
     if common.json {
-        print_json(&json!({ "installed": id, "current": state.current, "previous": state.previous, "seconds": seconds, "smoke": report }));
+        print_json(
+            &json!({ "installed": id, "current": state.current, "previous": state.previous, "seconds": seconds, "smoke": report }),
+        );
     } else {
         eprintln!("installed {id} into {} in {seconds:.2} s (previous: {:?})", store_dir.display(), state.previous);
     }

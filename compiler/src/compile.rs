@@ -143,10 +143,7 @@ pub fn compile_target(
     crate::output::write_dir_atomically(&dir, opts.force, |tmp| {
         write_artifact(tmp, model, optimized, &artifact)?;
         let manifest = bundle_manifest(tmp, model, optimized, profile, opts, &artifact, memory, smoke)?;
-        std::fs::write(
-            tmp.join(slmc_targets::bundle::MANIFEST_FILE),
-            serde_json::to_string_pretty(&manifest)? + "\n",
-        )?;
+        std::fs::write(tmp.join(slmc_targets::bundle::MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n")?;
         if opts.smoke_check {
             check_smoke(tmp, &artifact, smoke, opts).with_context(|| format!("target {target}: golden smoke check"))?;
         }
@@ -176,7 +173,11 @@ fn check_smoke(
         if !o.passed {
             bail!(
                 "prompt {:?}: generated {:?}, the reference {:?}: {} leading tokens agree, {} required",
-                o.prompt_ids, o.generated_ids, o.expected_ids, o.matching_prefix, o.required_prefix
+                o.prompt_ids,
+                o.generated_ids,
+                o.expected_ids,
+                o.matching_prefix,
+                o.required_prefix
             );
         }
     }

@@ -426,13 +426,29 @@ fn targets_command(action: TargetsAction, json: bool) -> Result<()> {
                 println!("  storage binding:     {}", bytes(p.limits.max_storage_buffer_binding_size));
                 println!("  buffer:              {}", bytes(p.limits.max_buffer_size));
                 println!("  workgroup storage:   {}", bytes(p.limits.max_compute_workgroup_storage_size));
-                println!("  invocations/group:   {}", unknown(p.limits.max_compute_invocations_per_workgroup.map(|v| v.to_string())));
-                println!("  storage buffers:     {}", unknown(p.limits.max_storage_buffers_per_shader_stage.map(|v| v.to_string())));
-                println!("  features:            {}", if p.features.is_empty() { "none".into() } else { p.features.join(", ") });
+                println!(
+                    "  invocations/group:   {}",
+                    unknown(p.limits.max_compute_invocations_per_workgroup.map(|v| v.to_string()))
+                );
+                println!(
+                    "  storage buffers:     {}",
+                    unknown(p.limits.max_storage_buffers_per_shader_stage.map(|v| v.to_string()))
+                );
+                println!(
+                    "  features:            {}",
+                    if p.features.is_empty() { "none".into() } else { p.features.join(", ") }
+                );
                 println!("  subgroup sizes:      {}", unknown(p.subgroup_sizes.map(|[a, b]| format!("{a}..{b}"))));
                 println!("  RAM:                 {}", bytes(p.ram_bytes));
                 println!("  memory bandwidth:    {}", unknown(p.memory_bandwidth_gbps.map(|v| format!("{v} GB/s"))));
-                println!("  NPU:                 {}", unknown(p.npu.clone().map(|n| format!("{n} via {}", p.npu_runtime.clone().unwrap_or_else(|| "unknown".into())))));
+                println!(
+                    "  NPU:                 {}",
+                    unknown(
+                        p.npu
+                            .clone()
+                            .map(|n| format!("{n} via {}", p.npu_runtime.clone().unwrap_or_else(|| "unknown".into())))
+                    )
+                );
                 println!("  minimum OS:          {}", unknown(p.min_os.clone()));
                 println!("  minimum runtime:     {}", unknown(p.min_runtime.clone()));
                 println!("  sources:             {}", p.sources);
@@ -717,7 +733,10 @@ fn artifact_executor(
     if slmc_runtime::bundle::is_bundle(path) {
         slmc_runtime::bundle::verify(path, &trust)?;
     } else if !trust.allow_unsigned {
-        bail!("{}: not a bundle (no manifest.json): refusing it (pass --allow-unsigned to run a bare artifact)", path.display());
+        bail!(
+            "{}: not a bundle (no manifest.json): refusing it (pass --allow-unsigned to run a bare artifact)",
+            path.display()
+        );
     }
     let manifest = path.join("artifact.json");
     let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: cannot read", manifest.display()))?;

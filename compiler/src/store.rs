@@ -83,7 +83,9 @@ pub fn install(bundle: &Path, store: &Path, target: &str, trust: &slmc_runtime::
         });
         if let Err(e) = copied {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e.context(format!("{}: copying into the store failed; the store is unchanged", store.display())));
+            return Err(
+                e.context(format!("{}: copying into the store failed; the store is unchanged", store.display()))
+            );
         }
         std::fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
     }

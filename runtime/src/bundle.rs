@@ -102,11 +102,7 @@ pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
     } else if !trust.allow_unsigned {
         return Err(BundleError::Unsigned { dir: dir.to_path_buf() });
     }
-    let manifest: BundleManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| file_err(&manifest_path, format!("invalid manifest: {e}")))?;
-    if manifest.schema != BUNDLE_SCHEMA {
-        return Err(file_err(&manifest_path, format!("schema `{}` is not {BUNDLE_SCHEMA}", manifest.schema)));
-    }
+    let manifest = parse_manifest(&manifest_path, &manifest_bytes)?;
     if !version_at_least(RUNTIME_VERSION, &manifest.min_runtime_version) {
         return Err(BundleError::RuntimeTooOld {
             path: manifest_path,
@@ -114,6 +110,22 @@ pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
             have: RUNTIME_VERSION.into(),
         });
     }
+    check_files(dir, &manifest)?;
+    Ok(Verified { manifest, signature_checked })
+}
+
+pub fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<BundleManifest, BundleError> {
+    let manifest: BundleManifest =
+        serde_json::from_slice(bytes).map_err(|e| file_err(path, format!("invalid manifest: {e}")))?;
+    if manifest.schema != BUNDLE_SCHEMA {
+        return Err(file_err(path, format!("schema `{}` is not {BUNDLE_SCHEMA}", manifest.schema)));
+    }
+    Ok(manifest)
+}
+
+/// Every listed file has its size and sha256, and no other file is in the bundle.
+pub fn check_files(dir: &Path, manifest: &BundleManifest) -> Result<(), BundleError> {
+    let manifest_path = dir.join(MANIFEST_FILE);
     let mut listed = std::collections::BTreeSet::new();
     for f in &manifest.files {
         if f.path.split('/').any(|c| c == ".." || c.is_empty()) || Path::new(&f.path).is_absolute() {
@@ -126,7 +138,10 @@ pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
         }
         let digest = slmc_targets::artifact::sha256_hex(&bytes);
         if digest != f.sha256 {
-            return Err(file_err(&path, format!("sha256 {digest} differs from the manifest's {} (tampered?)", f.sha256)));
+            return Err(file_err(
+                &path,
+                format!("sha256 {digest} differs from the manifest's {} (tampered?)", f.sha256),
+            ));
         }
         listed.insert(path);
     }
@@ -136,7 +151,7 @@ pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
             return Err(file_err(&path, "is not in the manifest"));
         }
     }
-    Ok(Verified { manifest, signature_checked })
+    Ok(())
 }
 
 /// Every regular file under `dir`, sorted.

@@ -4,9 +4,9 @@
 //! [`generate`] and [`score`] loops are written once against it, so every executor
 //! (the reference interpreter now, wgpu and ONNX Runtime later) is driven the same way.
 
+pub mod bundle;
 pub mod gpu;
 pub mod onnx;
-pub mod bundle;
 
 use std::time::Instant;
 

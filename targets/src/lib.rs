@@ -88,7 +88,8 @@ impl TargetProfile {
         if self.schema != PROFILE_SCHEMA {
             out.push(format!("schema {} is not {PROFILE_SCHEMA}", self.schema));
         }
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
             out.push(format!("name `{}` must be lowercase letters, digits and dashes", self.name));
         }
         if self.version == 0 {

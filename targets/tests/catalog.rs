@@ -27,9 +27,28 @@ fn every_profile_file_is_valid_and_compiled_in() {
 #[test]
 fn the_catalog_covers_the_device_families_and_the_generic_names() {
     for name in [
-        "webgpu", "vulkan", "metal", "onnx-cpu", "onnx-portable", "coreml-ios18", "coreml-ios17",
-        "apple-a16", "apple-a17-pro", "apple-a18", "apple-m1", "apple-m4", "adreno-740", "adreno-750", "adreno-830",
-        "mali-g715", "mali-g720", "tensor-g3", "tensor-g4", "raspberry-pi-5", "x86-64-laptop", "snapdragon-npu-qnn",
+        "webgpu",
+        "vulkan",
+        "metal",
+        "onnx-cpu",
+        "onnx-portable",
+        "coreml-ios18",
+        "coreml-ios17",
+        "apple-a16",
+        "apple-a17-pro",
+        "apple-a18",
+        "apple-m1",
+        "apple-m4",
+        "adreno-740",
+        "adreno-750",
+        "adreno-830",
+        "mali-g715",
+        "mali-g720",
+        "tensor-g3",
+        "tensor-g4",
+        "raspberry-pi-5",
+        "x86-64-laptop",
+        "snapdragon-npu-qnn",
         "webgpu-browser",
     ] {
         lookup(name).unwrap_or_else(|e| panic!("{e}"));
@@ -53,7 +72,8 @@ fn invalid_profiles_and_unknown_names_are_explained() {
     assert!(err.to_string().contains("unknown feature `shader-f64`"), "{err}");
     let err = parse_profile("other.json", good).unwrap_err();
     assert!(err.to_string().contains("must be named after it"), "{err}");
-    let err = parse_profile("adreno-750.json", &good.replace("\"version\": 1", "\"version\": 1, \"colour\": 2")).unwrap_err();
+    let err =
+        parse_profile("adreno-750.json", &good.replace("\"version\": 1", "\"version\": 1, \"colour\": 2")).unwrap_err();
     assert!(err.to_string().contains("unknown field `colour`"), "{err}");
     let err = lookup("adreno-75").unwrap_err();
     assert_eq!(err.suggestions.first().map(String::as_str), Some("adreno-750"));

@@ -1,0 +1,295 @@
+//! Bundles end to end: reproducible builds, signatures and tamper detection, the runtime's
+//! refusals, the golden smoke eval, the on-device store with rollback, the compile cache,
+//! and per-profile handling of an embedding table past WebGPU's binding limit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn tiny() -> PathBuf {
+    repo_root().join("fixtures/tiny-llama-sharded")
+}
+
+fn compile(model: &Path, targets: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["compile", model.to_str().unwrap(), "--target", targets, "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    slmc_json(&args)
+}
+
+/// Every file under `dir` with its bytes, by relative path.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn three_compiles_for_three_targets_are_byte_identical() {
+    let gguf = smollm2_gguf();
+    let outs: Vec<PathBuf> = (0..3).map(|i| scratch(&format!("bundle-repro-{i}"))).collect();
+    for out in &outs {
+        compile(&gguf, "webgpu,vulkan,onnx-cpu", out, &["--no-cache"]);
+    }
+    for target in ["webgpu", "vulkan", "onnx-cpu"] {
+        let first = tree(&outs[0].join(target));
+        assert!(first.iter().any(|(p, _)| p == "manifest.json"));
+        for out in &outs[1..] {
+            let other = tree(&out.join(target));
+            assert_eq!(first.len(), other.len(), "{target}: file lists differ");
+            for ((pa, a), (pb, b)) in first.iter().zip(&other) {
+                assert_eq!(pa, pb, "{target}: file lists differ");
+                assert!(a == b, "{target}/{pa} differs between compiles");
+            }
+        }
+        // No absolute paths or timestamps leak into the manifest.
+        let manifest = std::fs::read_to_string(outs[0].join(target).join("manifest.json")).unwrap();
+        assert!(
+            !manifest.contains(outs[0].to_str().unwrap()) && !manifest.contains("/root"),
+            "{target}: a path leaked"
+        );
+    }
+}
+
+#[test]
+fn signed_bundles_verify_and_every_flipped_byte_is_named() {
+    let dir = scratch("bundle-sign");
+    let key = dir.join("release.key");
+    slmc_json(&["keygen", "--out", key.to_str().unwrap()]);
+    let public = dir.join("release.key.pub");
+    compile(&tiny(), "webgpu", &dir.join("out"), &[]);
+    let bundle = dir.join("out/webgpu");
+    let b = bundle.to_str().unwrap();
+    let p = public.to_str().unwrap();
+    // Unsigned: refused unless allowed.
+    let err = slmc_strict_fails(&["run", b, "--prompt-ids", "1,2"]);
+    assert!(err.contains("unsigned bundle refused"), "{err}");
+    slmc_json(&["sign", b, "--key", key.to_str().unwrap()]);
+    let v = slmc_json(&["verify", b, "--pubkey", p]);
+    assert_eq!((v["verified"].as_bool(), v["signature_checked"].as_bool()), (Some(true), Some(true)));
+    // Signed but no key given: refused; with the key: runs.
+    let err = slmc_strict_fails(&["run", b, "--prompt-ids", "1,2"]);
+    assert!(err.contains("no public key"), "{err}");
+    let out = slmc_strict(&["run", b, "--prompt-ids", "1,2", "--max-new-tokens", "2", "--pubkey", p, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Another key: refused.
+    let other = dir.join("other.key");
+    slmc_json(&["keygen", "--out", other.to_str().unwrap()]);
+    let err = slmc_fails(&["verify", b, "--pubkey", dir.join("other.key.pub").to_str().unwrap()]);
+    assert!(err.contains("manifest.json") && err.contains("signature does not match"), "{err}");
+    // One flipped byte in any file: verify names that file.
+    let files = read_json(&bundle.join("manifest.json"))["files"].as_array().unwrap().clone();
+    assert!(files.len() >= 10);
+    for f in files.iter().map(|f| f["path"].as_str().unwrap().to_string()).chain(["manifest.json".to_string()]) {
+        let path = bundle.join(&f);
+        let original = std::fs::read(&path).unwrap();
+        let mut flipped = original.clone();
+        let at = original.len() / 2;
+        flipped[at] ^= 0x20;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = slmc_fails(&["verify", b, "--pubkey", p]);
+        assert!(err.contains(path.to_str().unwrap()), "{f}: {err}");
+        std::fs::write(&path, &original).unwrap();
+    }
+    slmc_json(&["verify", b, "--pubkey", p]);
+    // A file the manifest does not list is refused too.
+    std::fs::write(bundle.join("extra.bin"), b"x").unwrap();
+    let err = slmc_fails(&["verify", b, "--pubkey", p]);
+    assert!(err.contains("extra.bin") && err.contains("not in the manifest"), "{err}");
+    std::fs::remove_file(bundle.join("extra.bin")).unwrap();
+}
+
+#[test]
+fn a_bundle_needing_a_newer_runtime_is_refused_with_both_versions() {
+    let dir = scratch("bundle-runtime");
+    compile(&tiny(), "onnx-cpu", &dir.join("out"), &["--skip-smoke-check"]);
+    let bundle = dir.join("out/onnx-cpu");
+    let path = bundle.join("manifest.json");
+    let mut manifest = read_json(&path);
+    manifest["min_runtime_version"] = serde_json::json!("99.1.0");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let key = dir.join("k");
+    slmc_json(&["keygen", "--out", key.to_str().unwrap()]);
+    slmc_json(&["sign", bundle.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    let p = dir.join("k.pub");
+    let err =
+        slmc_strict_fails(&["run", bundle.to_str().unwrap(), "--prompt-ids", "1", "--pubkey", p.to_str().unwrap()]);
+    let ours = env!("CARGO_PKG_VERSION");
+    assert!(err.contains("99.1.0") && err.contains(&format!("this runtime is {ours}")), "{err}");
+}
+
+#[test]
+fn eval_runs_the_golden_smoke_set_and_catches_a_disagreeing_bundle() {
+    let dir = scratch("bundle-eval");
+    compile(&tiny(), "webgpu,onnx-cpu", &dir.join("out"), &[]);
+    for target in ["webgpu", "onnx-cpu"] {
+        let b = dir.join("out").join(target);
+        let report = slmc_json(&["eval", b.to_str().unwrap()]);
+        assert_eq!(report["passed"], true, "{target}: {report}");
+        assert_eq!(report["prompts"].as_array().unwrap().len(), 2);
+    }
+    // Expectations that no longer match the artifact (a manifest edited after the fact,
+    // then re-signed so only the smoke set can notice): eval fails.
+    let b = dir.join("out/onnx-cpu");
+    let path = b.join("manifest.json");
+    let mut manifest = read_json(&path);
+    for p in manifest["smoke"]["prompts"].as_array_mut().unwrap() {
+        let first = p["expected_ids"][0].as_u64().unwrap();
+        p["expected_ids"][0] = serde_json::json!((first + 1) % 96);
+        p["gaps"][0] = serde_json::json!(1.0);
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let err = slmc_fails(&["eval", b.to_str().unwrap()]);
+    assert!(err.contains("smoke set disagrees"), "{err}");
+}
+
+#[test]
+fn install_keeps_two_previous_versions_and_rollback_switches_back() {
+    let dir = scratch("bundle-store");
+    let key = dir.join("k");
+    slmc_json(&["keygen", "--out", key.to_str().unwrap()]);
+    let p = dir.join("k.pub");
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    let mut ids = Vec::new();
+    for v in 1..=4 {
+        let out = dir.join(format!("v{v}"));
+        compile(&tiny(), "onnx-cpu", &out, &["--model-version", &v.to_string()]);
+        let b = out.join("onnx-cpu");
+        slmc_json(&["sign", b.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        let r = slmc_json(&["install", b.to_str().unwrap(), "--store", s, "--pubkey", p.to_str().unwrap()]);
+        eprintln!("install v{v}: {:.2} s", r["seconds"].as_f64().unwrap());
+        ids.push(r["installed"].as_str().unwrap().to_string());
+    }
+    let state = read_json(&store.join("state.json"));
+    assert_eq!(state["current"], ids[3].as_str());
+    assert_eq!(state["previous"], serde_json::json!([ids[2], ids[1]]));
+    let versions: Vec<String> = std::fs::read_dir(store.join("versions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    assert!(!versions.contains(&ids[0]), "the oldest version is pruned");
+    let current = || std::fs::read_link(store.join("current")).unwrap();
+    assert!(current().ends_with(&ids[3]));
+    let r = slmc_json(&["rollback", "--store", s]);
+    eprintln!("rollback: {:.3} s", r["seconds"].as_f64().unwrap());
+    assert_eq!(r["current"], ids[2].as_str());
+    assert!(current().ends_with(&ids[2]));
+    // The store's current version runs (signature and hashes checked on the way).
+    let out = slmc_strict(&[
+        "run",
+        store.join("current").to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--pubkey",
+        p.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A tampered bundle is refused and the store is left exactly as it was.
+    let before: Vec<_> = tree(&store);
+    let bad = dir.join("v4/onnx-cpu");
+    let data = bad.join("model.onnx.data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&data, &bytes).unwrap();
+    let err = slmc_fails(&["install", bad.to_str().unwrap(), "--store", s, "--pubkey", p.to_str().unwrap()]);
+    assert!(err.contains(data.to_str().unwrap()), "{err}");
+    assert!(tree(&store) == before, "a failed install changed the store");
+    assert!(current().ends_with(&ids[2]));
+}
+
+#[test]
+fn an_unchanged_compile_is_served_from_the_cache() {
+    let dir = scratch("bundle-cache");
+    let cache = dir.join("cache");
+    let run = |out: &str, extra: &[&str]| {
+        let started = std::time::Instant::now();
+        let mut args = vec!["compile", "", "--target", "webgpu,onnx-cpu", "-o", out];
+        let gguf = smollm2_gguf();
+        let g = gguf.to_str().unwrap().to_string();
+        args[1] = &g;
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_slmc"))
+            .args(&args)
+            .arg("--json")
+            .env("SLMC_COMPILE_CACHE", &cache)
+            .env("XDG_RUNTIME_DIR", "/tmp")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, started.elapsed().as_secs_f64())
+    };
+    let cold_dir = dir.join("cold");
+    let warm_dir = dir.join("warm");
+    let (cold, cold_s) = run(cold_dir.to_str().unwrap(), &[]);
+    assert_eq!(cold["cached"], serde_json::json!([false, false]));
+    let (warm, warm_s) = run(warm_dir.to_str().unwrap(), &[]);
+    assert_eq!(warm["cached"], serde_json::json!([true, true]));
+    eprintln!("compile SmolLM2 for webgpu,onnx-cpu: cold {cold_s:.2} s, warm (cache) {warm_s:.2} s");
+    for t in ["webgpu", "onnx-cpu"] {
+        assert!(tree(&cold_dir.join(t)) == tree(&warm_dir.join(t)), "{t}: the cached bundle differs");
+    }
+    // Other options are another key; --no-cache bypasses the cache.
+    let (other, _) = run(dir.join("other").to_str().unwrap(), &["--context", "512"]);
+    assert_eq!(other["cached"], serde_json::json!([false, false]));
+    let (bypass, _) = run(dir.join("bypass").to_str().unwrap(), &["--no-cache"]);
+    assert_eq!(bypass["cached"], serde_json::json!([false, false]));
+}
+
+/// An embedding table of 143 MB (past WebGPU's default 128 MiB binding), per profile:
+/// GPU profiles split it by rows (and the split bundle still passes its smoke set), ONNX
+/// needs no split, and a binding too small for even one row is refused with advice.
+#[test]
+fn an_embedding_past_the_binding_limit_is_split_or_refused_per_profile() {
+    let dir = scratch("bundle-wide");
+    let model = dir.join("wide-vocab");
+    slmc_fixtures::generate_wide_vocab(&model, 140_000).unwrap();
+    let out = dir.join("out");
+    // 140,000 logits per token: a step of at most 64 tokens keeps the logits buffer
+    // inside one binding (the default 256 is refused with that advice).
+    let err = slmc_fails(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--target",
+        "webgpu",
+        "-o",
+        dir.join("steps").to_str().unwrap(),
+    ]);
+    assert!(err.contains("buffer `logits`") && err.contains("lower --max-step-tokens"), "{err}");
+    compile(&model, "webgpu-browser,raspberry-pi-5,onnx-cpu", &out, &["--max-step-tokens", "64"]);
+    for gpu in ["webgpu-browser", "raspberry-pi-5"] {
+        let artifact = read_json(&out.join(gpu).join("artifact.json"));
+        let names: Vec<&str> =
+            artifact["buffers"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+        assert!(names.contains(&"model.embed_tokens.weight#1"), "{gpu}: not split: {names:?}");
+        let manifest = read_json(&out.join(gpu).join("manifest.json"));
+        assert!(manifest["required"]["max_storage_buffer_binding_size"].as_u64().unwrap() <= 128 << 20);
+    }
+    let err = slmc_fails(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--target",
+        "webgpu",
+        "-o",
+        dir.join("refused").to_str().unwrap(),
+        "--max-binding-bytes",
+        "512",
+    ]);
+    assert!(err.contains("a single row is larger than a binding") && err.contains("512"), "{err}");
+    assert!(!dir.join("refused/webgpu").exists());
+}
