@@ -23,31 +23,6 @@ fn compile_for(target: &str, model: &Path, name: &str, extra: &[&str]) -> PathBu
     out.join(target)
 }
 
-/// Last-prompt-position logits (all of them) and the greedy continuation.
-fn run(model: &str, prompt: &str, vocab: usize, extra: &[&str]) -> (Vec<f64>, Vec<u64>, String) {
-    let v = vocab.to_string();
-    let mut args = vec![
-        "run",
-        model,
-        "--prompt-ids",
-        prompt,
-        "--max-new-tokens",
-        "10",
-        "--ignore-eos",
-        "--record-logits",
-        "1",
-        "--record-top-k",
-        &v,
-    ];
-    args.extend_from_slice(extra);
-    let out = slmc_json(&args);
-    let mut logits = vec![f64::NAN; vocab];
-    for t in out["recorded_logits"][0]["top"].as_array().unwrap() {
-        logits[t["id"].as_u64().unwrap() as usize] = t["logit"].as_f64().unwrap();
-    }
-    (logits, as_ids(&out["generated_ids"]), out["executor"].as_str().unwrap().to_string())
-}
-
 #[test]
 fn project_checkpoints_match_the_interpreter() {
     let models = [
@@ -57,7 +32,6 @@ fn project_checkpoints_match_the_interpreter() {
         (golden_dir().join("arch/qwen2-untied-f32"), 300),
         (golden_dir().join("arch/llama-tied-f16"), 256),
     ];
-    let prompt = "5,17,3,88,41,9,60,2,33,1,4,7,12";
     let variants: [&[&str]; 3] =
         [&[], &["--kv-quant", "int8"], &["--quant", "q4g32-sym", "--quant-override", "lm_head=q8"]];
     let cases = models.iter().enumerate().flat_map(|(i, m)| {
@@ -71,16 +45,7 @@ fn project_checkpoints_match_the_interpreter() {
         let mut compile_args = vec!["--max-step-tokens", "8"];
         compile_args.extend_from_slice(flags);
         let artifact = compile(model, &format!("fixture{i}-{v}"), &compile_args);
-        let mut interp_args = vec!["--pipeline", "gpu"];
-        interp_args.extend_from_slice(flags);
-        let (a, a_ids, exec) = run(model.to_str().unwrap(), prompt, *vocab, &interp_args);
-        let (b, b_ids, gexec) = run(artifact.to_str().unwrap(), prompt, *vocab, &[]);
-        assert_eq!((exec.as_str(), gexec.as_str()), ("interpreter", "wgpu"));
-        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
-        eprintln!("{} {flags:?}: max relative logit difference {diff:.2e}", model.display());
-        assert!(diff <= 1e-4, "{}: GPU logits differ by {diff}", model.display());
-        assert_eq!(a_ids, b_ids, "{}", model.display());
+        assert_artifact_matches_interpreter(model, &artifact, flags, *vocab, "wgpu", 1e-4);
     }
 }
 

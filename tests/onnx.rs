@@ -19,21 +19,6 @@ fn compile(model: &Path, target: &str, name: &str, extra: &[&str]) -> PathBuf {
 
 const CHECK: &str = "import sys, onnx\nonnx.checker.check_model(sys.argv[1], full_check=True)\nprint('ok')";
 
-/// Every logit of the last prompt position and a greedy continuation.
-fn last_logits(model: &str, prompt: &str, vocab: usize, extra: &[&str]) -> (Vec<f64>, Vec<u64>, String) {
-    let v = vocab.to_string();
-    let mut args =
-        vec!["run", model, "--prompt-ids", prompt, "--max-new-tokens", "8", "--ignore-eos", "--record-logits", "1"];
-    args.extend_from_slice(&["--record-top-k", &v]);
-    args.extend_from_slice(extra);
-    let out = slmc_json(&args);
-    let mut logits = vec![f64::NAN; vocab];
-    for t in out["recorded_logits"][0]["top"].as_array().unwrap() {
-        logits[t["id"].as_u64().unwrap() as usize] = t["logit"].as_f64().unwrap();
-    }
-    (logits, as_ids(&out["generated_ids"]), out["executor"].as_str().unwrap().to_string())
-}
-
 /// f32, f16 and quantized weights (Gemm, symmetric MatMulNBits, and MatMulNBits plus the
 /// per-block offset of asymmetric blocks), biases, fused Phi-3 projections, MobileLLM's
 /// shared blocks: logits within 1e-4 of the interpreter's (relative to the largest).
@@ -47,21 +32,11 @@ fn project_checkpoints_match_the_interpreter() {
         (golden_dir().join("arch/qwen2-untied-f32"), 300, &[]),
         (golden_dir().join("arch/llama-tied-f16"), 256, &[]),
     ];
-    let prompt = "5,17,3,88,41,9,60,2,33,1,4,7,12";
     let runs = cases.iter().enumerate().flat_map(|c| ["onnx-cpu", "onnx-portable"].map(|t| (c, t)));
     for ((i, (model, vocab, flags)), target) in runs {
         let artifact = compile(model, target, &format!("fixture{i}"), flags);
         python(CHECK, &[artifact.join("model.onnx").to_str().unwrap()]);
-        let mut interp_flags = vec!["--pipeline", "gpu"];
-        interp_flags.extend_from_slice(flags);
-        let (a, a_ids, exec) = last_logits(model.to_str().unwrap(), prompt, *vocab, &interp_flags);
-        let (b, b_ids, oexec) = last_logits(artifact.to_str().unwrap(), prompt, *vocab, &[]);
-        assert_eq!((exec.as_str(), oexec.as_str()), ("interpreter", "onnxruntime"));
-        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
-        eprintln!("{target} {} {flags:?}: max relative logit difference {diff:.2e}", model.display());
-        assert!(diff <= 1e-4, "{target} {} {flags:?}: ONNX logits differ by {diff}", model.display());
-        assert_eq!(a_ids, b_ids, "{target} {} {flags:?}", model.display());
+        assert_artifact_matches_interpreter(model, &artifact, flags, *vocab, "onnxruntime", 1e-4);
     }
 }
 

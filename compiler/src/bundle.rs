@@ -223,3 +223,39 @@ pub fn options_record(req: &crate::optimize::OptRequest) -> Result<BTreeMap<Stri
     }
     Ok(m)
 }
+
+/// The manifest's quality report: the optimized graph against the unoptimized one on the
+/// reference interpreter, teacher-forced over the built-in calibration text (at most 256
+/// tokens; fixed token ids for models without a tokenizer).
+pub fn quality_report(model: &Model, optimized: &Optimized) -> Result<serde_json::Value> {
+    const BUDGET: usize = 256;
+    let vocab = model.config.vocab_size as u32;
+    let (sequences, source) = match crate::optimize::calibration_sequences(model, None) {
+        Ok(s) => (s, "the built-in calibration text"),
+        Err(_) => (vec![(0..64u32).map(|i| (i * 31 + 7) % vocab).collect()], "fixed token ids (no tokenizer)"),
+    };
+    let mut cases = Vec::new();
+    let mut used = 0;
+    for seq in sequences {
+        if seq.len() < 2 || used >= BUDGET {
+            continue;
+        }
+        let take = seq.len().min(BUDGET - used).max(2);
+        used += take;
+        cases.push(slmc_runtime::QualityCase { prompt: seq[..1].to_vec(), continuation: seq[1..take].to_vec() });
+    }
+    let base_graph = crate::lower::lower(model)?;
+    let weights = Layered { top: &optimized.derived, base: &model.weights };
+    let ctx = model.config.max_position_embeddings.min(BUDGET + 1);
+    let mut base = InterpreterExecutor::new(&base_graph, &model.weights, ctx)?;
+    let mut opt = InterpreterExecutor::new(&optimized.graph, &weights, ctx)?;
+    let r = slmc_runtime::compare_quality(&mut base, &mut opt, &cases)?;
+    Ok(serde_json::json!({
+        "method": format!("teacher-forced, optimized vs unoptimized graph on the reference interpreter, over {source}"),
+        "positions": r.positions,
+        "top1_agreement": r.top1_agreement,
+        "mean_kl": r.mean_kl,
+        "perplexity_base": r.perplexity_base,
+        "perplexity_optimized": r.perplexity_optimized,
+    }))
+}

@@ -11,16 +11,40 @@ use slmc_targets::bundle::BundleManifest;
 
 use crate::{artifact_executor, load, prepare, print_json, Common, OptArgs, TrustArgs};
 
+#[derive(clap::Args)]
 pub struct CompileArgs {
+    /// Target names, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
     pub target: Vec<String>,
+    /// Output root directory.
+    #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
+    /// KV-cache positions the artifact holds (capped by the model's context).
+    #[arg(long, default_value_t = 2048)]
     pub context: usize,
+    /// Most tokens per step (longer prompts run in chunks).
+    #[arg(long, default_value_t = 256)]
     pub max_step_tokens: usize,
+    /// Replace existing target directories.
+    #[arg(long)]
     pub force: bool,
+    /// Bind at most this many bytes per storage buffer (default: the target's limit);
+    /// larger embedding tables and LM heads are split by rows.
+    #[arg(long)]
     pub max_binding_bytes: Option<u64>,
+    /// ONNX MatMulNBits accuracy level: 0 keeps f32 activations (reproduces the
+    /// goldens); 4 quantizes activations to int8 per block (faster, flips tokens).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
     pub onnx_accuracy_level: i64,
+    /// The model version the manifest records (default: the start of the checkpoint's sha256).
+    #[arg(long)]
     pub model_version: Option<String>,
+    /// Write bundles without running their golden smoke set here (no GPU adapter or
+    /// ONNX Runtime on this machine); `slmc eval` runs it later.
+    #[arg(long)]
     pub skip_smoke_check: bool,
+    /// Compile even when the compile cache holds this exact bundle.
+    #[arg(long)]
     pub no_cache: bool,
 }
 
@@ -103,6 +127,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty();
     let mut prepared: Option<(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)> = None;
     let mut smoke = None;
+    let mut quality = None;
     let (mut written, mut cached) = (Vec::new(), Vec::new());
     for profile in &profiles {
         let dir = args.out.join(&profile.name);
@@ -129,8 +154,9 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         let (model, optimized) = prepared.as_ref().expect("just prepared");
         let context_len = args.context.min(model.config.max_position_embeddings);
         if smoke.is_none() {
-            bar.set_message("golden smoke set on the reference interpreter");
+            bar.set_message("golden smoke set and quality report on the reference interpreter");
             smoke = Some(bundles::smoke_set(model, optimized, context_len)?);
+            quality = Some(bundles::quality_report(model, optimized)?);
         }
         bar.set_message(format!("{}: generating and checking", profile.name));
         let options = slmc_compiler::compile::CompileOptions {
@@ -152,6 +178,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             &args.out,
             &options,
             smoke.as_ref().expect("just made"),
+            quality.as_ref(),
         )?;
         if use_cache {
             // Best effort: a cache that cannot be written only costs the next compile time.

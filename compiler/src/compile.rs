@@ -52,6 +52,7 @@ pub fn compile_target(
     out_root: &Path,
     opts: &CompileOptions,
     smoke: &slmc_targets::bundle::SmokeSet,
+    quality: Option<&serde_json::Value>,
 ) -> Result<PathBuf> {
     let profile = slmc_targets::lookup(target)?;
     let weights = Layered { top: &optimized.derived, base: &model.weights };
@@ -142,7 +143,8 @@ pub fn compile_target(
     let dir = out_root.join(&profile.name);
     crate::output::write_dir_atomically(&dir, opts.force, |tmp| {
         write_artifact(tmp, model, optimized, &artifact)?;
-        let manifest = bundle_manifest(tmp, model, optimized, profile, opts, &artifact, memory, smoke)?;
+        let mut manifest = bundle_manifest(tmp, model, optimized, profile, opts, &artifact, memory, smoke)?;
+        manifest.quality = quality.cloned();
         std::fs::write(tmp.join(slmc_targets::bundle::MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n")?;
         if opts.smoke_check {
             check_smoke(tmp, &artifact, smoke, opts).with_context(|| format!("target {target}: golden smoke check"))?;

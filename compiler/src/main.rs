@@ -156,39 +156,8 @@ enum Command {
         common: Common,
         #[command(flatten)]
         opt: OptArgs,
-        /// Target names, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        target: Vec<String>,
-        /// Output root directory.
-        #[arg(short = 'o', long = "out")]
-        out: PathBuf,
-        /// KV-cache positions the artifact holds (capped by the model's context).
-        #[arg(long, default_value_t = 2048)]
-        context: usize,
-        /// Most tokens per step (longer prompts run in chunks).
-        #[arg(long, default_value_t = 256)]
-        max_step_tokens: usize,
-        /// Replace existing target directories.
-        #[arg(long)]
-        force: bool,
-        /// Bind at most this many bytes per storage buffer (default: the target's limit);
-        /// larger embedding tables and LM heads are split by rows.
-        #[arg(long)]
-        max_binding_bytes: Option<u64>,
-        /// ONNX MatMulNBits accuracy level: 0 keeps f32 activations (reproduces the
-        /// goldens); 4 quantizes activations to int8 per block (faster, flips tokens).
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
-        onnx_accuracy_level: i64,
-        /// The model version the manifest records (default: the start of the checkpoint's sha256).
-        #[arg(long)]
-        model_version: Option<String>,
-        /// Write bundles without running their golden smoke set here (no GPU adapter or
-        /// ONNX Runtime on this machine); `slmc eval` runs it later.
-        #[arg(long)]
-        skip_smoke_check: bool,
-        /// Compile even when the compile cache holds this exact bundle.
-        #[arg(long)]
-        no_cache: bool,
+        #[command(flatten)]
+        args: bundle_cli::CompileArgs,
     },
     /// Run the optimizer and print the optimized IR (and the pass report).
     Opt {
@@ -499,34 +468,7 @@ fn dispatch(command: Command) -> Result<()> {
             run(&common, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k), &opt)
         }
         Command::Opt { common, opt, emit } => opt_command(&common, &opt, emit),
-        Command::Compile {
-            common,
-            opt,
-            target,
-            out,
-            context,
-            max_step_tokens,
-            force,
-            max_binding_bytes,
-            onnx_accuracy_level,
-            model_version,
-            skip_smoke_check,
-            no_cache,
-        } => {
-            let args = bundle_cli::CompileArgs {
-                target,
-                out,
-                context,
-                max_step_tokens,
-                force,
-                max_binding_bytes,
-                onnx_accuracy_level,
-                model_version,
-                skip_smoke_check,
-                no_cache,
-            };
-            bundle_cli::compile_command(&common, opt, args)
-        }
+        Command::Compile { common, opt, args } => bundle_cli::compile_command(&common, opt, args),
         Command::Quality { common, opt, prompts, max_quality_drop } => {
             quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
         }

@@ -28,8 +28,8 @@ pub struct BundleManifest {
     pub required: BundleRequirements,
     pub npu_support: NpuSupport,
     pub memory: MemoryPlan,
-    /// Teacher-forced comparison of the optimized graph with the unoptimized one, when
-    /// the compile measured it (`--quality`); the optimizer's own figures otherwise absent.
+    /// Teacher-forced comparison of the optimized graph with the unoptimized one on the
+    /// reference interpreter (method, positions, top-1 agreement, mean KL, perplexities).
     pub quality: Option<serde_json::Value>,
     pub smoke: SmokeSet,
     /// Every file of the bundle except this manifest and its signature, sorted by path.

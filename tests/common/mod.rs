@@ -175,3 +175,49 @@ pub fn python(code: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "python failed:\n{text}");
     text
 }
+
+/// Last-prompt-position logits (all `vocab` of them), the greedy continuation of
+/// `new_tokens`, and the executor's name.
+pub fn prompt_logits(
+    model: &str,
+    prompt: &str,
+    vocab: usize,
+    new_tokens: usize,
+    extra: &[&str],
+) -> (Vec<f64>, Vec<u64>, String) {
+    let (v, n) = (vocab.to_string(), new_tokens.to_string());
+    let mut args =
+        vec!["run", model, "--prompt-ids", prompt, "--max-new-tokens", &n, "--ignore-eos", "--record-logits", "1"];
+    args.extend_from_slice(&["--record-top-k", &v]);
+    args.extend_from_slice(extra);
+    let out = slmc_json(&args);
+    let mut logits = vec![f64::NAN; vocab];
+    for t in out["recorded_logits"][0]["top"].as_array().unwrap() {
+        logits[t["id"].as_u64().unwrap() as usize] = t["logit"].as_f64().unwrap();
+    }
+    (logits, as_ids(&out["generated_ids"]), out["executor"].as_str().unwrap().to_string())
+}
+
+/// A compiled artifact against the interpreter on the same optimized graph (pipeline
+/// `gpu` with the same optimizer `flags`): its executor is `executor`, the greedy tokens
+/// are equal and the logits agree within `tolerance` relative to the largest.
+pub fn assert_artifact_matches_interpreter(
+    model: &Path,
+    artifact: &Path,
+    flags: &[&str],
+    vocab: usize,
+    executor: &str,
+    tolerance: f64,
+) {
+    let prompt = "5,17,3,88,41,9,60,2,33,1,4,7,12";
+    let mut interp_flags = vec!["--pipeline", "gpu"];
+    interp_flags.extend_from_slice(flags);
+    let (a, a_ids, exec) = prompt_logits(model.to_str().unwrap(), prompt, vocab, 10, &interp_flags);
+    let (b, b_ids, other) = prompt_logits(artifact.to_str().unwrap(), prompt, vocab, 10, &[]);
+    assert_eq!((exec.as_str(), other.as_str()), ("interpreter", executor));
+    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+    eprintln!("{} {} {flags:?}: max relative logit difference {diff:.2e}", artifact.display(), model.display());
+    assert!(diff <= tolerance, "{} {flags:?}: logits differ by {diff}", artifact.display());
+    assert_eq!(a_ids, b_ids, "{} {flags:?}", artifact.display());
+}
