@@ -98,6 +98,15 @@ struct Builder<'a> {
     step_positions: Option<(String, String)>,
     gathered_rope: HashMap<String, (String, String)>,
     tiled_masks: HashMap<usize, String>,
+    /// Contrib profile, fewer nodes: IR values never emitted because their consumer reads
+    /// another tensor (q/k/v slices of a packed projection; the flattening of an attention
+    /// output that GroupQueryAttention already returns flat).
+    skipped: std::collections::HashSet<NodeId>,
+    /// gqa -> the packed [s, (hq + 2 hk) d] projection its q, k, v are slices of.
+    packed_qkv: HashMap<NodeId, NodeId>,
+    /// (a, b) of an emitted SkipSimplifiedLayerNormalization -> its a + b output, which a
+    /// later `add(a, b)` reuses instead of adding again.
+    skip_sums: HashMap<(NodeId, NodeId), String>,
 }
 
 /// Cache inputs/outputs and the result name of one attention layer.
@@ -617,7 +626,64 @@ impl<'a> Builder<'a> {
         names
     }
 
+    /// Finds gqa nodes whose q, k, v are `reshape(slice(x))` of one packed projection `x`
+    /// in q, k, v order with nothing else reading the slices, and whose head shapes suit
+    /// GroupQueryAttention: their slices and reshapes are skipped and GQA reads `x` packed.
+    /// A gqa read only by a reshape to `[s, hq * d]` hands that reshape its flat output.
+    fn find_packed_attention(&mut self) {
+        let g = self.graph;
+        for (id, node) in g.nodes() {
+            if !matches!(node.op, Op::Gqa { quant: KvQuant::F32, .. }) {
+                continue;
+            }
+            let qd = dims_of(g, node.inputs[0]);
+            let kd = dims_of(g, node.inputs[1]);
+            let (Some(hq), Some(hk), Some(hd)) = (qd[1], kd[1], qd[2]) else { continue };
+            if hd % 16 != 0 {
+                continue;
+            }
+            let mut chain = Vec::new();
+            let mut source = None;
+            let mut expected_start = 0i64;
+            for (i, heads) in [(0usize, hq), (1, hk), (2, hk)] {
+                let r = node.inputs[i];
+                let ok = (|| {
+                    let rn = g.node(r);
+                    if !matches!(rn.op, Op::Reshape { .. }) || g.users(r) != vec![id] {
+                        return None;
+                    }
+                    let sl = rn.inputs[0];
+                    let Op::Slice { axis: 1, start, end } = g.node(sl).op else { return None };
+                    if g.users(sl) != vec![r] || start != expected_start || end != start + (heads * hd) as i64 {
+                        return None;
+                    }
+                    let x = g.node(sl).inputs[0];
+                    if source.is_some_and(|s| s != x) {
+                        return None;
+                    }
+                    Some((sl, x, end))
+                })();
+                let Some((sl, x, end)) = ok else {
+                    chain.clear();
+                    break;
+                };
+                source = Some(x);
+                expected_start = end;
+                chain.extend([r, sl]);
+            }
+            let Some(x) = source else { continue };
+            if chain.len() != 6 || dims_of(g, x).get(1).copied().flatten() != Some(((hq + 2 * hk) * hd) as usize) {
+                continue;
+            }
+            self.skipped.extend(chain);
+            self.packed_qkv.insert(id, x);
+        }
+    }
+
     fn lower_node(&mut self, id: NodeId) -> Result<(), OnnxError> {
+        if self.skipped.contains(&id) {
+            return Ok(());
+        }
         let graph = self.graph;
         let node = graph.node(id);
         // IR values get a prefix so they never collide with the graph's I/O names.
@@ -673,6 +739,11 @@ impl<'a> Builder<'a> {
                 let silu = self.fresh(&format!("{out}/silu"));
                 self.node("Mul", "", &[&g, &sg], &[&silu], vec![]);
                 self.node("Mul", "", &[&silu, &u], &[&out], vec![]);
+            }
+            Op::Add if self.skip_sums.contains_key(&(node.inputs[0], node.inputs[1])) => {
+                let sum = self.skip_sums[&(node.inputs[0], node.inputs[1])].clone();
+                self.names.insert(id, sum);
+                return Ok(());
             }
             Op::Add | Op::Mul => {
                 let a = self.name_of(node.inputs[0])?;
@@ -742,12 +813,17 @@ impl<'a> Builder<'a> {
                     return Ok(());
                 }
                 let mut flat = Vec::new();
-                for (i, heads) in [(0, hq), (1, hk), (2, hk)] {
-                    let x = self.name_of(node.inputs[i])?;
-                    let s = self.inline_i64("shape", &[0, -1, (heads * hd) as i64], false);
-                    let f = self.fresh(&format!("{out}/in{i}"));
-                    self.node("Reshape", "", &[&x, &s], &[&f], vec![]);
-                    flat.push(f);
+                if let Some(x) = self.packed_qkv.get(&id).copied() {
+                    // One packed [s, (hq + 2 hk) d] query; key and value omitted.
+                    flat = vec![self.name_of(x)?, String::new(), String::new()];
+                } else {
+                    for (i, heads) in [(0, hq), (1, hk), (2, hk)] {
+                        let x = self.name_of(node.inputs[i])?;
+                        let s = self.inline_i64("shape", &[0, -1, (heads * hd) as i64], false);
+                        let f = self.fresh(&format!("{out}/in{i}"));
+                        self.node("Reshape", "", &[&x, &s], &[&f], vec![]);
+                        flat.push(f);
+                    }
                 }
                 let (cos, sin) = self.rope_tables(rotary);
                 let attn = self.fresh(&format!("{out}/attention"));
@@ -764,6 +840,16 @@ impl<'a> Builder<'a> {
                         attr_int("rotary_interleaved", matches!(rotary.style, RopeStyle::Interleaved) as i64),
                     ],
                 );
+                // A reshape to [s, hq * d] as the only reader takes GQA's flat output as is.
+                let users = graph.users(id);
+                if let [r] = users[..] {
+                    if matches!(graph.node(r).op, Op::Reshape { .. }) && dims_of(graph, r).len() == 2 {
+                        self.skipped.insert(r);
+                        self.names.insert(r, attn.clone());
+                        self.names.insert(id, attn);
+                        return Ok(());
+                    }
+                }
                 let s = self.inline_i64("shape", &[0, -1, hq as i64, hd as i64], false);
                 self.node("Reshape", "", &[&attn, &s], &[&out], vec![]);
             }
@@ -822,7 +908,13 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         step_positions: None,
         gathered_rope: HashMap::new(),
         tiled_masks: HashMap::new(),
+        skipped: Default::default(),
+        packed_qkv: HashMap::new(),
+        skip_sums: HashMap::new(),
     };
+    if opts.profile == OnnxProfile::OrtContrib {
+        b.find_packed_attention();
+    }
     // GQA's sequence bookkeeping from the attention mask, as onnxruntime-genai feeds it:
     // seqlens_k = sum(mask) - 1, total_seq_len = mask width. (Unused nodes when every layer
     // takes the standard-ops attention; ONNX Runtime drops them.)
