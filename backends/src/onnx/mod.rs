@@ -8,9 +8,10 @@
 //! from the quant scheme; GGUF blocks are re-laid out, never requantized; blocks with a
 //! minimum add a per-block offset term), Gemm on f32 for everything else (8-bit blocks
 //! included: ONNX Runtime's 8-bit MatMulNBits ran on its slow path),
-//! GroupQueryAttention with rotary, SimplifiedLayerNormalization and
-//! SkipSimplifiedLayerNormalization (GroupQueryAttention's CPU kernel needs head sizes that
-//! are multiples of 16; other layers take the standard-ops attention below).
+//! GroupQueryAttention with rotary reading the packed q/k/v projection, and
+//! SkipSimplifiedLayerNormalization whose a+b output is the next residual (GroupQueryAttention's
+//! CPU kernel needs head sizes that are multiples of 16; other layers take the standard-ops
+//! attention below; plain RMSNorm is spelled in primitives, which ORT fuses).
 //!
 //! Profile `portable` (target `onnx-portable`): standard ops only. 4-bit weights as uint4
 //! initializers with blocked DequantizeLinear (opset 21) and MatMul, rotary embedding and
@@ -709,13 +710,15 @@ impl<'a> Builder<'a> {
                 let b = self.name_of(node.inputs[1])?;
                 let w = self.vector(node.inputs[2])?;
                 if self.opts.profile == OnnxProfile::OrtContrib {
+                    let sum = format!("{out}/sum");
                     self.node(
                         "SkipSimplifiedLayerNormalization",
                         "com.microsoft",
                         &[&a, &b, &w],
-                        &[&out],
+                        &[&out, "", "", &sum],
                         vec![attr_float("epsilon", *eps)],
                     );
+                    self.skip_sums.insert((node.inputs[0], node.inputs[1]), sum);
                 } else {
                     let sum = self.fresh(&format!("{out}/sum"));
                     self.node("Add", "", &[&a, &b], &[&sum], vec![]);
