@@ -60,15 +60,42 @@ fn cache_root() -> PathBuf {
     cache.join("compile")
 }
 
+/// Entries the compile cache keeps (the most recently used); older ones are removed.
+const CACHE_ENTRIES: usize = 12;
+
+/// Identifies this build of slmc: the sha256 of its own executable, so a changed compiler
+/// never serves a bundle an older build wrote under the same version number.
+fn compiler_build_id() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let bytes = std::fs::read(exe).ok()?;
+    Some(slmc_targets::artifact::sha256_hex(&bytes))
+}
+
 /// The compile cache key of one target: everything the bundle's bytes depend on.
-fn cache_key(source_sha256: &str, options: &Value, profile: &slmc_targets::TargetProfile) -> String {
+fn cache_key(build: &str, source_sha256: &str, options: &Value, profile: &slmc_targets::TargetProfile) -> String {
     let key = json!({
         "compiler": env!("CARGO_PKG_VERSION"),
+        "build": build,
         "source_sha256": source_sha256,
         "options": options,
         "profile": profile,
     });
     slmc_targets::artifact::sha256_hex(key.to_string().as_bytes())
+}
+
+/// Keeps the `CACHE_ENTRIES` most recently used entries (best effort).
+fn evict(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    dirs.sort();
+    let excess = dirs.len().saturating_sub(CACHE_ENTRIES);
+    for (_, d) in dirs.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
@@ -124,14 +151,16 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         "smoke_check": !args.skip_smoke_check,
     });
     // Debugging output (IR dumps, pass prints) only comes from a real compile.
-    let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty();
+    let build = compiler_build_id();
+    let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty() && build.is_some();
+    let build = build.unwrap_or_default();
     let mut prepared: Option<(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)> = None;
     let mut smoke = None;
     let mut quality = None;
     let (mut written, mut cached) = (Vec::new(), Vec::new());
     for profile in &profiles {
         let dir = args.out.join(&profile.name);
-        let key = cache_key(&source_sha256, &key_options, profile);
+        let key = cache_key(&build, &source_sha256, &key_options, profile);
         let cache_dir = cache_root().join(&key);
         if use_cache && cache_dir.join(slmc_targets::bundle::MANIFEST_FILE).is_file() {
             bar.set_message(format!("{}: from the compile cache", profile.name));
@@ -139,6 +168,8 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
             if slmc_runtime::bundle::verify(&cache_dir, &trust).is_ok() {
                 slmc_compiler::output::write_dir_atomically(&dir, args.force, |tmp| copy_tree(&cache_dir, tmp))?;
+                // Mark it recently used for eviction.
+                let _ = std::fs::File::open(&cache_dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 written.push(dir);
                 cached.push(true);
                 bar.inc(1);
@@ -189,6 +220,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
                 let _ = std::fs::rename(&tmp, &cache_dir);
             }
             let _ = std::fs::remove_dir_all(&tmp);
+            evict(&cache_root());
         }
         written.push(out);
         cached.push(false);

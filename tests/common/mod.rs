@@ -51,7 +51,10 @@ fn slmc_with(args: &[&str], allow_unsigned: bool) -> Output {
     } else {
         cmd.env_remove("SLMC_ALLOW_UNSIGNED");
     }
+    // The tests' compile cache lives with the build, not in the user's cache.
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compile-cache");
     cmd.env_remove("SLMC_PUBKEY")
+        .env("SLMC_COMPILE_CACHE", cache)
         .args(args)
         .env("RUST_BACKTRACE", "0")
         // The Vulkan loader warns without it; harmless, but noisy.
