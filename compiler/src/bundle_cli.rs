@@ -53,11 +53,7 @@ fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("SLMC_COMPILE_CACHE") {
         return PathBuf::from(dir);
     }
-    let cache = std::env::var_os("SLMC_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slmc")))
-        .unwrap_or_else(|| PathBuf::from(".slmc-cache"));
-    cache.join("compile")
+    slmc_compiler::cache_dir().join("compile")
 }
 
 /// Entries the compile cache keeps (the most recently used); older ones are removed.
@@ -96,17 +92,6 @@ fn evict(root: &Path) {
     for (_, d) in dirs.into_iter().take(excess) {
         let _ = std::fs::remove_dir_all(d);
     }
-}
-
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    for path in slmc_runtime::bundle::walk(from).with_context(|| format!("{}: cannot list", from.display()))? {
-        let dest = to.join(path.strip_prefix(from).expect("inside"));
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::copy(&path, &dest).with_context(|| format!("{}: cannot copy", path.display()))?;
-    }
-    Ok(())
 }
 
 fn progress(enabled: bool, len: u64) -> indicatif::ProgressBar {
@@ -167,7 +152,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             // A cache entry must still match its own manifest.
             let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
             if slmc_runtime::bundle::verify(&cache_dir, &trust).is_ok() {
-                slmc_compiler::output::write_dir_atomically(&dir, args.force, |tmp| copy_tree(&cache_dir, tmp))?;
+                slmc_compiler::output::write_dir_atomically(&dir, args.force, |tmp| store::copy_dir(&cache_dir, tmp))?;
                 // Mark it recently used for eviction.
                 let _ = std::fs::File::open(&cache_dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 written.push(dir);
@@ -215,7 +200,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             // Best effort: a cache that cannot be written only costs the next compile time.
             let tmp = cache_root().join(format!(".{key}.tmp-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
-            if copy_tree(&out, &tmp).is_ok() {
+            if store::copy_dir(&out, &tmp).is_ok() {
                 let _ = std::fs::remove_dir_all(&cache_dir);
                 let _ = std::fs::rename(&tmp, &cache_dir);
             }

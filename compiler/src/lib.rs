@@ -20,11 +20,4 @@ pub fn default_model_path() -> PathBuf {
     cache_dir().join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// `$SLMC_CACHE`, else `$HOME/.cache/slmc` (the set-up script uses the same rule).
-pub fn cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLMC_CACHE") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("slmc")
-}
+pub use slmc_runtime::cache_dir;

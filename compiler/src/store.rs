@@ -47,7 +47,8 @@ fn switch_current(store: &Path, id: &str) -> Result<()> {
     std::fs::rename(&tmp, store.join("current")).with_context(|| format!("{}: cannot switch", store.display()))
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+/// Copies every file under `from` to the same place under `to`.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
     for path in slmc_runtime::bundle::walk(from).with_context(|| format!("{}: cannot list", from.display()))? {
         let rel = path.strip_prefix(from).expect("walk stays inside");

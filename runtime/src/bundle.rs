@@ -128,22 +128,11 @@ pub fn check_files(dir: &Path, manifest: &BundleManifest) -> Result<(), BundleEr
     let manifest_path = dir.join(MANIFEST_FILE);
     let mut listed = std::collections::BTreeSet::new();
     for f in &manifest.files {
-        if f.path.split('/').any(|c| c == ".." || c.is_empty()) || Path::new(&f.path).is_absolute() {
+        if !f.is_inside() {
             return Err(file_err(&manifest_path, format!("file `{}` is outside the bundle", f.path)));
         }
-        let path = dir.join(&f.path);
-        let bytes = std::fs::read(&path).map_err(|e| file_err(&path, format!("cannot read: {e}")))?;
-        if bytes.len() as u64 != f.bytes {
-            return Err(file_err(&path, format!("{} bytes, the manifest says {}", bytes.len(), f.bytes)));
-        }
-        let digest = slmc_targets::artifact::sha256_hex(&bytes);
-        if digest != f.sha256 {
-            return Err(file_err(
-                &path,
-                format!("sha256 {digest} differs from the manifest's {} (tampered?)", f.sha256),
-            ));
-        }
-        listed.insert(path);
+        f.check(dir).map_err(|(path, message)| file_err(&path, message))?;
+        listed.insert(dir.join(&f.path));
     }
     for path in walk(dir).map_err(|e| file_err(dir, format!("cannot list: {e}")))? {
         let name = path.strip_prefix(dir).map(|p| p.to_string_lossy().to_string()).unwrap_or_default();

@@ -6,6 +6,16 @@
 
 pub mod bundle;
 pub mod gpu;
+
+/// slmc's cache: `$SLMC_CACHE`, else `$HOME/.cache/slmc` (the set-up script uses the same
+/// rule): the model, ONNX Runtime's library, the compile cache.
+pub fn cache_dir() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SLMC_CACHE") {
+        return std::path::PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| std::path::PathBuf::from("."));
+    home.join(".cache").join("slmc")
+}
 pub mod onnx;
 
 use std::time::Instant;

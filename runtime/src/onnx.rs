@@ -49,21 +49,10 @@ pub fn load_artifact(dir: &Path) -> Result<OnnxArtifact, OnnxExecError> {
         return Err(artifact_err(&path, format!("format `{}` is not {ONNX_ARTIFACT_FORMAT}", artifact.format)));
     }
     for f in &artifact.files {
-        if f.path.contains("..") || Path::new(&f.path).is_absolute() {
+        if !f.is_inside() {
             return Err(artifact_err(&path, format!("file `{}` is outside the artifact", f.path)));
         }
-        let file = dir.join(&f.path);
-        let bytes = std::fs::read(&file).map_err(|e| artifact_err(&file, format!("cannot read: {e}")))?;
-        if bytes.len() as u64 != f.bytes {
-            return Err(artifact_err(
-                &file,
-                format!("{} bytes, the manifest says {} (truncated or replaced)", bytes.len(), f.bytes),
-            ));
-        }
-        let digest = slmc_targets::artifact::sha256_hex(&bytes);
-        if digest != f.sha256 {
-            return Err(artifact_err(&file, format!("sha256 {digest} differs from the manifest's {}", f.sha256)));
-        }
+        f.check(dir).map_err(|(file, message)| artifact_err(&file, message))?;
     }
     Ok(artifact)
 }
@@ -73,11 +62,7 @@ pub fn library_path() -> Result<PathBuf, OnnxExecError> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return Ok(PathBuf::from(p));
     }
-    let cache = std::env::var_os("SLMC_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slmc")))
-        .ok_or_else(|| OnnxExecError::Library("set ORT_DYLIB_PATH or SLMC_CACHE".into()))?;
-    let dir = cache.join("onnxruntime");
+    let dir = crate::cache_dir().join("onnxruntime");
     let mut libs: Vec<PathBuf> =
         std::fs::read_dir(&dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     libs.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")));

@@ -130,6 +130,28 @@ pub struct FileDigest {
     pub sha256: String,
 }
 
+impl FileDigest {
+    /// Whether `path` stays inside the directory it is relative to.
+    pub fn is_inside(&self) -> bool {
+        !std::path::Path::new(&self.path).is_absolute() && !self.path.split('/').any(|c| c == ".." || c.is_empty())
+    }
+
+    /// Reads `dir/path` and checks its size and sha256; the error names the file's problem.
+    pub fn check(&self, dir: &std::path::Path) -> Result<(), (std::path::PathBuf, String)> {
+        let path = dir.join(&self.path);
+        let bytes = std::fs::read(&path).map_err(|e| (path.clone(), format!("cannot read: {e}")))?;
+        if bytes.len() as u64 != self.bytes {
+            let message = format!("{} bytes, the manifest says {} (truncated or replaced)", bytes.len(), self.bytes);
+            return Err((path, message));
+        }
+        let digest = sha256_hex(&bytes);
+        if digest != self.sha256 {
+            return Err((path, format!("sha256 {digest} differs from the manifest's {} (tampered?)", self.sha256)));
+        }
+        Ok(())
+    }
+}
+
 /// The `format` field of any artifact manifest, to pick its executor.
 #[derive(Debug, Deserialize)]
 pub struct ArtifactFormat {

@@ -163,10 +163,7 @@ pub fn check_smollm2_goldens(artifact: &Path) {
 
 /// The Python environment scripts/setup creates (with `onnx`).
 pub fn venv_python() -> PathBuf {
-    let cache = std::env::var_os("SLMC_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME or SLMC_CACHE")).join(".cache/slmc"));
-    let python = cache.join("venv/bin/python");
+    let python = slmc_compiler::cache_dir().join("venv/bin/python");
     assert!(python.is_file(), "{} is missing: run scripts/setup (the README's test command does)", python.display());
     python
 }

@@ -108,6 +108,7 @@ struct Builder<'a> {
     /// (a, b) of an emitted SkipSimplifiedLayerNormalization -> its a + b output, which a
     /// later `add(a, b)` reuses instead of adding again.
     skip_sums: HashMap<(NodeId, NodeId), String>,
+    gqa_inputs_made: bool,
 }
 
 /// Cache inputs/outputs and the result name of one attention layer.
@@ -410,6 +411,26 @@ impl<'a> Builder<'a> {
         self.node("Sqrt", "", &[&shifted], &[&root], vec![]);
         self.node("Div", "", &[x, &root], &[&normed], vec![]);
         self.node("Mul", "", &[&normed, w], &[out], vec![]);
+    }
+
+    /// GroupQueryAttention's sequence inputs from the attention mask, as onnxruntime-genai
+    /// feeds them: `seqlens_k` = sum(mask) - 1, `total_seq_len` = mask width (int32); made
+    /// once, before the first GroupQueryAttention node.
+    fn gqa_sequence_inputs(&mut self) {
+        if self.gqa_inputs_made {
+            return;
+        }
+        self.gqa_inputs_made = true;
+        let axes = self.inline_i64("axes", &[1], false);
+        self.node("ReduceSum", "", &["attention_mask", &axes], &["mask_sum"], vec![attr_int("keepdims", 0)]);
+        let one = self.inline_i64("one", &[1], true);
+        self.node("Sub", "", &["mask_sum", &one], &["seqlens_k_i64"], vec![]);
+        self.node("Cast", "", &["seqlens_k_i64"], &["seqlens_k"], vec![attr_int("to", data_type::INT32 as i64)]);
+        self.node("Shape", "", &["attention_mask"], &["mask_shape"], vec![]);
+        let idx = self.inline_i64("index", &[1], true);
+        self.node("Gather", "", &["mask_shape", &idx], &["total_seq_len_i64"], vec![]);
+        let to = attr_int("to", data_type::INT32 as i64);
+        self.node("Cast", "", &["total_seq_len_i64"], &["total_seq_len"], vec![to]);
     }
 
     /// Positions of this step's tokens (`[s]`, int64) and the causal mask `[s, total]`
@@ -829,6 +850,7 @@ impl<'a> Builder<'a> {
                     }
                 }
                 let (cos, sin) = self.rope_tables(rotary);
+                self.gqa_sequence_inputs();
                 let attn = self.fresh(&format!("{out}/attention"));
                 self.node(
                     "GroupQueryAttention",
@@ -914,23 +936,11 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         skipped: Default::default(),
         packed_qkv: HashMap::new(),
         skip_sums: HashMap::new(),
+        gqa_inputs_made: false,
     };
     if opts.profile == OnnxProfile::OrtContrib {
         b.find_packed_attention();
     }
-    // GQA's sequence bookkeeping from the attention mask, as onnxruntime-genai feeds it:
-    // seqlens_k = sum(mask) - 1, total_seq_len = mask width. (Unused nodes when every layer
-    // takes the standard-ops attention; ONNX Runtime drops them.)
-    let axes = b.inline_i64("axes", &[1], false);
-    b.node("ReduceSum", "", &["attention_mask", &axes], &["mask_sum"], vec![attr_int("keepdims", 0)]);
-    let one = b.inline_i64("one", &[1], true);
-    b.node("Sub", "", &["mask_sum", &one], &["seqlens_k_i64"], vec![]);
-    b.node("Cast", "", &["seqlens_k_i64"], &["seqlens_k"], vec![attr_int("to", data_type::INT32 as i64)]);
-    b.node("Shape", "", &["attention_mask"], &["mask_shape"], vec![]);
-    let idx = b.inline_i64("index", &[1], true);
-    b.node("Gather", "", &["mask_shape", &idx], &["total_seq_len_i64"], vec![]);
-    b.node("Cast", "", &["total_seq_len_i64"], &["total_seq_len"], vec![attr_int("to", data_type::INT32 as i64)]);
-
     for id in slmc_ir::text::print_order(graph) {
         b.lower_node(id)?;
     }
