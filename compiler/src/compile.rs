@@ -38,6 +38,18 @@ pub const RAM_BUDGET_FRACTION: f64 = 0.5;
 enum Artifact {
     Gpu(GpuOutput),
     Onnx { manifest: slmc_targets::artifact::OnnxArtifact, files: std::collections::BTreeMap<String, Vec<u8>> },
+    Coreml { manifest: slmc_targets::artifact::CoremlArtifact, files: std::collections::BTreeMap<String, Vec<u8>> },
+}
+
+fn digests_of(files: &std::collections::BTreeMap<String, Vec<u8>>) -> Vec<slmc_targets::artifact::FileDigest> {
+    files
+        .iter()
+        .map(|(path, bytes)| slmc_targets::artifact::FileDigest {
+            path: path.clone(),
+            bytes: bytes.len() as u64,
+            sha256: slmc_targets::artifact::sha256_hex(bytes),
+        })
+        .collect()
 }
 
 fn model_name(model: &Model) -> String {
@@ -95,15 +107,7 @@ pub fn compile_target(
             };
             let out = slmc_backends::onnx::compile(&optimized.graph, &weights, &onnx_opts)
                 .with_context(|| format!("target {target}"))?;
-            let files_meta = out
-                .files
-                .iter()
-                .map(|(path, bytes)| slmc_targets::artifact::FileDigest {
-                    path: path.clone(),
-                    bytes: bytes.len() as u64,
-                    sha256: slmc_targets::artifact::sha256_hex(bytes),
-                })
-                .collect();
+            let files_meta = digests_of(&out.files);
             let manifest = slmc_targets::artifact::OnnxArtifact {
                 format: slmc_targets::artifact::ONNX_ARTIFACT_FORMAT.into(),
                 target: profile.name.clone(),
@@ -122,13 +126,48 @@ pub fn compile_target(
             files.insert("genai_config.json".into(), genai_config(model, &manifest, out.info.hidden)?);
             Artifact::Onnx { manifest, files }
         }
-        backend => {
-            // Every other backend still reports itself as not implemented; should one start
-            // returning files before its artifact writer exists here, say so, never panic.
-            let info = slmc_ir::verify(&optimized.graph)?;
-            slmc_backends::emit(&optimized.graph, &info, profile)?;
-            bail!("target {target}: writing {backend} artifacts is not implemented yet");
+        "coreml" => {
+            use slmc_backends::coreml::{CoremlOptions, Deployment};
+            let settings = profile.coreml.as_ref().with_context(|| format!("target {target}: no Core ML settings"))?;
+            let deployment = if settings.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
+            // Static shapes: the profile's context unless --context asks for less.
+            let context_len = context_len.min(settings.max_context_len);
+            if context_len < settings.step_tokens {
+                bail!(
+                    "target {target}: a context of {context_len} positions is shorter than one step of {} tokens",
+                    settings.step_tokens
+                );
+            }
+            let coreml_opts = CoremlOptions {
+                deployment,
+                model_name: model_info.name.clone(),
+                context_len,
+                step_tokens: settings.step_tokens,
+            };
+            let out = slmc_backends::coreml::compile(&optimized.graph, &weights, &coreml_opts)
+                .with_context(|| format!("target {target}"))?;
+            let manifest = slmc_targets::artifact::CoremlArtifact {
+                format: slmc_targets::artifact::COREML_ARTIFACT_FORMAT.into(),
+                target: profile.name.clone(),
+                specification_version: settings.specification_version,
+                package: slmc_backends::coreml::PACKAGE_DIR.into(),
+                model: slmc_targets::artifact::ModelInfo {
+                    vocab_size: out.info.vocab,
+                    context_len,
+                    max_step_tokens: settings.step_tokens,
+                    ..model_info
+                },
+                step_tokens: settings.step_tokens,
+                layers: out.info.layers,
+                kv_heads: out.info.kv_heads,
+                head_dim: out.info.head_dim,
+                kv_cache: deployment.kv_cache().into(),
+                placement: out.placement,
+                files: digests_of(&out.files),
+            };
+            Artifact::Coreml { manifest, files: out.files }
         }
+        backend => bail!("target {target}: no backend writes `{backend}` artifacts"),
     };
     let memory = memory_plan(optimized, &artifact, context_len, profile);
     if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
@@ -170,6 +209,9 @@ fn check_smoke(
             slmc_runtime::onnx::OnnxExecutor::load(dir, 0)
                 .context("cannot run the bundle here (pass --skip-smoke-check to compile without running it)")?,
         ),
+        // Core ML exists only on Apple systems: the smoke set runs the package's own MIL
+        // program on slmc's reference MIL interpreter instead.
+        Artifact::Coreml { .. } => Box::new(crate::coreml_exec::MilReferenceExecutor::load(dir)?),
     };
     for o in crate::bundle::run_smoke(exec.as_mut(), smoke)? {
         if !o.passed {
@@ -207,6 +249,14 @@ fn memory_plan(
         Artifact::Onnx { manifest, files } => {
             let weights = files.get(slmc_targets::artifact::ONNX_DATA_FILE).map(|f| f.len() as u64).unwrap_or(0);
             let kv = (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 4 * context_len) as u64;
+            let act = optimized.memory_plan.as_ref().map(|m| m.prefill.arena_bytes as u64).unwrap_or(0);
+            (weights, kv, act)
+        }
+        Artifact::Coreml { manifest, files } => {
+            let weights = files.get(slmc_backends::coreml::WEIGHTS_FILE).map(|f| f.len() as u64).unwrap_or(0);
+            // fp16 cache of the static context.
+            let kv =
+                (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 2 * manifest.model.context_len) as u64;
             let act = optimized.memory_plan.as_ref().map(|m| m.prefill.arena_bytes as u64).unwrap_or(0);
             (weights, kv, act)
         }
@@ -272,14 +322,39 @@ fn bundle_manifest(
             },
             "onnxruntime",
         ),
+        Artifact::Coreml { .. } => (
+            BundleRequirements {
+                max_storage_buffer_binding_size: None,
+                max_buffer_size: None,
+                features: vec![],
+                executor: "coreml".into(),
+            },
+            "coreml",
+        ),
     };
-    let note = match &profile.npu {
+    let note = match (&profile.npu, artifact) {
+        (Some(npu), Artifact::Coreml { manifest, .. }) => {
+            let p = &manifest.placement;
+            let off: Vec<String> = p.off_neural_engine.iter().map(|(why, n)| format!("{n}: {why}")).collect();
+            format!(
+                "estimate by slmc's written placement rules (Core ML decides at load time): {} of {} program ops on the {npu}; off it: {}",
+                p.ops_on_neural_engine,
+                p.ops_total,
+                off.join("; ")
+            )
+        }
+        (npu, _) => match npu {
         Some(npu) => format!(
             "the device has an NPU ({npu}, reached through {}); this {executor} bundle runs on the {}, so no op is placed on it",
             profile.npu_runtime.as_deref().unwrap_or("an unknown runtime"),
             if executor == "wgpu" { "GPU" } else { "CPU" }
         ),
         None => "the device has no known NPU".into(),
+        },
+    };
+    let (ops_on_npu, ops_total) = match artifact {
+        Artifact::Coreml { manifest, .. } => (manifest.placement.ops_on_neural_engine, manifest.placement.ops_total),
+        _ => (0, ops_total),
     };
     let arch = model.config.arch_name.clone();
     Ok(BundleManifest {
@@ -308,7 +383,7 @@ fn bundle_manifest(
             weight_dtypes,
         },
         required,
-        npu_support: NpuSupport { npu: profile.npu.clone(), ops_on_npu: 0, ops_total, note },
+        npu_support: NpuSupport { npu: profile.npu.clone(), ops_on_npu, ops_total, note },
         memory,
         quality: None,
         smoke: smoke.clone(),
@@ -379,6 +454,7 @@ fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, artifact: &A
     let (files, manifest) = match artifact {
         Artifact::Gpu(output) => (&output.files, serde_json::to_string_pretty(&output.artifact)?),
         Artifact::Onnx { manifest, files } => (files, serde_json::to_string_pretty(manifest)?),
+        Artifact::Coreml { manifest, files } => (files, serde_json::to_string_pretty(manifest)?),
     };
     for (rel, bytes) in files {
         let path = dir.join(rel);

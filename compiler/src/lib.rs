@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod compile;
 pub mod convert;
+pub mod coreml_exec;
 pub mod import;
 pub mod lower;
 pub mod optimize;

@@ -42,6 +42,10 @@ struct Common {
     /// Intra-op threads for ONNX artifacts (0: ONNX Runtime's default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Run a Core ML artifact on slmc's reference MIL interpreter (any OS; slow; checks
+    /// the package's numerics where Core ML is not available).
+    #[arg(long)]
+    mil_reference: bool,
     #[command(flatten)]
     trust: TrustArgs,
 }
@@ -700,6 +704,18 @@ fn artifact_executor(
             }
             let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
             Ok(Some((Box::new(exec), "onnxruntime", side)))
+        }
+        slmc_targets::artifact::COREML_ARTIFACT_FORMAT => {
+            if !common.mil_reference {
+                bail!(
+                    "{}: a Core ML artifact runs through Core ML, which exists only on macOS and iOS, and this slmc has no Core ML executor (built for {}); pass --mil-reference to run the package's MIL program on slmc's reference interpreter (slow, for checking)",
+                    path.display(),
+                    std::env::consts::OS
+                );
+            }
+            let exec = slmc_compiler::coreml_exec::MilReferenceExecutor::load(path)?;
+            let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
+            Ok(Some((Box::new(exec), "mil-reference", side)))
         }
         other => bail!("{}: unknown artifact format `{other}`", manifest.display()),
     }

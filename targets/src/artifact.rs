@@ -123,6 +123,48 @@ pub struct OnnxArtifact {
     pub files: Vec<FileDigest>,
 }
 
+pub const COREML_ARTIFACT_FORMAT: &str = "slmc-coreml-1";
+
+/// The Core ML artifact's manifest (`artifact.json` beside `model.mlpackage/`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CoremlArtifact {
+    pub format: String,
+    pub target: String,
+    /// Core ML specification version (8: iOS 17 / macOS 14, 9: iOS 18 / macOS 15).
+    pub specification_version: u32,
+    /// The package directory.
+    pub package: String,
+    pub model: ModelInfo,
+    /// Tokens per call (the static step; shorter steps are padded).
+    pub step_tokens: usize,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// `state` (fp16 model state) or `inputs-outputs`.
+    pub kv_cache: String,
+    /// Where Core ML is expected to run the program's ops (an estimate by written rules).
+    pub placement: NePlacement,
+    /// The package's files with sha256 and size.
+    pub files: Vec<FileDigest>,
+}
+
+/// Per-op placement estimate of a Core ML program: Neural Engine versus GPU/CPU.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NePlacement {
+    pub ops_total: usize,
+    pub ops_on_neural_engine: usize,
+    /// Per op type.
+    pub by_op: std::collections::BTreeMap<String, OpCount>,
+    /// Why ops stay off the Neural Engine: reason -> count.
+    pub off_neural_engine: std::collections::BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OpCount {
+    pub total: usize,
+    pub neural_engine: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileDigest {
     pub path: String,

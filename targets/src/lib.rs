@@ -34,6 +34,18 @@ pub struct Limits {
     pub max_storage_buffers_per_shader_stage: Option<u64>,
 }
 
+/// What a Core ML profile fixes: the Neural Engine compiles static shapes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoremlProfile {
+    /// Core ML specification version: 8 (iOS 17 / macOS 14) or 9 (iOS 18 / macOS 15).
+    pub specification_version: u32,
+    /// Tokens per call; shorter steps are padded.
+    pub step_tokens: usize,
+    /// Most KV-cache positions (`--context` may lower it).
+    pub max_context_len: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TargetProfile {
@@ -60,6 +72,9 @@ pub struct TargetProfile {
     pub min_runtime: Option<String>,
     /// For `onnx` profiles: `ort-contrib` or `portable`.
     pub onnx_profile: Option<String>,
+    /// For `coreml` profiles: the deployment and the static shapes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coreml: Option<CoremlProfile>,
     pub sources: String,
 }
 
@@ -145,6 +160,19 @@ impl TargetProfile {
         }
         if self.backend != "onnx" && self.onnx_profile.is_some() {
             out.push("onnx_profile on a non-onnx profile".into());
+        }
+        match (&self.coreml, self.backend == "coreml") {
+            (None, true) => out.push("a coreml profile needs its `coreml` settings".into()),
+            (Some(_), false) => out.push("`coreml` settings on a non-coreml profile".into()),
+            (Some(c), true) => {
+                if !matches!(c.specification_version, 8 | 9) {
+                    out.push(format!("Core ML specification {} is not 8 or 9", c.specification_version));
+                }
+                if c.step_tokens == 0 || c.step_tokens > 512 || c.max_context_len < c.step_tokens {
+                    out.push("coreml step_tokens must be 1..=512 and at most max_context_len".into());
+                }
+            }
+            (None, false) => {}
         }
         if self.description.is_empty() || self.sources.is_empty() {
             out.push("description and sources must say something".into());

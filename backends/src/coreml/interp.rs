@@ -1,0 +1,984 @@
+//! slmc's reference interpreter for the MIL programs this backend writes: it reads a
+//! package back (`model.mlmodel` + `weight.bin`, nothing from the compiler's memory),
+//! checks every operation's result against the type the program declares, and computes
+//! it in f32 with fp16 results rounded to fp16 (the precision the Neural Engine stores).
+//! Core ML itself runs only on Apple systems; this is how Linux checks the numerics.
+//!
+//! It covers the operations the emitter uses, with MIL's semantics (iOS 15-18 op
+//! definitions in coremltools); anything else is an error naming the op.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use super::blob;
+use super::mil::Dt;
+use super::proto::{self, binding, tensor_value, value, value_type};
+use super::{Deployment, MODEL_FILE, WEIGHTS_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MilError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("op `{op}` ({name}): {message}")]
+    Op { op: String, name: String, message: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A tensor; integers and booleans are held as exact f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub dt: Dt,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(dt: Dt, shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        let mut t = Tensor { dt, shape, data };
+        t.round();
+        t
+    }
+
+    fn round(&mut self) {
+        if self.dt == Dt::F16 {
+            for v in &mut self.data {
+                *v = half::f16::from_f32(*v).to_f32();
+            }
+        }
+    }
+
+    fn strides(&self) -> Vec<usize> {
+        strides(&self.shape)
+    }
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+enum Arg {
+    Name(String),
+    Literal(Tensor),
+}
+
+struct Step {
+    ty: String,
+    name: String,
+    inputs: HashMap<String, Vec<Arg>>,
+    outputs: Vec<(String, Dt, Vec<usize>)>,
+}
+
+pub struct InputDecl {
+    pub name: String,
+    pub dt: Dt,
+    pub shape: Vec<usize>,
+    pub is_state: bool,
+}
+
+/// A loaded program: constants evaluated once, states held between calls.
+pub struct MilProgram {
+    steps: Vec<Step>,
+    consts: HashMap<String, Tensor>,
+    pub inputs: Vec<InputDecl>,
+    pub outputs: Vec<String>,
+    states: HashMap<String, Rc<Tensor>>,
+    pub specification_version: i32,
+}
+
+fn type_of(t: &Option<proto::ValueType>) -> Option<(Dt, Vec<usize>, bool)> {
+    match t.as_ref()?.r#type.as_ref()? {
+        value_type::Type::TensorType(tt) => Some((
+            Dt::from_code(tt.data_type)?,
+            tt.dimensions.iter().map(|d| d.constant.as_ref().map(|c| c.size as usize)).collect::<Option<Vec<_>>>()?,
+            false,
+        )),
+        value_type::Type::StateType(st) => {
+            let (dt, shape, _) = type_of(&st.wrapped_type.as_deref().cloned())?;
+            Some((dt, shape, true))
+        }
+    }
+}
+
+fn value_tensor(v: &proto::Value, weights: &[u8]) -> Result<Tensor, String> {
+    let (dt, shape, _) = type_of(&v.r#type).ok_or("a value without a static tensor type")?;
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = match &v.value {
+        Some(value::Value::BlobFileValue(b)) => {
+            let blob = blob::read(weights, b.offset).map_err(|e| e.to_string())?;
+            let expected = match dt {
+                Dt::F16 => blob::BlobType::Float16,
+                Dt::F32 => blob::BlobType::Float32,
+                Dt::U8 => blob::BlobType::UInt8,
+                Dt::I8 => blob::BlobType::Int8,
+                Dt::U4 => blob::BlobType::UInt4,
+                other => return Err(format!("no blob storage for {other:?}")),
+            };
+            if blob.ty != expected {
+                return Err(format!("blob at {} holds {:?}, the program says {:?}", b.offset, blob.ty, dt));
+            }
+            blob.to_f32(n).map_err(|e| e.to_string())?
+        }
+        Some(value::Value::ImmediateValue(iv)) => match iv.tensor.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(tensor_value::Value::Floats(f)) => f.values.clone(),
+            Some(tensor_value::Value::Ints(f)) => f.values.iter().map(|v| *v as f32).collect(),
+            Some(tensor_value::Value::LongInts(f)) => f.values.iter().map(|v| *v as f32).collect(),
+            Some(tensor_value::Value::Bools(f)) => f.values.iter().map(|v| *v as u8 as f32).collect(),
+            Some(tensor_value::Value::Bytes(b)) if dt == Dt::F16 => {
+                b.values.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            Some(tensor_value::Value::Strings(_)) => vec![0.0; n],
+            _ => return Err("an immediate value of an unsupported kind".into()),
+        },
+        None => return Err("a value without contents".into()),
+    };
+    if data.len() != n {
+        return Err(format!("{} values for shape {shape:?}", data.len()));
+    }
+    Ok(Tensor { dt, shape, data })
+}
+
+impl MilProgram {
+    /// Loads `model.mlpackage` inside an artifact directory.
+    pub fn load_package(dir: &Path) -> Result<MilProgram, MilError> {
+        let read = |rel: &str| {
+            let p = dir.join(rel);
+            std::fs::read(&p).map_err(|e| MilError::File { path: p.display().to_string(), message: e.to_string() })
+        };
+        let model = read(MODEL_FILE)?;
+        let weights = read(WEIGHTS_FILE)?;
+        Self::load(&model, &weights).map_err(|e| match e {
+            MilError::Usage(m) => MilError::File { path: dir.join(MODEL_FILE).display().to_string(), message: m },
+            other => other,
+        })
+    }
+
+    pub fn load(model_bytes: &[u8], weights: &[u8]) -> Result<MilProgram, MilError> {
+        let usage = |m: String| MilError::Usage(m);
+        let model = super::decode_model(model_bytes).map_err(|e| usage(format!("not a Core ML model spec: {e}")))?;
+        let program = model.ml_program.as_ref().ok_or_else(|| usage("the model holds no ML program".into()))?;
+        let f = program.functions.get("main").ok_or_else(|| usage("the program has no function `main`".into()))?;
+        let block = f
+            .block_specializations
+            .get(&f.opset)
+            .ok_or_else(|| usage(format!("function `main` has no block for its opset {}", f.opset)))?;
+        let mut inputs = Vec::new();
+        for i in &f.inputs {
+            let (dt, shape, is_state) =
+                type_of(&i.r#type).ok_or_else(|| usage(format!("input `{}` has no static type", i.name)))?;
+            inputs.push(InputDecl { name: i.name.clone(), dt, shape, is_state });
+        }
+        let mut consts = HashMap::new();
+        let mut steps = Vec::new();
+        for op in &block.operations {
+            let name =
+                op.outputs.first().map(|o| o.name.clone()).unwrap_or_else(|| format!("{} (no outputs)", op.r#type));
+            let op_err = |m: String| MilError::Op { op: op.r#type.clone(), name: name.clone(), message: m };
+            let attr = |k: &str| -> Result<Tensor, MilError> {
+                let v = op.attributes.get(k).ok_or_else(|| op_err(format!("missing attribute `{k}`")))?;
+                value_tensor(v, weights).map_err(|m| op_err(format!("attribute `{k}`: {m}")))
+            };
+            let declared = |i: usize| -> Result<(String, Dt, Vec<usize>), MilError> {
+                let o = op.outputs.get(i).ok_or_else(|| op_err("missing output".into()))?;
+                let (dt, shape, _) = type_of(&o.r#type).ok_or_else(|| op_err("output without a static type".into()))?;
+                Ok((o.name.clone(), dt, shape))
+            };
+            let mut args: HashMap<String, Vec<Arg>> = HashMap::new();
+            for (k, a) in &op.inputs {
+                let mut list = Vec::new();
+                for b in &a.arguments {
+                    list.push(match &b.binding {
+                        Some(binding::Binding::Name(n)) => Arg::Name(n.clone()),
+                        Some(binding::Binding::Value(v)) => {
+                            Arg::Literal(value_tensor(v, weights).map_err(|m| op_err(format!("input `{k}`: {m}")))?)
+                        }
+                        None => return Err(op_err(format!("input `{k}` binds nothing"))),
+                    });
+                }
+                args.insert(k.clone(), list);
+            }
+            match op.r#type.as_str() {
+                "const" => {
+                    let (out, dt, shape) = declared(0)?;
+                    let v = attr("val")?;
+                    if v.dt != dt || v.shape != shape {
+                        return Err(op_err(format!("value is {:?}{:?}, declared {dt:?}{shape:?}", v.dt, v.shape)));
+                    }
+                    consts.insert(out, v);
+                }
+                "constexpr_blockwise_shift_scale" => {
+                    let (out, dt, shape) = declared(0)?;
+                    let get = |k: &str| -> Result<Option<Tensor>, MilError> {
+                        match args.get(k).and_then(|l| l.first()) {
+                            None => Ok(None),
+                            Some(Arg::Literal(t)) => Ok(Some(t.clone())),
+                            Some(Arg::Name(n)) => consts
+                                .get(n)
+                                .cloned()
+                                .map(Some)
+                                .ok_or_else(|| op_err(format!("input `{k}` names `{n}`, not a constant"))),
+                        }
+                    };
+                    let data = get("data")?.ok_or_else(|| op_err("missing `data`".into()))?;
+                    let scale = get("scale")?.ok_or_else(|| op_err("missing `scale`".into()))?;
+                    let offset = get("offset")?;
+                    if data.shape != shape || scale.shape.len() != shape.len() || dt != scale.dt {
+                        return Err(op_err(format!(
+                            "data {:?} / scale {:?} do not give the declared {dt:?}{shape:?}",
+                            data.shape, scale.shape
+                        )));
+                    }
+                    if offset.as_ref().is_some_and(|o| o.shape != scale.shape) {
+                        return Err(op_err("offset and scale shapes differ".into()));
+                    }
+                    let block: Vec<usize> = shape.iter().zip(&scale.shape).map(|(d, s)| d / s.max(&1)).collect();
+                    if shape.iter().zip(&scale.shape).any(|(d, s)| *s == 0 || d % s != 0) {
+                        return Err(op_err("scale's shape does not divide the data's".into()));
+                    }
+                    let (ds, ss) = (strides(&shape), strides(&scale.shape));
+                    let mut outv = vec![0.0f32; data.data.len()];
+                    for (i, o) in outv.iter_mut().enumerate() {
+                        let mut si = 0;
+                        for ax in 0..shape.len() {
+                            si += (i / ds[ax] % shape[ax]) / block[ax] * ss[ax];
+                        }
+                        let off = offset.as_ref().map(|o| o.data[si]).unwrap_or(0.0);
+                        *o = scale.data[si] * (data.data[i] - off);
+                    }
+                    consts.insert(out, Tensor::new(dt, shape, outv));
+                }
+                "constexpr_affine_dequantize" => {
+                    let (out, dt, shape) = declared(0)?;
+                    let data = attr("quantized_data")?;
+                    let zero = attr("zero_point")?;
+                    let scale = attr("scale")?;
+                    let axis = attr("axis")?.data[0] as usize;
+                    if data.shape != shape || axis >= shape.len() {
+                        return Err(op_err("quantized data does not have the declared shape".into()));
+                    }
+                    let st = strides(&shape);
+                    let pick = |t: &Tensor, c: usize| if t.data.len() == 1 { t.data[0] } else { t.data[c] };
+                    let outv = (0..data.data.len())
+                        .map(|i| {
+                            let c = i / st[axis] % shape[axis];
+                            pick(&scale, c) * (data.data[i] - pick(&zero, c))
+                        })
+                        .collect();
+                    consts.insert(out, Tensor::new(dt, shape, outv));
+                }
+                _ => {
+                    let outputs = (0..op.outputs.len()).map(declared).collect::<Result<Vec<_>, _>>()?;
+                    steps.push(Step { ty: op.r#type.clone(), name, inputs: args, outputs });
+                }
+            }
+        }
+        let mut p = MilProgram {
+            steps,
+            consts,
+            inputs,
+            outputs: block.outputs.clone(),
+            states: HashMap::new(),
+            specification_version: model.specification_version,
+        };
+        p.reset_states();
+        Ok(p)
+    }
+
+    /// Zeroes every state (a fresh `MLState`).
+    pub fn reset_states(&mut self) {
+        self.states = self
+            .inputs
+            .iter()
+            .filter(|i| i.is_state)
+            .map(|i| {
+                let zeros = Tensor { dt: i.dt, shape: i.shape.clone(), data: vec![0.0; i.shape.iter().product()] };
+                (i.name.clone(), Rc::new(zeros))
+            })
+            .collect();
+    }
+
+    pub fn input(&self, name: &str) -> Option<&InputDecl> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    /// Runs `main` once on `feed` (every non-state input); returns the block's outputs.
+    pub fn predict(&mut self, feed: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, MilError> {
+        for i in self.inputs.iter().filter(|i| !i.is_state) {
+            let t = feed.get(&i.name).ok_or_else(|| MilError::Usage(format!("input `{}` is missing", i.name)))?;
+            if t.shape != i.shape {
+                return Err(MilError::Usage(format!(
+                    "input `{}` has shape {:?}, the model takes {:?}",
+                    i.name, t.shape, i.shape
+                )));
+            }
+        }
+        let mut env: HashMap<String, Rc<Tensor>> = feed.into_iter().map(|(k, v)| (k, Rc::new(v))).collect();
+        for step in &self.steps {
+            let results = run_step(step, &env, &self.consts, &mut self.states)?;
+            // Ops that only move values keep them as they are (already of the result type).
+            let moves = MOVES.contains(&step.ty.as_str());
+            for ((name, dt, shape), mut t) in step.outputs.iter().zip(results) {
+                if t.shape != *shape {
+                    return Err(MilError::Op {
+                        op: step.ty.clone(),
+                        name: step.name.clone(),
+                        message: format!("computes shape {:?}, the program declares {shape:?}", t.shape),
+                    });
+                }
+                if t.dt != *dt || !moves {
+                    let m = Rc::make_mut(&mut t);
+                    m.dt = *dt;
+                    m.round();
+                }
+                env.insert(name.clone(), t);
+            }
+        }
+        let mut out = HashMap::new();
+        for o in &self.outputs {
+            let t = env.remove(o).ok_or_else(|| MilError::Usage(format!("output `{o}` was never computed")))?;
+            out.insert(o.clone(), Rc::unwrap_or_clone(t));
+        }
+        Ok(out)
+    }
+}
+
+/// Ops whose results are some of their inputs' values, moved.
+const MOVES: &[&str] =
+    &["reshape", "transpose", "slice_by_index", "slice_update", "concat", "tile", "gather", "read_state"];
+
+fn run_step(
+    step: &Step,
+    env: &HashMap<String, Rc<Tensor>>,
+    consts: &HashMap<String, Tensor>,
+    states: &mut HashMap<String, Rc<Tensor>>,
+) -> Result<Vec<Rc<Tensor>>, MilError> {
+    let err = |m: String| MilError::Op { op: step.ty.clone(), name: step.name.clone(), message: m };
+    let resolve = |a: &Arg| -> Result<Tensor, MilError> {
+        match a {
+            Arg::Literal(t) => Ok(t.clone()),
+            Arg::Name(n) => env
+                .get(n)
+                .map(|t| (**t).clone())
+                .or_else(|| consts.get(n).cloned())
+                .ok_or_else(|| err(format!("`{n}` is not defined before its use"))),
+        }
+    };
+    // Inputs by reference where they may be large weights.
+    let get_ref = |k: &str| -> Result<&Tensor, MilError> {
+        match step.inputs.get(k).and_then(|l| l.first()) {
+            Some(Arg::Name(n)) => env
+                .get(n)
+                .map(|t| &**t)
+                .or_else(|| consts.get(n))
+                .ok_or_else(|| err(format!("`{n}` is not defined before its use"))),
+            Some(Arg::Literal(t)) => Ok(t),
+            None => Err(err(format!("missing input `{k}`"))),
+        }
+    };
+    let get = |k: &str| -> Result<Tensor, MilError> {
+        step.inputs.get(k).and_then(|l| l.first()).ok_or_else(|| err(format!("missing input `{k}`"))).and_then(resolve)
+    };
+    let opt = |k: &str| -> Result<Option<Tensor>, MilError> {
+        step.inputs.get(k).and_then(|l| l.first()).map(resolve).transpose()
+    };
+    let ints = |t: &Tensor| -> Vec<i64> { t.data.iter().map(|v| *v as i64).collect() };
+    let axis_of = |a: i64, rank: usize| -> Result<usize, MilError> {
+        let r = rank as i64;
+        let v = if a < 0 { a + r } else { a };
+        if v < 0 || v >= r {
+            return Err(err(format!("axis {a} out of range for rank {rank}")));
+        }
+        Ok(v as usize)
+    };
+    let odt = step.outputs.first().map(|(_, d, _)| *d).unwrap_or(Dt::F16);
+    let out = |data: Vec<f32>, shape: Vec<usize>| Tensor { dt: odt, shape, data };
+    Ok(vec![Rc::new(match step.ty.as_str() {
+        "add" | "sub" | "mul" | "real_div" | "maximum" => {
+            let (x, y) = (get_ref("x")?, get_ref("y")?);
+            let f: fn(f32, f32) -> f32 = match step.ty.as_str() {
+                "add" => |a, b| a + b,
+                "sub" => |a, b| a - b,
+                "mul" => |a, b| a * b,
+                "real_div" => |a, b| a / b,
+                _ => f32::max,
+            };
+            broadcast_binary(x, y, f).map_err(err)?
+        }
+        "abs" | "rsqrt" | "silu" | "sigmoid" => {
+            let x = get_ref("x")?;
+            let f: fn(f32) -> f32 = match step.ty.as_str() {
+                "abs" => f32::abs,
+                // MIL's default epsilon is 1e-12.
+                "rsqrt" => |v| 1.0 / (v + 1e-12).sqrt(),
+                "silu" => |v| v / (1.0 + (-v).exp()),
+                _ => |v| 1.0 / (1.0 + (-v).exp()),
+            };
+            out(x.data.iter().map(|v| f(*v)).collect(), x.shape.clone())
+        }
+        "reduce_max" | "reduce_mean" => {
+            let x = get_ref("x")?;
+            let axes = ints(&get("axes")?);
+            let keep = opt("keep_dims")?.map(|t| t.data[0] != 0.0).unwrap_or(false);
+            if axes.len() != 1 || axis_of(axes[0], x.shape.len())? != x.shape.len() - 1 || !keep {
+                return Err(err("only a reduction over the last axis with keep_dims is implemented".into()));
+            }
+            let d = *x.shape.last().unwrap();
+            let data = x
+                .data
+                .chunks(d)
+                .map(|r| {
+                    if step.ty == "reduce_max" {
+                        r.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                    } else {
+                        r.iter().sum::<f32>() / d as f32
+                    }
+                })
+                .collect();
+            let mut shape = x.shape.clone();
+            *shape.last_mut().unwrap() = 1;
+            out(data, shape)
+        }
+        "softmax" => {
+            let x = get_ref("x")?;
+            let axis = axis_of(ints(&get("axis")?)[0], x.shape.len())?;
+            if axis != x.shape.len() - 1 {
+                return Err(err("only softmax over the last axis is implemented".into()));
+            }
+            let d = *x.shape.last().unwrap();
+            let mut data = x.data.clone();
+            for r in data.chunks_mut(d) {
+                softmax(r);
+            }
+            out(data, x.shape.clone())
+        }
+        "reshape" => {
+            let x = get("x")?;
+            let shape: Vec<usize> = ints(&get("shape")?).iter().map(|v| *v as usize).collect();
+            if shape.iter().product::<usize>() != x.data.len() {
+                return Err(err(format!("cannot reshape {:?} to {shape:?}", x.shape)));
+            }
+            out(x.data, shape)
+        }
+        "transpose" => {
+            let x = get_ref("x")?;
+            let perm: Vec<usize> = ints(&get("perm")?).iter().map(|v| *v as usize).collect();
+            transpose(x, &perm).map_err(err)?
+        }
+        "slice_by_index" => {
+            let x = get_ref("x")?;
+            let (begin, end) = (ints(&get("begin")?), ints(&get("end")?));
+            let (region, shape) =
+                slice_region(&x.shape, &begin, &end, &step_masks(&opt, x.shape.len())?).map_err(err)?;
+            let data = gather_region(x, &region);
+            out(data, shape)
+        }
+        "slice_update" => {
+            let mut x = get("x")?;
+            let update = get_ref("update")?;
+            let (begin, end) = (ints(&get("begin")?), ints(&get("end")?));
+            let (region, shape) =
+                slice_region(&x.shape, &begin, &end, &step_masks(&opt, x.shape.len())?).map_err(err)?;
+            if shape.iter().product::<usize>() != update.data.len() {
+                return Err(err(format!("update {:?} does not fill the slice {shape:?}", update.shape)));
+            }
+            scatter_region(&mut x, &region, &update.data);
+            x
+        }
+        "concat" => {
+            let parts = step
+                .inputs
+                .get("values")
+                .ok_or_else(|| err("missing `values`".into()))?
+                .iter()
+                .map(resolve)
+                .collect::<Result<Vec<_>, _>>()?;
+            let axis = axis_of(ints(&get("axis")?)[0], parts[0].shape.len())?;
+            if opt("interleave")?.is_some_and(|t| t.data[0] != 0.0) {
+                return Err(err("interleaved concat is not implemented".into()));
+            }
+            concat(&parts, axis).map_err(err)?
+        }
+        "tile" => {
+            let x = get_ref("x")?;
+            let reps: Vec<usize> = ints(&get("reps")?).iter().map(|v| *v as usize).collect();
+            tile(x, &reps).map_err(err)?
+        }
+        "gather" => {
+            let x = get_ref("x")?;
+            let idx = get_ref("indices")?;
+            let axis = axis_of(opt("axis")?.map(|t| t.data[0] as i64).unwrap_or(0), x.shape.len())?;
+            if axis != 0 {
+                return Err(err("only gather on axis 0 is implemented".into()));
+            }
+            let row: usize = x.shape[1..].iter().product();
+            let mut data = Vec::with_capacity(idx.data.len() * row);
+            for v in &idx.data {
+                let i = *v as i64;
+                let i = if i < 0 { i + x.shape[0] as i64 } else { i };
+                if i < 0 || i as usize >= x.shape[0] {
+                    return Err(err(format!("index {v} outside 0..{}", x.shape[0])));
+                }
+                data.extend_from_slice(&x.data[i as usize * row..(i as usize + 1) * row]);
+            }
+            let mut shape = idx.shape.clone();
+            shape.extend_from_slice(&x.shape[1..]);
+            out(data, shape)
+        }
+        "linear" => {
+            let x = get_ref("x")?;
+            let w = get_ref("weight")?;
+            let k = *x.shape.last().unwrap();
+            if w.shape.len() != 2 || w.shape[1] != k {
+                return Err(err(format!("x {:?} and weight {:?} do not match", x.shape, w.shape)));
+            }
+            let n = w.shape[0];
+            let m = x.data.len() / k;
+            let mut y = slmc_ir::interp::matmul_transposed(&x.data, m, k, &w.data, n);
+            if let Some(b) = opt("bias")? {
+                for r in y.chunks_mut(n) {
+                    for (v, bb) in r.iter_mut().zip(&b.data) {
+                        *v += bb;
+                    }
+                }
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().unwrap() = n;
+            out(y, shape)
+        }
+        "matmul" => {
+            let (x, y) = (get_ref("x")?, get_ref("y")?);
+            let tx = opt("transpose_x")?.is_some_and(|t| t.data[0] != 0.0);
+            let ty = opt("transpose_y")?.is_some_and(|t| t.data[0] != 0.0);
+            batched_matmul(x, y, tx, ty, 1.0, None).map_err(err)?
+        }
+        "scaled_dot_product_attention" => {
+            let (q, k, v) = (get_ref("query")?, get_ref("key")?, get_ref("value")?);
+            let mask = opt("attn_mask")?;
+            let e = *q.shape.last().unwrap();
+            let scores = batched_matmul(q, k, false, true, 1.0 / (e as f32).sqrt(), mask.as_ref()).map_err(err)?;
+            let s = *scores.shape.last().unwrap();
+            let mut probs = scores;
+            for r in probs.data.chunks_mut(s) {
+                softmax(r);
+            }
+            batched_matmul(&probs, v, false, false, 1.0, None).map_err(err)?
+        }
+        "read_state" => {
+            let Some(Arg::Name(n)) = step.inputs.get("input").and_then(|l| l.first()) else {
+                return Err(err("read_state needs a state input".into()));
+            };
+            return Ok(vec![states.get(n).cloned().ok_or_else(|| err(format!("`{n}` is not a state")))?]);
+        }
+        "write_state" => {
+            let Some(Arg::Name(n)) = step.inputs.get("input").and_then(|l| l.first()) else {
+                return Err(err("write_state needs a state input".into()));
+            };
+            let Some(Arg::Name(d)) = step.inputs.get("data").and_then(|l| l.first()) else {
+                return Err(err("write_state needs a computed `data` input".into()));
+            };
+            let data = env.get(d).cloned().ok_or_else(|| err(format!("`{d}` is not defined before its use")))?;
+            let st = states.get_mut(n).ok_or_else(|| err(format!("`{n}` is not a state")))?;
+            if st.shape != data.shape || st.dt != data.dt {
+                return Err(err(format!("writes {:?} into a state of {:?}", data.shape, st.shape)));
+            }
+            *st = data;
+            return Ok(vec![]);
+        }
+        other => return Err(err(format!("the reference interpreter does not implement `{other}`"))),
+    })])
+}
+
+type Masks = (Vec<bool>, Vec<bool>, Vec<bool>);
+
+fn step_masks(opt: &dyn Fn(&str) -> Result<Option<Tensor>, MilError>, rank: usize) -> Result<Masks, MilError> {
+    let flags = |k: &str| -> Result<Vec<bool>, MilError> {
+        Ok(opt(k)?.map(|t| t.data.iter().map(|v| *v != 0.0).collect()).unwrap_or_else(|| vec![false; rank]))
+    };
+    if let Some(s) = opt("stride")? {
+        if s.data.iter().any(|v| *v != 1.0) {
+            return Err(MilError::Usage("slices with strides other than 1 are not implemented".into()));
+        }
+    }
+    Ok((flags("begin_mask")?, flags("end_mask")?, flags("squeeze_mask")?))
+}
+
+/// Per-axis [start, end) of a stride-1 slice, and the result's shape.
+fn slice_region(
+    shape: &[usize],
+    begin: &[i64],
+    end: &[i64],
+    (bm, em, sm): &Masks,
+) -> Result<(Vec<(usize, usize)>, Vec<usize>), String> {
+    if begin.len() != shape.len() || end.len() != shape.len() {
+        return Err(format!("begin/end of length {} for rank {}", begin.len(), shape.len()));
+    }
+    let mut region = Vec::new();
+    let mut out = Vec::new();
+    for ax in 0..shape.len() {
+        let d = shape[ax] as i64;
+        let norm = |v: i64| if v < 0 { v + d } else { v };
+        let b = if bm[ax] { 0 } else { norm(begin[ax]) };
+        let e = if sm[ax] {
+            b + 1
+        } else if em[ax] {
+            d
+        } else {
+            norm(end[ax])
+        };
+        if b < 0 || e > d || b > e {
+            return Err(format!("slice [{b}, {e}) outside axis {ax} of size {d}"));
+        }
+        region.push((b as usize, e as usize));
+        if !sm[ax] {
+            out.push((e - b) as usize);
+        }
+    }
+    Ok((region, out))
+}
+
+fn region_offsets(shape: &[usize], region: &[(usize, usize)]) -> Vec<usize> {
+    let st = strides(shape);
+    let mut offs = vec![0usize];
+    for (ax, (b, e)) in region.iter().enumerate() {
+        let mut next = Vec::with_capacity(offs.len() * (e - b));
+        for o in &offs {
+            for i in *b..*e {
+                next.push(o + i * st[ax]);
+            }
+        }
+        offs = next;
+    }
+    offs
+}
+
+fn gather_region(x: &Tensor, region: &[(usize, usize)]) -> Vec<f32> {
+    region_offsets(&x.shape, region).iter().map(|o| x.data[*o]).collect()
+}
+
+fn scatter_region(x: &mut Tensor, region: &[(usize, usize)], values: &[f32]) {
+    for (o, v) in region_offsets(&x.shape, region).iter().zip(values) {
+        x.data[*o] = *v;
+    }
+}
+
+fn broadcast_binary(x: &Tensor, y: &Tensor, f: fn(f32, f32) -> f32) -> Result<Tensor, String> {
+    let shape = super::broadcast(&x.shape, &y.shape);
+    let r = shape.len();
+    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - s.len()).chain(s.iter().copied()).collect() };
+    let (xs, ys) = (pad(&x.shape), pad(&y.shape));
+    for ax in 0..r {
+        for s in [xs[ax], ys[ax]] {
+            if s != 1 && s != shape[ax] {
+                return Err(format!("shapes {:?} and {:?} do not broadcast", x.shape, y.shape));
+            }
+        }
+    }
+    let n: usize = shape.iter().product();
+    if xs == shape && ys == shape {
+        let data = x.data.iter().zip(&y.data).map(|(a, b)| f(*a, *b)).collect();
+        return Ok(Tensor { dt: x.dt, shape, data });
+    }
+    let (xst, yst, ost) = (strides(&xs), strides(&ys), strides(&shape));
+    // Offsets once per row of the last axis; within a row each side steps by 1 or 0.
+    let last = shape[r - 1];
+    let (xstep, ystep) = ((xs[r - 1] != 1) as usize, (ys[r - 1] != 1) as usize);
+    let mut data = Vec::with_capacity(n);
+    for row in 0..n / last.max(1) {
+        let i = row * last;
+        let (mut xi, mut yi) = (0, 0);
+        for ax in 0..r - 1 {
+            let c = i / ost[ax] % shape[ax];
+            if xs[ax] != 1 {
+                xi += c * xst[ax];
+            }
+            if ys[ax] != 1 {
+                yi += c * yst[ax];
+            }
+        }
+        for j in 0..last {
+            data.push(f(x.data[xi + j * xstep], y.data[yi + j * ystep]));
+        }
+    }
+    Ok(Tensor { dt: x.dt, shape, data })
+}
+
+fn transpose(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
+    if perm.len() != x.shape.len() {
+        return Err(format!("perm {perm:?} for rank {}", x.shape.len()));
+    }
+    let shape: Vec<usize> = perm.iter().map(|p| x.shape[*p]).collect();
+    let (xst, ost) = (x.strides(), strides(&shape));
+    let n = x.data.len();
+    let mut data = vec![0.0; n];
+    for (i, d) in data.iter_mut().enumerate() {
+        let mut src = 0;
+        for (ax, p) in perm.iter().enumerate() {
+            src += (i / ost[ax] % shape[ax]) * xst[*p];
+        }
+        *d = x.data[src];
+    }
+    Ok(Tensor { dt: x.dt, shape, data })
+}
+
+fn concat(parts: &[Tensor], axis: usize) -> Result<Tensor, String> {
+    let mut shape = parts[0].shape.clone();
+    for p in &parts[1..] {
+        if p.shape.len() != shape.len() || (0..shape.len()).any(|a| a != axis && p.shape[a] != shape[a]) {
+            return Err(format!("cannot concatenate {:?} and {:?} on axis {axis}", parts[0].shape, p.shape));
+        }
+    }
+    shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
+    let outer: usize = shape[..axis].iter().product();
+    let mut data = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for p in parts {
+            let chunk: usize = p.shape[axis..].iter().product();
+            data.extend_from_slice(&p.data[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    Ok(Tensor { dt: parts[0].dt, shape, data })
+}
+
+fn tile(x: &Tensor, reps: &[usize]) -> Result<Tensor, String> {
+    if reps.len() != x.shape.len() {
+        return Err(format!("reps {reps:?} for rank {}", x.shape.len()));
+    }
+    let shape: Vec<usize> = x.shape.iter().zip(reps).map(|(d, r)| d * r).collect();
+    let (xst, ost) = (x.strides(), strides(&shape));
+    let n: usize = shape.iter().product();
+    let data = (0..n)
+        .map(|i| {
+            let mut src = 0;
+            for ax in 0..shape.len() {
+                src += (i / ost[ax] % shape[ax]) % x.shape[ax] * xst[ax];
+            }
+            x.data[src]
+        })
+        .collect();
+    Ok(Tensor { dt: x.dt, shape, data })
+}
+
+fn softmax(r: &mut [f32]) {
+    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in r.iter_mut() {
+        *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - m).exp() };
+        sum += *v;
+    }
+    for v in r.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// `c[m, n] = a[m, k] b[k, n]` with element strides (row, column) for a and b.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (ars, acs): (isize, isize),
+    b: &[f32],
+    (brs, bcs): (isize, isize),
+    c: &mut [f32],
+) {
+    // SAFETY: the strides describe matrices inside `a`, `b` and `c` (checked by the callers'
+    // shape checks), and `c` is a distinct, exclusively borrowed buffer of m * n values.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            ars,
+            acs,
+            b.as_ptr(),
+            brs,
+            bcs,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// Batched `x @ y` (optionally transposed) over equal or broadcast leading dimensions,
+/// times `alpha`, plus an optional broadcast additive mask.
+fn batched_matmul(
+    x: &Tensor,
+    y: &Tensor,
+    tx: bool,
+    ty: bool,
+    alpha: f32,
+    mask: Option<&Tensor>,
+) -> Result<Tensor, String> {
+    let (xr, yr) = (x.shape.len(), y.shape.len());
+    if xr < 2 || xr != yr {
+        return Err(format!("matmul of ranks {xr} and {yr}"));
+    }
+    let (xm, xk) = (x.shape[xr - 2], x.shape[xr - 1]);
+    let (m, k) = if tx { (xk, xm) } else { (xm, xk) };
+    let (yk, n) = if ty { (y.shape[yr - 1], y.shape[yr - 2]) } else { (y.shape[yr - 2], y.shape[yr - 1]) };
+    if k != yk {
+        return Err(format!("inner dimensions differ: {:?} x {:?}", x.shape, y.shape));
+    }
+    let batch = super::broadcast(&x.shape[..xr - 2], &y.shape[..yr - 2]);
+    let nb: usize = batch.iter().product();
+    let (bxs, bys) = (strides(&x.shape[..xr - 2]), strides(&y.shape[..yr - 2]));
+    let bst = strides(&batch);
+    let mut data = vec![0.0f32; nb * m * n];
+    for bi in 0..nb {
+        let (mut xo, mut yo) = (0, 0);
+        for ax in 0..batch.len() {
+            let c = bi / bst[ax] % batch[ax];
+            if x.shape[ax] != 1 {
+                xo += c * bxs[ax];
+            }
+            if y.shape[ax] != 1 {
+                yo += c * bys[ax];
+            }
+        }
+        let xa = &x.data[xo * xm * xk..(xo + 1) * xm * xk];
+        let ya = &y.data[yo * y.shape[yr - 2] * y.shape[yr - 1]..(yo + 1) * y.shape[yr - 2] * y.shape[yr - 1]];
+        let xs = if tx { (1, xk as isize) } else { (xk as isize, 1) };
+        let ys = if ty { (1, y.shape[yr - 1] as isize) } else { (y.shape[yr - 1] as isize, 1) };
+        gemm(m, k, n, xa, xs, ya, ys, &mut data[bi * m * n..(bi + 1) * m * n]);
+    }
+    let mut shape = batch;
+    shape.extend([m, n]);
+    let mut t = Tensor { dt: x.dt, shape, data };
+    if alpha != 1.0 {
+        for v in &mut t.data {
+            *v *= alpha;
+        }
+    }
+    if let Some(mask) = mask {
+        t = broadcast_binary(&t, mask, |a, b| a + b)?;
+    }
+    Ok(t)
+}
+
+/// Drives a program the way a Core ML host would: fixed steps of `step_tokens` (padded),
+/// positions, the additive causal mask, and the KV cache (state, or inputs/outputs).
+pub struct CoremlReference {
+    pub program: MilProgram,
+    pub deployment: Deployment,
+    pub step_tokens: usize,
+    pub context_len: usize,
+    pub vocab: usize,
+    past: usize,
+    /// iOS 17: the caches the host keeps, by input name.
+    caches: HashMap<String, Tensor>,
+}
+
+impl CoremlReference {
+    pub fn load(dir: &Path) -> Result<CoremlReference, MilError> {
+        let program = MilProgram::load_package(dir)?;
+        let ids =
+            program.input("input_ids").ok_or_else(|| MilError::Usage("the model has no input `input_ids`".into()))?;
+        let step_tokens = ids.shape[1];
+        let deployment = if program.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
+        let cache = program
+            .inputs
+            .iter()
+            .find(|i| i.name == "key_cache_0")
+            .ok_or_else(|| MilError::Usage("the model has no input or state `key_cache_0`".into()))?;
+        let context_len = cache.shape[2];
+        let mut r = CoremlReference {
+            program,
+            deployment,
+            step_tokens,
+            context_len,
+            vocab: 0,
+            past: 0,
+            caches: HashMap::new(),
+        };
+        r.reset();
+        Ok(r)
+    }
+
+    pub fn reset(&mut self) {
+        self.past = 0;
+        self.program.reset_states();
+        self.caches = self
+            .program
+            .inputs
+            .iter()
+            .filter(|i| !i.is_state && i.name.contains("_cache_"))
+            .map(|i| {
+                (i.name.clone(), Tensor { dt: i.dt, shape: i.shape.clone(), data: vec![0.0; i.shape.iter().product()] })
+            })
+            .collect();
+    }
+
+    pub fn past_len(&self) -> usize {
+        self.past
+    }
+
+    /// Feeds tokens; returns logits `[tokens.len(), vocab]`.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, MilError> {
+        let t = self.step_tokens;
+        let c = self.context_len;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(t) {
+            let p = self.past;
+            if p + t > c {
+                return Err(MilError::Usage(format!(
+                    "the context is full: {p} positions held, a step of {t} needs {} of {c}",
+                    p + t
+                )));
+            }
+            let n = chunk.len();
+            let ids: Vec<f32> = (0..t).map(|i| chunk[i.min(n - 1)] as f32).collect();
+            let pos: Vec<f32> = (0..t).map(|i| (p + i) as f32).collect();
+            let width = if self.deployment == Deployment::Ios18 { c } else { c + t };
+            let mut mask = vec![f32::NEG_INFINITY; t * width];
+            for i in 0..t {
+                for j in 0..width {
+                    let allowed = match self.deployment {
+                        Deployment::Ios18 => j <= p + i,
+                        Deployment::Ios17 => (j < c && j < p) || (j >= c && j - c <= i),
+                    };
+                    if allowed {
+                        mask[i * width + j] = 0.0;
+                    }
+                }
+            }
+            let mut feed = HashMap::new();
+            feed.insert("input_ids".to_string(), Tensor::new(Dt::I32, vec![1, t], ids));
+            feed.insert("position_ids".to_string(), Tensor::new(Dt::I32, vec![t], pos));
+            feed.insert("causal_mask".to_string(), Tensor::new(Dt::F16, vec![1, 1, t, width], mask));
+            for (k, v) in &self.caches {
+                feed.insert(k.clone(), v.clone());
+            }
+            let out = self.program.predict(feed)?;
+            let l = out.get("logits").ok_or_else(|| MilError::Usage("the model has no output `logits`".into()))?;
+            self.vocab = *l.shape.last().unwrap();
+            logits.extend_from_slice(&l.data[..n * self.vocab]);
+            // iOS 17: the host writes the step's new keys and values into its caches.
+            for (name, cache) in self.caches.iter_mut() {
+                let new_name = name.replace("key_cache_", "new_key_").replace("value_cache_", "new_value_");
+                let new = out
+                    .get(&new_name)
+                    .ok_or_else(|| MilError::Usage(format!("the model has no output `{new_name}`")))?;
+                let (hk, d) = (cache.shape[1], cache.shape[3]);
+                for h in 0..hk {
+                    for i in 0..n {
+                        let src = (h * t + i) * d;
+                        let dst = (h * c + p + i) * d;
+                        cache.data[dst..dst + d].copy_from_slice(&new.data[src..src + d]);
+                    }
+                }
+            }
+            self.past += n;
+        }
+        Ok(logits)
+    }
+}
