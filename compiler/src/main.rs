@@ -665,10 +665,10 @@ impl TextSide {
 
 /// A compiled artifact directory given as MODEL (`artifact.json`), loaded with the
 /// executor its format names: wgpu for GPU artifacts, ONNX Runtime for ONNX ones.
-fn artifact_executor(
-    common: &Common,
-    opt: &OptArgs,
-) -> Result<Option<(Box<dyn slmc_runtime::Executor>, &'static str, TextSide)>> {
+/// A compiled artifact's executor, its name for `--json`, and its text side.
+type LoadedArtifact = (Box<dyn slmc_runtime::Executor>, &'static str, TextSide);
+
+fn artifact_executor(common: &Common, opt: &OptArgs) -> Result<Option<LoadedArtifact>> {
     let Some(path) = common.model.as_ref().filter(|p| p.join("artifact.json").is_file()) else {
         return Ok(None);
     };

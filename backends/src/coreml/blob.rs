@@ -223,7 +223,8 @@ mod tests {
         let mut w = BlobWriter::new();
         let o = w.write_f16(&[1.0; 16]);
         let file = w.finish();
-        assert!(read(&file[..100], o).unwrap_err().to_string().contains("runs past"));
+        assert!(read(&file[..140], o).unwrap_err().to_string().contains("runs past"));
+        assert!(read(&file[..100], o).unwrap_err().to_string().contains("no blob metadata"));
         assert!(read(&file, 96).is_err());
         let mut bad = file.clone();
         bad[o as usize] ^= 1;

@@ -594,6 +594,8 @@ fn run_step(
 }
 
 type Masks = (Vec<bool>, Vec<bool>, Vec<bool>);
+/// Per-axis [start, end) of a slice, and the result's shape.
+type Region = (Vec<(usize, usize)>, Vec<usize>);
 
 fn step_masks(opt: &dyn Fn(&str) -> Result<Option<Tensor>, MilError>, rank: usize) -> Result<Masks, MilError> {
     let flags = |k: &str| -> Result<Vec<bool>, MilError> {
@@ -608,12 +610,7 @@ fn step_masks(opt: &dyn Fn(&str) -> Result<Option<Tensor>, MilError>, rank: usiz
 }
 
 /// Per-axis [start, end) of a stride-1 slice, and the result's shape.
-fn slice_region(
-    shape: &[usize],
-    begin: &[i64],
-    end: &[i64],
-    (bm, em, sm): &Masks,
-) -> Result<(Vec<(usize, usize)>, Vec<usize>), String> {
+fn slice_region(shape: &[usize], begin: &[i64], end: &[i64], (bm, em, sm): &Masks) -> Result<Region, String> {
     if begin.len() != shape.len() || end.len() != shape.len() {
         return Err(format!("begin/end of length {} for rank {}", begin.len(), shape.len()));
     }

@@ -105,6 +105,8 @@ pub const PACKAGE_DIR: &str = "model.mlpackage";
 pub const MODEL_FILE: &str = "model.mlpackage/Data/com.apple.CoreML/model.mlmodel";
 pub const WEIGHTS_FILE: &str = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin";
 pub const PACKAGE_MANIFEST: &str = "model.mlpackage/Manifest.json";
+/// The MIL program's text form, beside the package.
+pub const MIL_TEXT_FILE: &str = "model.mil";
 
 /// fp16's smallest normal number: the floor of the RMSNorm row scale (all-zero rows).
 const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
@@ -873,6 +875,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) 
         description: Some(proto::ModelDescription { input, output, state, metadata: Some(metadata) }),
         ml_program: Some(program),
     };
+    let program_text = model.ml_program.as_ref().map(mil::program_text).unwrap_or_default();
     let model_bytes = model.encode_to_vec();
     let weight_bytes = std::mem::take(&mut e.b.blobs).finish();
     let (model_id, weights_id) = (stable_uuid(&model_bytes, 0), stable_uuid(&model_bytes, 1));
@@ -903,6 +906,8 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) 
     manifest_bytes.push(b'\n');
     files.insert(PACKAGE_MANIFEST.to_string(), manifest_bytes);
     files.insert(MODEL_FILE.to_string(), model_bytes);
+    // The program as text, for people reading what the compiler wrote (not read by tools).
+    files.insert(MIL_TEXT_FILE.to_string(), program_text.into_bytes());
     files.insert(WEIGHTS_FILE.to_string(), weight_bytes);
     let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab };
     Ok(CoremlOutput { info, files, placement })
@@ -916,4 +921,94 @@ pub fn decode_model(bytes: &[u8]) -> Result<proto::Model, prost::DecodeError> {
 /// The program's text form of a written package's `model.mlmodel`.
 pub fn model_text(model: &proto::Model) -> String {
     model.ml_program.as_ref().map(mil::program_text).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mil::{Arg, Builder, Dt};
+    use super::*;
+
+    /// A small program through slmc's declarations, decoded by `coreml-proto`'s full
+    /// generated messages: the field numbers and types agree.
+    #[test]
+    fn coreml_proto_decodes_what_slmc_writes() {
+        let mut b = Builder::new();
+        let x = mil::Var { name: "x".into(), dt: Dt::F16, shape: vec![2, 16] };
+        let w = b.const_f16("w", &[4, 16], &[0.5; 64]);
+        let y = b.op("linear", "y", vec![("x", Arg::Var(&x)), ("weight", Arg::Var(&w))], Dt::F16, &[2, 4]);
+        let state = proto::NamedValueType { name: "s".into(), r#type: Some(mil::state_type(Dt::F16, &[1, 4])) };
+        let block = proto::Block {
+            inputs: vec![],
+            outputs: vec![y.name.clone()],
+            operations: b.ops,
+            attributes: Default::default(),
+        };
+        let function = proto::Function {
+            inputs: vec![
+                proto::NamedValueType { name: "x".into(), r#type: Some(mil::tensor_type(Dt::F16, &[2, 16])) },
+                state,
+            ],
+            opset: "CoreML8".into(),
+            block_specializations: [("CoreML8".to_string(), block)].into_iter().collect(),
+            attributes: Default::default(),
+        };
+        let program = proto::Program {
+            version: 1,
+            functions: [("main".to_string(), function)].into_iter().collect(),
+            doc_string: String::new(),
+            attributes: Default::default(),
+        };
+        let model = proto::Model { specification_version: 9, description: None, ml_program: Some(program) };
+        let bytes = model.encode_to_vec();
+        let theirs = <coreml_proto::proto::Model as prost::Message>::decode(bytes.as_slice()).unwrap();
+        assert_eq!(theirs.specification_version, 9);
+        let Some(coreml_proto::proto::model::Type::MlProgram(p)) = theirs.r#type else { panic!("no ML program") };
+        let f = &p.functions["main"];
+        assert_eq!(f.opset, "CoreML8");
+        let ops = &f.block_specializations["CoreML8"].operations;
+        assert_eq!(ops.iter().map(|o| o.r#type.as_str()).collect::<Vec<_>>(), ["const", "linear"]);
+        let val = &ops[0].attributes["val"];
+        let Some(coreml_proto::proto::mil_spec::value::Value::BlobFileValue(blob)) = &val.value else {
+            panic!("64 fp16 values go to the blob file")
+        };
+        assert_eq!((blob.file_name.as_str(), blob.offset), (mil::WEIGHT_FILE_REF, 64));
+        let arg = &ops[1].inputs["weight"].arguments[0];
+        assert!(matches!(
+            &arg.binding,
+            Some(coreml_proto::proto::mil_spec::argument::binding::Binding::Name(n)) if n == &w.name
+        ));
+        let state_ty = f.inputs[1].r#type.as_ref().unwrap().r#type.as_ref().unwrap();
+        assert!(matches!(state_ty, coreml_proto::proto::mil_spec::value_type::Type::StateType(_)));
+        // And back through slmc's own declarations.
+        assert_eq!(decode_model(&bytes).unwrap(), model);
+    }
+
+    #[test]
+    fn q4_blocks_become_shift_and_scale_exactly() {
+        // One Q4_1 block: d = 0.5, m = -2, codes 0..15 and 15..0; and a d = 0 block holding m.
+        let mut bytes = Vec::new();
+        for (d, m) in [(0.5f32, -2.0f32), (0.0, 1.5)] {
+            bytes.extend(half::f16::from_f32(d).to_le_bytes());
+            bytes.extend(half::f16::from_f32(m).to_le_bytes());
+            bytes.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        }
+        let mut reference = vec![0.0f32; 64];
+        slmc_ir::dtype::dequantize_into(DType::Q4_1, &bytes, &mut reference);
+        let (codes, scales, offsets) = q4_blockwise(DType::Q4_1, &bytes);
+        for (i, r) in reference.iter().enumerate() {
+            let b = i / 32;
+            assert_eq!(scales[b] * (codes[i] as f32 - offsets[b]), *r, "element {i}");
+        }
+    }
+
+    #[test]
+    fn int8_rows_stay_within_half_a_step() {
+        let values: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 9.0) * 0.13).collect();
+        let (codes, zeros, scales) = int8_per_row(&values, 32);
+        for (i, v) in values.iter().enumerate() {
+            let r = i / 32;
+            let back = scales[r] * (codes[i] as f32 - zeros[r] as f32);
+            assert!((back - v).abs() <= scales[r] * 0.5 + 1e-6, "element {i}: {back} vs {v}");
+        }
+    }
 }

@@ -211,7 +211,7 @@ impl<'a> Builder<'a> {
         let (name, view) = self.weight_view(id)?;
         let n: usize = view.shape.iter().product();
         let mut values = vec![0.0f32; n];
-        slmc_ir::dtype::dequantize_into(view.dtype, &view.bytes, &mut values);
+        slmc_ir::dtype::dequantize_into(view.dtype, view.bytes, &mut values);
         Ok((name, view.shape.to_vec(), values))
     }
 
@@ -264,7 +264,7 @@ impl<'a> Builder<'a> {
         let (b_name, s_name, c_name) = (format!("{name}.q"), format!("{name}.scales"), format!("{name}.block_offsets"));
         let has_min = dtype.q4_has_min() == Some(true);
         if !self.written.contains_key(&key) {
-            let (codes, scales, offsets) = matmul_nbits_blocks(dtype, &view.bytes, n * blocks_per_row);
+            let (codes, scales, offsets) = matmul_nbits_blocks(dtype, view.bytes, n * blocks_per_row);
             self.external(
                 &b_name,
                 data_type::UINT8,
@@ -347,7 +347,7 @@ impl<'a> Builder<'a> {
         );
         let key = (w, "dequantize");
         if !self.written.contains_key(&key) {
-            let (codes, scales, offsets) = matmul_nbits_blocks(dtype, &view.bytes, n * blocks_per_row);
+            let (codes, scales, offsets) = matmul_nbits_blocks(dtype, view.bytes, n * blocks_per_row);
             // codes: row r, element j at byte (r * k + j) / 2, low nibble when j is even.
             let nibble = |r: usize, j: usize| (codes[(r * k + j) / 2] >> (4 * (j % 2))) & 0xf;
             let mut packed = vec![0u8; (k * n).div_ceil(2)];
@@ -694,7 +694,7 @@ impl<'a> Builder<'a> {
                 chain.extend([r, sl]);
             }
             let Some(x) = source else { continue };
-            if chain.len() != 6 || dims_of(g, x).get(1).copied().flatten() != Some(((hq + 2 * hk) * hd) as usize) {
+            if chain.len() != 6 || dims_of(g, x).get(1).copied().flatten() != Some((hq + 2 * hk) * hd) {
                 continue;
             }
             self.skipped.extend(chain);
