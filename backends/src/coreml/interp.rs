@@ -386,6 +386,13 @@ fn run_step(
     let opt = |k: &str| -> Result<Option<Tensor>, MilError> {
         step.inputs.get(k).and_then(|l| l.first()).map(resolve).transpose()
     };
+    // An input that must name a value (states, and what is written into them).
+    let name_input = |k: &str| -> Result<&String, MilError> {
+        match step.inputs.get(k).and_then(|l| l.first()) {
+            Some(Arg::Name(n)) => Ok(n),
+            _ => Err(err(format!("input `{k}` must name a state or a computed value"))),
+        }
+    };
     let ints = |t: &Tensor| -> Vec<i64> { t.data.iter().map(|v| *v as i64).collect() };
     let axis_of = |a: i64, rank: usize| -> Result<usize, MilError> {
         let r = rank as i64;
@@ -569,18 +576,11 @@ fn run_step(
             batched_matmul(&probs, v, false, false, 1.0, None).map_err(err)?
         }
         "read_state" => {
-            let Some(Arg::Name(n)) = step.inputs.get("input").and_then(|l| l.first()) else {
-                return Err(err("read_state needs a state input".into()));
-            };
+            let n = name_input("input")?;
             return Ok(vec![states.get(n).cloned().ok_or_else(|| err(format!("`{n}` is not a state")))?]);
         }
         "write_state" => {
-            let Some(Arg::Name(n)) = step.inputs.get("input").and_then(|l| l.first()) else {
-                return Err(err("write_state needs a state input".into()));
-            };
-            let Some(Arg::Name(d)) = step.inputs.get("data").and_then(|l| l.first()) else {
-                return Err(err("write_state needs a computed `data` input".into()));
-            };
+            let (n, d) = (name_input("input")?, name_input("data")?);
             let data = env.get(d).cloned().ok_or_else(|| err(format!("`{d}` is not defined before its use")))?;
             let st = states.get_mut(n).ok_or_else(|| err(format!("`{n}` is not a state")))?;
             if st.shape != data.shape || st.dt != data.dt {

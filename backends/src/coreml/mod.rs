@@ -390,6 +390,28 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// A KV-cache function input: fp16 model state (iOS 18) or a plain tensor (iOS 17).
+    fn cache_input(&mut self, name: &str, shape: &[usize], state: bool) -> Var {
+        self.b.reserve(name);
+        let ty = if state { mil::state_type(Dt::F16, shape) } else { mil::tensor_type(Dt::F16, shape) };
+        self.extra_inputs.push(proto::NamedValueType { name: name.into(), r#type: Some(ty) });
+        Var { name: name.into(), dt: Dt::F16, shape: shape.to_vec() }
+    }
+
+    /// `x @ y` (or `x @ y^T`) over equal leading dimensions, fp16.
+    fn matmul(&mut self, hint: &str, x: &Var, y: &Var, transpose_y: bool) -> Var {
+        let r = x.shape.len();
+        let mut shape = x.shape.clone();
+        shape[r - 1] = if transpose_y { y.shape[r - 2] } else { y.shape[r - 1] };
+        let inputs = vec![
+            ("x", Arg::Var(x)),
+            ("y", Arg::Var(y)),
+            ("transpose_x", Arg::Value(mil::bool_value(&[], &[false]))),
+            ("transpose_y", Arg::Value(mil::bool_value(&[], &[transpose_y]))),
+        ];
+        self.b.op("matmul", hint, inputs, Dt::F16, &shape)
+    }
+
     fn tiled_mask(&mut self, group: usize) -> Var {
         if let Some(m) = self.tiled_masks.get(&group) {
             return m.clone();
@@ -464,13 +486,7 @@ impl<'a> Emitter<'a> {
                 let (begin, end) = self.cache_window(hk, d);
                 let mut caches = Vec::new();
                 for (kind, new) in [("key", &k4), ("value", &v4)] {
-                    let state_name = format!("{kind}_cache_{layer}");
-                    self.b.reserve(&state_name);
-                    self.extra_inputs.push(proto::NamedValueType {
-                        name: state_name.clone(),
-                        r#type: Some(mil::state_type(Dt::F16, &[1, hk, c, d])),
-                    });
-                    let state = Var { name: state_name, dt: Dt::F16, shape: vec![1, hk, c, d] };
+                    let state = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], true);
                     let cur = self.b.op(
                         "read_state",
                         &format!("{l}_{kind}_cache"),
@@ -518,13 +534,7 @@ impl<'a> Emitter<'a> {
                 let v4 = self.reshape_named(&format!("new_value_{layer}"), &vt, &[1, hk, t, d]);
                 let mut all = Vec::new();
                 for (kind, new) in [("key", &k4), ("value", &v4)] {
-                    let name = format!("{kind}_cache_{layer}");
-                    self.b.reserve(&name);
-                    self.extra_inputs.push(proto::NamedValueType {
-                        name: name.clone(),
-                        r#type: Some(mil::tensor_type(Dt::F16, &[1, hk, c, d])),
-                    });
-                    let past = Var { name, dt: Dt::F16, shape: vec![1, hk, c, d] };
+                    let past = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], false);
                     all.push(self.concat(&format!("{l}_{kind}_all"), &[&past, new], 2));
                 }
                 self.extra_outputs.push(k4.clone());
@@ -533,23 +543,11 @@ impl<'a> Emitter<'a> {
                 let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale);
                 q4 = self.binary("mul", &format!("{l}_q_scaled"), &q4, &s);
                 let n = c + t;
-                let inputs = vec![
-                    ("x", Arg::Var(&q4)),
-                    ("y", Arg::Var(&all[0])),
-                    ("transpose_x", Arg::Value(mil::bool_value(&[], &[false]))),
-                    ("transpose_y", Arg::Value(mil::bool_value(&[], &[true]))),
-                ];
-                let scores = self.b.op("matmul", &format!("{l}_scores"), inputs, Dt::F16, &[1, hk, g * t, n]);
+                let scores = self.matmul(&format!("{l}_scores"), &q4, &all[0], true);
                 let masked = self.binary("add", &format!("{l}_scores_masked"), &scores, &mask);
                 let inputs = vec![("x", Arg::Var(&masked)), ("axis", Arg::Value(mil::i32_value(&[], &[-1])))];
                 let probs = self.b.op("softmax", &format!("{l}_probs"), inputs, Dt::F16, &[1, hk, g * t, n]);
-                let inputs = vec![
-                    ("x", Arg::Var(&probs)),
-                    ("y", Arg::Var(&all[1])),
-                    ("transpose_x", Arg::Value(mil::bool_value(&[], &[false]))),
-                    ("transpose_y", Arg::Value(mil::bool_value(&[], &[false]))),
-                ];
-                self.b.op("matmul", &format!("{l}_attention"), inputs, Dt::F16, &[1, hk, g * t, d])
+                self.matmul(&format!("{l}_attention"), &probs, &all[1], false)
             }
         };
         let heads = self.reshape(&format!("{l}_attention_heads"), &attended, &[hq, t, d]);
