@@ -82,19 +82,19 @@ fn smollm2_packages_load_in_coremltools() {
 /// interpreter from the files on disk (fp16 results, static steps of 8 tokens padded, the
 /// KV cache as model state), reproduces the goldens on all 8 prompts: argmax wherever the
 /// golden gap is at least 0.02, greedy identical before the first near-tie (gap < 0.02).
+/// (fp16 flips near-ties, so the near-tie itself may differ.)
 #[test]
 fn smollm2_ios18_program_matches_the_goldens() {
     let out = compile(&smollm2_gguf(), "coreml-ios18", "smollm2-ios18", &["--context", "512"]);
     check_smollm2_goldens_within(&out.join("coreml-ios18"), 0.02, &[MIL]);
 }
 
-/// The iOS 17 program re-quantizes the 4-bit blocks (and the 8-bit table) to per-row int8,
-/// which moves logits by about 0.1 (measured): it holds the goldens only at a wider bound,
-/// 0.2 (its teacher-forced argmax left the golden at gaps up to 0.168 on these prompts).
+/// The iOS 17 program (int8 blocks of 32 columns: the 8-bit table exactly, the 4-bit blocks
+/// re-quantized; KV cache in and out) holds the same goldens at the same bound.
 #[test]
-fn smollm2_ios17_program_matches_the_goldens_at_int8_precision() {
+fn smollm2_ios17_program_matches_the_goldens() {
     let out = compile(&smollm2_gguf(), "coreml-ios17", "smollm2-ios17", &["--context", "512"]);
-    check_smollm2_goldens_within(&out.join("coreml-ios17"), 0.2, &[MIL]);
+    check_smollm2_goldens_within(&out.join("coreml-ios17"), 0.02, &[MIL]);
 }
 
 /// The iOS 18 package with the GGUF's 4-bit blocks (and its 8-bit tied table) against the
@@ -117,8 +117,8 @@ fn int4_package_is_at_most_0_6x_the_f16_package() {
 /// The project's checkpoints (f32 and quantized weights, fused Phi-3 projections with
 /// partial rotary, MobileLLM's shared blocks, tied and untied heads): the reference MIL
 /// interpreter's logits against the IR interpreter's on the same optimized graph, within
-/// fp16's precision (the program's activations are fp16), or per-row int8's where iOS 17
-/// re-quantizes 4-bit weights.
+/// fp16's precision (the program's activations are fp16; iOS 17 re-quantizes 4-bit blocks
+/// to 8 bits).
 #[test]
 fn project_checkpoints_match_the_interpreter_within_fp16() {
     let cases: [(PathBuf, usize, &[&str]); 5] = [
@@ -144,8 +144,8 @@ fn project_checkpoints_match_the_interpreter_within_fp16() {
             let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
             eprintln!("{target} {} {flags:?}: max relative logit difference {diff:.2e}", model.display());
-            // fp16 activations: 1e-2. iOS 17 re-quantizes 4-bit blocks to per-row int8
-            // (its only compressed form here), which costs more: 6e-2.
+            // fp16 activations: 1e-2. iOS 17 re-quantizes 4-bit blocks to 8 bits (each weight
+            // within 1/510 of its block's range), which these random weights amplify: 6e-2.
             let tolerance = if target == "coreml-ios17" && !flags.is_empty() { 6e-2 } else { 1e-2 };
             assert!(diff <= tolerance, "{target} {} {flags:?}: logits differ by {diff}", model.display());
         }

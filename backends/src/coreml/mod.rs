@@ -12,8 +12,9 @@
 //!   minimum becomes an fp16 offset), 8-bit blocks likewise; the KV cache is fp16 model state
 //!   (`read_state`, `slice_update` at the step's position, `write_state`) of `context_len`
 //!   positions per layer; attention is `scaled_dot_product_attention`.
-//! - `coreml-ios17` (specification 8, opset CoreML7): quantized weights become per-row int8
-//!   (`constexpr_affine_dequantize`); the KV cache is passed in (`key_cache_N` /
+//! - `coreml-ios17` (specification 8, opset CoreML7): quantized weights become int8 blocks of
+//!   32 columns (`constexpr_affine_dequantize` over a `[blocks, 32]` view, reshaped; ggml
+//!   8-bit blocks exactly, 4-bit blocks within 1/510 of their range); the KV cache is passed in (`key_cache_N` /
 //!   `value_cache_N`, `[1, kv_heads, context_len, head_dim]`) and the step's new keys and
 //!   values come out (`new_key_N` / `new_value_N`, `[1, kv_heads, T, head_dim]`); the mask
 //!   covers the cache and then the step (`[1, 1, T, context_len + T]`); attention is spelled
@@ -107,6 +108,9 @@ pub const WEIGHTS_FILE: &str = "model.mlpackage/Data/com.apple.CoreML/weights/we
 pub const PACKAGE_MANIFEST: &str = "model.mlpackage/Manifest.json";
 /// The MIL program's text form, beside the package.
 pub const MIL_TEXT_FILE: &str = "model.mil";
+
+/// Columns per int8 block on iOS 17 (the ggml block size, so Q8_0 blocks stay exact).
+const INT8_GROUP: usize = 32;
 
 /// fp16's smallest normal number: the floor of the RMSNorm row scale (all-zero rows).
 const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
@@ -202,21 +206,39 @@ impl<'a> Emitter<'a> {
             let inputs = vec![("data", Arg::Value(data)), ("scale", Arg::Value(scale))];
             self.b.op("constexpr_blockwise_shift_scale", &name, inputs, Dt::F16, &shape)
         } else {
-            // Per-row int8 (iOS 17's affine dequantization; also other quantized types).
+            // iOS 17: int8 per (row, 32 columns). Its affine dequantization scales along one
+            // axis only, so the codes are stored as [rows * k / 32, 32] (one scale and zero
+            // point per block) and reshaped, a view, to [rows, k]. Per-row int8 moved logits
+            // by ~0.1 and flipped golden tokens at gaps up to 0.17 (measured).
             let n: usize = shape.iter().product();
             let mut values = vec![0.0f32; n];
             slmc_ir::dtype::dequantize_into(dtype, view.bytes, &mut values);
-            let (codes, zero_points, scales) = int8_per_row(&values, shape[1]);
-            let data = self.b.blob(Dt::U8, &shape, &codes);
-            let zp = self.b.blob(Dt::U8, &[shape[0]], &zero_points);
-            let scale = self.b.f16_value(&[shape[0]], &scales);
+            if shape[1] % INT8_GROUP != 0 {
+                return Err(CoremlError::Unsupported {
+                    node: name.clone(),
+                    message: format!("{} columns are not a multiple of {INT8_GROUP} (iOS 17 int8 blocks)", shape[1]),
+                });
+            }
+            let blocks = n / INT8_GROUP;
+            let (codes, zero_points, scales) =
+                if dtype == DType::Q8_0 { q8_as_uint8(view.bytes) } else { int8_per_row(&values, INT8_GROUP) };
+            let data = self.b.blob(Dt::U8, &[blocks, INT8_GROUP], &codes);
+            let zp = self.b.blob(Dt::U8, &[blocks], &zero_points);
+            let scale = self.b.f16_value(&[blocks], &scales);
             let attrs = vec![
                 ("quantized_data", data),
                 ("zero_point", zp),
                 ("scale", scale),
                 ("axis", mil::i32_value(&[], &[0])),
             ];
-            self.b.constexpr_with_attributes("constexpr_affine_dequantize", &name, attrs, Dt::F16, &shape)
+            let blocked = self.b.constexpr_with_attributes(
+                "constexpr_affine_dequantize",
+                &format!("{name}_blocks"),
+                attrs,
+                Dt::F16,
+                &[blocks, INT8_GROUP],
+            );
+            self.reshape(&name, &blocked, &shape)
         };
         self.weight_vars.insert(name, var.clone());
         Ok(var)
@@ -709,6 +731,13 @@ fn q8_blockwise(bytes: &[u8]) -> (Vec<u8>, Vec<f32>) {
     (codes, scales)
 }
 
+/// ggml Q8_0 blocks as uint8 codes with zero point 128, exactly: d q = d ((q + 128) - 128).
+fn q8_as_uint8(bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+    let (codes, scales) = q8_blockwise(bytes);
+    let zeros = vec![128u8; scales.len()];
+    (codes.iter().map(|c| (*c as i8 as i16 + 128) as u8).collect(), zeros, scales)
+}
+
 /// Per-row asymmetric 8-bit codes for `values [rows, cols]`: value ~ scale * (code - zero)
 /// with the range widened to include 0 and the scale rounded to fp16 before coding.
 pub fn int8_per_row(values: &[f32], cols: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
@@ -996,6 +1025,18 @@ mod tests {
         for (i, r) in reference.iter().enumerate() {
             let b = i / 32;
             assert_eq!(scales[b] * (codes[i] as f32 - offsets[b]), *r, "element {i}");
+        }
+    }
+
+    #[test]
+    fn q8_blocks_become_uint8_exactly() {
+        let mut bytes = half::f16::from_f32(0.25).to_le_bytes().to_vec();
+        bytes.extend((0..32).map(|i| (i as i8 * 8 - 127) as u8));
+        let mut reference = vec![0.0f32; 32];
+        slmc_ir::dtype::dequantize_into(DType::Q8_0, &bytes, &mut reference);
+        let (codes, zeros, scales) = q8_as_uint8(&bytes);
+        for (i, r) in reference.iter().enumerate() {
+            assert_eq!(scales[0] * (codes[i] as f32 - zeros[0] as f32), *r, "element {i}");
         }
     }
 
