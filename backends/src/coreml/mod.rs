@@ -185,9 +185,7 @@ impl<'a> Emitter<'a> {
         let dtype = view.dtype;
         let quantized = !matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
         let var = if shape.len() != 2 || !quantized {
-            let n: usize = shape.iter().product();
-            let mut values = vec![0.0f32; n];
-            slmc_ir::dtype::dequantize_into(dtype, view.bytes, &mut values);
+            let values = self.weights.to_f32(&name).ok_or_else(|| CoremlError::MissingWeight(name.clone()))?;
             self.b.const_f16(&name, &shape, &values)
         } else if self.opts.deployment == Deployment::Ios18 && dtype.q4_has_min().is_some() {
             let (codes, scales, offsets) = q4_blockwise(dtype, view.bytes);
@@ -211,8 +209,6 @@ impl<'a> Emitter<'a> {
             // point per block) and reshaped, a view, to [rows, k]. Per-row int8 moved logits
             // by ~0.1 and flipped golden tokens at gaps up to 0.17 (measured).
             let n: usize = shape.iter().product();
-            let mut values = vec![0.0f32; n];
-            slmc_ir::dtype::dequantize_into(dtype, view.bytes, &mut values);
             if shape[1] % INT8_GROUP != 0 {
                 return Err(CoremlError::Unsupported {
                     node: name.clone(),
@@ -220,8 +216,12 @@ impl<'a> Emitter<'a> {
                 });
             }
             let blocks = n / INT8_GROUP;
-            let (codes, zero_points, scales) =
-                if dtype == DType::Q8_0 { q8_as_uint8(view.bytes) } else { int8_per_row(&values, INT8_GROUP) };
+            let (codes, zero_points, scales) = if dtype == DType::Q8_0 {
+                q8_as_uint8(view.bytes)
+            } else {
+                let values = self.weights.to_f32(&name).ok_or_else(|| CoremlError::MissingWeight(name.clone()))?;
+                int8_per_row(&values, INT8_GROUP)
+            };
             let data = self.b.blob(Dt::U8, &[blocks, INT8_GROUP], &codes);
             let zp = self.b.blob(Dt::U8, &[blocks], &zero_points);
             let scale = self.b.f16_value(&[blocks], &scales);
@@ -254,11 +254,11 @@ impl<'a> Emitter<'a> {
     }
 
     fn reshape(&mut self, hint: &str, x: &Var, shape: &[usize]) -> Var {
-        let s: Vec<i32> = shape.iter().map(|d| *d as i32).collect();
-        let sv = mil::i32_value(&[s.len()], &s);
-        self.b.op("reshape", hint, vec![("x", Arg::Var(x)), ("shape", Arg::Value(sv))], x.dt, shape)
+        let name = self.b.fresh(hint);
+        self.reshape_named(&name, x, shape)
     }
 
+    /// A reshape whose result has exactly `name` (function outputs).
     fn reshape_named(&mut self, name: &str, x: &Var, shape: &[usize]) -> Var {
         let s: Vec<i32> = shape.iter().map(|d| *d as i32).collect();
         let sv = mil::i32_value(&[s.len()], &s);
@@ -781,6 +781,22 @@ fn stable_uuid(seed: &[u8], n: u8) -> String {
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
+/// A program with one function `main` holding `block` for `opset`.
+fn main_program(opset: &str, inputs: Vec<proto::NamedValueType>, block: proto::Block) -> proto::Program {
+    let function = proto::Function {
+        inputs,
+        opset: opset.to_string(),
+        block_specializations: [(opset.to_string(), block)].into_iter().collect(),
+        attributes: BTreeMap::new(),
+    };
+    proto::Program {
+        version: 1,
+        functions: [("main".to_string(), function)].into_iter().collect(),
+        doc_string: String::new(),
+        attributes: BTreeMap::new(),
+    }
+}
+
 /// Writes the `.mlpackage` for a graph (input `tokens`, output `logits`).
 pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) -> Result<CoremlOutput, CoremlError> {
     slmc_ir::verify(graph)?;
@@ -848,19 +864,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) 
         operations: std::mem::take(&mut e.b.ops),
         attributes: BTreeMap::new(),
     };
-    let opset = opts.deployment.opset().to_string();
-    let function = proto::Function {
-        inputs: fn_inputs,
-        opset: opset.clone(),
-        block_specializations: [(opset, block)].into_iter().collect(),
-        attributes: BTreeMap::new(),
-    };
-    let program = proto::Program {
-        version: 1,
-        functions: [("main".to_string(), function)].into_iter().collect(),
-        doc_string: String::new(),
-        attributes: BTreeMap::new(),
-    };
+    let program = main_program(opts.deployment.opset(), fn_inputs, block);
     let placement = placement::estimate(&program);
 
     // The model description mirrors the function's signature.
@@ -970,21 +974,9 @@ mod tests {
             operations: b.ops,
             attributes: Default::default(),
         };
-        let function = proto::Function {
-            inputs: vec![
-                proto::NamedValueType { name: "x".into(), r#type: Some(mil::tensor_type(Dt::F16, &[2, 16])) },
-                state,
-            ],
-            opset: "CoreML8".into(),
-            block_specializations: [("CoreML8".to_string(), block)].into_iter().collect(),
-            attributes: Default::default(),
-        };
-        let program = proto::Program {
-            version: 1,
-            functions: [("main".to_string(), function)].into_iter().collect(),
-            doc_string: String::new(),
-            attributes: Default::default(),
-        };
+        let inputs =
+            vec![proto::NamedValueType { name: "x".into(), r#type: Some(mil::tensor_type(Dt::F16, &[2, 16])) }, state];
+        let program = main_program("CoreML8", inputs, block);
         let model = proto::Model { specification_version: 9, description: None, ml_program: Some(program) };
         let bytes = model.encode_to_vec();
         let theirs = <coreml_proto::proto::Model as prost::Message>::decode(bytes.as_slice()).unwrap();
