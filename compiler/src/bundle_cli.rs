@@ -36,6 +36,11 @@ pub struct CompileArgs {
     /// goldens); 4 quantizes activations to int8 per block (faster, flips tokens).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
     pub onnx_accuracy_level: i64,
+    /// ONNX accuracy level of the LM head: 4 runs an 8-bit head (SmolLM2's tied Q8_0 table)
+    /// as 8-bit MatMulNBits on int8 activations, a quarter of the bytes of an f32 Gemm (the
+    /// goldens still hold); 0 keeps f32 activations (and an f32 Gemm for 8-bit heads).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(0..=4))]
+    pub onnx_head_accuracy_level: i64,
     /// The model version the manifest records (default: the start of the checkpoint's sha256).
     #[arg(long)]
     pub model_version: Option<String>,
@@ -132,6 +137,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         "max_step_tokens": args.max_step_tokens,
         "max_binding_bytes": args.max_binding_bytes,
         "onnx_accuracy_level": args.onnx_accuracy_level,
+        "onnx_head_accuracy_level": args.onnx_head_accuracy_level,
         "model_version": model_version,
         "smoke_check": !args.skip_smoke_check,
     });
@@ -181,6 +187,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             force: args.force,
             max_binding_bytes: args.max_binding_bytes,
             onnx_accuracy_level: args.onnx_accuracy_level,
+            onnx_head_accuracy_level: args.onnx_head_accuracy_level,
             model_version: model_version.clone(),
             source_sha256: source_sha256.clone(),
             options: options.clone(),

@@ -118,6 +118,9 @@ pub struct OnnxArtifact {
     pub head_dim: usize,
     /// MatMulNBits accuracy level (0: f32 activations; 4: int8 activations).
     pub accuracy_level: i64,
+    /// The LM head's accuracy level (4: an 8-bit head runs on int8 activations).
+    #[serde(default)]
+    pub head_accuracy_level: i64,
     /// The graph file, its external data, with sha256 and size, checked before ONNX
     /// Runtime reads them.
     pub files: Vec<FileDigest>,

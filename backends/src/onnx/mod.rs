@@ -19,7 +19,11 @@
 //! past cache, MatMul, Where, Softmax), RMSNorm from Pow/ReduceMean/Sqrt/Div/Mul.
 //!
 //! MatMulNBits `accuracy_level` defaults to 0 (f32 activations): level 4 quantizes the
-//! activations to int8 per block, which is faster and flips greedy tokens.
+//! activations to int8 per block, which is faster and flips greedy tokens. The LM head has
+//! its own level (default 4): an 8-bit head (GGUF Q8_0, SmolLM2's tied table) then runs as
+//! 8-bit MatMulNBits on int8 activations, a quarter of the f32 Gemm's bytes per token, and
+//! the embedding gathers the same codes (GatherBlockQuantized); the goldens still hold. ONNX
+//! Runtime's 8-bit kernel on f32 activations is its slow path, so level 0 keeps the f32 Gemm.
 
 pub mod proto;
 
@@ -57,6 +61,9 @@ pub struct OnnxOptions {
     pub context_len: usize,
     /// MatMulNBits `accuracy_level`: 0 (f32 activations, the default) or 4 (int8).
     pub accuracy_level: i64,
+    /// The LM head's accuracy level (0 or 4); 8-bit heads need 4 for ONNX Runtime's fast
+    /// kernel and take an f32 Gemm at 0.
+    pub head_accuracy_level: i64,
 }
 
 /// The model's shape as the runtime and genai_config.json need it.
@@ -68,6 +75,10 @@ pub struct OnnxModelInfo {
     pub head_dim: usize,
     pub hidden: usize,
     pub vocab: usize,
+    /// Every layer's attention is GroupQueryAttention, which can write the new keys and
+    /// values into the past buffer in place (onnxruntime-genai's `past_present_share_buffer`);
+    /// the standard-ops attention concatenates and cannot.
+    pub kv_buffer_shareable: bool,
 }
 
 pub struct OnnxOutput {
@@ -109,6 +120,10 @@ struct Builder<'a> {
     /// later `add(a, b)` reuses instead of adding again.
     skip_sums: HashMap<(NodeId, NodeId), String>,
     gqa_inputs_made: bool,
+    /// The LM head's weight (the matrix of the linear that produces `logits`).
+    head_weight: Option<NodeId>,
+    /// Layers lowered to the standard-ops attention.
+    explicit_attention_layers: usize,
 }
 
 /// Cache inputs/outputs and the result name of one attention layer.
@@ -236,6 +251,18 @@ impl<'a> Builder<'a> {
             return Err(self.err(w, "a linear weight must be a matrix"));
         };
         let dtype = view.dtype;
+        if self.q8_matmul_nbits(w) {
+            let (codes, scales) = self.q8_codes(w)?;
+            let attrs = vec![
+                attr_int("K", k as i64),
+                attr_int("N", n as i64),
+                attr_int("bits", 8),
+                attr_int("block_size", 32),
+                attr_int("accuracy_level", self.accuracy_level_of(w)),
+            ];
+            self.node("MatMulNBits", "com.microsoft", &[x, &codes, &scales], &[out], attrs);
+            return Ok(());
+        }
         let nbits = match dtype {
             DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => 4,
             _ => 0,
@@ -291,7 +318,7 @@ impl<'a> Builder<'a> {
             attr_int("N", n as i64),
             attr_int("bits", nbits as i64),
             attr_int("block_size", group as i64),
-            attr_int("accuracy_level", self.opts.accuracy_level),
+            attr_int("accuracy_level", self.accuracy_level_of(w)),
         ];
         if !has_min {
             self.node("MatMulNBits", "com.microsoft", &[x, &b_name, &s_name], &[out], attrs);
@@ -303,6 +330,78 @@ impl<'a> Builder<'a> {
         let main = self.fresh(&format!("{out}/nbits"));
         self.node("MatMulNBits", "com.microsoft", &[x, &b_name, &s_name], &[&main], attrs);
         self.add_block_offsets(x, &main, &c_name, (blocks_per_row, group), out);
+        Ok(())
+    }
+
+    fn accuracy_level_of(&self, w: NodeId) -> i64 {
+        if Some(w) == self.head_weight {
+            self.opts.head_accuracy_level
+        } else {
+            self.opts.accuracy_level
+        }
+    }
+
+    /// Whether 8-bit blocks of `w` run as 8-bit MatMulNBits: only with int8 activations
+    /// (ONNX Runtime 1.31's 8-bit kernel on f32 activations dequantizes every call, 30x slower
+    /// than an f32 Gemm here).
+    fn q8_matmul_nbits(&self, w: NodeId) -> bool {
+        self.opts.profile == OnnxProfile::OrtContrib
+            && self.accuracy_level_of(w) == 4
+            && matches!(self.weight_view(w), Ok((_, v)) if v.dtype == DType::Q8_0 && v.shape.len() == 2)
+    }
+
+    /// Q8_0 blocks of a `[n, k]` weight as MatMulNBits' 8-bit `[n, k / 32, 32]` codes (the
+    /// int8 values + 128, read with the default zero point 128) and f32 scales `[n k / 32]`,
+    /// written once. Exact: each value is d (c - 128) = d q.
+    fn q8_codes(&mut self, w: NodeId) -> Result<(String, String), OnnxError> {
+        let (name, view) = self.weight_view(w)?;
+        let (codes_name, scales_name) = (format!("{name}.q8"), format!("{name}.q8_scales"));
+        if !self.written.contains_key(&(w, "q8")) {
+            let [n, k] = view.shape[..] else {
+                return Err(self.err(w, "8-bit blocks need a matrix"));
+            };
+            let mut codes = Vec::with_capacity(n * k);
+            let mut scales = Vec::with_capacity(n * k / 32);
+            for b in view.bytes.chunks_exact(DType::Q8_0.block_bytes()) {
+                scales.extend_from_slice(&slmc_ir::dtype::f16_at(b, 0).to_le_bytes());
+                codes.extend(b[2..].iter().map(|q| (*q as i8 as i16 + 128) as u8));
+            }
+            self.external(&codes_name, data_type::UINT8, &[n as i64, (k / 32) as i64, 32], &codes);
+            self.external(&scales_name, data_type::FLOAT, &[(n * k / 32) as i64], &scales);
+            self.written.insert((w, "q8"), codes_name.clone());
+        }
+        Ok((codes_name, scales_name))
+    }
+
+    /// Embedding rows gathered from the 8-bit codes MatMulNBits reads for the tied LM head
+    /// (GatherBlockQuantized over `[n, k / 32, 32]`, scales `[n, k / 32, 1]`), so the table
+    /// is stored once, in 8 bits. Exact, like the Q8_0 dequantization.
+    fn gather_q8(&mut self, table: NodeId, ids: &str, out: &str) -> Result<(), OnnxError> {
+        let (name, view) = self.weight_view(table)?;
+        let [n, k] = view.shape[..] else {
+            return Err(self.err(table, "an embedding table must be a matrix"));
+        };
+        let (codes, _) = self.q8_codes(table)?;
+        let scales = format!("{name}.q8_gather_scales");
+        if !self.written.contains_key(&(table, "q8_gather")) {
+            let bytes: Vec<u8> = view
+                .bytes
+                .chunks_exact(DType::Q8_0.block_bytes())
+                .flat_map(|b| slmc_ir::dtype::f16_at(b, 0).to_le_bytes())
+                .collect();
+            self.external(&scales, data_type::FLOAT, &[n as i64, (k / 32) as i64, 1], &bytes);
+            self.written.insert((table, "q8_gather"), scales.clone());
+        }
+        let blocks = self.fresh(&format!("{out}/blocks"));
+        let attrs = vec![
+            attr_int("gather_axis", 0),
+            attr_int("quantize_axis", 2),
+            attr_int("block_size", 32),
+            attr_int("bits", 8),
+        ];
+        self.node("GatherBlockQuantized", "com.microsoft", &[&codes, ids, &scales], &[&blocks], attrs);
+        let shape = self.inline_i64("shape", &[0, -1, k as i64], false);
+        self.node("Reshape", "", &[&blocks, &shape], &[out], vec![]);
         Ok(())
     }
 
@@ -717,9 +816,18 @@ impl<'a> Builder<'a> {
             Op::Input { name } => return Err(self.err(id, format!("unexpected graph input `{name}`"))),
             Op::Weight { .. } | Op::Positions => {} // read by their users; GQA derives positions
             Op::Embed => {
-                let table = self.f32_matrix(node.inputs[0])?;
                 let ids = self.name_of(node.inputs[1])?;
-                self.node("Gather", "", &[&table, &ids], &[&out], vec![]);
+                let table = node.inputs[0];
+                // Gather from the 8-bit codes when the LM head reads them anyway, or when
+                // nothing needs the f32 table.
+                let f32_table_needed = Some(table) == self.head_weight && !self.q8_matmul_nbits(table);
+                let q8_table = matches!(self.weight_view(table), Ok((_, v)) if v.dtype == DType::Q8_0);
+                if self.opts.profile == OnnxProfile::OrtContrib && q8_table && !f32_table_needed {
+                    self.gather_q8(table, &ids, &out)?;
+                } else {
+                    let table = self.f32_matrix(table)?;
+                    self.node("Gather", "", &[&table, &ids], &[&out], vec![]);
+                }
             }
             Op::RmsNorm { eps } => {
                 let x = self.name_of(node.inputs[0])?;
@@ -832,6 +940,7 @@ impl<'a> Builder<'a> {
                     let k = self.name_of(node.inputs[1])?;
                     let v = self.name_of(node.inputs[2])?;
                     let io = AttentionIo { past_k, past_v, present_k, present_v, out: out.clone() };
+                    self.explicit_attention_layers += 1;
                     self.explicit_attention(&q, &k, &v, (hq, hk, hd), *scale, rotary, io);
                     self.names.insert(id, out);
                     return Ok(());
@@ -937,16 +1046,22 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         packed_qkv: HashMap::new(),
         skip_sums: HashMap::new(),
         gqa_inputs_made: false,
+        head_weight: None,
+        explicit_attention_layers: 0,
     };
+    let logits_id = graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id).ok_or_else(|| {
+        OnnxError::Unsupported { node: "logits".into(), message: "the graph needs an output `logits`".into() }
+    })?;
+    let logits_node = graph.node(logits_id);
+    if matches!(logits_node.op, Op::Linear) {
+        b.head_weight = logits_node.inputs.get(1).copied();
+    }
     if opts.profile == OnnxProfile::OrtContrib {
         b.find_packed_attention();
     }
     for id in slmc_ir::text::print_order(graph) {
         b.lower_node(id)?;
     }
-    let logits_id = graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id).ok_or_else(|| {
-        OnnxError::Unsupported { node: "logits".into(), message: "the graph needs an output `logits`".into() }
-    })?;
     let logits = b.name_of(logits_id)?;
     b.node("Identity", "", &[&logits], &["logits"], vec![]);
     let vocab = dims_of(graph, logits_id).last().copied().flatten().unwrap_or(0);
@@ -1004,6 +1119,8 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
     let mut files = BTreeMap::new();
     files.insert(MODEL_FILE.to_string(), model.encode_to_vec());
     files.insert(DATA_FILE.to_string(), b.data);
-    let info = OnnxModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, hidden, vocab };
+    let kv_buffer_shareable = b.explicit_attention_layers == 0;
+    let info =
+        OnnxModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, hidden, vocab, kv_buffer_shareable };
     Ok(OnnxOutput { info, files })
 }
