@@ -4,4 +4,5 @@
 
 pub mod coreml;
 pub mod gpu;
+pub mod lowering;
 pub mod onnx;

@@ -33,17 +33,7 @@ use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, WeightSource};
 
 use mil::{Arg, Builder, Dt, Var};
 
-#[derive(Debug, thiserror::Error)]
-pub enum CoremlError {
-    #[error("%{node}: op `{op}` has no Core ML lowering (the `gpu` pipeline fuses rope/kv_append/attention into gqa)")]
-    UnsupportedOp { node: String, op: &'static str },
-    #[error("%{node}: {message}")]
-    Unsupported { node: String, message: String },
-    #[error("weight \"{0}\" is not in the weight store")]
-    MissingWeight(String),
-    #[error("the graph does not verify: {0}")]
-    Verify(#[from] slmc_ir::VerifyError),
-}
+pub use crate::lowering::LoweringError as CoremlError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deployment {
@@ -674,7 +664,7 @@ impl<'a> Emitter<'a> {
                 self.attention(id, *layer, *scale, rotary, (q, k, v), (hq, hk, d))?
             }
             op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
-                return Err(CoremlError::UnsupportedOp { node: node.name.clone(), op: op.mnemonic() })
+                return Err(CoremlError::UnsupportedOp { backend: "Core ML", node: node.name.clone(), op: op.mnemonic() })
             }
         };
         self.vars.insert(id, out);
@@ -834,20 +824,11 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) 
     for id in slmc_ir::text::print_order(graph) {
         e.lower_node(id)?;
     }
-    let logits_id = graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id).ok_or_else(|| {
-        CoremlError::Unsupported { node: "logits".into(), message: "the graph needs an output `logits`".into() }
-    })?;
+    let logits_id = crate::lowering::logits_output(graph)?;
     let last = e.var(logits_id)?;
     let vocab = *last.shape.last().unwrap_or(&0);
     let logits = e.reshape_named("logits", &last, &[1, t, vocab]);
-    let (&_, &(hq, hk, hd)) = e.layers.iter().next().ok_or_else(|| CoremlError::Unsupported {
-        node: "gqa".into(),
-        message: "the graph has no attention layer".into(),
-    })?;
-    let n_layers = e.layers.len();
-    if e.layers.keys().copied().ne(0..n_layers) {
-        return Err(CoremlError::Unsupported { node: "gqa".into(), message: "layers are not numbered 0..n".into() });
-    }
+    let ((hq, hk, hd), n_layers) = crate::lowering::attention_layers(&e.layers)?;
 
     // Function inputs: the step, then (iOS 18) states or (iOS 17) past caches.
     let mut fn_inputs: Vec<proto::NamedValueType> = [&input_ids, &position_ids, &causal_mask]

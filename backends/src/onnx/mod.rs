@@ -34,17 +34,7 @@ use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, WeightSource};
 
 use proto::{attr_float, attr_int, data_type, value_info, Dim, NodeProto, TensorProto};
 
-#[derive(Debug, thiserror::Error)]
-pub enum OnnxError {
-    #[error("%{node}: op `{op}` has no ONNX lowering (the `gpu` pipeline fuses rope/kv_append/attention into gqa)")]
-    UnsupportedOp { node: String, op: &'static str },
-    #[error("%{node}: {message}")]
-    Unsupported { node: String, message: String },
-    #[error("weight \"{0}\" is not in the weight store")]
-    MissingWeight(String),
-    #[error("the graph does not verify: {0}")]
-    Verify(#[from] slmc_ir::VerifyError),
-}
+pub use crate::lowering::LoweringError as OnnxError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnnxProfile {
@@ -222,24 +212,19 @@ impl<'a> Builder<'a> {
         Ok((name.clone(), view))
     }
 
-    fn weight_f32(&self, id: NodeId) -> Result<(String, Vec<usize>, Vec<f32>), OnnxError> {
-        let (name, view) = self.weight_view(id)?;
-        let n: usize = view.shape.iter().product();
-        let mut values = vec![0.0f32; n];
-        slmc_ir::dtype::dequantize_into(view.dtype, view.bytes, &mut values);
-        Ok((name, view.shape.to_vec(), values))
-    }
-
-    /// A vector weight (norm scale, bias) as an f32 initializer.
-    fn vector(&mut self, id: NodeId) -> Result<String, OnnxError> {
-        if let Some(n) = self.written.get(&(id, "vector")) {
+    /// A weight dequantized to an f32 initializer of its own shape, written once (vectors
+    /// such as norm scales and biases, and matrices such as an f32 table shared by Gather and
+    /// Gemm).
+    fn f32_initializer(&mut self, id: NodeId) -> Result<String, OnnxError> {
+        if let Some(n) = self.written.get(&(id, "f32")) {
             return Ok(n.clone());
         }
-        let (name, shape, values) = self.weight_f32(id)?;
-        let dims: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+        let (name, view) = self.weight_view(id)?;
+        let dims: Vec<i64> = view.shape.iter().map(|d| *d as i64).collect();
+        let values = self.weights.to_f32(&name).ok_or_else(|| OnnxError::MissingWeight(name.clone()))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.external(&name, data_type::FLOAT, &dims, &bytes);
-        self.written.insert((id, "vector"), name.clone());
+        self.written.insert((id, "f32"), name.clone());
         Ok(name)
     }
 
@@ -272,7 +257,7 @@ impl<'a> Builder<'a> {
             // table itself, so a tied embedding/LM head is stored once for Gather and Gemm.
             // (MatMulNBits with 8 bits, and with float zero points, ran on ONNX Runtime's
             // slow dequantize-every-call path here.)
-            let t = self.f32_matrix(w)?;
+            let t = self.f32_initializer(w)?;
             let s2 = self.inline_i64("shape", &[-1, k as i64], false);
             let flat = self.fresh(&format!("{out}/rows"));
             self.node("Reshape", "", &[x, &s2], &[&flat], vec![]);
@@ -709,20 +694,6 @@ impl<'a> Builder<'a> {
         self.node("Transpose", "", &[&heads], &[&out], vec![proto::attr_ints("perm", &bnsh)]);
     }
 
-    /// A weight as an f32 `[rows, cols]` initializer (written once, shared by its users).
-    fn f32_matrix(&mut self, id: NodeId) -> Result<String, OnnxError> {
-        let key = (id, "f32");
-        if let Some(t) = self.written.get(&key) {
-            return Ok(t.clone());
-        }
-        let (name, shape, values) = self.weight_f32(id)?;
-        let dims: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.external(&name, data_type::FLOAT, &dims, &bytes);
-        self.written.insert(key, name.clone());
-        Ok(name)
-    }
-
     fn rope_tables(&mut self, rotary: &slmc_ir::Rotary) -> (String, String) {
         let key = format!("{rotary:?}");
         if let Some(t) = self.rope_tables.get(&key) {
@@ -825,19 +796,19 @@ impl<'a> Builder<'a> {
                 if self.opts.profile == OnnxProfile::OrtContrib && q8_table && !f32_table_needed {
                     self.gather_q8(table, &ids, &out)?;
                 } else {
-                    let table = self.f32_matrix(table)?;
+                    let table = self.f32_initializer(table)?;
                     self.node("Gather", "", &[&table, &ids], &[&out], vec![]);
                 }
             }
             Op::RmsNorm { eps } => {
                 let x = self.name_of(node.inputs[0])?;
-                let w = self.vector(node.inputs[1])?;
+                let w = self.f32_initializer(node.inputs[1])?;
                 self.rms_norm(&x, &w, *eps, &out);
             }
             Op::AddRmsNorm { eps } => {
                 let a = self.name_of(node.inputs[0])?;
                 let b = self.name_of(node.inputs[1])?;
-                let w = self.vector(node.inputs[2])?;
+                let w = self.f32_initializer(node.inputs[2])?;
                 if self.opts.profile == OnnxProfile::OrtContrib {
                     let sum = format!("{out}/sum");
                     self.node(
@@ -881,7 +852,7 @@ impl<'a> Builder<'a> {
                 let a = self.name_of(node.inputs[0])?;
                 let b_id = node.inputs[1];
                 let b = if matches!(graph.node(b_id).op, Op::Weight { .. }) {
-                    self.vector(b_id)?
+                    self.f32_initializer(b_id)?
                 } else {
                     self.name_of(b_id)?
                 };
@@ -988,7 +959,7 @@ impl<'a> Builder<'a> {
                 self.node("Reshape", "", &[&attn, &s], &[&out], vec![]);
             }
             op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
-                return Err(OnnxError::UnsupportedOp { node: node.name.clone(), op: op.mnemonic() })
+                return Err(OnnxError::UnsupportedOp { backend: "ONNX", node: node.name.clone(), op: op.mnemonic() })
             }
         }
         if !matches!(node.op, Op::Input { .. } | Op::Weight { .. } | Op::Positions) {
@@ -1049,9 +1020,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         head_weight: None,
         explicit_attention_layers: 0,
     };
-    let logits_id = graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id).ok_or_else(|| {
-        OnnxError::Unsupported { node: "logits".into(), message: "the graph needs an output `logits`".into() }
-    })?;
+    let logits_id = crate::lowering::logits_output(graph)?;
     let logits_node = graph.node(logits_id);
     if matches!(logits_node.op, Op::Linear) {
         b.head_weight = logits_node.inputs.get(1).copied();
@@ -1070,14 +1039,7 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) ->
         .find(|(_, n)| matches!(n.op, Op::Embed))
         .and_then(|(id, _)| dims_of(graph, id).last().copied().flatten())
         .unwrap_or(0);
-    let (&_, &(hq, hk, hd)) = b.layers.iter().next().ok_or_else(|| OnnxError::Unsupported {
-        node: "gqa".into(),
-        message: "the graph has no attention layer".into(),
-    })?;
-    let n_layers = b.layers.len();
-    if b.layers.keys().copied().ne(0..n_layers) {
-        return Err(OnnxError::Unsupported { node: "gqa".into(), message: "layers are not numbered 0..n".into() });
-    }
+    let ((hq, hk, hd), n_layers) = crate::lowering::attention_layers(&b.layers)?;
 
     use Dim::{Fixed, Named};
     let mut inputs = vec![
