@@ -124,6 +124,7 @@ pub fn compile_target(
                 head_dim: out.info.head_dim,
                 accuracy_level: opts.onnx_accuracy_level,
                 head_accuracy_level: opts.onnx_head_accuracy_level,
+                kv_buffer_shared: out.info.kv_buffer_shareable,
                 files: files_meta,
             };
             let mut files = out.files;
@@ -454,7 +455,7 @@ fn genai_config(
             "top_k": 1,
             "top_p": 1.0,
             "temperature": 1.0,
-            "past_present_share_buffer": info.kv_buffer_shareable,
+            "past_present_share_buffer": manifest.kv_buffer_shared,
         },
     });
     Ok((serde_json::to_string_pretty(&config)? + "\n").into_bytes())

@@ -1,13 +1,18 @@
 //! The ONNX Runtime executor: loads an ONNX artifact (`artifact.json`, `model.onnx`,
 //! `model.onnx.data`) through the `ort` crate with ONNX Runtime loaded at run time, after
-//! checking every file's size and sha256 against the manifest, and keeps the KV cache as
-//! the session's `present.N.*` outputs fed back as `past_key_values.N.*`.
+//! checking every file's size and sha256 against the manifest. When every layer's attention
+//! is GroupQueryAttention (`kv_buffer_shared` in the manifest), the KV cache is one buffer of
+//! the artifact's context per layer, bound as both `past_key_values.N.*` and `present.N.*`,
+//! which GroupQueryAttention appends to in place (as onnxruntime-genai's
+//! `past_present_share_buffer`); otherwise the `present.N.*` outputs are fed back as the
+//! next step's past (ONNX Runtime copies the whole cache on every step).
 //!
 //! The shared library: `$ORT_DYLIB_PATH`, else `$SLMC_CACHE/onnxruntime/libonnxruntime.so*`
 //! (installed by scripts/setup from the PyPI wheel).
 
 use std::path::{Path, PathBuf};
 
+use ort::session::IoBinding;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 use slmc_targets::artifact::{OnnxArtifact, ONNX_ARTIFACT_FORMAT};
@@ -89,8 +94,7 @@ fn environment() -> Result<&'static ort::environment::Environment, OnnxExecError
 pub struct OnnxExecutor {
     artifact: OnnxArtifact,
     session: Session,
-    /// `present.N.key/value` of the last step, fed back as the next step's past.
-    past: Vec<(DynValue, DynValue)>,
+    cache: Cache,
     past_len: usize,
 }
 
@@ -113,7 +117,8 @@ impl OnnxExecutor {
         }
         let session =
             builder.commit_from_file(&model).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
-        let mut exec = OnnxExecutor { artifact, session, past: Vec::new(), past_len: 0 };
+        let cache = if artifact.kv_buffer_shared { shared_cache(&artifact, &session)? } else { Cache::Fed(Vec::new()) };
+        let mut exec = OnnxExecutor { artifact, session, cache, past_len: 0 };
         exec.reset();
         Ok(exec)
     }
@@ -146,28 +151,36 @@ impl Executor for OnnxExecutor {
         let ids: Vec<i64> = tokens.iter().map(|t| *t as i64).collect();
         let input_ids = Tensor::from_array(([1i64, s as i64], ids)).map_err(ort_err)?;
         let mask = Tensor::from_array(([1i64, total as i64], vec![1i64; total])).map_err(ort_err)?;
-        let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> =
-            vec![("input_ids".into(), input_ids.into()), ("attention_mask".into(), mask.into())];
-        for (layer, (k, v)) in self.past.iter().enumerate() {
-            inputs.push((format!("past_key_values.{layer}.key"), k.view().into()));
-            inputs.push((format!("past_key_values.{layer}.value"), v.view().into()));
-        }
-        let mut outputs = self.session.run(inputs).map_err(ort_err)?;
-        let logits = outputs
-            .get("logits")
-            .ok_or_else(|| ort_err("no `logits` output"))?
-            .try_extract_tensor::<f32>()
-            .map_err(ort_err)?
-            .1
-            .to_vec();
-        let mut present = Vec::with_capacity(self.artifact.layers);
-        for layer in 0..self.artifact.layers {
-            let k = outputs.remove(format!("present.{layer}.key")).ok_or_else(|| ort_err("missing present key"))?;
-            let v = outputs.remove(format!("present.{layer}.value")).ok_or_else(|| ort_err("missing present value"))?;
-            present.push((k, v));
-        }
-        drop(outputs);
-        self.past = present;
+        let logits = match &mut self.cache {
+            Cache::Shared { binding, .. } => {
+                binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
+                binding.bind_input("attention_mask", &mask).map_err(ort_err)?;
+                // Rebound every step: a bound output keeps its first shape, and steps differ.
+                binding.bind_output_to_device("logits", self.session.allocator().memory_info()).map_err(ort_err)?;
+                let outputs = self.session.run_binding(binding).map_err(ort_err)?;
+                logits_of(&outputs)?
+            }
+            Cache::Fed(past) => {
+                let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> =
+                    vec![("input_ids".into(), input_ids.into()), ("attention_mask".into(), mask.into())];
+                for (layer, (k, v)) in past.iter().enumerate() {
+                    inputs.push((format!("past_key_values.{layer}.key"), k.view().into()));
+                    inputs.push((format!("past_key_values.{layer}.value"), v.view().into()));
+                }
+                let mut outputs = self.session.run(inputs).map_err(ort_err)?;
+                let logits = logits_of(&outputs)?;
+                let mut present = Vec::with_capacity(self.artifact.layers);
+                for layer in 0..self.artifact.layers {
+                    let k = outputs.remove(format!("present.{layer}.key")).ok_or_else(|| ort_err("missing present key"))?;
+                    let v =
+                        outputs.remove(format!("present.{layer}.value")).ok_or_else(|| ort_err("missing present value"))?;
+                    present.push((k, v));
+                }
+                drop(outputs);
+                *past = present;
+                logits
+            }
+        };
         self.past_len = total;
         if logits.len() != s * self.vocab_size() {
             return Err(ort_err(format!("logits of {} values for {s} tokens", logits.len())).into());
@@ -176,11 +189,42 @@ impl Executor for OnnxExecutor {
     }
 
     fn reset(&mut self) {
-        self.past = self.empty_cache().expect("an empty f32 tensor is always creatable");
+        // A shared buffer needs no clearing: attention reads only the positions the mask counts.
+        if let Cache::Fed(_) = self.cache {
+            self.cache = Cache::Fed(self.empty_cache().expect("an empty f32 tensor is always creatable"));
+        }
         self.past_len = 0;
     }
 
     fn past_len(&self) -> usize {
         self.past_len
     }
+}
+
+enum Cache {
+    /// `present.N.key/value` of the last step, fed back as the next step's past.
+    Fed(Vec<(DynValue, DynValue)>),
+    /// Per layer one `[1, kv_heads, context, head_dim]` key and value buffer, bound as both
+    /// past and present (the binding holds them).
+    Shared { binding: IoBinding },
+}
+
+/// Buffers of the artifact's whole context, zeroed, bound as past and present of every layer.
+fn shared_cache(artifact: &OnnxArtifact, session: &Session) -> Result<Cache, OnnxExecError> {
+    let mut binding = session.create_binding().map_err(ort_err)?;
+    let shape = [1i64, artifact.kv_heads as i64, artifact.model.context_len as i64, artifact.head_dim as i64];
+    for layer in 0..artifact.layers {
+        for kind in ["key", "value"] {
+            let mut buffer = Tensor::<f32>::new(session.allocator(), shape).map_err(ort_err)?;
+            buffer.extract_tensor_mut().1.fill(0.0);
+            binding.bind_input(format!("past_key_values.{layer}.{kind}"), &buffer).map_err(ort_err)?;
+            binding.bind_output(format!("present.{layer}.{kind}"), buffer).map_err(ort_err)?;
+        }
+    }
+    Ok(Cache::Shared { binding })
+}
+
+fn logits_of(outputs: &ort::session::SessionOutputs<'_>) -> Result<Vec<f32>, OnnxExecError> {
+    let logits = outputs.get("logits").ok_or_else(|| ort_err("no `logits` output"))?;
+    Ok(logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec())
 }

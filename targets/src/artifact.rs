@@ -121,6 +121,10 @@ pub struct OnnxArtifact {
     /// The LM head's accuracy level (4: an 8-bit head runs on int8 activations).
     #[serde(default)]
     pub head_accuracy_level: i64,
+    /// Every layer's attention appends to its past buffer in place, so one buffer of the
+    /// whole context can serve as past and present (`past_present_share_buffer`).
+    #[serde(default)]
+    pub kv_buffer_shared: bool,
     /// The graph file, its external data, with sha256 and size, checked before ONNX
     /// Runtime reads them.
     pub files: Vec<FileDigest>,
