@@ -206,7 +206,7 @@ enum Cache {
     Fed(Vec<(DynValue, DynValue)>),
     /// Per layer one `[1, kv_heads, context, head_dim]` key and value buffer, bound as both
     /// past and present (the binding holds them).
-    Shared { binding: IoBinding },
+    Shared { binding: Box<IoBinding> },
 }
 
 /// Buffers of the artifact's whole context, zeroed, bound as past and present of every layer.
@@ -221,7 +221,7 @@ fn shared_cache(artifact: &OnnxArtifact, session: &Session) -> Result<Cache, Onn
             binding.bind_output(format!("present.{layer}.{kind}"), buffer).map_err(ort_err)?;
         }
     }
-    Ok(Cache::Shared { binding })
+    Ok(Cache::Shared { binding: Box::new(binding) })
 }
 
 fn logits_of(outputs: &ort::session::SessionOutputs<'_>) -> Result<Vec<f32>, OnnxExecError> {
