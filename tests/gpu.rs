@@ -199,8 +199,11 @@ fn smollm2_f16_weights_and_cache_with_gpu_variants_match_the_interpreter() {
 /// interpreter's on the same optimized graph over the golden positions. Issue 4 asks for
 /// 99%; measured 98.70% (5 of 384 flip, at interpreter top-2 gaps of 0.004 to 0.047): the
 /// int8 cache's rounding turns float-level differences between the two implementations
-/// (summation order, GPU exp/sqrt) into whole code steps. This bound records the measured
-/// state so a regression fails; the 99% goal stays open.
+/// (summation order, GPU exp/sqrt) into whole code steps. That 99% sits below int8's own
+/// noise floor: the interpreter against itself with every cached value moved by one ulp
+/// before coding agrees at 380/384 (98.96%), and its int8 against its f32 cache at 378/384
+/// (finer groups of 32/16/8 values: 377/379/382; a Hadamard rotation: 377; 16-bit codes:
+/// 384). This bound records the measured state so a regression fails.
 #[test]
 fn smollm2_q4_sym_int8_kv_on_the_gpu_matches_the_interpreter() {
     let (same, total) =
