@@ -7,7 +7,9 @@ use slmc_ir::{Graph, NodeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoweringError {
-    #[error("%{node}: op `{op}` has no {backend} lowering (the `gpu` pipeline fuses rope/kv_append/attention into gqa)")]
+    #[error(
+        "%{node}: op `{op}` has no {backend} lowering (the `gpu` pipeline fuses rope/kv_append/attention into gqa)"
+    )]
     UnsupportedOp { backend: &'static str, node: String, op: &'static str },
     #[error("%{node}: {message}")]
     Unsupported { node: String, message: String },
@@ -19,8 +21,9 @@ pub enum LoweringError {
 
 /// The graph's `logits` output.
 pub fn logits_output(graph: &Graph) -> Result<NodeId, LoweringError> {
-    graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id).ok_or_else(|| {
-        LoweringError::Unsupported { node: "logits".into(), message: "the graph needs an output `logits`".into() }
+    graph.outputs().iter().find(|(n, _)| n == "logits").map(|(_, id)| *id).ok_or_else(|| LoweringError::Unsupported {
+        node: "logits".into(),
+        message: "the graph needs an output `logits`".into(),
     })
 }
 

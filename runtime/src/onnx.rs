@@ -171,9 +171,11 @@ impl Executor for OnnxExecutor {
                 let logits = logits_of(&outputs)?;
                 let mut present = Vec::with_capacity(self.artifact.layers);
                 for layer in 0..self.artifact.layers {
-                    let k = outputs.remove(format!("present.{layer}.key")).ok_or_else(|| ort_err("missing present key"))?;
-                    let v =
-                        outputs.remove(format!("present.{layer}.value")).ok_or_else(|| ort_err("missing present value"))?;
+                    let k =
+                        outputs.remove(format!("present.{layer}.key")).ok_or_else(|| ort_err("missing present key"))?;
+                    let v = outputs
+                        .remove(format!("present.{layer}.value"))
+                        .ok_or_else(|| ort_err("missing present value"))?;
                     present.push((k, v));
                 }
                 drop(outputs);

@@ -664,7 +664,11 @@ impl<'a> Emitter<'a> {
                 self.attention(id, *layer, *scale, rotary, (q, k, v), (hq, hk, d))?
             }
             op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
-                return Err(CoremlError::UnsupportedOp { backend: "Core ML", node: node.name.clone(), op: op.mnemonic() })
+                return Err(CoremlError::UnsupportedOp {
+                    backend: "Core ML",
+                    node: node.name.clone(),
+                    op: op.mnemonic(),
+                })
             }
         };
         self.vars.insert(id, out);
