@@ -345,14 +345,13 @@ impl<'a> Builder<'a> {
             let [n, k] = view.shape[..] else {
                 return Err(self.err(w, "8-bit blocks need a matrix"));
             };
-            let mut codes = Vec::with_capacity(n * k);
-            let mut scales = Vec::with_capacity(n * k / 32);
-            for b in view.bytes.chunks_exact(DType::Q8_0.block_bytes()) {
-                scales.extend_from_slice(&slmc_ir::dtype::f16_at(b, 0).to_le_bytes());
-                codes.extend(b[2..].iter().map(|q| (*q as i8 as i16 + 128) as u8));
-            }
+            let codes: Vec<u8> = view
+                .bytes
+                .chunks_exact(DType::Q8_0.block_bytes())
+                .flat_map(|b| b[2..].iter().map(|q| (*q as i8 as i16 + 128) as u8))
+                .collect();
             self.external(&codes_name, data_type::UINT8, &[n as i64, (k / 32) as i64, 32], &codes);
-            self.external(&scales_name, data_type::FLOAT, &[(n * k / 32) as i64], &scales);
+            self.external(&scales_name, data_type::FLOAT, &[(n * k / 32) as i64], &q8_scales_le(view.bytes));
             self.written.insert((w, "q8"), codes_name.clone());
         }
         Ok((codes_name, scales_name))
@@ -369,12 +368,7 @@ impl<'a> Builder<'a> {
         let (codes, _) = self.q8_codes(table)?;
         let scales = format!("{name}.q8_gather_scales");
         if !self.written.contains_key(&(table, "q8_gather")) {
-            let bytes: Vec<u8> = view
-                .bytes
-                .chunks_exact(DType::Q8_0.block_bytes())
-                .flat_map(|b| slmc_ir::dtype::f16_at(b, 0).to_le_bytes())
-                .collect();
-            self.external(&scales, data_type::FLOAT, &[n as i64, (k / 32) as i64, 1], &bytes);
+            self.external(&scales, data_type::FLOAT, &[n as i64, (k / 32) as i64, 1], &q8_scales_le(view.bytes));
             self.written.insert((table, "q8_gather"), scales.clone());
         }
         let blocks = self.fresh(&format!("{out}/blocks"));
@@ -967,6 +961,12 @@ impl<'a> Builder<'a> {
         }
         Ok(())
     }
+}
+
+/// The f16 scale of every Q8_0 block as little-endian f32 (MatMulNBits and
+/// GatherBlockQuantized each need them in their own shape).
+fn q8_scales_le(bytes: &[u8]) -> Vec<u8> {
+    bytes.chunks_exact(DType::Q8_0.block_bytes()).flat_map(|b| slmc_ir::dtype::f16_at(b, 0).to_le_bytes()).collect()
 }
 
 /// MatMulNBits blocks from ggml 4-bit blocks: codes with element 2i in the low nibble of
