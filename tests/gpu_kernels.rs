@@ -78,10 +78,23 @@ fn check_with_limit(
     weights: OwnedWeights,
     max_binding_bytes: u64,
 ) -> Vec<String> {
-    let plain = check_variant(name, body, out_cols, weights.clone(), max_binding_bytes, GpuFeatures::NONE);
-    let variants = check_variant(name, body, out_cols, weights, max_binding_bytes, GpuFeatures::ALL);
+    let run = Run::SHORT;
+    let plain = check_variant(name, body, out_cols, weights.clone(), max_binding_bytes, GpuFeatures::NONE, &run);
+    let variants = check_variant(name, body, out_cols, weights, max_binding_bytes, GpuFeatures::ALL, &run);
     assert_eq!(plain, variants, "{name}: the variants lay out the same buffers");
     plain
+}
+
+/// The artifact's context and step size, and the steps fed (token counts).
+struct Run {
+    context_len: usize,
+    max_step_tokens: usize,
+    steps: &'static [usize],
+}
+
+impl Run {
+    /// A prefill of five tokens and two decode steps.
+    const SHORT: Run = Run { context_len: 32, max_step_tokens: 8, steps: &[5, 1, 1] };
 }
 
 fn check_variant(
@@ -91,6 +104,7 @@ fn check_variant(
     mut weights: OwnedWeights,
     max_binding_bytes: u64,
     features: GpuFeatures,
+    run: &Run,
 ) -> Vec<String> {
     let label = if features == GpuFeatures::NONE { "plain" } else { "f16+subgroups" };
     let name = &format!("{name} ({label})");
@@ -105,8 +119,8 @@ fn check_variant(
         target: "webgpu".into(),
         model_name: name.into(),
         eos_token_ids: vec![],
-        context_len: 32,
-        max_step_tokens: 8,
+        context_len: run.context_len,
+        max_step_tokens: run.max_step_tokens,
         max_binding_bytes,
         max_buffer_bytes: 256 << 20,
         features,
@@ -119,15 +133,25 @@ fn check_variant(
     assert!(features != GpuFeatures::NONE || used.is_empty(), "{name}: plain kernels use {used:?}");
     assert!(features == GpuFeatures::NONE || used.contains(&"subgroups".to_string()), "{name}: no subgroup variant");
     let mut gpu = GpuExecutor::load(&dir, None).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let mut interp = InterpreterExecutor::new(&graph, &weights, 32).unwrap();
+    let mut interp = InterpreterExecutor::new(&graph, &weights, run.context_len).unwrap();
     assert_eq!(gpu.vocab_size(), out_cols);
-    for step in [vec![3u32, 1, 4, 1, 5], vec![9], vec![2]] {
+    let mut fed = 0usize;
+    for &n in run.steps {
+        let step: Vec<u32> = (0..n).map(|i| ((fed + i) * 7 % 40) as u32).collect();
         let a = interp.forward(&step).unwrap();
         let b = gpu.forward(&step).unwrap();
-        assert_eq!(a.len(), b.len());
+        assert_eq!(a.len(), n * out_cols, "{name}: interpreter logits at {fed}+{n}");
+        assert_eq!(b.len(), a.len(), "{name}: GPU logits at {fed}+{n}");
         let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        // NaN on either side fails: the comparison is written so that NaN is never "within".
+        let within = a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= TOLERANCE * scale);
         let diff = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
-        assert!(diff <= TOLERANCE, "{name}: step of {} tokens differs by {diff:.2e} (relative)", step.len());
+        assert!(within, "{name}: step of {n} tokens after {fed} differs by {diff:.2e} (relative)");
+        fed += n;
+    }
+    if fed == run.context_len {
+        // A full cache refuses the next token on both executors.
+        assert!(gpu.forward(&[1]).is_err() && interp.forward(&[1]).is_err(), "{name}: a full cache took a token");
     }
     // The GPU's greedy pick (argmax kernel) equals the host's argmax of its own logits.
     gpu.reset();
@@ -210,6 +234,26 @@ fn gqa_with_f32_f16_int8_and_int4_caches() {
             64,
             OwnedWeights::default(),
         );
+    }
+}
+
+/// Attention over hundreds of cached positions, in several key splits, up to a full cache:
+/// chunked prefill across step boundaries (63, 64, 65 tokens with steps of 64), decode,
+/// the last position, then a refused token. Last round's kernel looped over every key in
+/// one invocation and lavapipe cut those loops short (~330 positions on SmolLM2).
+#[test]
+fn gqa_over_a_long_context_up_to_a_full_cache() {
+    // One head of 40 dims: the old kernel's loops passed llvmpipe's limit at ~535 positions.
+    let run = Run { context_len: 1000, max_step_tokens: 64, steps: &[300, 1, 63, 64, 65, 1, 200, 5, 300, 1] };
+    assert_eq!(run.steps.iter().sum::<usize>(), run.context_len);
+    for kv in ["", ", kv = f16", ", kv = int8"] {
+        let body = format!(
+            "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = 40}} : f32[s, 40]\n  %q = reshape(%q0) {{shape = [s, 1, 40]}} : f32[s, 1, 40]\n  %k0 = slice(%x) {{axis = 1, start = 40, end = 80}} : f32[s, 40]\n  %k = reshape(%k0) {{shape = [s, 1, 40]}} : f32[s, 1, 40]\n  %v0 = slice(%x) {{axis = 1, start = 80, end = 120}} : f32[s, 40]\n  %v = reshape(%v0) {{shape = [s, 1, 40]}} : f32[s, 1, 40]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = 40, style = half{kv}}} : f32[s, 1, 40]\n  %out = reshape(%att) {{shape = [s, 40]}} : f32[s, 40]\n"
+        );
+        let name = format!("gqa-long{}", kv.replace(", kv = ", "-"));
+        for features in [GpuFeatures::NONE, GpuFeatures::ALL] {
+            check_variant(&name, &body, 40, OwnedWeights::default(), 128 << 20, features, &run);
+        }
     }
 }
 

@@ -56,8 +56,12 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     push(kernels::embed(&chunk, 48, none).unwrap(), none);
     push(kernels::linear(&chunk, 16, false, 64, 48, none).unwrap(), none);
     for (kv, f) in caches {
-        push(kernels::attention((4, 2, 8), 0.35355338, 16, kv, f).unwrap(), f);
+        push(kernels::attention((4, 2, 8), 0.35355338, 16, kernels::KeySplit::for_context(16), kv, f).unwrap(), f);
     }
+    // A context of several splits (the combine kernel merges them).
+    let long = kernels::KeySplit::for_context(600);
+    push(kernels::attention((4, 2, 8), 0.35355338, 600, long, "f32", none).unwrap(), none);
+    push(kernels::attention_combine((4, 8), long).unwrap(), none);
     out
 }
 

@@ -157,6 +157,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("slice", include_str!("templates/slice.wgsl.tera")),
     ("rope_cache", include_str!("templates/rope_cache.wgsl.tera")),
     ("attention", include_str!("templates/attention.wgsl.tera")),
+    ("attention_combine", include_str!("templates/attention_combine.wgsl.tera")),
     ("kv_cache", include_str!("templates/kv_cache.wgsl.tera")),
     ("argmax", include_str!("templates/argmax.wgsl.tera")),
 ];
@@ -335,21 +336,72 @@ pub fn rope_cache(
     render("rope_cache", format!("rope_cache_{style}_{kv_tag}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim), ctx)
 }
 
+/// How attention splits the keys of a `context`-position cache: `splits` workgroups per
+/// (query, head), each over at most `keys` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySplit {
+    pub splits: usize,
+    pub keys: usize,
+}
+
+/// Loop iterations llvmpipe (lavapipe) runs before it silently leaves a loop; every
+/// kernel's per-invocation loops stay below it.
+pub const SOFTWARE_LOOP_LIMIT: usize = 65535;
+
+impl KeySplit {
+    /// At most 16 splits (the partial buffer grows with them) of at least 256 keys, a
+    /// whole number of 64-key tiles each.
+    pub fn for_context(context: usize) -> KeySplit {
+        let keys = context.div_ceil(16).max(256).div_ceil(64) * 64;
+        KeySplit { splits: context.div_ceil(keys).max(1), keys }
+    }
+
+    /// Loop iterations of one attention invocation (its busiest path), for the limit check.
+    pub fn iterations(&self, head_dim: usize) -> usize {
+        let dims = head_dim.div_ceil(64);
+        self.keys / 64 * (head_dim + 64 + 64 * dims + dims)
+    }
+}
+
 pub fn attention(
     (hq, hk, hd): (usize, usize, usize),
     scale: f32,
     context: usize,
+    split: KeySplit,
     kv: &str,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     let kv_tag = kv_params(&mut ctx, kv, features);
+    let name = format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}_k{}", split.keys);
+    if split.iterations(hd) >= SOFTWARE_LOOP_LIMIT {
+        return Err(GpuError::Kernel {
+            kernel: name,
+            message: format!(
+                "an invocation would loop {} times over {} keys (limit {SOFTWARE_LOOP_LIMIT}); lower --context",
+                split.iterations(hd),
+                split.keys
+            ),
+        });
+    }
     ctx.insert("context", &context);
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("head_dim", &hd);
+    ctx.insert("dims_per_thread", &hd.div_ceil(64));
+    ctx.insert("split", &split.keys);
+    ctx.insert("splits", &split.splits);
     ctx.insert("scale", &float(scale));
-    render("attention", format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}"), ctx)
+    render("attention", name, ctx)
+}
+
+/// Merges attention's key splits into the output rows.
+pub fn attention_combine((hq, hd): (usize, usize), split: KeySplit) -> Result<(String, String), GpuError> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("q_heads", &hq);
+    ctx.insert("head_dim", &hd);
+    ctx.insert("splits", &split.splits);
+    render("attention_combine", format!("attention_combine_{hq}_{hd}_s{}", split.splits), ctx)
 }
 
 /// With subgroups, each subgroup reduces its lanes with `subgroupMax`/`subgroupMin` and

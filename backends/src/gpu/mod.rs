@@ -93,6 +93,15 @@ impl<'a> Builder<'a> {
         self.buffers.len() - 1
     }
 
+    /// A scratch activation buffer shared by name, grown to the largest size asked for.
+    fn scratch_buffer(&mut self, name: &str, bytes: u64) -> usize {
+        if let Some(i) = self.buffers.iter().position(|b| b.name == name) {
+            self.buffers[i].bytes = self.buffers[i].bytes.max(bytes);
+            return i;
+        }
+        self.add_buffer(name, BufferKind::Activation, bytes)
+    }
+
     /// Appends bytes to the weights file at a 256-byte boundary (binding offset alignment).
     fn append_weight_bytes(&mut self, bytes: &[u8]) -> u64 {
         while !self.weight_bytes.len().is_multiple_of(256) {
@@ -397,9 +406,17 @@ impl<'a> Builder<'a> {
                     [per_tok((hq + hk) as u64, 64), one, one],
                 );
                 let out = self.activation(id)?;
-                let (name, src) = kernels::attention((hq, hk, hd), *scale, self.opts.context_len, kv, features)?;
+                let split = kernels::KeySplit::for_context(self.opts.context_len);
+                // One scratch buffer of partial results serves every layer (they run in turn).
+                let part_bytes = (self.opts.max_step_tokens * hq * split.splits * (hd + 2) * 4) as u64;
+                let part = self.scratch_buffer("attention.partials", part_bytes);
+                let (name, src) = kernels::attention((hq, hk, hd), *scale, self.opts.context_len, split, kv, features)?;
                 let k = self.kernel(name, src, 4);
-                self.dispatch(id, k, vec![q_rot, k_cache, v_cache, out], [per_tok(hq as u64, 64), one, one]);
+                let splits = Count::fixed(split.splits as u64);
+                self.dispatch(id, k, vec![q_rot, k_cache, v_cache, part], [splits, per_tok(hq as u64, 1), one]);
+                let (name, src) = kernels::attention_combine((hq, hd), split)?;
+                let k = self.kernel(name, src, 2);
+                self.dispatch(id, k, vec![part, out], [per_tok((hq * hd) as u64, 64), one, one]);
             }
             op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
                 return Err(GpuError::UnsupportedOp { node: node.name.clone(), op: op.mnemonic() })
