@@ -44,16 +44,16 @@ fn project_checkpoints_match_the_interpreter() {
 }
 
 /// 8-bit tables and heads (ort-contrib): an 8-bit embedding table is gathered from its
-/// codes (GatherBlockQuantized, exact: 1e-4 like the f32 cases); an 8-bit LM head runs as
-/// 8-bit MatMulNBits on int8 activations by default (within 2e-2), or as an f32 Gemm with
-/// `--onnx-head-accuracy-level 0` (1e-4).
+/// codes (GatherBlockQuantized, exact: 1e-4 like the f32 cases); an 8-bit LM head is an
+/// f32 Gemm by default (1e-4), or 8-bit MatMulNBits on int8 activations with
+/// `--onnx-head-accuracy-level 4` (within 2e-2).
 #[test]
 fn eight_bit_tables_and_heads_match_the_interpreter() {
     let model = repo_root().join("fixtures/tiny-llama-sharded");
     let cases: [(&[&str], &[&str], f64); 3] = [
         (&["--quant-override", "embed=q8"], &[], 1e-4),
-        (&["--quant-override", "lm_head=q8"], &[], 2e-2),
-        (&["--quant-override", "lm_head=q8"], &["--onnx-head-accuracy-level", "0"], 1e-4),
+        (&["--quant-override", "lm_head=q8"], &["--onnx-head-accuracy-level", "4"], 2e-2),
+        (&["--quant-override", "lm_head=q8"], &[], 1e-4),
     ];
     for (i, (flags, onnx_flags, tolerance)) in cases.into_iter().enumerate() {
         let artifact = compile(&model, "onnx-cpu", &format!("q8-{i}"), &[flags, onnx_flags].concat());
@@ -64,27 +64,24 @@ fn eight_bit_tables_and_heads_match_the_interpreter() {
 
 /// SmolLM2 from the GGUF (Q4_1 blocks re-laid out, never requantized), both profiles:
 /// onnx.checker passes and the goldens hold (argmax where the gap is at least 0.02, greedy
-/// up to the first near-tie).
+/// up to and including the first near-tie).
 ///
-/// onnx-cpu twice: by default the tied Q8_0 table is stored once in 8 bits, gathered from
-/// its codes and read by an 8-bit MatMulNBits head on int8 activations; with
-/// `--onnx-head-accuracy-level 0` the head is an f32 Gemm over an f32 table (the former
-/// default, 4x the bytes per token). Both hold the goldens as the issue states them
-/// (argmax at golden gaps >= 0.02, greedy up to the first near-tie); the f32 head also
-/// matches at that first near-tie, the int8-activation head flips one of them
-/// (pub-chat-system-policy step 22, golden gap 0.0098).
+/// onnx-cpu twice: by default the head is an f32 Gemm over an f32 table (exact); with
+/// `--onnx-head-accuracy-level 4` the tied Q8_0 table is stored once in 8 bits, gathered
+/// from its codes and read by an 8-bit MatMulNBits head on int8 activations (a named lossy
+/// option: it holds these goldens at the 0.02 bound but flips confident tokens elsewhere).
 #[test]
 fn smollm2_onnx_cpu_matches_the_goldens() {
     let artifact = compile(&smollm2_gguf(), "onnx-cpu", "smollm2", &[]);
     python(CHECK, &[artifact.join("model.onnx").to_str().unwrap()]);
-    assert_eq!(head_ops(&artifact), "True False [4, 8]", "GatherBlockQuantized, Gemm, MatMulNBits bits");
-    check_smollm2_goldens_within(&artifact, 0.02, &[]);
+    assert_eq!(head_ops(&artifact), "False True [4]", "GatherBlockQuantized, Gemm, MatMulNBits bits");
+    check_smollm2_goldens(&artifact);
 
-    let f32_head = compile(&smollm2_gguf(), "onnx-cpu", "smollm2-f32-head", &["--onnx-head-accuracy-level", "0"]);
-    assert_eq!(head_ops(&f32_head), "False True [4]", "GatherBlockQuantized, Gemm, MatMulNBits bits");
-    check_smollm2_goldens(&f32_head);
+    let int8_head = compile(&smollm2_gguf(), "onnx-cpu", "smollm2-int8-head", &["--onnx-head-accuracy-level", "4"]);
+    assert_eq!(head_ops(&int8_head), "True False [4, 8]", "GatherBlockQuantized, Gemm, MatMulNBits bits");
+    check_smollm2_goldens_within(&int8_head, 0.02, &[]);
     let data_size = |a: &Path| std::fs::metadata(a.join("model.onnx.data")).unwrap().len();
-    let (small, large) = (data_size(&artifact), data_size(&f32_head));
+    let (small, large) = (data_size(&int8_head), data_size(&artifact));
     eprintln!("model.onnx.data: 8-bit head {small} bytes, f32 head {large} bytes");
     assert!(small * 3 < large * 2, "the 8-bit table should save its f32 copy: {small} vs {large}");
 }
@@ -155,7 +152,7 @@ fn int8_activations_flip_golden_tokens_so_f32_is_the_default() {
     let gguf = smollm2_gguf();
     let default = compile(&gguf, "onnx-cpu", "accuracy-default", &[]);
     assert_eq!(read_json(&default.join("artifact.json"))["accuracy_level"], 0);
-    assert_eq!(read_json(&default.join("artifact.json"))["head_accuracy_level"], 4);
+    assert_eq!(read_json(&default.join("artifact.json"))["head_accuracy_level"], 0);
     let int8 = compile(&gguf, "onnx-cpu", "accuracy-int8", &["--onnx-accuracy-level", "4"]);
     let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
     let (mut flipped, mut confident) = (0, 0);

@@ -19,12 +19,61 @@ use crate::optimize::Optimized;
 
 /// The bundle format's requirement on the runtime (raise it when the runtime must learn
 /// something new to run what the compiler writes).
-pub const MIN_RUNTIME_VERSION: &str = "0.1.0";
+/// 0.2.0: smoke prompts may carry teacher-forced prompt checks.
+pub const MIN_RUNTIME_VERSION: &str = "0.2.0";
 /// Smoke prompts: text for models with a tokenizer (fixed ids otherwise), and how many
 /// greedy tokens each generates.
 const SMOKE_TEXTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
 const SMOKE_TOKENS: usize = 8;
 pub const SMOKE_NEAR_TIE_GAP: f32 = 0.02;
+/// The long smoke prompt: at least this many positions (and at least a step and a tile past
+/// the chunk size), or the context less the generated tokens if that is shorter. Checked
+/// teacher-forced at every position, then greedily: last round a GPU bundle broke past ~330
+/// positions while every short smoke prompt passed.
+const SMOKE_LONG_TOKENS: usize = 384;
+/// Text for the long smoke prompt (repeated as needed): plain prose, unlike any golden prompt.
+const SMOKE_LONG_TEXT: &str = "Receiving procedure for the cold store. When a pallet arrives, the \
+associate scans the delivery note, checks the seal number against the booking, and measures the \
+temperature of three cartons from different layers. Chilled goods must read between zero and five \
+degrees; frozen goods must read minus eighteen or colder. A reading outside the range is logged \
+with the carrier's name, the trailer number and the time, and the pallet is held in the quarantine \
+bay until a supervisor decides. Damaged cartons are photographed before they are moved. Labels that \
+cannot be scanned are typed in by hand and marked for review at the end of the shift. Returns from \
+shops follow the same steps, except that the associate also records the shop code and the reason \
+given on the return slip. At the end of each shift, the lead counts the quarantine bay, signs the \
+log, and hands open cases to the next shift in person. ";
+
+/// The long smoke prompt's length for a target of `context` positions fed `chunk` tokens
+/// at most per step, whose executor runs in fixed steps of `fixed_step` tokens (Core ML;
+/// 1 otherwise): the generated tokens must still fit after it.
+pub fn long_smoke_len(context: usize, chunk: usize, fixed_step: usize) -> usize {
+    SMOKE_LONG_TOKENS.max(chunk + 64).min(context.saturating_sub(SMOKE_TOKENS + fixed_step.max(1) - 1))
+}
+
+/// The long smoke prompt's token ids: `len` of them, from the tokenizer when there is one.
+fn long_smoke_prompt(model: &Model, len: usize) -> Result<Vec<u32>> {
+    let vocab = model.config.vocab_size as u64;
+    let mut ids = Vec::with_capacity(len);
+    match &model.tokenizer {
+        Ok(tok) => {
+            let once = tok.encode(SMOKE_LONG_TEXT, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+            if once.is_empty() {
+                bail!("the tokenizer gives no tokens for the long smoke prompt");
+            }
+            while ids.len() < len {
+                ids.extend(once.iter().take(len - ids.len()));
+            }
+        }
+        Err(_) => {
+            let mut state = 0x2545_F491_4F6C_DD1Du64;
+            while ids.len() < len {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ids.push(((state >> 33) % vocab) as u32);
+            }
+        }
+    }
+    Ok(ids)
+}
 
 /// sha256 of a checkpoint: the file itself, or for a directory the sha256 of each regular
 /// file's name and digest in name order.
@@ -77,32 +126,50 @@ pub fn file_digests(dir: &Path) -> Result<Vec<FileDigest>> {
 }
 
 /// The smoke prompts' expected greedy tokens and top-2 gaps, from the reference
-/// interpreter on the optimized graph.
-pub fn smoke_set(model: &Model, optimized: &Optimized, context: usize) -> Result<SmokeSet> {
+/// interpreter on the optimized graph: the short prompts, and a long one (see
+/// `SMOKE_LONG_TOKENS`) whose every position is also checked teacher-forced.
+/// `long`: the long prompt's length (`long_smoke_len`).
+pub fn smoke_set(model: &Model, optimized: &Optimized, context: usize, long: usize) -> Result<SmokeSet> {
     let vocab = model.config.vocab_size as u32;
-    let prompts: Vec<Vec<u32>> = match &model.tokenizer {
+    let mut prompts: Vec<Vec<u32>> = match &model.tokenizer {
         Ok(tok) => SMOKE_TEXTS
             .iter()
             .map(|t| tok.encode(*t, false).map(|e| e.get_ids().to_vec()).map_err(|e| anyhow!("tokenizing: {e}")))
             .collect::<Result<_>>()?,
         Err(_) => vec![(1..9).map(|i| (i * 7) % vocab).collect(), (1..6).map(|i| (i * 13 + 3) % vocab).collect()],
     };
+    let short = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if long > short {
+        prompts.push(long_smoke_prompt(model, long)?);
+    }
     let weights = Layered { top: &optimized.derived, base: &model.weights };
     let mut exec = InterpreterExecutor::new(&optimized.graph, &weights, context)?;
+    let top2 = |row: &[f32]| {
+        let top = slmc_runtime::top_k(row, 2);
+        (top[0].0, top[0].1 - top.get(1).map(|t| t.1).unwrap_or(f32::NEG_INFINITY))
+    };
     let mut out = Vec::new();
     for prompt_ids in prompts {
         exec.reset();
+        let teacher_forced = prompt_ids.len() == long && long > short;
         let (mut expected, mut gaps) = (Vec::new(), Vec::new());
+        let (mut prompt_argmax, mut prompt_gaps) = (Vec::new(), Vec::new());
         let mut feed = prompt_ids.clone();
-        for _ in 0..SMOKE_TOKENS {
+        for step in 0..SMOKE_TOKENS {
             let logits = exec.forward(&feed)?;
-            let last = &logits[logits.len() - vocab as usize..];
-            let top = slmc_runtime::top_k(last, 2);
-            expected.push(top[0].0);
-            gaps.push(top[0].1 - top.get(1).map(|t| t.1).unwrap_or(f32::NEG_INFINITY));
-            feed = vec![top[0].0];
+            if step == 0 && teacher_forced {
+                for row in logits.chunks_exact(vocab as usize) {
+                    let (id, gap) = top2(row);
+                    prompt_argmax.push(id);
+                    prompt_gaps.push(gap);
+                }
+            }
+            let (id, gap) = top2(&logits[logits.len() - vocab as usize..]);
+            expected.push(id);
+            gaps.push(gap);
+            feed = vec![id];
         }
-        out.push(SmokePrompt { prompt_ids, expected_ids: expected, gaps });
+        out.push(SmokePrompt { prompt_ids, expected_ids: expected, gaps, prompt_argmax, prompt_gaps });
     }
     Ok(SmokeSet { near_tie_gap: SMOKE_NEAR_TIE_GAP, prompts: out })
 }
@@ -115,30 +182,61 @@ pub struct SmokeOutcome {
     pub expected_ids: Vec<u32>,
     pub matching_prefix: usize,
     pub required_prefix: usize,
+    /// Teacher-forced prompt positions checked (reference gap at least the bound), and the
+    /// positions among them whose argmax differs.
+    pub prompt_positions_checked: usize,
+    pub prompt_mismatches: Vec<usize>,
     pub passed: bool,
 }
 
-/// Runs the smoke set greedily on `exec`.
+/// Runs the smoke set greedily on `exec`; a prompt with teacher-forced checks is fed whole
+/// first (its logits at every position compared), then continued greedily.
 pub fn run_smoke(exec: &mut dyn Executor, smoke: &SmokeSet) -> Result<Vec<SmokeOutcome>> {
+    let bound = smoke.near_tie_gap;
     let mut out = Vec::new();
     for p in &smoke.prompts {
         exec.reset();
-        let opts = slmc_runtime::GenerateOptions {
-            max_new_tokens: p.expected_ids.len(),
-            stop_ids: vec![],
-            record_steps: 0,
-            record_top_k: 0,
+        let (mut checked, mut mismatches) = (0, Vec::new());
+        let generated = if p.prompt_argmax.is_empty() {
+            let opts = slmc_runtime::GenerateOptions {
+                max_new_tokens: p.expected_ids.len(),
+                stop_ids: vec![],
+                record_steps: 0,
+                record_top_k: 0,
+            };
+            slmc_runtime::generate(exec, &p.prompt_ids, &opts, |_| {})?.generated
+        } else {
+            let vocab = exec.vocab_size();
+            let logits = exec.forward(&p.prompt_ids)?;
+            if logits.len() != p.prompt_ids.len() * vocab || p.prompt_argmax.len() != p.prompt_ids.len() {
+                bail!("the executor returned {} logits for {} prompt positions", logits.len(), p.prompt_ids.len());
+            }
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                if p.prompt_gaps.get(i).is_some_and(|g| *g >= bound) {
+                    checked += 1;
+                    if slmc_runtime::argmax(row) as u32 != p.prompt_argmax[i] || row.iter().any(|v| v.is_nan()) {
+                        mismatches.push(i);
+                    }
+                }
+            }
+            let mut generated = vec![slmc_runtime::argmax(&logits[logits.len() - vocab..]) as u32];
+            while generated.len() < p.expected_ids.len() {
+                let last = *generated.last().expect("one token");
+                generated.push(exec.next_token(&[last])?);
+            }
+            generated
         };
-        let generated = slmc_runtime::generate(exec, &p.prompt_ids, &opts, |_| {})?.generated;
         let matching = generated.iter().zip(&p.expected_ids).take_while(|(a, b)| a == b).count();
-        let required = p.required_prefix(smoke.near_tie_gap);
+        let required = p.required_prefix(bound);
         out.push(SmokeOutcome {
             prompt_ids: p.prompt_ids.clone(),
             generated_ids: generated,
             expected_ids: p.expected_ids.clone(),
             matching_prefix: matching,
             required_prefix: required,
-            passed: matching >= required,
+            prompt_positions_checked: checked,
+            passed: matching >= required && mismatches.is_empty(),
+            prompt_mismatches: mismatches,
         });
     }
     Ok(out)

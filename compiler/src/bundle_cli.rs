@@ -36,10 +36,11 @@ pub struct CompileArgs {
     /// goldens); 4 quantizes activations to int8 per block (faster, flips tokens).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
     pub onnx_accuracy_level: i64,
-    /// ONNX accuracy level of the LM head: 4 runs an 8-bit head (SmolLM2's tied Q8_0 table)
-    /// as 8-bit MatMulNBits on int8 activations, a quarter of the bytes of an f32 Gemm (the
-    /// goldens still hold); 0 keeps f32 activations (and an f32 Gemm for 8-bit heads).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(0..=4))]
+    /// ONNX accuracy level of the LM head: 0 (default) keeps f32 activations (an f32 Gemm
+    /// for 8-bit heads: exact); 4 runs an 8-bit head (SmolLM2's tied Q8_0 table) as 8-bit
+    /// MatMulNBits on int8 activations, a quarter of the bytes but lossy (it flips confident
+    /// tokens on prompts outside the goldens).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=4))]
     pub onnx_head_accuracy_level: i64,
     /// The model version the manifest records (default: the start of the checkpoint's sha256).
     #[arg(long)]
@@ -146,7 +147,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty() && build.is_some();
     let build = build.unwrap_or_default();
     let mut prepared: Option<(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)> = None;
-    let mut smoke = None;
+    let mut smoke = std::collections::BTreeMap::new();
     let mut quality = None;
     let (mut written, mut cached) = (Vec::new(), Vec::new());
     for profile in &profiles {
@@ -175,9 +176,20 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         }
         let (model, optimized) = prepared.as_ref().expect("just prepared");
         let context_len = args.context.min(model.config.max_position_embeddings);
-        if smoke.is_none() {
-            bar.set_message("golden smoke set and quality report on the reference interpreter");
-            smoke = Some(bundles::smoke_set(model, optimized, context_len)?);
+        // The smoke set's long prompt fits the target's context (Core ML's is the profile's,
+        // fed in fixed steps); one set per length, so a bundle never depends on which other
+        // targets were compiled with it.
+        let (target_context, fixed_step) = match &profile.coreml {
+            Some(c) => (context_len.min(c.max_context_len), c.step_tokens),
+            None => (context_len, 1),
+        };
+        let long = bundles::long_smoke_len(target_context, args.max_step_tokens, fixed_step);
+        if !smoke.contains_key(&long) {
+            bar.set_message("golden smoke set on the reference interpreter");
+            smoke.insert(long, bundles::smoke_set(model, optimized, context_len, long)?);
+        }
+        if quality.is_none() {
+            bar.set_message("quality report on the reference interpreter");
             quality = Some(bundles::quality_report(model, optimized)?);
         }
         bar.set_message(format!("{}: generating and checking", profile.name));
@@ -200,7 +212,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             &profile.name,
             &args.out,
             &options,
-            smoke.as_ref().expect("just made"),
+            &smoke[&long],
             quality.as_ref(),
         )?;
         if use_cache {

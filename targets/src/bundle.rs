@@ -126,6 +126,13 @@ pub struct SmokePrompt {
     pub expected_ids: Vec<u32>,
     /// The reference's top-1 minus top-2 logit at each generated step.
     pub gaps: Vec<f32>,
+    /// Teacher-forced checks over the prompt itself (the long prompt): the reference's
+    /// argmax and top-2 gap at every prompt position, checked wherever the gap is at least
+    /// `near_tie_gap`, so chunk boundaries and long-context positions are covered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_argmax: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_gaps: Vec<f32>,
 }
 
 impl SmokePrompt {
