@@ -141,8 +141,7 @@ fn project_checkpoints_match_the_interpreter_within_fp16() {
             let (a, _, exec) = prompt_logits(model.to_str().unwrap(), prompt, *vocab, 10, &interp_flags);
             let (b, _, other) = prompt_logits(artifact.to_str().unwrap(), prompt, *vocab, 10, &[MIL]);
             assert_eq!((exec.as_str(), other.as_str()), ("interpreter", "mil-reference"));
-            let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+            let diff = max_relative_difference(&a, &b);
             eprintln!("{target} {} {flags:?}: max relative logit difference {diff:.2e}", model.display());
             // fp16 activations: 1e-2. iOS 17 re-quantizes 4-bit blocks to 8 bits (each weight
             // within 1/510 of its block's range), which these random weights amplify: 6e-2.

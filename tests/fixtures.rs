@@ -34,8 +34,7 @@ fn final_logits(model: &str) -> (Vec<f64>, Vec<u64>) {
 }
 
 fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
-    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / scale).fold(0.0, f64::max)
+    max_relative_difference(a, b)
 }
 
 #[test]

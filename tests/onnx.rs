@@ -212,3 +212,14 @@ fn unsupported_onnx_requests_are_clear_errors() {
     assert!(err.contains("int8 KV cache has no ONNX lowering"), "{err}");
     assert!(std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0, "nothing is left behind");
 }
+
+/// Long contexts on onnx-cpu with the default (exact) configuration: the two long golden
+/// prompts (986 and 667 tokens) teacher-forced (prefill and the decode path) and greedy over
+/// all 48 tokens, and a 1,500-token prompt of the project's own against the interpreter.
+#[test]
+fn smollm2_long_prompts_on_onnx_cpu_match_the_reference() {
+    let artifact = compile(&smollm2_gguf(), "onnx-cpu", "smollm2-long", &[]);
+    let long = Goldens { file: "smollm2-135m-long.json", decode: true, greedy_tokens: 48 };
+    check_goldens(&artifact, &long, 0.02, true, &[]);
+    check_own_long_prompt(&artifact, 8, 0.02);
+}

@@ -24,9 +24,10 @@ fn logits(graph: &slmc_ir::Graph, weights: &dyn slmc_ir::WeightSource, prompt: &
     out
 }
 
+/// NaN (failing every bound) on a NaN, an infinity or a length mismatch.
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    let wide = |v: &[f32]| v.iter().map(|x| *x as f64).collect::<Vec<_>>();
+    max_relative_difference(&wide(a), &wide(b)) as f32
 }
 
 fn check_non_lossy_passes(model_path: &Path, prompt: &[i32]) {

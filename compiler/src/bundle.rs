@@ -332,19 +332,20 @@ pub fn quality_report(model: &Model, optimized: &Optimized) -> Result<serde_json
         Ok(s) => (s, "the built-in calibration text"),
         Err(_) => (vec![(0..64u32).map(|i| (i * 31 + 7) % vocab).collect()], "fixed token ids (no tokenizer)"),
     };
+    // Each case runs from an empty cache, so it must fit the model's context too.
+    let ctx = model.config.max_position_embeddings.min(BUDGET + 1);
     let mut cases = Vec::new();
     let mut used = 0;
     for seq in sequences {
-        if seq.len() < 2 || used >= BUDGET {
+        if seq.len() < 2 || used >= BUDGET || ctx < 2 {
             continue;
         }
-        let take = seq.len().min(BUDGET - used).max(2);
+        let take = seq.len().min(BUDGET - used).min(ctx).max(2);
         used += take;
         cases.push(slmc_runtime::QualityCase { prompt: seq[..1].to_vec(), continuation: seq[1..take].to_vec() });
     }
     let base_graph = crate::lower::lower(model)?;
     let weights = Layered { top: &optimized.derived, base: &model.weights };
-    let ctx = model.config.max_position_embeddings.min(BUDGET + 1);
     let mut base = InterpreterExecutor::new(&base_graph, &model.weights, ctx)?;
     let mut opt = InterpreterExecutor::new(&optimized.graph, &weights, ctx)?;
     let r = slmc_runtime::compare_quality(&mut base, &mut opt, &cases)?;

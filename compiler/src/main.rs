@@ -17,7 +17,7 @@ use slmc_ir::Layered;
 use slmc_runtime::gpu::GpuExecutor;
 
 mod bundle_cli;
-use slmc_runtime::{generate, score, GenerateOptions, InterpreterExecutor};
+use slmc_runtime::{generate, score_with, GenerateOptions, InterpreterExecutor};
 
 #[derive(Parser)]
 #[command(name = "slmc", version, about = "Ahead-of-time compiler for small language models")]
@@ -220,6 +220,10 @@ enum Command {
         prompt_ids: Vec<u32>,
         #[arg(long, value_delimiter = ',', required = true)]
         continuation_ids: Vec<u32>,
+        /// Feed the continuation one token per step after the prompt (the decode path greedy
+        /// generation takes) instead of in one prefill with the prompt.
+        #[arg(long)]
+        decode: bool,
         #[command(flatten)]
         opt: OptArgs,
     },
@@ -476,16 +480,16 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Quality { common, opt, prompts, max_quality_drop } => {
             quality_command(&common, &opt, prompts.as_deref(), max_quality_drop)
         }
-        Command::Score { common, prompt_ids, continuation_ids, opt } => {
+        Command::Score { common, prompt_ids, continuation_ids, decode, opt } => {
             let s = match artifact_executor(&common, &opt)? {
-                Some((mut exec, _, _)) => score(exec.as_mut(), &prompt_ids, &continuation_ids)?,
+                Some((mut exec, _, _)) => score_with(exec.as_mut(), &prompt_ids, &continuation_ids, decode)?,
                 None => {
                     let model = load(&common)?;
                     let prepared = prepare(&model, &opt, false)?;
                     let weights = Layered { top: &prepared.derived, base: &model.weights };
                     let mut exec =
                         InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
-                    score(&mut exec, &prompt_ids, &continuation_ids)?
+                    score_with(&mut exec, &prompt_ids, &continuation_ids, decode)?
                 }
             };
             let positions: Vec<Value> = s

@@ -232,20 +232,48 @@ pub struct Score {
 /// Teacher-forced scoring: one forward pass over prompt + continuation; each
 /// continuation token is scored by the logits of the position before it.
 pub fn score(exec: &mut dyn Executor, prompt: &[u32], continuation: &[u32]) -> Result<Score, ExecError> {
+    score_with(exec, prompt, continuation, false)
+}
+
+/// `score`, optionally feeding the continuation one token per step after the prompt
+/// (`decode`: the path greedy generation takes, so a teacher-forced run also checks it).
+pub fn score_with(
+    exec: &mut dyn Executor,
+    prompt: &[u32],
+    continuation: &[u32],
+    decode: bool,
+) -> Result<Score, ExecError> {
     if prompt.is_empty() || continuation.is_empty() {
         return Err(ExecError::Usage("score needs at least one prompt and one continuation token".into()));
     }
-    exec.reset();
     let vocab = exec.vocab_size();
-    let mut all = prompt.to_vec();
-    all.extend_from_slice(continuation);
-    let logits = exec.forward(&all[..all.len() - 1])?;
-    let mut positions = Vec::with_capacity(continuation.len());
-    for (i, &token) in continuation.iter().enumerate() {
-        let row = &logits[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
-        if token as usize >= vocab {
-            return Err(ExecError::Usage(format!("continuation token {token} is outside the vocabulary of {vocab}")));
+    if let Some(bad) = continuation.iter().find(|t| **t as usize >= vocab) {
+        return Err(ExecError::Usage(format!("continuation token {bad} is outside the vocabulary of {vocab}")));
+    }
+    exec.reset();
+    // The logits row predicting each continuation token.
+    let mut rows: Vec<f32> = Vec::with_capacity(continuation.len() * vocab);
+    if decode {
+        let logits = exec.forward(prompt)?;
+        rows.extend_from_slice(&logits[logits.len() - vocab..]);
+        for &token in &continuation[..continuation.len() - 1] {
+            rows.extend(exec.forward(&[token])?);
         }
+    } else {
+        let mut all = prompt.to_vec();
+        all.extend_from_slice(&continuation[..continuation.len() - 1]);
+        let logits = exec.forward(&all)?;
+        rows.extend_from_slice(&logits[(prompt.len() - 1) * vocab..]);
+    }
+    if rows.len() != continuation.len() * vocab {
+        return Err(ExecError::Usage(format!(
+            "the executor returned {} logits for {} positions of {vocab}",
+            rows.len(),
+            continuation.len()
+        )));
+    }
+    let mut positions = Vec::with_capacity(continuation.len());
+    for (&token, row) in continuation.iter().zip(rows.chunks_exact(vocab)) {
         let top = top_k(row, 2);
         positions.push(PositionScore {
             token,

@@ -135,9 +135,9 @@ pub fn converted(dtype: &'static str) -> PathBuf {
 
 /// A compiled SmolLM2 artifact (or the GGUF itself) on the 8 golden prompts: teacher-forced
 /// argmax equals the golden wherever the golden gap is at least 0.02, and greedy generation
-/// reproduces the golden ids up to the first such near-tie. Prints a per-prompt report.
+/// reproduces the golden ids up to and including the first near-tie. Prints a report.
 pub fn check_smollm2_goldens(artifact: &Path) {
-    check_goldens(artifact, 0.02, true, &[]);
+    check_goldens(artifact, &Goldens::short(), 0.02, true, &[]);
 }
 
 /// The goldens with a stated bound, for executors that are not f32 (fp16 programs): the
@@ -145,35 +145,72 @@ pub fn check_smollm2_goldens(artifact: &Path) {
 /// `bound`, and greedy generation equals the golden ids before the first position whose
 /// gap is below `bound` (that position itself may flip). `extra` goes to `run` and `score`.
 pub fn check_smollm2_goldens_within(artifact: &Path, bound: f64, extra: &[&str]) {
-    check_goldens(artifact, bound, false, extra);
+    check_goldens(artifact, &Goldens::short(), bound, false, extra);
+}
+
+/// Which golden file and how each prompt is checked.
+pub struct Goldens {
+    pub file: &'static str,
+    /// Teacher-forced with the continuation fed one token per step (`score --decode`): the
+    /// computation greedy generation does, so argmax equal to the golden token at every
+    /// step before the first near-tie is greedy reproducing the golden ids there.
+    pub decode: bool,
+    /// New tokens of the separate greedy `run` (0: none; the decode-path score stands in).
+    pub greedy_tokens: usize,
+}
+
+impl Goldens {
+    pub fn short() -> Goldens {
+        Goldens { file: "smollm2-135m-greedy.json", decode: false, greedy_tokens: 48 }
+    }
 }
 
 /// Greedy must match before the first gap below `bound`, and at it too when `tie_included`.
-fn check_goldens(artifact: &Path, bound: f64, tie_included: bool, extra: &[&str]) {
+pub fn check_goldens(artifact: &Path, goldens: &Goldens, bound: f64, tie_included: bool, extra: &[&str]) {
     let a = artifact.to_str().unwrap();
-    let golden = read_json(&golden_dir().join("smollm2-135m-greedy.json"));
+    let golden = read_json(&golden_dir().join(goldens.file));
+    let prompts = golden["prompts"].as_array().unwrap();
+    assert!(!prompts.is_empty(), "{}: no prompts", goldens.file);
     let mut report = Vec::new();
-    for p in golden["prompts"].as_array().unwrap() {
+    for p in prompts {
         let id = p["id"].as_str().unwrap();
         let (input, cont) = (as_ids(&p["input_ids"]), as_ids(&p["generated_ids"]));
         let gaps: Vec<f64> =
             p["greedy_top1_minus_top2"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
+        assert_eq!(gaps.len(), cont.len(), "{id}: one gap per generated token");
+        let must = gaps.iter().position(|g| *g < bound).map(|i| i + tie_included as usize).unwrap_or(cont.len());
         let (input_arg, cont_arg) = (ids_arg(&input), ids_arg(&cont));
         let mut args = vec!["score", a, "--prompt-ids", &input_arg, "--continuation-ids", &cont_arg];
+        if goldens.decode {
+            args.push("--decode");
+        }
         args.extend_from_slice(extra);
         let score = slmc_json(&args);
-        for (i, pos) in score["positions"].as_array().unwrap().iter().enumerate() {
-            if gaps[i] >= bound {
-                assert_eq!(pos["argmax"].as_u64().unwrap(), cont[i], "{id} step {i} (gap {})", gaps[i]);
+        let positions = score["positions"].as_array().unwrap();
+        assert_eq!(positions.len(), cont.len(), "{id}: a score for every continuation position");
+        for (i, pos) in positions.iter().enumerate() {
+            let argmax = pos["argmax"].as_u64().unwrap();
+            if gaps[i] >= bound || (goldens.decode && i < must) {
+                assert_eq!(argmax, cont[i], "{id} step {i} (gap {})", gaps[i]);
             }
         }
-        let mut args = vec!["run", a, "--prompt-ids", &input_arg, "--max-new-tokens", "48", "--ignore-eos"];
-        args.extend_from_slice(extra);
-        let generated = as_ids(&slmc_json(&args)["generated_ids"]);
-        let must = gaps.iter().position(|g| *g < bound).map(|i| i + tie_included as usize).unwrap_or(48);
-        assert_eq!(generated[..must], cont[..must], "{id}: greedy differs before the first gap below {bound}");
-        let same = generated.iter().zip(&cont).take_while(|(a, b)| a == b).count();
-        report.push(format!("{id}: {same}/48 identical (bound {must}), top-1 {:.3}", score["top1_agreement"]));
+        let mut same = positions.iter().zip(&cont).take_while(|(p, c)| p["argmax"].as_u64() == Some(**c)).count();
+        if goldens.greedy_tokens > 0 {
+            let n = goldens.greedy_tokens.min(cont.len());
+            let n_arg = n.to_string();
+            let mut args = vec!["run", a, "--prompt-ids", &input_arg, "--max-new-tokens", &n_arg, "--ignore-eos"];
+            args.extend_from_slice(extra);
+            let generated = as_ids(&slmc_json(&args)["generated_ids"]);
+            assert_eq!(generated.len(), n, "{id}: {n} greedy tokens");
+            let must = must.min(n);
+            assert_eq!(generated[..must], cont[..must], "{id}: greedy differs before the first gap below {bound}");
+            same = generated.iter().zip(&cont).take_while(|(a, b)| a == b).count();
+        }
+        report.push(format!(
+            "{id}: {same}/{} identical (bound {must}), top-1 {:.3}",
+            cont.len(),
+            score["top1_agreement"]
+        ));
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -212,7 +249,11 @@ pub fn prompt_logits(
     for t in out["recorded_logits"][0]["top"].as_array().unwrap() {
         logits[t["id"].as_u64().unwrap() as usize] = t["logit"].as_f64().unwrap();
     }
-    (logits, as_ids(&out["generated_ids"]), out["executor"].as_str().unwrap().to_string())
+    // Every id recorded once, every logit a number: a missing or NaN entry fails here.
+    assert!(logits.iter().all(|l| l.is_finite()), "{model}: missing or non-finite logits");
+    let generated = as_ids(&out["generated_ids"]);
+    assert_eq!(generated.len(), new_tokens, "{model}: {new_tokens} greedy tokens");
+    (logits, generated, out["executor"].as_str().unwrap().to_string())
 }
 
 /// A compiled artifact against the interpreter on the same optimized graph (pipeline
@@ -232,9 +273,101 @@ pub fn assert_artifact_matches_interpreter(
     let (a, a_ids, exec) = prompt_logits(model.to_str().unwrap(), prompt, vocab, 10, &interp_flags);
     let (b, b_ids, other) = prompt_logits(artifact.to_str().unwrap(), prompt, vocab, 10, &[]);
     assert_eq!((exec.as_str(), other.as_str()), ("interpreter", executor));
-    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+    let diff = max_relative_difference(&a, &b);
     eprintln!("{} {} {flags:?}: max relative logit difference {diff:.2e}", artifact.display(), model.display());
     assert!(diff <= tolerance, "{} {flags:?}: logits differ by {diff}", artifact.display());
     assert_eq!(a_ids, b_ids, "{} {flags:?}", artifact.display());
+}
+
+/// max |a - b| / max |a| over equally long vectors; NaN (which then fails any `<=` bound)
+/// when either side holds a NaN or infinity or the lengths differ.
+pub fn max_relative_difference(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() || a.is_empty() || a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f64::NAN;
+    }
+    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(f64::MIN_POSITIVE);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
+}
+
+/// A prompt of exactly `n` SmolLM2 tokens that no golden file holds: numbered stock records
+/// with varied items, quantities, days and bays, tokenized by the model's own tokenizer.
+pub fn own_long_prompt(n: usize) -> Vec<u64> {
+    const ITEMS: [&str; 7] = [
+        "tinned tomatoes",
+        "dish soap",
+        "printer paper",
+        "bicycle tyres",
+        "frozen peas",
+        "garden hoses",
+        "lamp shades",
+    ];
+    const DAYS: [&str; 5] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"];
+    let mut text = String::from("Stock log for the north warehouse, week 14.\n");
+    for i in 0..n / 12 + 20 {
+        text.push_str(&format!(
+            "Record {}: {} cartons of {} arrived on {} and were put away in bay {}{}; {} were damaged.\n",
+            i + 1,
+            (i * 37) % 90 + 10,
+            ITEMS[i % ITEMS.len()],
+            DAYS[(i * 3) % DAYS.len()],
+            (b'A' + (i % 6) as u8) as char,
+            (i * 7) % 19 + 1,
+            (i * 5) % 4,
+        ));
+    }
+    let out = slmc_json(&["tokenize", smollm2_gguf().to_str().unwrap(), "--text", &text]);
+    let ids = as_ids(&out[0]["ids"]);
+    assert!(ids.len() >= n, "the stock log is only {} tokens", ids.len());
+    ids[..n].to_vec()
+}
+
+/// The interpreter's reference on `own_long_prompt(1500)`: its greedy continuation of
+/// `new_tokens` and, teacher-forced on it, each position's top-2 gap. Computed once per
+/// test binary.
+pub fn own_long_reference(new_tokens: usize) -> (Vec<u64>, Vec<u64>, Vec<f64>) {
+    static REF: OnceLock<(Vec<u64>, Vec<u64>, Vec<f64>)> = OnceLock::new();
+    let r = REF.get_or_init(|| {
+        let gguf = smollm2_gguf();
+        let g = gguf.to_str().unwrap();
+        let prompt = own_long_prompt(1500);
+        let p = ids_arg(&prompt);
+        let n = new_tokens.to_string();
+        let cont = as_ids(
+            &slmc_json(&["run", g, "--prompt-ids", &p, "--max-new-tokens", &n, "--ignore-eos"])["generated_ids"],
+        );
+        assert_eq!(cont.len(), new_tokens);
+        let score = slmc_json(&["score", g, "--prompt-ids", &p, "--continuation-ids", &ids_arg(&cont), "--decode"]);
+        let positions = score["positions"].as_array().unwrap();
+        assert_eq!(positions.len(), cont.len());
+        let mut gaps = Vec::new();
+        for (pos, c) in positions.iter().zip(&cont) {
+            assert_eq!(pos["argmax"].as_u64(), Some(*c), "the interpreter's score and run agree");
+            gaps.push(pos["top1_minus_top2"].as_f64().unwrap());
+        }
+        (prompt, cont, gaps)
+    });
+    assert_eq!(r.1.len(), new_tokens, "one reference length per test binary");
+    r.clone()
+}
+
+/// A compiled SmolLM2 artifact on `own_long_prompt(1500)` against the interpreter, the way
+/// the goldens are checked (`score --decode`: argmax equal wherever the interpreter's gap
+/// is at least `bound`, and at every step before its first smaller gap, i.e. greedy).
+pub fn check_own_long_prompt(artifact: &Path, new_tokens: usize, bound: f64) {
+    let (prompt, cont, gaps) = own_long_reference(new_tokens);
+    let a = artifact.to_str().unwrap();
+    let score =
+        slmc_json(&["score", a, "--prompt-ids", &ids_arg(&prompt), "--continuation-ids", &ids_arg(&cont), "--decode"]);
+    let positions = score["positions"].as_array().unwrap();
+    assert_eq!(positions.len(), cont.len(), "{a}: a score for every position");
+    let first_tie = gaps.iter().position(|g| *g < bound).unwrap_or(cont.len());
+    for (i, pos) in positions.iter().enumerate() {
+        if gaps[i] >= bound || i < first_tie {
+            assert_eq!(pos["argmax"].as_u64(), Some(cont[i]), "{a}: 1500-token prompt, step {i} (gap {})", gaps[i]);
+        }
+    }
+    eprintln!(
+        "{a}: 1500-token prompt, {} steps match the interpreter (first gap below {bound}: {first_tie})",
+        cont.len()
+    );
 }
