@@ -23,9 +23,13 @@ use slmc_runtime::{Executor, InterpreterExecutor};
 
 /// Seeds the suite runs (failures found by scripts/differential are added here). Among them,
 /// seeds 20, 23, 24, 27, 32, 35, 37 and 40 (a 48-position context) found that compile's
-/// quality report fed sequences longer than the model's context; seeds 5-12 set the Core ML
-/// tolerances.
-const FIXED_SEEDS: std::ops::RangeInclusive<u64> = 1..=40;
+/// quality report fed sequences longer than the model's context; seeds 5-12 and 1005-1091
+/// set the tolerances of the lossy paths.
+const FIXED_SEEDS: &[u64] = &[
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+    32, 33, 34, 35, 36, 37, 38, 39, 40, // found by scripts/differential (tolerances of lossy caches, Core ML):
+    1005, 1013, 1014, 1061, 1076, 1091,
+];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];
 const GPU_CACHES: &[&str] = &["f32", "f16", "int8", "int4"];
@@ -38,7 +42,7 @@ fn seeds() -> Vec<u64> {
             (a.trim().parse().expect("seed range start")..b.trim().parse().expect("seed range end")).collect()
         }
         Ok(v) => v.split(',').map(|s| s.trim().parse().expect("a seed")).collect(),
-        Err(_) => FIXED_SEEDS.collect(),
+        Err(_) => FIXED_SEEDS.to_vec(),
     }
 }
 
@@ -89,12 +93,14 @@ fn tolerance(target: &str, case: &Case) -> f32 {
     match target {
         "coreml-ios17" if case.quant.is_some_and(|q| q.starts_with("q4")) => 3e-1,
         "coreml-ios17" if case.quant.is_some() => 6e-2,
-        // fp16 activations: the error grows with the context (measured 1.8e-2 at 630 positions).
-        "coreml-ios17" | "coreml-ios18" => 3e-2,
+        // fp16 activations: the error grows with the context (measured 3.0e-2 at 290 positions).
+        "coreml-ios17" | "coreml-ios18" => 5e-2,
         // A packed or f16 cache turns float-level differences into whole code steps now and
-        // then (a value on a rounding boundary; measured 5.7e-3 at 637 positions).
-        "webgpu" | "vulkan" if case.gpu_cache == "int8" || case.gpu_cache == "int4" => 1e-2,
-        "webgpu" | "vulkan" if case.gpu_cache == "f16" => 5e-4,
+        // then (a value on a rounding boundary): measured 5.7e-3 (int8, 637 positions), 1.6e-2
+        // (int4, one code step is 1/15 of a vector's range), 6.2e-4 (f16).
+        "webgpu" | "vulkan" if case.gpu_cache == "int8" => 1e-2,
+        "webgpu" | "vulkan" if case.gpu_cache == "int4" => 3e-2,
+        "webgpu" | "vulkan" if case.gpu_cache == "f16" => 1e-3,
         _ => 1e-4,
     }
 }

@@ -48,7 +48,7 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {
         let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
         for (kv, f) in caches {
-            push(kernels::rope_cache(&rotary, (4, 2, 8), 16, kv, f).unwrap(), f);
+            push(kernels::rope_cache(&rotary, (4, 2, 8), 16, kv, 40, f).unwrap(), f);
         }
     }
     // A chunk of a split table and of a split LM head.
@@ -56,11 +56,12 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     push(kernels::embed(&chunk, 48, none).unwrap(), none);
     push(kernels::linear(&chunk, 16, false, 64, 48, none).unwrap(), none);
     for (kv, f) in caches {
-        push(kernels::attention((4, 2, 8), 0.35355338, 16, kernels::KeySplit::for_context(16), kv, f).unwrap(), f);
+        let split = kernels::KeySplit::for_context(16);
+        push(kernels::attention((4, 2, 8), 0.35355338, 16, split, kv, 40, f).unwrap(), f);
     }
     // A context of several splits (the combine kernel merges them).
     let long = kernels::KeySplit::for_context(600);
-    push(kernels::attention((4, 2, 8), 0.35355338, 600, long, "f32", none).unwrap(), none);
+    push(kernels::attention((4, 2, 8), 0.35355338, 600, long, "f32", 0, none).unwrap(), none);
     push(kernels::attention_combine((4, 8), long).unwrap(), none);
     out
 }

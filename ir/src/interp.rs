@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
-use crate::op::{KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary};
+use crate::op::{KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary, KV_EXACT_WINDOW};
 use crate::verify::{verify, GraphInfo, VerifyError};
 pub use crate::weights::{WeightSource, WeightView};
 
@@ -82,6 +82,8 @@ pub enum InterpError {
     NotANumber { node: String },
     #[error("the KV cache holds {past} positions; {more} more would exceed the limit of {limit}")]
     ContextFull { past: usize, more: usize, limit: usize },
+    #[error("%{node}: {message}")]
+    Unsupported { node: String, message: String },
 }
 
 /// Executes one graph against one weight store, keeping the KV cache between calls.
@@ -364,6 +366,13 @@ impl<'a> Interpreter<'a> {
                     KvKind::Key => 0,
                     KvKind::Value => 1,
                 };
+                if quant.is_packed() {
+                    // The exact window is per query: only the fused gqa can read it.
+                    return Err(InterpError::Unsupported {
+                        node: node.to_string(),
+                        message: format!("an {} cache is read through gqa (fuse-rope-attention)", quant.name()),
+                    });
+                }
                 let all = self.append_cache(*layer, slot, *quant, args[0])?;
                 let mut shape = args[0].shape.clone();
                 shape[0] = self.past + args[0].shape[0];
@@ -400,12 +409,14 @@ impl<'a> Interpreter<'a> {
                 let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
                 let hk = args[1].shape[1];
                 let t = self.past + s;
-                Tensor::f32(args[0].shape.clone(), attention(&q, &k_all, &v_all, s, t, hq, hk, d, *scale))
+                let [kc, vc] = &self.cache[*layer];
+                let exact = quant.is_packed().then(|| (&kc.plain[..], &vc.plain[..]));
+                Tensor::f32(args[0].shape.clone(), attention(&q, (&k_all, &v_all), exact, s, t, (hq, hk, d), *scale))
             }
             Op::Attention { scale } => {
                 let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
                 let (t, hk) = (args[1].shape[0], args[1].shape[1]);
-                Tensor::f32(args[0].shape.clone(), attention(f(0), f(1), f(2), s, t, hq, hk, d, *scale))
+                Tensor::f32(args[0].shape.clone(), attention(f(0), (f(1), f(2)), None, s, t, (hq, hk, d), *scale))
             }
         })
     }
@@ -488,7 +499,8 @@ fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], rotary: &Rotary) {
 }
 
 /// One KV cache (keys or values of one layer). Quantized caches hold integer codes and
-/// a scale and minimum per (position, head) vector, and are dequantized when read.
+/// a scale and minimum per (position, head) vector, and are dequantized when read, and the
+/// exact values for the window of `KV_EXACT_WINDOW` recent positions (`plain`).
 #[derive(Clone, Debug, Default)]
 struct CacheBuf {
     quant: KvQuant,
@@ -516,6 +528,8 @@ impl CacheBuf {
             KvQuant::Int8 => 255.0f32,
             KvQuant::Int4 => 15.0f32,
         };
+        // Packed caches keep the exact values too, for the recent window.
+        self.plain.extend_from_slice(x);
         for v in x.chunks_exact(head_dim) {
             let min = v.iter().copied().fold(f32::INFINITY, f32::min);
             let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -565,17 +579,16 @@ pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Ve
     }
 }
 
-/// Causal grouped-query attention; query i sits at position t - s + i.
-#[allow(clippy::too_many_arguments)]
+/// Causal grouped-query attention; query i sits at position t - s + i. `exact`: a packed
+/// cache's exact keys and values, read instead of `kv` for the `KV_EXACT_WINDOW` positions
+/// nearest each query.
 fn attention(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (k, v): (&[f32], &[f32]),
+    exact: Option<(&[f32], &[f32])>,
     s: usize,
     t: usize,
-    hq: usize,
-    hk: usize,
-    d: usize,
+    (hq, hk, d): (usize, usize, usize),
     scale: f32,
 ) -> Vec<f32> {
     let group = hq / hk;
@@ -586,8 +599,13 @@ fn attention(
         let kv_head = h / group;
         let qv = &q[(i * hq + h) * d..(i * hq + h + 1) * d];
         let visible = t - s + i + 1;
-        let mut scores: Vec<f32> =
-            (0..visible).map(|j| dot(qv, &k[(j * hk + kv_head) * d..(j * hk + kv_head + 1) * d]) * scale).collect();
+        let window_start = visible.saturating_sub(KV_EXACT_WINDOW);
+        let pick = |j: usize| match exact {
+            Some((ke, ve)) if j >= window_start => (ke, ve),
+            _ => (k, v),
+        };
+        let at = |j: usize| (j * hk + kv_head) * d..(j * hk + kv_head + 1) * d;
+        let mut scores: Vec<f32> = (0..visible).map(|j| dot(qv, &pick(j).0[at(j)]) * scale).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for sc in scores.iter_mut() {
@@ -596,8 +614,7 @@ fn attention(
         }
         for (j, p) in scores.iter().enumerate() {
             let w = p / sum;
-            let vv = &v[(j * hk + kv_head) * d..(j * hk + kv_head + 1) * d];
-            for (o, x) in o.iter_mut().zip(vv) {
+            for (o, x) in o.iter_mut().zip(&pick(j).1[at(j)]) {
                 *o += w * x;
             }
         }

@@ -289,7 +289,13 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
 /// Template parameters of a cache storage kind: bits per code, codes per word, largest
 /// code, and the cache's WGSL element type (f16 natively with shader-f16, else pairs in
 /// u32 words). Returns the kind's part of kernel names.
-fn kv_params(ctx: &mut tera::Context, kv: &str, features: GpuFeatures) -> String {
+///
+/// `ring`: for int8/int4 caches, the slots of the exact ring that serves each query's
+/// `KV_EXACT_WINDOW` most recent positions (the window plus a step); it follows the codes
+/// in the same buffer, f32 values as u32 words, position p in slot p % ring.
+fn kv_params(ctx: &mut tera::Context, kv: &str, ring: usize, features: GpuFeatures) -> String {
+    ctx.insert("window", &slmc_ir::KV_EXACT_WINDOW);
+    ctx.insert("ring", &ring.max(1));
     let (bits, per_word, top) = match kv {
         "int4" => (4, 8, 15),
         _ => (8, 4, 255),
@@ -308,6 +314,8 @@ fn kv_params(ctx: &mut tera::Context, kv: &str, features: GpuFeatures) -> String
     ctx.insert("top", &top);
     if native_f16 {
         "f16h".into()
+    } else if kv == "int8" || kv == "int4" {
+        format!("{kv}r{ring}")
     } else {
         kv.into()
     }
@@ -319,10 +327,11 @@ pub fn rope_cache(
     (hq, hk, hd): (usize, usize, usize),
     context: usize,
     kv: &str,
+    ring: usize,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
-    let kv_tag = kv_params(&mut ctx, kv, features);
+    let kv_tag = kv_params(&mut ctx, kv, ring, features);
     let style = match rotary.style {
         slmc_ir::RopeStyle::Half => "half",
         slmc_ir::RopeStyle::Interleaved => "interleaved",
@@ -369,10 +378,11 @@ pub fn attention(
     context: usize,
     split: KeySplit,
     kv: &str,
+    ring: usize,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
-    let kv_tag = kv_params(&mut ctx, kv, features);
+    let kv_tag = kv_params(&mut ctx, kv, ring, features);
     let name = format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}_k{}", split.keys);
     if split.iterations(hd) >= SOFTWARE_LOOP_LIMIT {
         return Err(GpuError::Kernel {

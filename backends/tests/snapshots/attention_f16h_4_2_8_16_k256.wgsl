@@ -16,8 +16,16 @@ fn k_at(vec: u32, d: u32) -> f32 {
     return f32(k_cache[vec * 8u + d]);
 }
 
+fn k_read(t: u32, kvh: u32, qpos: u32, d: u32) -> f32 {
+    return k_at(t * 2u + kvh, d);
+}
+
 fn v_at(vec: u32, d: u32) -> f32 {
     return f32(v_cache[vec * 8u + d]);
+}
+
+fn v_read(t: u32, kvh: u32, qpos: u32, d: u32) -> f32 {
+    return v_at(t * 2u + kvh, d);
 }
 
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
@@ -51,10 +59,9 @@ fn run(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li
         let t = t0 + lid;
         var score = -3.4e38;
         if (t < end) {
-            let kv = t * 2u + kvh;
             var dotv = 0.0;
             for (var d = 0u; d < 8u; d++) {
-                dotv += q[qo + d] * k_at(kv, d);
+                dotv += q[qo + d] * k_read(t, kvh, visible - 1u, d);
             }
             score = dotv * 0.35355338;
         }
@@ -78,11 +85,10 @@ fn run(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li
         for (var j = 0u; j < n; j++) {
             let w = tile[j];
             tile_sum += w;
-            let kv = (t0 + j) * 2u + kvh;
             for (var c = 0u; c < 1u; c++) {
                 let d = lid + 64u * c;
                 if (d < 8u) {
-                    acc[c] += w * v_at(kv, d);
+                    acc[c] += w * v_read(t0 + j, kvh, visible - 1u, d);
                 }
             }
         }

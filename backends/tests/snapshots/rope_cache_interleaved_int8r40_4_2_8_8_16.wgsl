@@ -14,8 +14,8 @@ struct Step {
 @group(0) @binding(5) var<storage, read_write> q_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> k_cache: array<u32>;
 @group(0) @binding(7) var<storage, read_write> v_cache: array<u32>;
-// Rotary embedding (half pairs, first 8 of 8 dims) with a cos/sin
-// table computed on the host; keys and values go to the int4 cache at position p + i.
+// Rotary embedding (interleaved pairs, first 8 of 8 dims) with a cos/sin
+// table computed on the host; keys and values go to the int8 cache at position p + i.
 
 fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
     var mn = (*vals)[0];
@@ -24,18 +24,24 @@ fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
         mn = min(mn, (*vals)[d]);
         mx = max(mx, (*vals)[d]);
     }
-    let scale = (mx - mn) / 15.0;
+    let scale = (mx - mn) / 255.0;
     let inv = select(0.0, 1.0 / scale, scale > 0.0);
     k_cache[2u * vec] = bitcast<u32>(scale);
     k_cache[2u * vec + 1u] = bitcast<u32>(mn);
-    for (var wi = 0u; wi < 1u; wi++) {
+    for (var wi = 0u; wi < 2u; wi++) {
         var word = 0u;
-        for (var t = 0u; t < 8u; t++) {
+        for (var t = 0u; t < 4u; t++) {
             // floor(x + 0.5) of a non-negative x rounds half away from zero, as the interpreter does.
-            let code = u32(clamp(floor(((*vals)[8u * wi + t] - mn) * inv + 0.5), 0.0, 15.0));
-            word |= code << (4u * t);
+            let code = u32(clamp(floor(((*vals)[4u * wi + t] - mn) * inv + 0.5), 0.0, 255.0));
+            word |= code << (8u * t);
         }
-        k_cache[64u + vec * 1u + wi] = word;
+        k_cache[64u + vec * 2u + wi] = word;
+    }
+    // The exact value for the recent window: slot p % 40 of the ring after the codes.
+    let pos = vec / 2u;
+    let ring_vec = (pos % 40u) * 2u + vec % 2u;
+    for (var d = 0u; d < 8u; d++) {
+        k_cache[128u + ring_vec * 8u + d] = bitcast<u32>((*vals)[d]);
     }
 }
 
@@ -46,18 +52,24 @@ fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
         mn = min(mn, (*vals)[d]);
         mx = max(mx, (*vals)[d]);
     }
-    let scale = (mx - mn) / 15.0;
+    let scale = (mx - mn) / 255.0;
     let inv = select(0.0, 1.0 / scale, scale > 0.0);
     v_cache[2u * vec] = bitcast<u32>(scale);
     v_cache[2u * vec + 1u] = bitcast<u32>(mn);
-    for (var wi = 0u; wi < 1u; wi++) {
+    for (var wi = 0u; wi < 2u; wi++) {
         var word = 0u;
-        for (var t = 0u; t < 8u; t++) {
+        for (var t = 0u; t < 4u; t++) {
             // floor(x + 0.5) of a non-negative x rounds half away from zero, as the interpreter does.
-            let code = u32(clamp(floor(((*vals)[8u * wi + t] - mn) * inv + 0.5), 0.0, 15.0));
-            word |= code << (4u * t);
+            let code = u32(clamp(floor(((*vals)[4u * wi + t] - mn) * inv + 0.5), 0.0, 255.0));
+            word |= code << (8u * t);
         }
-        v_cache[64u + vec * 1u + wi] = word;
+        v_cache[64u + vec * 2u + wi] = word;
+    }
+    // The exact value for the recent window: slot p % 40 of the ring after the codes.
+    let pos = vec / 2u;
+    let ring_vec = (pos % 40u) * 2u + vec % 2u;
+    for (var d = 0u; d < 8u; d++) {
+        v_cache[128u + ring_vec * 8u + d] = bitcast<u32>((*vals)[d]);
     }
 }
 
@@ -80,8 +92,8 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         let c = table[pos * 4u + j];
         let sn = table[64u + pos * 4u + j];
 
-        let ia = j;
-        let ib = j + 4u;
+        let ia = 2u * j;
+        let ib = 2u * j + 1u;
 
         let x0 = vals[ia];
         let x1 = vals[ib];

@@ -16,11 +16,27 @@ fn k_at(vec: u32, d: u32) -> f32 {
     let q = (word >> (8u * (d % 4u))) & 255u;
     return f32(q) * bitcast<f32>(k_cache[2u * vec]) + bitcast<f32>(k_cache[2u * vec + 1u]);
 }
+// Position t as a query at position qpos reads it: exact from the ring within the
+// 32 most recent positions, else from the codes.
+fn k_read(t: u32, kvh: u32, qpos: u32, d: u32) -> f32 {
+    if (qpos - t < 32u) {
+        return bitcast<f32>(k_cache[128u + ((t % 40u) * 2u + kvh) * 8u + d]);
+    }
+    return k_at(t * 2u + kvh, d);
+}
 
 fn v_at(vec: u32, d: u32) -> f32 {
     let word = v_cache[64u + vec * 2u + d / 4u];
     let q = (word >> (8u * (d % 4u))) & 255u;
     return f32(q) * bitcast<f32>(v_cache[2u * vec]) + bitcast<f32>(v_cache[2u * vec + 1u]);
+}
+// Position t as a query at position qpos reads it: exact from the ring within the
+// 32 most recent positions, else from the codes.
+fn v_read(t: u32, kvh: u32, qpos: u32, d: u32) -> f32 {
+    if (qpos - t < 32u) {
+        return bitcast<f32>(v_cache[128u + ((t % 40u) * 2u + kvh) * 8u + d]);
+    }
+    return v_at(t * 2u + kvh, d);
 }
 
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
@@ -54,10 +70,9 @@ fn run(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li
         let t = t0 + lid;
         var score = -3.4e38;
         if (t < end) {
-            let kv = t * 2u + kvh;
             var dotv = 0.0;
             for (var d = 0u; d < 8u; d++) {
-                dotv += q[qo + d] * k_at(kv, d);
+                dotv += q[qo + d] * k_read(t, kvh, visible - 1u, d);
             }
             score = dotv * 0.35355338;
         }
@@ -81,11 +96,10 @@ fn run(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li
         for (var j = 0u; j < n; j++) {
             let w = tile[j];
             tile_sum += w;
-            let kv = (t0 + j) * 2u + kvh;
             for (var c = 0u; c < 1u; c++) {
                 let d = lid + 64u * c;
                 if (d < 8u) {
-                    acc[c] += w * v_at(kv, d);
+                    acc[c] += w * v_read(t0 + j, kvh, visible - 1u, d);
                 }
             }
         }

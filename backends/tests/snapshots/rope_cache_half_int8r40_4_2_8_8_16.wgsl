@@ -37,6 +37,12 @@ fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
         }
         k_cache[64u + vec * 2u + wi] = word;
     }
+    // The exact value for the recent window: slot p % 40 of the ring after the codes.
+    let pos = vec / 2u;
+    let ring_vec = (pos % 40u) * 2u + vec % 2u;
+    for (var d = 0u; d < 8u; d++) {
+        k_cache[128u + ring_vec * 8u + d] = bitcast<u32>((*vals)[d]);
+    }
 }
 
 fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
@@ -58,6 +64,12 @@ fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
             word |= code << (8u * t);
         }
         v_cache[64u + vec * 2u + wi] = word;
+    }
+    // The exact value for the recent window: slot p % 40 of the ring after the codes.
+    let pos = vec / 2u;
+    let ring_vec = (pos % 40u) * 2u + vec % 2u;
+    for (var d = 0u; d < 8u; d++) {
+        v_cache[128u + ring_vec * 8u + d] = bitcast<u32>((*vals)[d]);
     }
 }
 

@@ -14,7 +14,7 @@ struct Step {
 @group(0) @binding(5) var<storage, read_write> q_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> k_cache: array<u32>;
 @group(0) @binding(7) var<storage, read_write> v_cache: array<u32>;
-// Rotary embedding (interleaved pairs, first 8 of 8 dims) with a cos/sin
+// Rotary embedding (half pairs, first 8 of 8 dims) with a cos/sin
 // table computed on the host; keys and values go to the int4 cache at position p + i.
 
 fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
@@ -36,6 +36,12 @@ fn store_k(vec: u32, vals: ptr<function, array<f32, 8>>) {
             word |= code << (4u * t);
         }
         k_cache[64u + vec * 1u + wi] = word;
+    }
+    // The exact value for the recent window: slot p % 40 of the ring after the codes.
+    let pos = vec / 2u;
+    let ring_vec = (pos % 40u) * 2u + vec % 2u;
+    for (var d = 0u; d < 8u; d++) {
+        k_cache[96u + ring_vec * 8u + d] = bitcast<u32>((*vals)[d]);
     }
 }
 
@@ -59,6 +65,12 @@ fn store_v(vec: u32, vals: ptr<function, array<f32, 8>>) {
         }
         v_cache[64u + vec * 1u + wi] = word;
     }
+    // The exact value for the recent window: slot p % 40 of the ring after the codes.
+    let pos = vec / 2u;
+    let ring_vec = (pos % 40u) * 2u + vec % 2u;
+    for (var d = 0u; d < 8u; d++) {
+        v_cache[96u + ring_vec * 8u + d] = bitcast<u32>((*vals)[d]);
+    }
 }
 
 @compute @workgroup_size(64)
@@ -80,8 +92,8 @@ fn run(@builtin(global_invocation_id) gid: vec3<u32>) {
         let c = table[pos * 4u + j];
         let sn = table[64u + pos * 4u + j];
 
-        let ia = 2u * j;
-        let ib = 2u * j + 1u;
+        let ia = j;
+        let ib = j + 4u;
 
         let x0 = vals[ia];
         let x1 = vals[ib];
