@@ -7,7 +7,7 @@ struct Step {
 }
 @group(0) @binding(0) var<uniform> step: Step;
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
@@ -18,41 +18,42 @@ struct Step {
 fn dq(code: u32, d: f32, m: f32) -> f32 {
     return f32(code) * d + m;
 }
+// Activations are read as vec4 (`x: array<vec4<f32>>`, rows a multiple of 4 wide): a
+// word's low nibbles are 4 consecutive elements and its high nibbles the 4 at +16,
+// so each word takes two vector loads per token and a vector decode.
+fn nibbles(word: u32, d: f32, m: f32) -> array<vec4<f32>, 2> {
+    let bytes = (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
+
+    return array<vec4<f32>, 2>(vec4<f32>(bytes & vec4<u32>(15u)) * d + m, vec4<f32>(bytes >> vec4<u32>(4u)) * d + m);
+}
 fn dot_row(row: u32, xoff: u32) -> f32 {
     var acc = 0.0;
     for (var blk = 0u; blk < 2u; blk++) {
         let b = row * 2u + blk;
         let d = bitcast<f32>(w[2u * b]);
         let m = bitcast<f32>(w[2u * b + 1u]);
-        let base = xoff + blk * 32u;
+        let base = xoff / 4u + blk * 8u;
         for (var wi = 0u; wi < 4u; wi++) {
-            let word = w[256u + b * 4u + wi];
-            for (var t = 0u; t < 4u; t++) {
-                let byte = (word >> (8u * t)) & 0xffu;
-                let j = wi * 4u + t;
-                acc += dq(byte & 0xfu, d, m) * x[base + j] + dq(byte >> 4u, d, m) * x[base + j + 16u];
-            }
+            let v = nibbles(w[256u + b * 4u + wi], d, m);
+            acc += dot(v[0], x[base + wi]) + dot(v[1], x[base + wi + 4u]);
         }
     }
     return acc;
 }
 fn dot_rows4(row: u32, r: vec4<u32>) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
+    let r4 = r / vec4<u32>(4u);
     for (var blk = 0u; blk < 2u; blk++) {
         let b = row * 2u + blk;
         let d = bitcast<f32>(w[2u * b]);
         let m = bitcast<f32>(w[2u * b + 1u]);
-        let base = r + vec4<u32>(blk * 32u);
+        let base = r4 + vec4<u32>(blk * 8u);
         for (var wi = 0u; wi < 4u; wi++) {
-            let word = w[256u + b * 4u + wi];
-            for (var c = 0u; c < 4u; c++) {
-                let byte = (word >> (8u * c)) & 0xffu;
-                let j = wi * 4u + c;
-                let x0 = vec4<f32>(x[base.x + j], x[base.y + j], x[base.z + j], x[base.w + j]);
-                let h = j + 16u;
-                let x1 = vec4<f32>(x[base.x + h], x[base.y + h], x[base.z + h], x[base.w + h]);
-                acc += dq(byte & 0xfu, d, m) * x0 + dq(byte >> 4u, d, m) * x1;
-            }
+            let v = nibbles(w[256u + b * 4u + wi], d, m);
+            let k = base + vec4<u32>(wi);
+            let h = k + vec4<u32>(4u);
+            acc += vec4<f32>(dot(v[0], x[k.x]), dot(v[0], x[k.y]), dot(v[0], x[k.z]), dot(v[0], x[k.w]))
+                + vec4<f32>(dot(v[1], x[h.x]), dot(v[1], x[h.y]), dot(v[1], x[h.z]), dot(v[1], x[h.w]));
         }
     }
     return acc;

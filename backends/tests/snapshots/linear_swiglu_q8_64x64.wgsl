@@ -7,39 +7,40 @@ struct Step {
 }
 @group(0) @binding(0) var<uniform> step: Step;
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 // Blocks of 32: the f32 scale of block b at word b, then from word 128 eight
 // words of four signed bytes per block. value = code * scale.
+// Activations read as vec4: a word holds 4 consecutive signed codes.
+fn codes4(word: u32) -> vec4<f32> {
+    let v = bitcast<i32>(word);
+    return vec4<f32>(f32(extractBits(v, 0u, 8u)), f32(extractBits(v, 8u, 8u)), f32(extractBits(v, 16u, 8u)), f32(extractBits(v, 24u, 8u)));
+}
 fn dot_row(row: u32, xoff: u32) -> f32 {
     var acc = 0.0;
     for (var blk = 0u; blk < 2u; blk++) {
         let b = row * 2u + blk;
-        let base = xoff + blk * 32u;
+        let base = xoff / 4u + blk * 8u;
         let d = bitcast<f32>(w[b]);
         for (var wi = 0u; wi < 8u; wi++) {
-            let word = bitcast<i32>(w[128u + b * 8u + wi]);
-            for (var t = 0u; t < 4u; t++) {
-                acc += f32(extractBits(word, 8u * t, 8u)) * d * x[base + wi * 4u + t];
-            }
+            acc += dot(codes4(w[128u + b * 8u + wi]) * d, x[base + wi]);
         }
     }
     return acc;
 }
 fn dot_rows4(row: u32, r: vec4<u32>) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
+    let r4 = r / vec4<u32>(4u);
     for (var blk = 0u; blk < 2u; blk++) {
         let b = row * 2u + blk;
-        let base = r + vec4<u32>(blk * 32u);
+        let base = r4 + vec4<u32>(blk * 8u);
         let d = bitcast<f32>(w[b]);
         for (var wi = 0u; wi < 8u; wi++) {
-            let word = bitcast<i32>(w[128u + b * 8u + wi]);
-            for (var c = 0u; c < 4u; c++) {
-                let j = wi * 4u + c;
-                acc += f32(extractBits(word, 8u * c, 8u)) * d * vec4<f32>(x[base.x + j], x[base.y + j], x[base.z + j], x[base.w + j]);
-            }
+            let v = codes4(w[128u + b * 8u + wi]) * d;
+            let k = base + vec4<u32>(wi);
+            acc += vec4<f32>(dot(v, x[k.x]), dot(v, x[k.y]), dot(v, x[k.z]), dot(v, x[k.w]));
         }
     }
     return acc;
