@@ -139,8 +139,24 @@ fn eval_runs_the_golden_smoke_set_and_catches_a_disagreeing_bundle() {
         let b = dir.join("out").join(target);
         let report = slmc_json(&["eval", b.to_str().unwrap()]);
         assert_eq!(report["passed"], true, "{target}: {report}");
-        assert_eq!(report["prompts"].as_array().unwrap().len(), 2);
+        let prompts = report["prompts"].as_array().unwrap();
+        // Two short prompts and the long one, checked at every prompt position too.
+        assert_eq!(prompts.len(), 3);
+        assert_eq!(prompts[2]["prompt_ids"].as_array().unwrap().len(), 120, "128 positions less 8 generated");
+        assert!(prompts[2]["prompt_positions_checked"].as_u64().unwrap() > 60, "{target}: {}", prompts[2]);
     }
+    // A long prompt whose recorded argmax at one position no longer matches: eval fails.
+    let b = dir.join("out/webgpu");
+    let path = b.join("manifest.json");
+    let original = std::fs::read(&path).unwrap();
+    let mut manifest = read_json(&path);
+    let long = &mut manifest["smoke"]["prompts"][2];
+    let i = long["prompt_gaps"].as_array().unwrap().iter().position(|g| g.as_f64().unwrap() >= 0.02).unwrap();
+    long["prompt_argmax"][i] = serde_json::json!((long["prompt_argmax"][i].as_u64().unwrap() + 1) % 96);
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let err = slmc_fails(&["eval", b.to_str().unwrap()]);
+    assert!(err.contains("smoke set disagrees"), "{err}");
+    std::fs::write(&path, original).unwrap();
     // Expectations that no longer match the artifact (a manifest edited after the fact,
     // then re-signed so only the smoke set can notice): eval fails.
     let b = dir.join("out/onnx-cpu");

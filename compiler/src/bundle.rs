@@ -26,6 +26,15 @@ pub const MIN_RUNTIME_VERSION: &str = "0.2.0";
 const SMOKE_TEXTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
 const SMOKE_TOKENS: usize = 8;
 pub const SMOKE_NEAR_TIE_GAP: f32 = 0.02;
+/// Lossy configurations are held to a wider gap, and their first near-tie may flip.
+/// Core ML programs compute in fp16 (and iOS 17 re-quantizes 4-bit weights to int8
+/// blocks): on SmolLM2's long smoke prompt iOS 17 flipped positions whose reference gap was
+/// 0.058 and 0.022 (2 of 381), and on the tiny checkpoints near-ties of 0.016-0.031.
+pub const SMOKE_NEAR_TIE_GAP_FP16: f32 = 0.1;
+/// ONNX with int8 activations (`--onnx-accuracy-level 4` or `--onnx-head-accuracy-level 4`,
+/// named lossy options): on the same prompt they flipped positions at reference gaps up to
+/// 0.248 (layers) and 0.058 (head only).
+pub const SMOKE_NEAR_TIE_GAP_INT8_ACTIVATIONS: f32 = 0.5;
 /// The long smoke prompt: at least this many positions (and at least a step and a tile past
 /// the chunk size), or the context less the generated tokens if that is shorter. Checked
 /// teacher-forced at every position, then greedily: last round a GPU bundle broke past ~330
@@ -171,7 +180,7 @@ pub fn smoke_set(model: &Model, optimized: &Optimized, context: usize, long: usi
         }
         out.push(SmokePrompt { prompt_ids, expected_ids: expected, gaps, prompt_argmax, prompt_gaps });
     }
-    Ok(SmokeSet { near_tie_gap: SMOKE_NEAR_TIE_GAP, prompts: out })
+    Ok(SmokeSet { near_tie_gap: SMOKE_NEAR_TIE_GAP, near_tie_may_flip: false, prompts: out })
 }
 
 /// One smoke prompt's outcome on an executor.
@@ -227,7 +236,7 @@ pub fn run_smoke(exec: &mut dyn Executor, smoke: &SmokeSet) -> Result<Vec<SmokeO
             generated
         };
         let matching = generated.iter().zip(&p.expected_ids).take_while(|(a, b)| a == b).count();
-        let required = p.required_prefix(bound);
+        let required = p.required_prefix(bound, smoke.near_tie_may_flip);
         out.push(SmokeOutcome {
             prompt_ids: p.prompt_ids.clone(),
             generated_ids: generated,

@@ -179,6 +179,16 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         // The smoke set's long prompt fits the target's context (Core ML's is the profile's,
         // fed in fixed steps); one set per length, so a bundle never depends on which other
         // targets were compiled with it.
+        // The exact configurations are held to the reference; lossy ones to a wider gap.
+        let int8_activations =
+            profile.backend == "onnx" && (args.onnx_accuracy_level == 4 || args.onnx_head_accuracy_level == 4);
+        let smoke_gap = if profile.coreml.is_some() {
+            bundles::SMOKE_NEAR_TIE_GAP_FP16
+        } else if int8_activations {
+            bundles::SMOKE_NEAR_TIE_GAP_INT8_ACTIVATIONS
+        } else {
+            bundles::SMOKE_NEAR_TIE_GAP
+        };
         let (target_context, fixed_step) = match &profile.coreml {
             Some(c) => (context_len.min(c.max_context_len), c.step_tokens),
             None => (context_len, 1),
@@ -212,7 +222,11 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             &profile.name,
             &args.out,
             &options,
-            &smoke[&long],
+            &slmc_targets::bundle::SmokeSet {
+                near_tie_gap: smoke_gap,
+                near_tie_may_flip: smoke_gap > bundles::SMOKE_NEAR_TIE_GAP,
+                ..smoke[&long].clone()
+            },
             quality.as_ref(),
         )?;
         if use_cache {

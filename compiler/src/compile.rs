@@ -221,12 +221,16 @@ fn check_smoke(
     for o in crate::bundle::run_smoke(exec.as_mut(), smoke)? {
         if !o.passed {
             bail!(
-                "prompt {:?}: generated {:?}, the reference {:?}: {} leading tokens agree, {} required",
-                o.prompt_ids,
+                "prompt of {} tokens {:?}: generated {:?}, the reference {:?}: {} leading tokens agree, {} required; teacher-forced, {} of {} checked prompt positions differ ({:?})",
+                o.prompt_ids.len(),
+                &o.prompt_ids[..o.prompt_ids.len().min(16)],
                 o.generated_ids,
                 o.expected_ids,
                 o.matching_prefix,
-                o.required_prefix
+                o.required_prefix,
+                o.prompt_mismatches.len(),
+                o.prompt_positions_checked,
+                o.prompt_mismatches
             );
         }
     }

@@ -116,6 +116,10 @@ pub struct SmokeSet {
     /// A bundle passes when, for every prompt, its tokens equal the expected ones up to and
     /// including the first step whose reference top-2 gap is below `near_tie_gap`.
     pub near_tie_gap: f32,
+    /// Targets that compute in lower precision (Core ML's fp16 programs) may flip the first
+    /// near-tie itself: their tokens must match before it, not at it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub near_tie_may_flip: bool,
     pub prompts: Vec<SmokePrompt>,
 }
 
@@ -136,9 +140,11 @@ pub struct SmokePrompt {
 }
 
 impl SmokePrompt {
-    /// How many leading tokens must match: through the first near-tie step, or all.
-    pub fn required_prefix(&self, near_tie_gap: f32) -> usize {
-        self.gaps.iter().position(|g| *g < near_tie_gap).map(|i| i + 1).unwrap_or(self.expected_ids.len())
+    /// How many leading tokens must match: through the first near-tie step (before it when
+    /// `tie_may_flip`), or all.
+    pub fn required_prefix(&self, near_tie_gap: f32, tie_may_flip: bool) -> usize {
+        let tie = if tie_may_flip { 0 } else { 1 };
+        self.gaps.iter().position(|g| *g < near_tie_gap).map(|i| i + tie).unwrap_or(self.expected_ids.len())
     }
 }
 
