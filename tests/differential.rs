@@ -28,7 +28,7 @@ use slmc_runtime::{Executor, InterpreterExecutor};
 const FIXED_SEEDS: &[u64] = &[
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
     32, 33, 34, 35, 36, 37, 38, 39, 40, // found by scripts/differential (tolerances of lossy caches, Core ML):
-    1005, 1013, 1014, 1061, 1076, 1091, 2117,
+    1005, 1013, 1014, 1061, 1076, 1091, 2117, 3007, 3168,
 ];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];
@@ -96,11 +96,13 @@ fn tolerance(target: &str, case: &Case) -> f32 {
         // fp16 activations: the error grows with the context (measured 3.0e-2 at 290 positions).
         "coreml-ios17" | "coreml-ios18" => 5e-2,
         // A packed or f16 cache turns float-level differences into whole code steps now and
-        // then (a value on a rounding boundary): measured 1.02e-2 (int8, seed 2117), 1.6e-2
-        // (int4, one code step is 1/15 of a vector's range), 6.2e-4 (f16).
-        "webgpu" | "vulkan" if case.gpu_cache == "int8" => 2e-2,
-        "webgpu" | "vulkan" if case.gpu_cache == "int4" => 3e-2,
-        "webgpu" | "vulkan" if case.gpu_cache == "f16" => 1e-3,
+        // then (a value on a rounding boundary), more often the longer the context: measured
+        // 1.02e-2 (int8, seed 2117), 4.9e-2 (int4, one code step is 1/15 of a vector's range,
+        // seed 3007), 1.47e-3 (f16, 637 positions, seed 3168). A wrong index or a lost
+        // position gives errors of order 1.
+        "webgpu" | "vulkan" if case.gpu_cache == "int8" => 3e-2,
+        "webgpu" | "vulkan" if case.gpu_cache == "int4" => 1e-1,
+        "webgpu" | "vulkan" if case.gpu_cache == "f16" => 3e-3,
         _ => 1e-4,
     }
 }
