@@ -23,12 +23,12 @@ use slmc_runtime::{Executor, InterpreterExecutor};
 
 /// Seeds the suite runs (failures found by scripts/differential are added here). Among them,
 /// seeds 20, 23, 24, 27, 32, 35, 37 and 40 (a 48-position context) found that compile's
-/// quality report fed sequences longer than the model's context; seeds 5-12 and 1005-1091
-/// set the tolerances of the lossy paths.
+/// quality report fed sequences longer than the model's context; seeds 5-12 and 1005-3310
+/// (every failure of the random runs) set the tolerances of the lossy paths.
 const FIXED_SEEDS: &[u64] = &[
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
     32, 33, 34, 35, 36, 37, 38, 39, 40, // found by scripts/differential (tolerances of lossy caches, Core ML):
-    1005, 1013, 1014, 1061, 1076, 1091, 2117, 3007, 3168, 3310,
+    1005, 1013, 1014, 1061, 1076, 1091, 1208, 1222, 1227, 1253, 1276, 1284, 2117, 3007, 3168, 3310,
 ];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];
