@@ -219,14 +219,25 @@ fn elementwise_and_slice() {
     check("elementwise", &body, 64, one("bias", norm_weight(K, 23)));
 }
 
+/// IR lines for `gqa` over `%x`: q, k and v sliced from its first columns (hq, hk and hk
+/// heads of hd), then flattened into `%out` of hq * hd columns. `kv` is the cache attribute
+/// text (`""` or `", kv = int8"`).
+fn gqa_body((hq, hk, hd): (usize, usize, usize), rotary_dim: usize, style: &str, kv: &str) -> String {
+    let (q, k) = (hq * hd, hk * hd);
+    let v_end = q + 2 * k;
+    assert!(v_end <= K, "{v_end} columns of q, k and v from x of {K}");
+    format!(
+        "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = {q}}} : f32[s, {q}]\n  %q = reshape(%q0) {{shape = [s, {hq}, {hd}]}} : f32[s, {hq}, {hd}]\n  %k0 = slice(%x) {{axis = 1, start = {q}, end = {qk}}} : f32[s, {k}]\n  %k = reshape(%k0) {{shape = [s, {hk}, {hd}]}} : f32[s, {hk}, {hd}]\n  %v0 = slice(%x) {{axis = 1, start = {qk}, end = {v_end}}} : f32[s, {k}]\n  %v = reshape(%v0) {{shape = [s, {hk}, {hd}]}} : f32[s, {hk}, {hd}]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = {rotary_dim}, style = {style}{kv}}} : f32[s, {hq}, {hd}]\n  %out = reshape(%att) {{shape = [s, {q}]}} : f32[s, {q}]\n",
+        qk = q + k
+    )
+}
+
 #[test]
 fn gqa_with_f32_f16_int8_and_int4_caches() {
     for (kv, style) in
         [("", "half"), (", kv = f16", "interleaved"), (", kv = int8", "interleaved"), (", kv = int4", "half")]
     {
-        let body = format!(
-            "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = 64}} : f32[s, 64]\n  %q = reshape(%q0) {{shape = [s, 4, 16]}} : f32[s, 4, 16]\n  %k0 = slice(%x) {{axis = 1, start = 64, end = 96}} : f32[s, 32]\n  %k = reshape(%k0) {{shape = [s, 2, 16]}} : f32[s, 2, 16]\n  %v0 = slice(%x) {{axis = 1, start = 96, end = 128}} : f32[s, 32]\n  %v = reshape(%v0) {{shape = [s, 2, 16]}} : f32[s, 2, 16]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = 12, style = {style}{kv}}} : f32[s, 4, 16]\n  %out = reshape(%att) {{shape = [s, 64]}} : f32[s, 64]\n"
-        );
+        let body = gqa_body((4, 2, 16), 12, style, kv);
         let label = kv.trim_start_matches(", kv = ");
         check(
             &format!("gqa-{style}-{}", if label.is_empty() { "f32" } else { label }),
@@ -247,9 +258,7 @@ fn gqa_over_a_long_context_up_to_a_full_cache() {
     let run = Run { context_len: 1000, max_step_tokens: 64, steps: &[300, 1, 63, 64, 65, 1, 200, 5, 300, 1] };
     assert_eq!(run.steps.iter().sum::<usize>(), run.context_len);
     for kv in ["", ", kv = f16", ", kv = int8"] {
-        let body = format!(
-            "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = 40}} : f32[s, 40]\n  %q = reshape(%q0) {{shape = [s, 1, 40]}} : f32[s, 1, 40]\n  %k0 = slice(%x) {{axis = 1, start = 40, end = 80}} : f32[s, 40]\n  %k = reshape(%k0) {{shape = [s, 1, 40]}} : f32[s, 1, 40]\n  %v0 = slice(%x) {{axis = 1, start = 80, end = 120}} : f32[s, 40]\n  %v = reshape(%v0) {{shape = [s, 1, 40]}} : f32[s, 1, 40]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = 40, style = half{kv}}} : f32[s, 1, 40]\n  %out = reshape(%att) {{shape = [s, 40]}} : f32[s, 40]\n"
-        );
+        let body = gqa_body((1, 1, 40), 40, "half", kv);
         let name = format!("gqa-long{}", kv.replace(", kv = ", "-"));
         for features in [GpuFeatures::NONE, GpuFeatures::ALL] {
             check_variant(&name, &body, 40, OwnedWeights::default(), 128 << 20, features, &run);

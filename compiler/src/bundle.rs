@@ -140,27 +140,23 @@ pub fn file_digests(dir: &Path) -> Result<Vec<FileDigest>> {
 /// `long`: the long prompt's length (`long_smoke_len`).
 pub fn smoke_set(model: &Model, optimized: &Optimized, context: usize, long: usize) -> Result<SmokeSet> {
     let vocab = model.config.vocab_size as u32;
-    let mut prompts: Vec<Vec<u32>> = match &model.tokenizer {
+    let short: Vec<Vec<u32>> = match &model.tokenizer {
         Ok(tok) => SMOKE_TEXTS
             .iter()
             .map(|t| tok.encode(*t, false).map(|e| e.get_ids().to_vec()).map_err(|e| anyhow!("tokenizing: {e}")))
             .collect::<Result<_>>()?,
         Err(_) => vec![(1..9).map(|i| (i * 7) % vocab).collect(), (1..6).map(|i| (i * 13 + 3) % vocab).collect()],
     };
-    let short = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if long > short {
-        prompts.push(long_smoke_prompt(model, long)?);
+    // (prompt, checked teacher-forced at every position)
+    let mut prompts: Vec<(Vec<u32>, bool)> = short.into_iter().map(|p| (p, false)).collect();
+    if long > prompts.iter().map(|p| p.0.len()).max().unwrap_or(0) {
+        prompts.push((long_smoke_prompt(model, long)?, true));
     }
     let weights = Layered { top: &optimized.derived, base: &model.weights };
     let mut exec = InterpreterExecutor::new(&optimized.graph, &weights, context)?;
-    let top2 = |row: &[f32]| {
-        let top = slmc_runtime::top_k(row, 2);
-        (top[0].0, top[0].1 - top.get(1).map(|t| t.1).unwrap_or(f32::NEG_INFINITY))
-    };
     let mut out = Vec::new();
-    for prompt_ids in prompts {
+    for (prompt_ids, teacher_forced) in prompts {
         exec.reset();
-        let teacher_forced = prompt_ids.len() == long && long > short;
         let (mut expected, mut gaps) = (Vec::new(), Vec::new());
         let (mut prompt_argmax, mut prompt_gaps) = (Vec::new(), Vec::new());
         let mut feed = prompt_ids.clone();
@@ -168,12 +164,12 @@ pub fn smoke_set(model: &Model, optimized: &Optimized, context: usize, long: usi
             let logits = exec.forward(&feed)?;
             if step == 0 && teacher_forced {
                 for row in logits.chunks_exact(vocab as usize) {
-                    let (id, gap) = top2(row);
+                    let (id, gap) = slmc_runtime::top1_and_gap(row);
                     prompt_argmax.push(id);
                     prompt_gaps.push(gap);
                 }
             }
-            let (id, gap) = top2(&logits[logits.len() - vocab as usize..]);
+            let (id, gap) = slmc_runtime::top1_and_gap(&logits[logits.len() - vocab as usize..]);
             expected.push(id);
             gaps.push(gap);
             feed = vec![id];
@@ -217,11 +213,19 @@ pub fn run_smoke(exec: &mut dyn Executor, smoke: &SmokeSet) -> Result<Vec<SmokeO
         } else {
             let vocab = exec.vocab_size();
             let logits = exec.forward(&p.prompt_ids)?;
-            if logits.len() != p.prompt_ids.len() * vocab || p.prompt_argmax.len() != p.prompt_ids.len() {
-                bail!("the executor returned {} logits for {} prompt positions", logits.len(), p.prompt_ids.len());
+            let n = p.prompt_ids.len();
+            if p.prompt_argmax.len() != n || p.prompt_gaps.len() != n {
+                bail!(
+                    "a smoke prompt of {n} tokens carries {} argmaxes and {} gaps",
+                    p.prompt_argmax.len(),
+                    p.prompt_gaps.len()
+                );
+            }
+            if logits.len() != n * vocab {
+                bail!("the executor returned {} logits for {n} prompt positions", logits.len());
             }
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
-                if p.prompt_gaps.get(i).is_some_and(|g| *g >= bound) {
+                if p.prompt_gaps[i] >= bound {
                     checked += 1;
                     if slmc_runtime::argmax(row) as u32 != p.prompt_argmax[i] || row.iter().any(|v| v.is_nan()) {
                         mismatches.push(i);

@@ -176,9 +176,6 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         }
         let (model, optimized) = prepared.as_ref().expect("just prepared");
         let context_len = args.context.min(model.config.max_position_embeddings);
-        // The smoke set's long prompt fits the target's context (Core ML's is the profile's,
-        // fed in fixed steps); one set per length, so a bundle never depends on which other
-        // targets were compiled with it.
         // The exact configurations are held to the reference; lossy ones to a wider gap.
         let int8_activations =
             profile.backend == "onnx" && (args.onnx_accuracy_level == 4 || args.onnx_head_accuracy_level == 4);
@@ -189,6 +186,9 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         } else {
             bundles::SMOKE_NEAR_TIE_GAP
         };
+        // The smoke set's long prompt fits the target's context (Core ML's is the profile's,
+        // fed in fixed steps); one set per length, so a bundle never depends on which other
+        // targets were compiled with it.
         let (target_context, fixed_step) = match &profile.coreml {
             Some(c) => (context_len.min(c.max_context_len), c.step_tokens),
             None => (context_len, 1),

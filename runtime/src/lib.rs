@@ -126,6 +126,22 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().take(k).map(|i| (i as u32, row[i])).collect()
 }
 
+/// The top logit's id and its margin over the second (infinite for a single logit), in one
+/// pass with `top_k`'s order (`total_cmp`, the lowest index first among equals).
+pub fn top1_and_gap(row: &[f32]) -> (u32, f32) {
+    let mut best = (0usize, row[0]);
+    let mut second = f32::NEG_INFINITY;
+    for (i, &v) in row.iter().enumerate().skip(1) {
+        if v.total_cmp(&best.1).is_gt() {
+            second = best.1;
+            best = (i, v);
+        } else if v.total_cmp(&second).is_gt() {
+            second = v;
+        }
+    }
+    (best.0 as u32, best.1 - second)
+}
+
 /// What one step's logits looked like, for comparing with references.
 #[derive(Debug, Clone)]
 pub struct StepLogits {
@@ -274,12 +290,12 @@ pub fn score_with(
     }
     let mut positions = Vec::with_capacity(continuation.len());
     for (&token, row) in continuation.iter().zip(rows.chunks_exact(vocab)) {
-        let top = top_k(row, 2);
+        let (argmax, top1_minus_top2) = top1_and_gap(row);
         positions.push(PositionScore {
             token,
-            argmax: top[0].0,
+            argmax,
             logprob: row[token as usize] as f64 - logsumexp(row),
-            top1_minus_top2: top[0].1 - top.get(1).map(|t| t.1).unwrap_or(f32::NEG_INFINITY),
+            top1_minus_top2,
         });
     }
     let n = positions.len() as f64;

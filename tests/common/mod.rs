@@ -179,21 +179,12 @@ pub fn check_goldens(artifact: &Path, goldens: &Goldens, bound: f64, tie_include
             p["greedy_top1_minus_top2"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
         assert_eq!(gaps.len(), cont.len(), "{id}: one gap per generated token");
         let must = gaps.iter().position(|g| *g < bound).map(|i| i + tie_included as usize).unwrap_or(cont.len());
-        let (input_arg, cont_arg) = (ids_arg(&input), ids_arg(&cont));
-        let mut args = vec!["score", a, "--prompt-ids", &input_arg, "--continuation-ids", &cont_arg];
-        if goldens.decode {
-            args.push("--decode");
-        }
-        args.extend_from_slice(extra);
-        let score = slmc_json(&args);
+        let input_arg = ids_arg(&input);
+        // Decoded step by step, the steps before the first near-tie are greedy's own.
+        let greedy_prefix = if goldens.decode { must } else { 0 };
+        let check = TeacherForced { bound, greedy_prefix, decode: goldens.decode };
+        let score = check.assert_matches(a, &input, &cont, &gaps, extra, id);
         let positions = score["positions"].as_array().unwrap();
-        assert_eq!(positions.len(), cont.len(), "{id}: a score for every continuation position");
-        for (i, pos) in positions.iter().enumerate() {
-            let argmax = pos["argmax"].as_u64().unwrap();
-            if gaps[i] >= bound || (goldens.decode && i < must) {
-                assert_eq!(argmax, cont[i], "{id} step {i} (gap {})", gaps[i]);
-            }
-        }
         let mut same = positions.iter().zip(&cont).take_while(|(p, c)| p["argmax"].as_u64() == Some(**c)).count();
         if goldens.greedy_tokens > 0 {
             let n = goldens.greedy_tokens.min(cont.len());
@@ -213,6 +204,46 @@ pub fn check_goldens(artifact: &Path, goldens: &Goldens, bound: f64, tie_include
         ));
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// A teacher-forced check of a continuation against a reference's tokens and top-2 gaps.
+pub struct TeacherForced {
+    /// The argmax must equal the reference wherever its gap is at least this...
+    pub bound: f64,
+    /// ...and at every step before this one (decoded step by step, greedy's own steps).
+    pub greedy_prefix: usize,
+    /// `score --decode`: the continuation one token per step.
+    pub decode: bool,
+}
+
+impl TeacherForced {
+    /// Scores `cont` after `prompt` on `model` and asserts every checked position; returns
+    /// the score's JSON.
+    pub fn assert_matches(
+        &self,
+        model: &str,
+        prompt: &[u64],
+        cont: &[u64],
+        gaps: &[f64],
+        extra: &[&str],
+        label: &str,
+    ) -> Value {
+        let (prompt_arg, cont_arg) = (ids_arg(prompt), ids_arg(cont));
+        let mut args = vec!["score", model, "--prompt-ids", &prompt_arg, "--continuation-ids", &cont_arg];
+        if self.decode {
+            args.push("--decode");
+        }
+        args.extend_from_slice(extra);
+        let score = slmc_json(&args);
+        let positions = score["positions"].as_array().unwrap();
+        assert_eq!(positions.len(), cont.len(), "{label}: a score for every continuation position");
+        for (i, pos) in positions.iter().enumerate() {
+            if gaps[i] >= self.bound || i < self.greedy_prefix {
+                assert_eq!(pos["argmax"].as_u64(), Some(cont[i]), "{label} step {i} (gap {})", gaps[i]);
+            }
+        }
+        score
+    }
 }
 
 /// The Python environment scripts/setup creates (with `onnx`).
@@ -356,16 +387,9 @@ pub fn own_long_reference(new_tokens: usize) -> (Vec<u64>, Vec<u64>, Vec<f64>) {
 pub fn check_own_long_prompt(artifact: &Path, new_tokens: usize, bound: f64) {
     let (prompt, cont, gaps) = own_long_reference(new_tokens);
     let a = artifact.to_str().unwrap();
-    let score =
-        slmc_json(&["score", a, "--prompt-ids", &ids_arg(&prompt), "--continuation-ids", &ids_arg(&cont), "--decode"]);
-    let positions = score["positions"].as_array().unwrap();
-    assert_eq!(positions.len(), cont.len(), "{a}: a score for every position");
     let first_tie = gaps.iter().position(|g| *g < bound).unwrap_or(cont.len());
-    for (i, pos) in positions.iter().enumerate() {
-        if gaps[i] >= bound || i < first_tie {
-            assert_eq!(pos["argmax"].as_u64(), Some(cont[i]), "{a}: 1500-token prompt, step {i} (gap {})", gaps[i]);
-        }
-    }
+    let check = TeacherForced { bound, greedy_prefix: first_tie, decode: true };
+    check.assert_matches(a, &prompt, &cont, &gaps, &[], &format!("{a}: 1500-token prompt"));
     eprintln!(
         "{a}: 1500-token prompt, {} steps match the interpreter (first gap below {bound}: {first_tie})",
         cont.len()

@@ -389,11 +389,7 @@ impl<'a> Builder<'a> {
                     );
                 }
                 // int8/int4: the exact ring of the recent window follows the codes.
-                let ring = if matches!(kv, "int8" | "int4") {
-                    slmc_ir::KV_EXACT_WINDOW + self.opts.max_step_tokens
-                } else {
-                    0
-                };
+                let ring = if quant.is_packed() { slmc_ir::KV_EXACT_WINDOW + self.opts.max_step_tokens } else { 0 };
                 let cache_bytes = (self.opts.context_len * hk * per_vector + ring * hk * hd * 4) as u64;
                 let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
                 let v_cache = self.add_buffer(&format!("cache.{layer}.value"), BufferKind::Cache, cache_bytes);
