@@ -39,10 +39,10 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
         push(kernels::rms_norm(64, 1e-6, true, f).unwrap(), f);
         push(kernels::argmax(300, f).unwrap(), f);
     }
-    push(kernels::elementwise("add", 64, 0, false).unwrap(), none);
-    push(kernels::elementwise("add", 64, 64, true).unwrap(), none);
-    push(kernels::elementwise("mul", 64, 0, false).unwrap(), none);
-    push(kernels::elementwise("silu", 64, 0, false).unwrap(), none);
+    push(kernels::elementwise(kernels::Elementwise::Add, 64, 0, false).unwrap(), none);
+    push(kernels::elementwise(kernels::Elementwise::Add, 64, 64, true).unwrap(), none);
+    push(kernels::elementwise(kernels::Elementwise::Mul, 64, 0, false).unwrap(), none);
+    push(kernels::elementwise(kernels::Elementwise::Silu, 64, 0, false).unwrap(), none);
     push(kernels::slice(96, 32, 16).unwrap(), none);
     let caches = [("f32", none), ("f16", none), ("f16", f16), ("int8", none), ("int4", none)];
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {

@@ -104,76 +104,115 @@ pub enum KvKind {
     Value,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum Op {
+/// The op table's expander: from one line per op (variant, typed attribute fields,
+/// mnemonic, operand count) it writes `enum Op`, `mnemonic`, `arity`, `attrs` (printer) and
+/// `from_parts` (parser), so no other code spells an op's name or attributes. A field
+/// prints as its own name unless the line gives the attribute key (`quant "kv": KvQuant`);
+/// a `String` field is the op's quoted source name, not an attribute.
+macro_rules! ops {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident $({ $($field:ident $($key:literal)?: $fty:ty),* $(,)? })? = $mnemonic:literal, $arity:literal;
+    )*) => {
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Op {
+            $( $(#[$doc])* $variant $({ $($field: $fty),* })?, )*
+        }
+
+        impl Op {
+            /// Every op's mnemonic, in table order.
+            pub const MNEMONICS: &'static [&'static str] = &[$($mnemonic),*];
+
+            pub fn mnemonic(&self) -> &'static str {
+                match self { $( Op::$variant { .. } => $mnemonic, )* }
+            }
+
+            /// Number of operands the op takes.
+            pub fn arity(&self) -> usize {
+                match self { $( Op::$variant { .. } => $arity, )* }
+            }
+
+            /// Attributes in their printed order.
+            #[allow(unused_mut)]
+            pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+                let mut out = Vec::new();
+                match self {
+                    $( Op::$variant $({ $($field),* })? => {
+                        $($( AttrField::print($field, attr_key!($field $($key)?), &mut out); )*)?
+                    } )*
+                }
+                out
+            }
+
+            /// Builds an op from its mnemonic, source name and attributes (the parser's half of
+            /// `mnemonic`/`attrs`). Every attribute must be known and every required one present.
+            pub fn from_parts(mnemonic: &str, source: Option<String>, attrs: Vec<(String, Attr)>) -> Result<Op, String> {
+                let had_source = source.is_some();
+                let mut bag = AttrBag { attrs, used: Vec::new(), source, wants_source: false };
+                let op = match mnemonic {
+                    $( $mnemonic => Op::$variant $({ $($field: AttrField::parse(&mut bag, attr_key!($field $($key)?))?),* })?, )*
+                    other => return Err(format!("unknown op `{other}`")),
+                };
+                match (bag.wants_source, had_source) {
+                    (true, false) => return Err(format!("`{mnemonic}` needs a quoted name")),
+                    (false, true) => return Err(format!("`{mnemonic}` takes no quoted name")),
+                    _ => {}
+                }
+                bag.finish()?;
+                Ok(op)
+            }
+        }
+    };
+}
+
+macro_rules! attr_key {
+    ($field:ident) => {
+        stringify!($field)
+    };
+    ($field:ident $key:literal) => {
+        $key
+    };
+}
+
+ops! {
     /// A graph input, bound by the caller (`tokens`).
-    Input {
-        name: String,
-    },
+    Input { name: String } = "input", 0;
     /// A named weight from the model's weight store; never copied into the graph.
-    Weight {
-        name: String,
-    },
+    Weight { name: String } = "weight", 0;
     /// (tokens[s]) -> i32[s]: absolute positions p..p+s of the tokens in this step.
-    Positions,
+    Positions = "positions", 1;
     /// (table[v, d], ids[s]) -> f32[s, d]: row gather.
-    Embed,
+    Embed = "embed", 2;
     /// (x[.., d], w[d]) -> x * rsqrt(mean(x^2) + eps) * w.
-    RmsNorm {
-        eps: f32,
-    },
+    RmsNorm { eps: f32 } = "rms_norm", 2;
     /// (x[.., k], w[n, k]) -> [.., n]: x times w transposed (weights stored out x in).
-    Linear,
+    Linear = "linear", 2;
     /// Elementwise, b broadcast over a's leading dimensions (b's shape is a suffix of a's).
-    Add,
-    Mul,
-    Silu,
-    Reshape {
-        shape: Vec<Dim>,
-    },
+    Add = "add", 2;
+    Mul = "mul", 2;
+    Silu = "silu", 1;
+    Reshape { shape: Vec<Dim> } = "reshape", 1;
     /// Constant-bounds slice along one axis.
-    Slice {
-        axis: usize,
-        start: i64,
-        end: i64,
-    },
+    Slice { axis: usize, start: i64, end: i64 } = "slice", 1;
     /// (x[s, h, d], pos[s]) -> x rotated on its first `rotary_dim` dims.
-    Rope {
-        theta: f32,
-        rotary_dim: usize,
-        style: RopeStyle,
-        scaling: RopeScaling,
-    },
+    Rope { theta: f32, rotary_dim: usize, style: RopeStyle, scaling: RopeScaling } = "rope", 2;
     /// (x[s, h, d]) -> [p+s, h, d]: appends this step's keys or values to the cache of
     /// `layer` and yields the whole cache (as stored: a quantized cache gives back its
     /// dequantized values). With `gqa`, the only ops with a side effect.
-    KvAppend {
-        layer: usize,
-        kind: KvKind,
-        quant: KvQuant,
-    },
+    KvAppend { layer: usize, kind: KvKind, quant "kv": KvQuant } = "kv_append", 1;
     /// (q[s, hq, d], k[t, hk, d], v[t, hk, d]) -> [s, hq, d]: causal attention where query i
     /// sits at position t - s + i; hq must be a multiple of hk (grouped-query attention).
-    Attention {
-        scale: f32,
-    },
+    Attention { scale: f32 } = "attention", 3;
     /// (a, b, w) -> rms_norm(a + b, w): the residual add feeding a norm, in one op.
-    AddRmsNorm {
-        eps: f32,
-    },
+    AddRmsNorm { eps: f32 } = "add_rms_norm", 3;
     /// (x[.., k], w[2f, k]) -> [.., f]: y = x w^T, then silu(y[.., :f]) * y[.., f:]
     /// (SwiGLU as the epilogue of the fused gate/up projection).
-    LinearSwiglu,
+    LinearSwiglu = "linear_swiglu", 2;
     /// (q[s, hq, d], k[s, hk, d], v[s, hk, d], pos[s]) -> [s, hq, d]: rotary embedding on
     /// q and k, k and v appended to the cache of `layer`, then causal attention: one
     /// layer's rope/kv_append/attention chain as one op (like ONNX Runtime's
     /// GroupQueryAttention).
-    Gqa {
-        layer: usize,
-        scale: f32,
-        rotary: Rotary,
-        quant: KvQuant,
-    },
+    Gqa { layer: usize, scale: f32, rotary: Rotary, quant "kv": KvQuant } = "gqa", 4;
 }
 
 /// An attribute value in the text form.
@@ -210,39 +249,6 @@ impl fmt::Display for Attr {
 }
 
 impl Op {
-    pub fn mnemonic(&self) -> &'static str {
-        match self {
-            Op::Input { .. } => "input",
-            Op::Weight { .. } => "weight",
-            Op::Positions => "positions",
-            Op::Embed => "embed",
-            Op::RmsNorm { .. } => "rms_norm",
-            Op::Linear => "linear",
-            Op::Add => "add",
-            Op::Mul => "mul",
-            Op::Silu => "silu",
-            Op::Reshape { .. } => "reshape",
-            Op::Slice { .. } => "slice",
-            Op::Rope { .. } => "rope",
-            Op::KvAppend { .. } => "kv_append",
-            Op::Attention { .. } => "attention",
-            Op::AddRmsNorm { .. } => "add_rms_norm",
-            Op::LinearSwiglu => "linear_swiglu",
-            Op::Gqa { .. } => "gqa",
-        }
-    }
-
-    /// Number of operands the op takes.
-    pub fn arity(&self) -> usize {
-        match self {
-            Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::Positions | Op::Silu | Op::Reshape { .. } | Op::Slice { .. } | Op::KvAppend { .. } => 1,
-            Op::Embed | Op::RmsNorm { .. } | Op::Linear | Op::Add | Op::Mul | Op::Rope { .. } | Op::LinearSwiglu => 2,
-            Op::Attention { .. } | Op::AddRmsNorm { .. } => 3,
-            Op::Gqa { .. } => 4,
-        }
-    }
-
     /// Ops whose type is declared rather than inferred.
     pub fn is_source(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Weight { .. })
@@ -254,90 +260,6 @@ impl Op {
             Op::Input { name } | Op::Weight { name } => Some(name),
             _ => None,
         }
-    }
-
-    /// Attributes in their printed order.
-    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
-        match self {
-            Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
-            Op::Reshape { shape } => vec![("shape", Attr::Dims(shape.clone()))],
-            Op::Slice { axis, start, end } => {
-                vec![("axis", Attr::Int(*axis as i64)), ("start", Attr::Int(*start)), ("end", Attr::Int(*end))]
-            }
-            Op::Rope { theta, rotary_dim, style, scaling } => {
-                rotary_attrs(&Rotary { theta: *theta, rotary_dim: *rotary_dim, style: *style, scaling: *scaling })
-            }
-            Op::KvAppend { layer, kind, quant } => {
-                let kind = match kind {
-                    KvKind::Key => "key",
-                    KvKind::Value => "value",
-                };
-                let mut attrs = vec![("layer", Attr::Int(*layer as i64)), ("kind", Attr::Ident(kind.into()))];
-                if *quant != KvQuant::F32 {
-                    attrs.push(("kv", Attr::Ident(quant.name().into())));
-                }
-                attrs
-            }
-            Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
-            Op::AddRmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
-            Op::Gqa { layer, scale, rotary, quant } => {
-                let mut attrs = vec![("layer", Attr::Int(*layer as i64)), ("scale", Attr::Float(*scale))];
-                attrs.extend(rotary_attrs(rotary));
-                if *quant != KvQuant::F32 {
-                    attrs.push(("kv", Attr::Ident(quant.name().into())));
-                }
-                attrs
-            }
-            _ => vec![],
-        }
-    }
-
-    /// Builds an op from its mnemonic, source name and attributes (the parser's half of
-    /// `mnemonic`/`attrs`). Every attribute must be known and every required one present.
-    pub fn from_parts(mnemonic: &str, source: Option<String>, attrs: Vec<(String, Attr)>) -> Result<Op, String> {
-        let mut bag = AttrBag { attrs, used: Vec::new() };
-        let needs_source = matches!(mnemonic, "input" | "weight");
-        if needs_source != source.is_some() {
-            return Err(if needs_source {
-                format!("`{mnemonic}` needs a quoted name")
-            } else {
-                format!("`{mnemonic}` takes no quoted name")
-            });
-        }
-        let op = match mnemonic {
-            "input" => Op::Input { name: source.unwrap_or_default() },
-            "weight" => Op::Weight { name: source.unwrap_or_default() },
-            "positions" => Op::Positions,
-            "embed" => Op::Embed,
-            "rms_norm" => Op::RmsNorm { eps: bag.float("eps")? },
-            "linear" => Op::Linear,
-            "add" => Op::Add,
-            "mul" => Op::Mul,
-            "silu" => Op::Silu,
-            "reshape" => Op::Reshape { shape: bag.dims("shape")? },
-            "slice" => Op::Slice { axis: bag.usize("axis")?, start: bag.int("start")?, end: bag.int("end")? },
-            "rope" => bag.rotary()?.as_op(),
-            "kv_append" => {
-                let kind = match bag.ident("kind")?.as_str() {
-                    "key" => KvKind::Key,
-                    "value" => KvKind::Value,
-                    other => return Err(format!("unknown kv kind `{other}` (key, value)")),
-                };
-                Op::KvAppend { layer: bag.usize("layer")?, kind, quant: bag.kv_quant()? }
-            }
-            "attention" => Op::Attention { scale: bag.float("scale")? },
-            "add_rms_norm" => Op::AddRmsNorm { eps: bag.float("eps")? },
-            "linear_swiglu" => Op::LinearSwiglu,
-            "gqa" => Op::Gqa {
-                layer: bag.usize("layer")?,
-                scale: bag.float("scale")?,
-                rotary: bag.rotary()?,
-                quant: bag.kv_quant()?,
-            },
-            other => return Err(format!("unknown op `{other}`")),
-        };
-        bag.finish()?;
-        Ok(op)
     }
 
     /// The output type from the operand types, or an error saying which rule failed.
@@ -506,31 +428,157 @@ impl Rotary {
     }
 }
 
-fn rotary_attrs(r: &Rotary) -> Vec<(&'static str, Attr)> {
-    let style = match r.style {
-        RopeStyle::Half => "half",
-        RopeStyle::Interleaved => "interleaved",
-    };
-    let mut attrs = vec![
-        ("theta", Attr::Float(r.theta)),
-        ("rotary_dim", Attr::Int(r.rotary_dim as i64)),
-        ("style", Attr::Ident(style.into())),
-    ];
-    if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } = r.scaling {
-        attrs.extend([
-            ("scaling", Attr::Ident("llama3".into())),
-            ("factor", Attr::Float(factor)),
-            ("low_freq_factor", Attr::Float(low_freq_factor)),
-            ("high_freq_factor", Attr::Float(high_freq_factor)),
-            ("original_max_position", Attr::Int(original_max_position)),
-        ]);
+/// How a typed attribute field prints into, and parses from, the text form's `key = value`
+/// list. One impl per attribute type serves every op that has a field of it.
+trait AttrField: Sized {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>);
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String>;
+}
+
+impl AttrField for f32 {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        out.push((key, Attr::Float(*self)));
     }
-    attrs
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+        bag.float(key)
+    }
+}
+
+impl AttrField for i64 {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        out.push((key, Attr::Int(*self)));
+    }
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+        bag.int(key)
+    }
+}
+
+impl AttrField for usize {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        out.push((key, Attr::Int(*self as i64)));
+    }
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+        usize::try_from(bag.int(key)?).map_err(|_| format!("attribute `{key}` must not be negative"))
+    }
+}
+
+impl AttrField for Vec<Dim> {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        out.push((key, Attr::Dims(self.clone())));
+    }
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+        match bag.take(key)? {
+            Attr::Dims(v) => Ok(v),
+            other => Err(format!("attribute `{key}` must be a dim list, found {other}")),
+        }
+    }
+}
+
+/// The quoted name of a source op (`weight "blk.0.attn_q.weight"`), not a `key = value`.
+impl AttrField for String {
+    fn print(&self, _key: &'static str, _out: &mut Vec<(&'static str, Attr)>) {}
+    fn parse(bag: &mut AttrBag, _key: &'static str) -> Result<Self, String> {
+        bag.wants_source = true;
+        Ok(bag.source.take().unwrap_or_default())
+    }
+}
+
+/// Enums written as a bare name (`style = half`).
+macro_rules! ident_attr {
+    ($ty:ident { $($variant:ident = $text:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn name(self) -> &'static str {
+                match self { $( $ty::$variant => $text, )* }
+            }
+
+            pub fn from_name(name: &str) -> Option<$ty> {
+                match name { $( $text => Some($ty::$variant), )* _ => None }
+            }
+        }
+
+        impl AttrField for $ty {
+            fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+                out.push((key, Attr::Ident(self.name().into())));
+            }
+            fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+                let name = bag.ident(key)?;
+                $ty::from_name(&name).ok_or_else(|| {
+                    format!("unknown {key} `{name}` ({})", [$($text),*].join(", "))
+                })
+            }
+        }
+    };
+}
+
+ident_attr!(RopeStyle { Half = "half", Interleaved = "interleaved" });
+ident_attr!(KvKind { Key = "key", Value = "value" });
+
+/// The cache type prints only when it is not the default f32.
+impl AttrField for KvQuant {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        if *self != KvQuant::F32 {
+            out.push((key, Attr::Ident(self.name().into())));
+        }
+    }
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+        if !bag.has(key) {
+            return Ok(KvQuant::F32);
+        }
+        let name = bag.ident(key)?;
+        KvQuant::from_name(&name).ok_or_else(|| format!("unknown kv cache type `{name}` (f32, f16, int8, int4)"))
+    }
+}
+
+/// No scaling prints nothing; llama3 scaling prints `scaling = llama3` and its parameters.
+impl AttrField for RopeScaling {
+    fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } = *self {
+            out.extend([
+                (key, Attr::Ident("llama3".into())),
+                ("factor", Attr::Float(factor)),
+                ("low_freq_factor", Attr::Float(low_freq_factor)),
+                ("high_freq_factor", Attr::Float(high_freq_factor)),
+                ("original_max_position", Attr::Int(original_max_position)),
+            ]);
+        }
+    }
+    fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
+        if !bag.has(key) {
+            return Ok(RopeScaling::None);
+        }
+        match bag.ident(key)?.as_str() {
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: bag.float("factor")?,
+                low_freq_factor: bag.float("low_freq_factor")?,
+                high_freq_factor: bag.float("high_freq_factor")?,
+                original_max_position: bag.int("original_max_position")?,
+            }),
+            other => Err(format!("unknown rope scaling `{other}` (llama3)")),
+        }
+    }
+}
+
+/// A `Rotary` field prints flat, as `rope`'s own attributes.
+impl AttrField for Rotary {
+    fn print(&self, _key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        out.extend(self.as_op().attrs());
+    }
+    fn parse(bag: &mut AttrBag, _key: &'static str) -> Result<Self, String> {
+        Ok(Rotary {
+            theta: AttrField::parse(bag, "theta")?,
+            rotary_dim: AttrField::parse(bag, "rotary_dim")?,
+            style: AttrField::parse(bag, "style")?,
+            scaling: AttrField::parse(bag, "scaling")?,
+        })
+    }
 }
 
 struct AttrBag {
     attrs: Vec<(String, Attr)>,
     used: Vec<String>,
+    /// The quoted name after the mnemonic, taken by a `String` field.
+    source: Option<String>,
+    wants_source: bool,
 }
 
 impl AttrBag {
@@ -562,52 +610,11 @@ impl AttrBag {
         }
     }
 
-    fn usize(&mut self, key: &str) -> Result<usize, String> {
-        usize::try_from(self.int(key)?).map_err(|_| format!("attribute `{key}` must not be negative"))
-    }
-
     fn ident(&mut self, key: &str) -> Result<String, String> {
         match self.take(key)? {
             Attr::Ident(v) => Ok(v),
             other => Err(format!("attribute `{key}` must be a name, found {other}")),
         }
-    }
-
-    fn dims(&mut self, key: &str) -> Result<Vec<Dim>, String> {
-        match self.take(key)? {
-            Attr::Dims(v) => Ok(v),
-            other => Err(format!("attribute `{key}` must be a dim list, found {other}")),
-        }
-    }
-
-    fn rotary(&mut self) -> Result<Rotary, String> {
-        let style = match self.ident("style")?.as_str() {
-            "half" => RopeStyle::Half,
-            "interleaved" => RopeStyle::Interleaved,
-            other => return Err(format!("unknown rope style `{other}` (half, interleaved)")),
-        };
-        let scaling = if self.has("scaling") {
-            match self.ident("scaling")?.as_str() {
-                "llama3" => RopeScaling::Llama3 {
-                    factor: self.float("factor")?,
-                    low_freq_factor: self.float("low_freq_factor")?,
-                    high_freq_factor: self.float("high_freq_factor")?,
-                    original_max_position: self.int("original_max_position")?,
-                },
-                other => return Err(format!("unknown rope scaling `{other}` (llama3)")),
-            }
-        } else {
-            RopeScaling::None
-        };
-        Ok(Rotary { theta: self.float("theta")?, rotary_dim: self.usize("rotary_dim")?, style, scaling })
-    }
-
-    fn kv_quant(&mut self) -> Result<KvQuant, String> {
-        if !self.has("kv") {
-            return Ok(KvQuant::F32);
-        }
-        let name = self.ident("kv")?;
-        KvQuant::from_name(&name).ok_or_else(|| format!("unknown kv cache type `{name}` (f32, f16, int8, int4)"))
     }
 
     fn finish(self) -> Result<(), String> {

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use slmc_ir::dtype::f16_at;
-use slmc_ir::DType;
+use slmc_ir::{DType, Op};
 
 use super::GpuError;
 
@@ -268,14 +268,64 @@ pub fn rms_norm(dim: usize, eps: f32, add: bool, features: GpuFeatures) -> Resul
     render("rms_norm", format!("{op}_{dim}_{}{variant}", eps.to_bits()), ctx)
 }
 
-pub fn elementwise(op: &str, per_token: usize, b_len: usize, b_weight: bool) -> Result<(String, String), GpuError> {
+/// An elementwise kernel, chosen by the IR op it lowers (never by comparing names): a
+/// binary op's WGSL operator, or a unary op's expression of `v`. Its kernel names start with
+/// the op's mnemonic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elementwise {
+    Add,
+    Mul,
+    Silu,
+}
+
+impl Elementwise {
+    pub fn of(op: &Op) -> Option<Elementwise> {
+        match op {
+            Op::Add => Some(Elementwise::Add),
+            Op::Mul => Some(Elementwise::Mul),
+            Op::Silu => Some(Elementwise::Silu),
+            _ => None,
+        }
+    }
+
+    fn op(self) -> Op {
+        match self {
+            Elementwise::Add => Op::Add,
+            Elementwise::Mul => Op::Mul,
+            Elementwise::Silu => Op::Silu,
+        }
+    }
+
+    /// `a[e] <operator> b[..]` for binary ops.
+    fn binary_operator(self) -> Option<&'static str> {
+        match self {
+            Elementwise::Add => Some("+"),
+            Elementwise::Mul => Some("*"),
+            Elementwise::Silu => None,
+        }
+    }
+
+    /// The unary op's value as a WGSL expression of `v` (f32).
+    fn unary_expression(self) -> &'static str {
+        match self {
+            Elementwise::Silu => "v / (1.0 + exp(-v))",
+            Elementwise::Add | Elementwise::Mul => "",
+        }
+    }
+}
+
+pub fn elementwise(kind: Elementwise, per_token: usize, b_len: usize, b_weight: bool) -> Result<(String, String), GpuError> {
+    let op = kind.op();
     let mut ctx = tera::Context::new();
-    ctx.insert("op", op);
+    ctx.insert("op", op.mnemonic());
+    ctx.insert("binary", &kind.binary_operator().is_some());
+    ctx.insert("operator", kind.binary_operator().unwrap_or_default());
+    ctx.insert("unary", kind.unary_expression());
     ctx.insert("per_token", &per_token);
     ctx.insert("b_len", &b_len);
     ctx.insert("b_weight", &b_weight);
     let kind = if b_weight { "w" } else { "a" };
-    render("elementwise", format!("{op}_{per_token}_{kind}{b_len}"), ctx)
+    render("elementwise", format!("{}_{per_token}_{kind}{b_len}", op.mnemonic()), ctx)
 }
 
 pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, String), GpuError> {

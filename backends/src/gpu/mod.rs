@@ -324,24 +324,22 @@ impl<'a> Builder<'a> {
                 }
             }
             Op::Add | Op::Mul | Op::Silu => {
+                let kind = kernels::Elementwise::of(&node.op).expect("an elementwise op");
                 let per = self.per_token(id)?;
                 let a = self.buffer_of(node.inputs[0])?;
-                let (op, bindings, b_len, b_weight) = match node.op {
-                    Op::Silu => ("silu", vec![a], 0, false),
-                    _ => {
-                        let b_id = node.inputs[1];
-                        let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
-                        let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
-                        let b = if is_weight { self.weight(b_id, false)?.0 } else { self.buffer_of(b_id)? };
-                        // 0: b has a's shape; otherwise b (a bias) repeats every b_len elements.
-                        let same_shape = graph.node(b_id).ty == node.ty;
-                        let b_len = if same_shape { 0 } else { b_len };
-                        (if matches!(node.op, Op::Add) { "add" } else { "mul" }, vec![a, b], b_len, is_weight)
-                    }
+                let (mut bindings, b_len, b_weight) = if node.op.arity() == 1 {
+                    (vec![a], 0, false)
+                } else {
+                    let b_id = node.inputs[1];
+                    let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
+                    let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
+                    let b = if is_weight { self.weight(b_id, false)?.0 } else { self.buffer_of(b_id)? };
+                    // 0: b has a's shape; otherwise b (a bias) repeats every b_len elements.
+                    let same_shape = graph.node(b_id).ty == node.ty;
+                    (vec![a, b], if same_shape { 0 } else { b_len }, is_weight)
                 };
-                let mut bindings = bindings;
                 bindings.push(self.activation(id)?);
-                let (name, src) = kernels::elementwise(op, per, b_len, b_weight)?;
+                let (name, src) = kernels::elementwise(kind, per, b_len, b_weight)?;
                 let k = self.kernel(name, src, bindings.len());
                 self.dispatch(id, k, bindings, [per_tok(per as u64, 64), one, one]);
             }
