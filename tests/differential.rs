@@ -127,14 +127,9 @@ fn compile(model: &Path, out: &Path, targets: &str, case: &Case, kv: &str) {
     slmc_json(&args);
 }
 
-fn load(target: &str, dir: &Path) -> Box<dyn Executor> {
-    match target {
-        "webgpu" | "vulkan" => Box::new(slmc_runtime::gpu::GpuExecutor::load(dir, None).expect("GPU artifact loads")),
-        "onnx-cpu" | "onnx-portable" => {
-            Box::new(slmc_runtime::onnx::OnnxExecutor::load(dir, 1).expect("ONNX artifact loads"))
-        }
-        _ => Box::new(slmc_compiler::coreml_exec::MilReferenceExecutor::load(dir).expect("Core ML artifact loads")),
-    }
+fn load(dir: &Path) -> Box<dyn Executor> {
+    let open = slmc_runtime::registry::OpenOptions { adapter: None, threads: 1, mil_reference: true };
+    slmc_runtime::registry::open(dir, &open).expect("the artifact loads").exec
 }
 
 /// Compares every row of one step; panics with the scenario on a difference.
@@ -222,7 +217,7 @@ fn run_seed(seed: u64, root: &Path) {
         let weights = Layered { top: &optimized.derived, base: &loaded.weights };
         for target in targets.split(',') {
             let dir = out.join(target);
-            let mut exec = load(target, &dir);
+            let mut exec = load(&dir);
             // Core ML runs fixed steps of 8 tokens, each writing 8 cache slots: a step at
             // position p needs p + 8 <= context, so its last usable position is context - 8.
             let capacity = if target.starts_with("coreml") { context - 7 } else { context };

@@ -125,7 +125,8 @@ fn check_variant(
         max_buffer_bytes: 256 << 20,
         features,
     };
-    let output = slmc_backends::gpu::compile(&graph, &weights, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let verified = slmc_ir::Verified::new(&graph).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let output = slmc_backends::gpu::compile(&verified, &weights, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
     let dir = scratch(&format!("kernel-{}", name.replace([' ', '(', ')', '+'], "-")));
     write_artifact(&dir, &output);
     // Variants are used where they exist and declared so the executor requests them.

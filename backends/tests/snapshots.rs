@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use slmc_backends::gpu::kernels::{self, GpuFeatures, WeightLayout};
-use slmc_ir::{RopeScaling, RopeStyle, Rotary};
+use slmc_ir::{KvQuant, RopeScaling, RopeStyle, Rotary};
 
 fn layouts() -> Vec<WeightLayout> {
     vec![
@@ -44,7 +44,8 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     push(kernels::elementwise(kernels::Elementwise::Mul, 64, 0, false).unwrap(), none);
     push(kernels::elementwise(kernels::Elementwise::Silu, 64, 0, false).unwrap(), none);
     push(kernels::slice(96, 32, 16).unwrap(), none);
-    let caches = [("f32", none), ("f16", none), ("f16", f16), ("int8", none), ("int4", none)];
+    let caches =
+        [(KvQuant::F32, none), (KvQuant::F16, none), (KvQuant::F16, f16), (KvQuant::Int8, none), (KvQuant::Int4, none)];
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {
         let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
         for (kv, f) in caches {
@@ -61,7 +62,7 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     }
     // A context of several splits (the combine kernel merges them).
     let long = kernels::KeySplit::for_context(600);
-    push(kernels::attention((4, 2, 8), 0.35355338, 600, long, "f32", 0, none).unwrap(), none);
+    push(kernels::attention((4, 2, 8), 0.35355338, 600, long, KvQuant::F32, 0, none).unwrap(), none);
     push(kernels::attention_combine((4, 8), long).unwrap(), none);
     out
 }

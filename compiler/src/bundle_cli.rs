@@ -177,8 +177,8 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         let (model, optimized) = prepared.as_ref().expect("just prepared");
         let context_len = args.context.min(model.config.max_position_embeddings);
         // The exact configurations are held to the reference; lossy ones to a wider gap.
-        let int8_activations =
-            profile.backend == "onnx" && (args.onnx_accuracy_level == 4 || args.onnx_head_accuracy_level == 4);
+        let int8_activations = profile.backend == slmc_targets::BackendKind::Onnx
+            && (args.onnx_accuracy_level == 4 || args.onnx_head_accuracy_level == 4);
         let smoke_gap = if profile.coreml.is_some() {
             bundles::SMOKE_NEAR_TIE_GAP_FP16
         } else if int8_activations {

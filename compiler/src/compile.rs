@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use slmc_backends::gpu::{GpuOptions, GpuOutput};
 use slmc_ir::Layered;
 
+use crate::emit::{EmitInput, Emitted};
 use crate::import::Model;
 use crate::optimize::Optimized;
 
@@ -36,24 +36,6 @@ pub struct CompileOptions {
 /// Share of a device's RAM a bundle may plan to use: the OS and other apps need the rest.
 pub const RAM_BUDGET_FRACTION: f64 = 0.5;
 
-/// Files of one target's artifact, relative to its directory.
-enum Artifact {
-    Gpu(GpuOutput),
-    Onnx { manifest: slmc_targets::artifact::OnnxArtifact, files: std::collections::BTreeMap<String, Vec<u8>> },
-    Coreml { manifest: slmc_targets::artifact::CoremlArtifact, files: std::collections::BTreeMap<String, Vec<u8>> },
-}
-
-fn digests_of(files: &std::collections::BTreeMap<String, Vec<u8>>) -> Vec<slmc_targets::artifact::FileDigest> {
-    files
-        .iter()
-        .map(|(path, bytes)| slmc_targets::artifact::FileDigest {
-            path: path.clone(),
-            bytes: bytes.len() as u64,
-            sha256: slmc_targets::artifact::sha256_hex(bytes),
-        })
-        .collect()
-}
-
 fn model_name(model: &Model) -> String {
     model.path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string()
 }
@@ -78,103 +60,11 @@ pub fn compile_target(
         context_len,
         max_step_tokens: opts.max_step_tokens,
     };
-    let artifact = match profile.backend.as_str() {
-        "wgsl" | "spirv" | "msl" => {
-            let gpu = GpuOptions {
-                target: profile.name.clone(),
-                model_name: model_info.name.clone(),
-                eos_token_ids: model_info.eos_token_ids.clone(),
-                context_len,
-                max_step_tokens: opts.max_step_tokens,
-                max_binding_bytes: opts.max_binding_bytes.or(profile.binding_limit()).unwrap_or(u64::MAX),
-                max_buffer_bytes: profile.buffer_limit().unwrap_or(u64::MAX),
-                features: slmc_backends::gpu::GpuFeatures::of_profile(profile),
-            };
-            let out = slmc_backends::gpu::compile(&optimized.graph, &weights, &gpu)
-                .with_context(|| format!("target {target}"))?;
-            Artifact::Gpu(out)
-        }
-        "onnx" => {
-            use slmc_backends::onnx::{OnnxOptions, OnnxProfile};
-            let profile_kind = if profile.onnx_profile.as_deref() == Some("portable") {
-                OnnxProfile::Portable
-            } else {
-                OnnxProfile::OrtContrib
-            };
-            let onnx_opts = OnnxOptions {
-                profile: profile_kind,
-                model_name: model_info.name.clone(),
-                context_len,
-                accuracy_level: opts.onnx_accuracy_level,
-                head_accuracy_level: opts.onnx_head_accuracy_level,
-            };
-            let out = slmc_backends::onnx::compile(&optimized.graph, &weights, &onnx_opts)
-                .with_context(|| format!("target {target}"))?;
-            let files_meta = digests_of(&out.files);
-            let manifest = slmc_targets::artifact::OnnxArtifact {
-                format: slmc_targets::artifact::ONNX_ARTIFACT_FORMAT.into(),
-                target: profile.name.clone(),
-                profile: match profile_kind {
-                    OnnxProfile::OrtContrib => "ort-contrib".into(),
-                    OnnxProfile::Portable => "portable".into(),
-                },
-                model: slmc_targets::artifact::ModelInfo { vocab_size: out.info.vocab, ..model_info },
-                layers: out.info.layers,
-                kv_heads: out.info.kv_heads,
-                head_dim: out.info.head_dim,
-                accuracy_level: opts.onnx_accuracy_level,
-                head_accuracy_level: opts.onnx_head_accuracy_level,
-                kv_buffer_shared: out.info.kv_buffer_shareable,
-                files: files_meta,
-            };
-            let mut files = out.files;
-            files.insert("genai_config.json".into(), genai_config(model, &manifest, &out.info)?);
-            Artifact::Onnx { manifest, files }
-        }
-        "coreml" => {
-            use slmc_backends::coreml::{CoremlOptions, Deployment};
-            let settings = profile.coreml.as_ref().with_context(|| format!("target {target}: no Core ML settings"))?;
-            let deployment = if settings.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
-            // Static shapes: the profile's context unless --context asks for less.
-            let context_len = context_len.min(settings.max_context_len);
-            if context_len < settings.step_tokens {
-                bail!(
-                    "target {target}: a context of {context_len} positions is shorter than one step of {} tokens",
-                    settings.step_tokens
-                );
-            }
-            let coreml_opts = CoremlOptions {
-                deployment,
-                model_name: model_info.name.clone(),
-                context_len,
-                step_tokens: settings.step_tokens,
-            };
-            let out = slmc_backends::coreml::compile(&optimized.graph, &weights, &coreml_opts)
-                .with_context(|| format!("target {target}"))?;
-            let manifest = slmc_targets::artifact::CoremlArtifact {
-                format: slmc_targets::artifact::COREML_ARTIFACT_FORMAT.into(),
-                target: profile.name.clone(),
-                specification_version: settings.specification_version,
-                package: slmc_backends::coreml::PACKAGE_DIR.into(),
-                model: slmc_targets::artifact::ModelInfo {
-                    vocab_size: out.info.vocab,
-                    context_len,
-                    max_step_tokens: settings.step_tokens,
-                    ..model_info
-                },
-                step_tokens: settings.step_tokens,
-                layers: out.info.layers,
-                kv_heads: out.info.kv_heads,
-                head_dim: out.info.head_dim,
-                kv_cache: deployment.kv_cache().into(),
-                placement: out.placement,
-                files: digests_of(&out.files),
-            };
-            Artifact::Coreml { manifest, files: out.files }
-        }
-        backend => bail!("target {target}: no backend writes `{backend}` artifacts"),
-    };
-    let memory = memory_plan(optimized, &artifact, context_len, profile);
+    let verified = slmc_ir::Verified::new(&optimized.graph).with_context(|| format!("target {target}"))?;
+    let input =
+        EmitInput { model, optimized, verified: &verified, weights: &weights, profile, opts, model_info, context_len };
+    let artifact = crate::emit::emitter(profile.backend)(&input).with_context(|| format!("target {target}"))?;
+    let memory = memory_plan(&artifact, context_len, profile);
     if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
         let budget = (ram as f64 * RAM_BUDGET_FRACTION) as u64;
         if memory.total_bytes > budget {
@@ -191,7 +81,7 @@ pub fn compile_target(
         manifest.quality = quality.cloned();
         std::fs::write(tmp.join(slmc_targets::bundle::MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n")?;
         if opts.smoke_check {
-            check_smoke(tmp, &artifact, smoke, opts).with_context(|| format!("target {target}: golden smoke check"))?;
+            check_smoke(tmp, smoke, opts).with_context(|| format!("target {target}: golden smoke check"))?;
         }
         Ok(())
     })?;
@@ -199,25 +89,13 @@ pub fn compile_target(
 }
 
 /// Runs the smoke set on the bundle's own executor (the directory is not yet in place).
-fn check_smoke(
-    dir: &Path,
-    artifact: &Artifact,
-    smoke: &slmc_targets::bundle::SmokeSet,
-    opts: &CompileOptions,
-) -> Result<()> {
-    let mut exec: Box<dyn slmc_runtime::Executor> = match artifact {
-        Artifact::Gpu(_) => Box::new(
-            slmc_runtime::gpu::GpuExecutor::load(dir, opts.adapter.as_deref())
-                .context("cannot run the bundle here (pass --skip-smoke-check to compile without running it)")?,
-        ),
-        Artifact::Onnx { .. } => Box::new(
-            slmc_runtime::onnx::OnnxExecutor::load(dir, 0)
-                .context("cannot run the bundle here (pass --skip-smoke-check to compile without running it)")?,
-        ),
-        // Core ML exists only on Apple systems: the smoke set runs the package's own MIL
-        // program on slmc's reference MIL interpreter instead.
-        Artifact::Coreml { .. } => Box::new(crate::coreml_exec::MilReferenceExecutor::load(dir)?),
-    };
+fn check_smoke(dir: &Path, smoke: &slmc_targets::bundle::SmokeSet, opts: &CompileOptions) -> Result<()> {
+    // Core ML exists only on Apple systems: the smoke set runs the package's own MIL
+    // program on slmc's reference MIL interpreter instead.
+    let open = slmc_runtime::registry::OpenOptions { adapter: opts.adapter.clone(), threads: 0, mil_reference: true };
+    let mut exec = slmc_runtime::registry::open(dir, &open)
+        .context("cannot run the bundle here (pass --skip-smoke-check to compile without running it)")?
+        .exec;
     for o in crate::bundle::run_smoke(exec.as_mut(), smoke)? {
         if !o.passed {
             bail!(
@@ -238,38 +116,12 @@ fn check_smoke(
 }
 
 fn memory_plan(
-    optimized: &Optimized,
-    artifact: &Artifact,
+    artifact: &Emitted,
     context_len: usize,
     profile: &slmc_targets::TargetProfile,
 ) -> slmc_targets::bundle::MemoryPlan {
-    use slmc_targets::artifact::BufferKind;
-    let (weight_bytes, kv_cache_bytes, activation_bytes) = match artifact {
-        Artifact::Gpu(out) => {
-            let sum = |f: &dyn Fn(&BufferKind) -> bool| -> u64 {
-                out.artifact.buffers.iter().filter(|b| f(&b.kind)).map(|b| b.bytes).sum()
-            };
-            (
-                sum(&|k| matches!(k, BufferKind::Weight { .. } | BufferKind::Table { .. })),
-                sum(&|k| matches!(k, BufferKind::Cache)),
-                sum(&|k| matches!(k, BufferKind::Activation | BufferKind::Input)),
-            )
-        }
-        Artifact::Onnx { manifest, files } => {
-            let weights = files.get(slmc_targets::artifact::ONNX_DATA_FILE).map(|f| f.len() as u64).unwrap_or(0);
-            let kv = (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 4 * context_len) as u64;
-            let act = optimized.memory_plan.as_ref().map(|m| m.prefill.arena_bytes as u64).unwrap_or(0);
-            (weights, kv, act)
-        }
-        Artifact::Coreml { manifest, files } => {
-            let weights = files.get(slmc_backends::coreml::WEIGHTS_FILE).map(|f| f.len() as u64).unwrap_or(0);
-            // fp16 cache of the static context.
-            let kv =
-                (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 2 * manifest.model.context_len) as u64;
-            let act = optimized.memory_plan.as_ref().map(|m| m.prefill.arena_bytes as u64).unwrap_or(0);
-            (weights, kv, act)
-        }
-    };
+    let (weight_bytes, kv_cache_bytes, activation_bytes) =
+        (artifact.weight_bytes, artifact.kv_cache_bytes, artifact.activation_bytes);
     slmc_targets::bundle::MemoryPlan {
         weight_bytes,
         kv_cache_bytes,
@@ -287,7 +139,7 @@ fn bundle_manifest(
     optimized: &Optimized,
     profile: &slmc_targets::TargetProfile,
     opts: &CompileOptions,
-    artifact: &Artifact,
+    artifact: &Emitted,
     memory: slmc_targets::bundle::MemoryPlan,
     smoke: &slmc_targets::bundle::SmokeSet,
 ) -> Result<slmc_targets::bundle::BundleManifest> {
@@ -309,41 +161,15 @@ fn bundle_manifest(
             _ => ops_total += 1,
         }
     }
-    let (required, executor) = match artifact {
-        Artifact::Gpu(out) => {
-            let largest = out.artifact.buffers.iter().map(|b| b.bytes).max();
-            (
-                BundleRequirements {
-                    max_storage_buffer_binding_size: largest,
-                    max_buffer_size: largest,
-                    features: out.artifact.required_features.clone(),
-                    executor: "wgpu".into(),
-                },
-                "wgpu",
-            )
-        }
-        Artifact::Onnx { .. } => (
-            BundleRequirements {
-                max_storage_buffer_binding_size: None,
-                max_buffer_size: None,
-                features: vec![],
-                executor: "onnxruntime".into(),
-            },
-            "onnxruntime",
-        ),
-        Artifact::Coreml { .. } => (
-            BundleRequirements {
-                max_storage_buffer_binding_size: None,
-                max_buffer_size: None,
-                features: vec![],
-                executor: "coreml".into(),
-            },
-            "coreml",
-        ),
+    let executor = artifact.kind.executor_name();
+    let required = BundleRequirements {
+        max_storage_buffer_binding_size: artifact.max_binding_bytes,
+        max_buffer_size: artifact.max_binding_bytes,
+        features: artifact.features.clone(),
+        executor: executor.into(),
     };
-    let note = match (&profile.npu, artifact) {
-        (Some(npu), Artifact::Coreml { manifest, .. }) => {
-            let p = &manifest.placement;
+    let note = match (&profile.npu, &artifact.placement) {
+        (Some(npu), Some(p)) => {
             let off: Vec<String> = p.off_neural_engine.iter().map(|(why, n)| format!("{n}: {why}")).collect();
             format!(
                 "estimate by slmc's written placement rules (Core ML decides at load time): {} of {} program ops on the {npu}; off it: {}",
@@ -352,18 +178,16 @@ fn bundle_manifest(
                 off.join("; ")
             )
         }
-        (npu, _) => match npu {
-        Some(npu) => format!(
+        (Some(npu), None) => format!(
             "the device has an NPU ({npu}, reached through {}); this {executor} bundle runs on the {}, so no op is placed on it",
             profile.npu_runtime.as_deref().unwrap_or("an unknown runtime"),
-            if executor == "wgpu" { "GPU" } else { "CPU" }
+            if artifact.kind == slmc_targets::ArtifactKind::Gpu { "GPU" } else { "CPU" }
         ),
-        None => "the device has no known NPU".into(),
-        },
+        (None, _) => "the device has no known NPU".into(),
     };
-    let (ops_on_npu, ops_total) = match artifact {
-        Artifact::Coreml { manifest, .. } => (manifest.placement.ops_on_neural_engine, manifest.placement.ops_total),
-        _ => (0, ops_total),
+    let (ops_on_npu, ops_total) = match &artifact.placement {
+        Some(p) => (p.ops_on_neural_engine, p.ops_total),
+        None => (0, ops_total),
     };
     let arch = model.config.arch_name.clone();
     Ok(BundleManifest {
@@ -383,7 +207,7 @@ fn bundle_manifest(
         target: BundleTarget {
             name: profile.name.clone(),
             profile_version: profile.version,
-            backend: profile.backend.clone(),
+            backend: profile.backend,
             family: profile.family.clone(),
         },
         quantization: BundleQuantization {
@@ -400,77 +224,8 @@ fn bundle_manifest(
     })
 }
 
-/// `genai_config.json` so onnxruntime-genai loads the artifact directory as it is (the
-/// tokenizer files sit beside it). Greedy search by default, the artifact's context as the
-/// maximum length, and shared past/present buffers when every layer's attention is
-/// GroupQueryAttention (it appends in place; without sharing, every step copies the whole
-/// cache into a new present tensor: 1.2x decode on SmolLM2's fastest configuration).
-fn genai_config(
-    model: &Model,
-    manifest: &slmc_targets::artifact::OnnxArtifact,
-    info: &slmc_backends::onnx::OnnxModelInfo,
-) -> Result<Vec<u8>> {
-    let c = &model.config;
-    let model_type = match c.arch {
-        crate::import::config::Arch::Llama => "llama",
-        crate::import::config::Arch::Qwen2 => "qwen2",
-        crate::import::config::Arch::Phi3 => "phi3",
-    };
-    let eos = &manifest.model.eos_token_ids;
-    let config = serde_json::json!({
-        "model": {
-            "type": model_type,
-            "bos_token_id": c.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": eos.first(),
-            "vocab_size": manifest.model.vocab_size,
-            "context_length": manifest.model.context_len,
-            "decoder": {
-                "filename": slmc_targets::artifact::ONNX_MODEL_FILE,
-                "session_options": {
-                    "log_id": "onnxruntime-genai",
-                    "provider_options": [],
-                    // As slmc's executor: DequantizeLinear + MatMul fusions keep the artifact's
-                    // activation precision.
-                    "session.qdq_matmulnbits_accuracy_level": manifest.accuracy_level.to_string(),
-                },
-                "hidden_size": info.hidden,
-                "head_size": manifest.head_dim,
-                "num_attention_heads": c.num_heads,
-                "num_key_value_heads": manifest.kv_heads,
-                "num_hidden_layers": manifest.layers,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
-        },
-        "search": {
-            "max_length": manifest.model.context_len,
-            "do_sample": false,
-            "num_beams": 1,
-            "top_k": 1,
-            "top_p": 1.0,
-            "temperature": 1.0,
-            "past_present_share_buffer": manifest.kv_buffer_shared,
-        },
-    });
-    Ok((serde_json::to_string_pretty(&config)? + "\n").into_bytes())
-}
-
-fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, artifact: &Artifact) -> Result<()> {
-    let (files, manifest) = match artifact {
-        Artifact::Gpu(output) => (&output.files, serde_json::to_string_pretty(&output.artifact)?),
-        Artifact::Onnx { manifest, files } => (files, serde_json::to_string_pretty(manifest)?),
-        Artifact::Coreml { manifest, files } => (files, serde_json::to_string_pretty(manifest)?),
-    };
+fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, artifact: &Emitted) -> Result<()> {
+    let (files, manifest) = (&artifact.files, artifact.manifest_json.clone());
     for (rel, bytes) in files {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {

@@ -4,7 +4,8 @@
 pub mod bundle;
 pub mod compile;
 pub mod convert;
-pub mod coreml_exec;
+pub mod emit;
+pub mod genai;
 pub mod import;
 pub mod lower;
 pub mod optimize;

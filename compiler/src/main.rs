@@ -14,7 +14,6 @@ use slmc_compiler::optimize::{golden_sequences, optimize, OptRequest, Optimized}
 use slmc_compiler::{convert, default_model_path, lower};
 use slmc_ir::DType;
 use slmc_ir::Layered;
-use slmc_runtime::gpu::GpuExecutor;
 
 mod bundle_cli;
 use slmc_runtime::{generate, score_with, GenerateOptions, InterpreterExecutor};
@@ -48,6 +47,16 @@ struct Common {
     mil_reference: bool,
     #[command(flatten)]
     trust: TrustArgs,
+}
+
+impl Common {
+    fn open_options(&self) -> slmc_runtime::registry::OpenOptions {
+        slmc_runtime::registry::OpenOptions {
+            adapter: self.adapter.clone(),
+            threads: self.threads,
+            mil_reference: self.mil_reference,
+        }
+    }
 }
 
 /// How bundles' signatures are checked before anything runs.
@@ -667,9 +676,8 @@ impl TextSide {
     }
 }
 
-/// A compiled artifact directory given as MODEL (`artifact.json`), loaded with the
-/// executor its format names: wgpu for GPU artifacts, ONNX Runtime for ONNX ones.
-/// A compiled artifact's executor, its name for `--json`, and its text side.
+/// A compiled artifact's executor, its name for `--json`, and its text side: a compiled
+/// artifact directory given as MODEL (`artifact.json`), opened by the runtime's registry.
 type LoadedArtifact = (Box<dyn slmc_runtime::Executor>, &'static str, TextSide);
 
 fn artifact_executor(common: &Common, opt: &OptArgs) -> Result<Option<LoadedArtifact>> {
@@ -688,41 +696,12 @@ fn artifact_executor(common: &Common, opt: &OptArgs) -> Result<Option<LoadedArti
             path.display()
         );
     }
-    let manifest = path.join("artifact.json");
-    let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: cannot read", manifest.display()))?;
-    let format: slmc_targets::artifact::ArtifactFormat =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid manifest: {e}", manifest.display()))?;
-    match format.format.as_str() {
-        slmc_targets::artifact::GPU_ARTIFACT_FORMAT => {
-            let exec = GpuExecutor::load(path, common.adapter.as_deref())?;
-            if common.verbose {
-                eprintln!("adapter: {}", exec.adapter_info);
-            }
-            let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
-            Ok(Some((Box::new(exec), "wgpu", side)))
-        }
-        slmc_targets::artifact::ONNX_ARTIFACT_FORMAT => {
-            let exec = slmc_runtime::onnx::OnnxExecutor::load(path, common.threads)?;
-            if common.verbose {
-                eprintln!("ONNX Runtime: {}", slmc_runtime::onnx::library_path()?.display());
-            }
-            let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
-            Ok(Some((Box::new(exec), "onnxruntime", side)))
-        }
-        slmc_targets::artifact::COREML_ARTIFACT_FORMAT => {
-            if !common.mil_reference {
-                bail!(
-                    "{}: a Core ML artifact runs through Core ML, which exists only on macOS and iOS, and this slmc has no Core ML executor (built for {}); pass --mil-reference to run the package's MIL program on slmc's reference interpreter (slow, for checking)",
-                    path.display(),
-                    std::env::consts::OS
-                );
-            }
-            let exec = slmc_compiler::coreml_exec::MilReferenceExecutor::load(path)?;
-            let side = TextSide::of_artifact(path, exec.artifact().model.eos_token_ids.clone())?;
-            Ok(Some((Box::new(exec), "mil-reference", side)))
-        }
-        other => bail!("{}: unknown artifact format `{other}`", manifest.display()),
+    let opened = slmc_runtime::registry::open(path, &common.open_options())?;
+    if common.verbose {
+        eprintln!("{}", opened.detail);
     }
+    let side = TextSide::of_artifact(path, opened.eos_token_ids)?;
+    Ok(Some((opened.exec, opened.executor_name, side)))
 }
 
 fn run(

@@ -159,33 +159,16 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
-                let d = f16_at(b, 0);
+            for (o, b) in out.chunks_exact_mut(32).zip(crate::blocks::q8_blocks(bytes)) {
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v = (b[2 + j] as i8) as f32 * d;
+                    *v = b.value(j);
                 }
             }
         }
         DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => {
-            let g = dtype.block_len();
-            let half = g / 2;
-            let has_min = dtype.q4_has_min() == Some(true);
-            let data_at = if has_min { 4 } else { 2 };
-            for (o, b) in out.chunks_exact_mut(g).zip(bytes.chunks_exact(dtype.block_bytes())) {
-                let d = f16_at(b, 0);
-                if has_min {
-                    let m = f16_at(b, 2);
-                    for j in 0..half {
-                        let q = b[data_at + j];
-                        o[j] = (q & 0x0F) as f32 * d + m;
-                        o[j + half] = (q >> 4) as f32 * d + m;
-                    }
-                } else {
-                    for j in 0..half {
-                        let q = b[data_at + j];
-                        o[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
-                        o[j + half] = ((q >> 4) as i32 - 8) as f32 * d;
-                    }
+            for (o, b) in out.chunks_exact_mut(dtype.block_len()).zip(crate::blocks::q4_blocks(dtype, bytes)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = b.value(j);
                 }
             }
         }

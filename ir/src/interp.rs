@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
-use crate::op::{KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary, KV_EXACT_WINDOW};
+use crate::op::{KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
 use crate::verify::{verify, GraphInfo, VerifyError};
 pub use crate::weights::{WeightSource, WeightView};
 
@@ -479,11 +479,11 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// Rotates `x[s, h, d]` in place at positions `pos`.
 fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], rotary: &Rotary) {
     let (h, d) = (shape[1], shape[2]);
-    let freqs = rope_inv_freq(rotary.theta, rotary.rotary_dim, &rotary.scaling);
+    let freqs = rotary.inv_freq();
     let half = rotary.rotary_dim / 2;
     for (t, token) in x.chunks_exact_mut(h * d).enumerate() {
         let p = pos[t] as f32;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = freqs.iter().map(|fr| ((p * fr).cos(), (p * fr).sin())).unzip();
+        let (cos, sin) = crate::rotary::cos_sin(&freqs, [p]);
         for head in token.chunks_exact_mut(d) {
             for j in 0..half {
                 let (a, b) = match rotary.style {
@@ -549,32 +549,6 @@ impl CacheBuf {
                 .zip(&self.scales)
                 .flat_map(|(c, (s, m))| c.iter().map(move |q| *q as f32 * s + m))
                 .collect(),
-        }
-    }
-}
-
-/// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does.
-pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> = (0..rotary_dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32)).collect();
-    match *scaling {
-        RopeScaling::None => base,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
-            let old = original_max_position as f32;
-            let low_wavelen = old / low_freq_factor;
-            let high_wavelen = old / high_freq_factor;
-            base.into_iter()
-                .map(|f| {
-                    let wavelen = 2.0 * std::f32::consts::PI / f;
-                    if wavelen > low_wavelen {
-                        f / factor
-                    } else if wavelen < high_wavelen {
-                        f
-                    } else {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
-                })
-                .collect()
         }
     }
 }

@@ -9,10 +9,12 @@
 //! * The only side effect is `kv_append`, which writes the KV cache of its layer.
 //! * [`verify`] is the gate: printing, passes and the interpreter expect a verified graph.
 
+pub mod blocks;
 pub mod dtype;
 pub mod graph;
 pub mod interp;
 pub mod op;
+pub mod rotary;
 pub mod shape;
 pub mod text;
 pub mod verify;
@@ -23,5 +25,5 @@ pub use graph::{Graph, Node, NodeId};
 pub use interp::{InterpError, Interpreter, Tensor};
 pub use op::{Attr, KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary, KV_EXACT_WINDOW};
 pub use shape::{Dim, TensorType};
-pub use verify::{verify, GraphInfo, VerifyError};
+pub use verify::{verify, GraphInfo, Verified, VerifyError};
 pub use weights::{Layered, OwnedWeight, OwnedWeights, WeightSource, WeightView};

@@ -83,3 +83,25 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifyError> {
     }
     Ok(GraphInfo { order, cache_layers })
 }
+
+/// A graph that passed [`verify`], with what verification found. Code generators take
+/// this, not a `Graph`, so an unverified graph cannot reach an emitter.
+pub struct Verified<'a> {
+    graph: &'a Graph,
+    info: GraphInfo,
+}
+
+impl<'a> Verified<'a> {
+    pub fn new(graph: &'a Graph) -> Result<Verified<'a>, VerifyError> {
+        let info = verify(graph)?;
+        Ok(Verified { graph, info })
+    }
+
+    pub fn graph(&self) -> &'a Graph {
+        self.graph
+    }
+
+    pub fn info(&self) -> &GraphInfo {
+        &self.info
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod gpu;
+pub mod mil;
 
 /// slmc's cache: `$SLMC_CACHE`, else `$HOME/.cache/slmc` (the set-up script uses the same
 /// rule): the model, ONNX Runtime's library, the compile cache.
@@ -17,6 +18,7 @@ pub fn cache_dir() -> std::path::PathBuf {
     home.join(".cache").join("slmc")
 }
 pub mod onnx;
+pub mod registry;
 
 use std::time::Instant;
 

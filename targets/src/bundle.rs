@@ -60,7 +60,7 @@ pub struct BundleCompiler {
 pub struct BundleTarget {
     pub name: String,
     pub profile_version: u32,
-    pub backend: String,
+    pub backend: crate::BackendKind,
     pub family: String,
 }
 

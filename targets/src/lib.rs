@@ -6,6 +6,10 @@
 
 pub mod artifact;
 pub mod bundle;
+pub mod coreml;
+pub mod kind;
+
+pub use kind::{ArtifactKind, BackendKind};
 
 use std::sync::OnceLock;
 
@@ -16,8 +20,6 @@ pub const FEATURE_SHADER_F16: &str = "shader-f16";
 /// Subgroup (SIMD-group, wave) operations such as `subgroupAdd`.
 pub const FEATURE_SUBGROUPS: &str = "subgroups";
 pub const KNOWN_FEATURES: &[&str] = &[FEATURE_SHADER_F16, FEATURE_SUBGROUPS];
-/// Backends a profile may name.
-pub const BACKENDS: &[&str] = &["wgsl", "spirv", "msl", "onnx", "coreml"];
 pub const PROFILE_SCHEMA: u32 = 1;
 
 /// WebGPU's default limits (spec): what a GPU profile gets where its own value is unknown.
@@ -56,7 +58,7 @@ pub struct TargetProfile {
     pub description: String,
     pub family: String,
     /// Which backend generates code for it: wgsl, spirv, msl (GPU), onnx, coreml.
-    pub backend: String,
+    pub backend: BackendKind,
     pub shader_language: Option<String>,
     pub limits: Limits,
     /// Optional GPU features the kernels may use, by their WebGPU names.
@@ -84,7 +86,7 @@ impl TargetProfile {
     }
 
     pub fn is_gpu(&self) -> bool {
-        matches!(self.backend.as_str(), "wgsl" | "spirv" | "msl")
+        self.backend.is_gpu()
     }
 
     /// Largest storage binding code generation may use: the profile's, else (unknown) the
@@ -109,9 +111,6 @@ impl TargetProfile {
         }
         if self.version == 0 {
             out.push("version must be at least 1".into());
-        }
-        if !BACKENDS.contains(&self.backend.as_str()) {
-            out.push(format!("backend `{}` is not one of {}", self.backend, BACKENDS.join(", ")));
         }
         for f in &self.features {
             if !KNOWN_FEATURES.contains(&f.as_str()) {
@@ -155,13 +154,15 @@ impl TargetProfile {
         if self.ram_bytes.is_some_and(|r| r < (256 << 20)) {
             out.push("ram_bytes is implausibly small".into());
         }
-        if self.backend == "onnx" && !matches!(self.onnx_profile.as_deref(), Some("ort-contrib" | "portable")) {
+        if self.backend == BackendKind::Onnx
+            && !matches!(self.onnx_profile.as_deref(), Some("ort-contrib" | "portable"))
+        {
             out.push("an onnx profile needs onnx_profile ort-contrib or portable".into());
         }
-        if self.backend != "onnx" && self.onnx_profile.is_some() {
+        if self.backend != BackendKind::Onnx && self.onnx_profile.is_some() {
             out.push("onnx_profile on a non-onnx profile".into());
         }
-        match (&self.coreml, self.backend == "coreml") {
+        match (&self.coreml, self.backend == BackendKind::Coreml) {
             (None, true) => out.push("a coreml profile needs its `coreml` settings".into()),
             (Some(_), false) => out.push("`coreml` settings on a non-coreml profile".into()),
             (Some(c), true) => {

@@ -4,54 +4,10 @@
 use std::collections::BTreeMap;
 
 use super::blob::{BlobType, BlobWriter};
-use super::proto::{self, binding, data_type, value, value_type, Binding};
+use super::proto::{self, binding, value, value_type, Binding};
+pub use slmc_targets::coreml::Dt;
 
 pub const WEIGHT_FILE_REF: &str = "@model_path/weights/weight.bin";
-
-/// Element types of MIL tensors slmc emits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dt {
-    F16,
-    F32,
-    I32,
-    Bool,
-    Str,
-    I8,
-    U8,
-    U4,
-}
-
-impl Dt {
-    pub fn code(self) -> i32 {
-        match self {
-            Dt::F16 => data_type::FLOAT16,
-            Dt::F32 => data_type::FLOAT32,
-            Dt::I32 => data_type::INT32,
-            Dt::Bool => data_type::BOOL,
-            Dt::Str => data_type::STRING,
-            Dt::I8 => data_type::INT8,
-            Dt::U8 => data_type::UINT8,
-            Dt::U4 => data_type::UINT4,
-        }
-    }
-
-    pub fn from_code(code: i32) -> Option<Dt> {
-        [Dt::F16, Dt::F32, Dt::I32, Dt::Bool, Dt::Str, Dt::I8, Dt::U8, Dt::U4].into_iter().find(|d| d.code() == code)
-    }
-
-    pub fn text(self) -> &'static str {
-        match self {
-            Dt::F16 => "fp16",
-            Dt::F32 => "fp32",
-            Dt::I32 => "int32",
-            Dt::Bool => "bool",
-            Dt::Str => "string",
-            Dt::I8 => "int8",
-            Dt::U8 => "uint8",
-            Dt::U4 => "uint4",
-        }
-    }
-}
 
 /// A named SSA value with its static type.
 #[derive(Debug, Clone, PartialEq)]

@@ -20,52 +20,24 @@
 //!   covers the cache and then the step (`[1, 1, T, context_len + T]`); attention is spelled
 //!   with matmul and softmax.
 
-pub mod blob;
-pub mod interp;
 pub mod mil;
 pub mod placement;
-pub mod proto;
+
+// The package format (messages, weight blob, element types, file names) is shared with
+// the runtime's reference MIL interpreter, so it lives in `slmc-targets`.
+pub use slmc_targets::coreml::{
+    blob, broadcast, decode_model, proto, Deployment, MIL_TEXT_FILE, MODEL_FILE, PACKAGE_DIR, PACKAGE_MANIFEST,
+    WEIGHTS_FILE,
+};
 
 use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
-use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, WeightSource};
+use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, Verified, WeightSource};
 
 use mil::{Arg, Builder, Dt, Var};
 
 pub use crate::lowering::LoweringError as CoremlError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deployment {
-    /// iOS 17 / macOS 14: specification 8, opset CoreML7.
-    Ios17,
-    /// iOS 18 / macOS 15: specification 9, opset CoreML8.
-    Ios18,
-}
-
-impl Deployment {
-    pub fn specification_version(self) -> i32 {
-        match self {
-            Deployment::Ios17 => 8,
-            Deployment::Ios18 => 9,
-        }
-    }
-
-    pub fn opset(self) -> &'static str {
-        match self {
-            Deployment::Ios17 => "CoreML7",
-            Deployment::Ios18 => "CoreML8",
-        }
-    }
-
-    /// How the KV cache crosses the model boundary.
-    pub fn kv_cache(self) -> &'static str {
-        match self {
-            Deployment::Ios17 => "inputs-outputs",
-            Deployment::Ios18 => "state",
-        }
-    }
-}
 
 pub struct CoremlOptions {
     pub deployment: Deployment,
@@ -91,13 +63,6 @@ pub struct CoremlOutput {
     pub files: BTreeMap<String, Vec<u8>>,
     pub placement: placement::Placement,
 }
-
-pub const PACKAGE_DIR: &str = "model.mlpackage";
-pub const MODEL_FILE: &str = "model.mlpackage/Data/com.apple.CoreML/model.mlmodel";
-pub const WEIGHTS_FILE: &str = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin";
-pub const PACKAGE_MANIFEST: &str = "model.mlpackage/Manifest.json";
-/// The MIL program's text form, beside the package.
-pub const MIL_TEXT_FILE: &str = "model.mil";
 
 /// Columns per int8 block on iOS 17 (the ggml block size, so Q8_0 blocks stay exact).
 const INT8_GROUP: usize = 32;
@@ -334,17 +299,10 @@ impl<'a> Emitter<'a> {
         if let Some(t) = self.rope.get(&key) {
             return t.clone();
         }
-        let freqs = slmc_ir::interp::rope_inv_freq(rotary.theta, rotary.rotary_dim, &rotary.scaling);
         let ctx = self.opts.context_len;
-        let (mut cos, mut sin) = (Vec::with_capacity(ctx * freqs.len()), Vec::with_capacity(ctx * freqs.len()));
-        for p in 0..ctx {
-            for f in &freqs {
-                cos.push((p as f32 * f).cos());
-                sin.push((p as f32 * f).sin());
-            }
-        }
+        let (cos, sin) = rotary.tables(ctx);
         let i = self.rope.len();
-        let half = freqs.len();
+        let half = rotary.rotary_dim / 2;
         let t = self.t();
         let shape: Vec<usize> =
             if matches!(rotary.style, RopeStyle::Half) { vec![t, 1, half] } else { vec![t, 1, half, 1] };
@@ -676,41 +634,27 @@ impl<'a> Emitter<'a> {
     }
 }
 
-/// Shape of an elementwise result (numpy broadcasting, static shapes).
-pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
-    let r = a.len().max(b.len());
-    (0..r)
-        .map(|i| {
-            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
-            da.max(db)
-        })
-        .collect()
-}
-
 /// ggml 4-bit blocks as `scale * (code - offset)`: codes in element order, one fp16-able
 /// scale and offset per block. Q4_0: offset 8. Q4_1 (d q + m): offset -m / d; a block
 /// with d = 0 holds only m, written as codes 1 with scale m and offset 0.
 fn q4_blockwise(dtype: DType, bytes: &[u8]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
     let g = dtype.block_len();
-    let has_min = dtype.q4_has_min() == Some(true);
-    let data_at = if has_min { 4 } else { 2 };
     let blocks = bytes.len() / dtype.block_bytes();
     let (mut codes, mut scales, mut offsets) =
         (Vec::with_capacity(blocks * g), Vec::with_capacity(blocks), Vec::with_capacity(blocks));
-    for b in bytes.chunks_exact(dtype.block_bytes()) {
-        let d = slmc_ir::dtype::f16_at(b, 0);
-        let q = &b[data_at..data_at + g / 2];
-        let m = if has_min { slmc_ir::dtype::f16_at(b, 2) } else { 0.0 };
-        if has_min && d == 0.0 {
-            codes.extend(std::iter::repeat_n(1u8, g));
-            scales.push(m);
-            offsets.push(0.0);
-            continue;
+    for b in slmc_ir::blocks::q4_blocks(dtype, bytes) {
+        match b.m {
+            Some(m) if b.d == 0.0 => {
+                codes.extend(std::iter::repeat_n(1u8, g));
+                scales.push(m);
+                offsets.push(0.0);
+            }
+            m => {
+                codes.extend((0..g).map(|j| b.code(j)));
+                scales.push(b.d);
+                offsets.push(m.map_or(8.0, |m| -m / b.d));
+            }
         }
-        codes.extend((0..g).map(|j| if j < g / 2 { q[j] & 0xf } else { q[j - g / 2] >> 4 }));
-        scales.push(d);
-        offsets.push(if has_min { -m / d } else { 8.0 });
     }
     (codes, scales, offsets)
 }
@@ -718,18 +662,21 @@ fn q4_blockwise(dtype: DType, bytes: &[u8]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
 /// ggml Q8_0 blocks (f16 d, 32 i8) as int8 codes and one scale per block.
 fn q8_blockwise(bytes: &[u8]) -> (Vec<u8>, Vec<f32>) {
     let (mut codes, mut scales) = (Vec::new(), Vec::new());
-    for b in bytes.chunks_exact(34) {
-        scales.push(slmc_ir::dtype::f16_at(b, 0));
-        codes.extend_from_slice(&b[2..34]);
+    for b in slmc_ir::blocks::q8_blocks(bytes) {
+        scales.push(b.d);
+        codes.extend_from_slice(b.codes);
     }
     (codes, scales)
 }
 
 /// ggml Q8_0 blocks as uint8 codes with zero point 128, exactly: d q = d ((q + 128) - 128).
 fn q8_as_uint8(bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
-    let (codes, scales) = q8_blockwise(bytes);
-    let zeros = vec![128u8; scales.len()];
-    (codes.iter().map(|c| (*c as i8 as i16 + 128) as u8).collect(), zeros, scales)
+    let (mut codes, mut scales) = (Vec::new(), Vec::new());
+    for b in slmc_ir::blocks::q8_blocks(bytes) {
+        scales.push(b.d);
+        codes.extend(b.uint8_codes());
+    }
+    (codes, vec![128u8; scales.len()], scales)
 }
 
 /// Per-row asymmetric 8-bit codes for `values [rows, cols]`: value ~ scale * (code - zero)
@@ -792,8 +739,12 @@ fn main_program(opset: &str, inputs: Vec<proto::NamedValueType>, block: proto::B
 }
 
 /// Writes the `.mlpackage` for a graph (input `tokens`, output `logits`).
-pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) -> Result<CoremlOutput, CoremlError> {
-    slmc_ir::verify(graph)?;
+pub fn compile(
+    verified: &Verified<'_>,
+    weights: &dyn WeightSource,
+    opts: &CoremlOptions,
+) -> Result<CoremlOutput, CoremlError> {
+    let graph = verified.graph();
     let (t, c) = (opts.step_tokens, opts.context_len);
     let mask_width = match opts.deployment {
         Deployment::Ios18 => c,
@@ -927,11 +878,6 @@ pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &CoremlOptions) 
     files.insert(WEIGHTS_FILE.to_string(), weight_bytes);
     let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab };
     Ok(CoremlOutput { info, files, placement })
-}
-
-/// Reads a package's model spec back (the MIL program's text, tests and `interp`).
-pub fn decode_model(bytes: &[u8]) -> Result<proto::Model, prost::DecodeError> {
-    proto::Model::decode(bytes)
 }
 
 /// The program's text form of a written package's `model.mlmodel`.

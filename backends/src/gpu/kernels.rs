@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use slmc_ir::dtype::f16_at;
-use slmc_ir::{DType, Op};
+use slmc_ir::blocks::{q4_blocks, q8_blocks};
+use slmc_ir::{DType, KvQuant, Op};
 
 use super::GpuError;
 
@@ -113,15 +113,12 @@ pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize, packed: bo
         }
         DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => {
             let has_min = dtype.q4_has_min() == Some(true);
-            let data_at = if has_min { 4 } else { 2 };
             let mut scales = Vec::with_capacity(blocks * 8);
             let mut codes = Vec::with_capacity(blocks * g / 2);
-            for b in bytes.chunks_exact(dtype.block_bytes()) {
-                let d = f16_at(b, 0);
-                let m = if has_min { f16_at(b, 2) } else { 0.0 };
-                scales.extend_from_slice(&d.to_le_bytes());
-                scales.extend_from_slice(&m.to_le_bytes());
-                codes.extend_from_slice(&b[data_at..data_at + g / 2]);
+            for b in q4_blocks(dtype, bytes) {
+                scales.extend_from_slice(&b.d.to_le_bytes());
+                scales.extend_from_slice(&b.m.unwrap_or(0.0).to_le_bytes());
+                codes.extend_from_slice(b.packed);
             }
             let codes_offset = scales.len() / 4;
             scales.extend(codes);
@@ -130,9 +127,9 @@ pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize, packed: bo
         DType::Q8_0 => {
             let mut scales = Vec::with_capacity(blocks * 4);
             let mut codes = Vec::with_capacity(blocks * 32);
-            for b in bytes.chunks_exact(34) {
-                scales.extend_from_slice(&f16_at(b, 0).to_le_bytes());
-                codes.extend_from_slice(&b[2..34]);
+            for b in q8_blocks(bytes) {
+                scales.extend_from_slice(&b.d.to_le_bytes());
+                codes.extend_from_slice(b.codes);
             }
             let codes_offset = scales.len() / 4;
             scales.extend(codes);
@@ -314,7 +311,12 @@ impl Elementwise {
     }
 }
 
-pub fn elementwise(kind: Elementwise, per_token: usize, b_len: usize, b_weight: bool) -> Result<(String, String), GpuError> {
+pub fn elementwise(
+    kind: Elementwise,
+    per_token: usize,
+    b_len: usize,
+    b_weight: bool,
+) -> Result<(String, String), GpuError> {
     let op = kind.op();
     let mut ctx = tera::Context::new();
     ctx.insert("op", op.mnemonic());
@@ -343,49 +345,55 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
 /// `ring`: for int8/int4 caches, the slots of the exact ring that serves each query's
 /// `KV_EXACT_WINDOW` most recent positions (the window plus a step); it follows the codes
 /// in the same buffer, f32 values as u32 words, position p in slot p % ring.
-fn kv_params(ctx: &mut tera::Context, kv: &str, ring: usize, features: GpuFeatures) -> String {
+fn kv_params(ctx: &mut tera::Context, kv: KvQuant, ring: usize, features: GpuFeatures) -> String {
     ctx.insert("window", &slmc_ir::KV_EXACT_WINDOW);
     ctx.insert("ring", &ring.max(1));
     let (bits, per_word, top) = match kv {
-        "int4" => (4, 8, 15),
+        KvQuant::Int4 => (4, 8, 15),
         _ => (8, 4, 255),
     };
-    let native_f16 = kv == "f16" && features.shader_f16;
+    let native_f16 = kv == KvQuant::F16 && features.shader_f16;
     let elem = match kv {
-        "f32" => "f32",
-        "f16" if native_f16 => "f16",
+        KvQuant::F32 => "f32",
+        KvQuant::F16 if native_f16 => "f16",
         _ => "u32",
     };
     ctx.insert("cache_elem", elem);
     ctx.insert("enable_f16", &native_f16);
-    ctx.insert("kv", kv);
+    ctx.insert("kv", kv.name());
     ctx.insert("bits", &bits);
     ctx.insert("per_word", &per_word);
     ctx.insert("top", &top);
     if native_f16 {
         "f16h".into()
-    } else if kv == "int8" || kv == "int4" {
-        format!("{kv}r{ring}")
+    } else if kv.is_packed() {
+        format!("{}r{ring}", kv.name())
     } else {
-        kv.into()
+        kv.name().into()
     }
 }
 
-/// `kv`: "f32", "f16", "int8" or "int4" cache storage.
+/// The head dim a cache kind's kernels need a multiple of: packed codes fill u32 words
+/// (8 int4 or 4 int8 codes; 8 for both keeps the scale pair aligned), f16 pairs share one.
+pub fn kv_head_dim_multiple(kv: KvQuant) -> usize {
+    match kv {
+        KvQuant::Int8 | KvQuant::Int4 => 8,
+        KvQuant::F16 => 2,
+        KvQuant::F32 => 1,
+    }
+}
+
 pub fn rope_cache(
     rotary: &slmc_ir::Rotary,
     (hq, hk, hd): (usize, usize, usize),
     context: usize,
-    kv: &str,
+    kv: KvQuant,
     ring: usize,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     let kv_tag = kv_params(&mut ctx, kv, ring, features);
-    let style = match rotary.style {
-        slmc_ir::RopeStyle::Half => "half",
-        slmc_ir::RopeStyle::Interleaved => "interleaved",
-    };
+    let style = rotary.style.name();
     ctx.insert("style", style);
     ctx.insert("rotary_dim", &rotary.rotary_dim);
     ctx.insert("head_dim", &hd);
@@ -427,7 +435,7 @@ pub fn attention(
     scale: f32,
     context: usize,
     split: KeySplit,
-    kv: &str,
+    kv: KvQuant,
     ring: usize,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {

@@ -13,7 +13,7 @@ pub mod kernels;
 
 use std::collections::{BTreeMap, HashMap};
 
-use slmc_ir::{DType, Graph, NodeId, Op, WeightSource};
+use slmc_ir::{DType, Graph, NodeId, Op, Verified, WeightSource};
 use slmc_targets::artifact::{
     BufferDecl, BufferKind, Count, Dispatch, GpuArtifact, KernelDecl, ModelInfo, GPU_ARTIFACT_FORMAT,
 };
@@ -219,16 +219,7 @@ impl<'a> Builder<'a> {
             return *b;
         }
         // cos then sin for every position and frequency, in f32 exactly as the interpreter.
-        let freqs = slmc_ir::interp::rope_inv_freq(rotary.theta, rotary.rotary_dim, &rotary.scaling);
-        let ctx = self.opts.context_len;
-        let mut cos = Vec::with_capacity(ctx * freqs.len());
-        let mut sin = Vec::with_capacity(ctx * freqs.len());
-        for p in 0..ctx {
-            for f in &freqs {
-                cos.push((p as f32 * f).cos());
-                sin.push((p as f32 * f).sin());
-            }
-        }
+        let (cos, sin) = rotary.tables(self.opts.context_len);
         let bytes: Vec<u8> = cos.iter().chain(&sin).flat_map(|v| v.to_le_bytes()).collect();
         let offset = self.append_weight_bytes(&bytes);
         let b = self.add_buffer(
@@ -357,12 +348,7 @@ impl<'a> Builder<'a> {
                 self.dispatch(id, k, vec![x, out], [per_tok(width as u64, 64), one, one]);
             }
             Op::Gqa { layer, scale, rotary, quant } => {
-                let kv = match quant {
-                    slmc_ir::KvQuant::F32 => "f32",
-                    slmc_ir::KvQuant::F16 => "f16",
-                    slmc_ir::KvQuant::Int8 => "int8",
-                    slmc_ir::KvQuant::Int4 => "int4",
-                };
+                let kv = *quant;
                 let qd = dims(graph, node.inputs[0]);
                 let kd = dims(graph, node.inputs[1]);
                 let (hq, hk, hd) = (qd[1].unwrap_or(0), kd[1].unwrap_or(0), qd[2].unwrap_or(0));
@@ -370,21 +356,13 @@ impl<'a> Builder<'a> {
                     (self.buffer_of(node.inputs[0])?, self.buffer_of(node.inputs[1])?, self.buffer_of(node.inputs[2])?);
                 let table = self.rope_table(rotary);
                 // Quantized: per vector an f32 scale and minimum, then the packed codes.
-                let per_vector = match kv {
-                    "int8" => 8 + hd,
-                    "int4" => 8 + hd / 2,
-                    "f16" => 2 * hd,
-                    _ => 4 * hd,
-                };
-                let multiple = match kv {
-                    "int8" | "int4" => 8,
-                    "f16" => 2,
-                    _ => 1,
-                };
+                let per_vector = kv.data_bytes_per_vector(hd) + kv.scale_bytes_per_vector();
+                let multiple = kernels::kv_head_dim_multiple(kv);
                 if hd % multiple != 0 {
-                    return Err(
-                        self.err(id, format!("a {kv} cache needs a head dim divisible by {multiple}, found {hd}"))
-                    );
+                    return Err(self.err(
+                        id,
+                        format!("a {} cache needs a head dim divisible by {multiple}, found {hd}", kv.name()),
+                    ));
                 }
                 // int8/int4: the exact ring of the recent window follows the codes.
                 let ring = if quant.is_packed() { slmc_ir::KV_EXACT_WINDOW + self.opts.max_step_tokens } else { 0 };
@@ -428,8 +406,8 @@ impl<'a> Builder<'a> {
 }
 
 /// Generates the GPU artifact for a graph (input `tokens`, output `logits`).
-pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &GpuOptions) -> Result<GpuOutput, GpuError> {
-    slmc_ir::verify(graph)?;
+pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOptions) -> Result<GpuOutput, GpuError> {
+    let graph = verified.graph();
     let mut b = Builder {
         graph,
         weights,

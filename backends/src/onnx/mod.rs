@@ -30,7 +30,7 @@ pub mod proto;
 use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
-use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, WeightSource};
+use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, Verified, WeightSource};
 
 use proto::{attr_float, attr_int, data_type, value_info, Dim, NodeProto, TensorProto};
 
@@ -345,11 +345,7 @@ impl<'a> Builder<'a> {
             let [n, k] = view.shape[..] else {
                 return Err(self.err(w, "8-bit blocks need a matrix"));
             };
-            let codes: Vec<u8> = view
-                .bytes
-                .chunks_exact(DType::Q8_0.block_bytes())
-                .flat_map(|b| b[2..].iter().map(|q| (*q as i8 as i16 + 128) as u8))
-                .collect();
+            let codes: Vec<u8> = slmc_ir::blocks::q8_blocks(view.bytes).flat_map(|b| b.uint8_codes()).collect();
             self.external(&codes_name, data_type::UINT8, &[n as i64, (k / 32) as i64, 32], &codes);
             self.external(&scales_name, data_type::FLOAT, &[(n * k / 32) as i64], &q8_scales_le(view.bytes));
             self.written.insert((w, "q8"), codes_name.clone());
@@ -694,18 +690,14 @@ impl<'a> Builder<'a> {
             return t.clone();
         }
         // cos/sin [context, rotary_dim / 2] in f32, computed as the interpreter does.
-        let freqs = slmc_ir::interp::rope_inv_freq(rotary.theta, rotary.rotary_dim, &rotary.scaling);
         let ctx = self.opts.context_len;
-        let (mut cos, mut sin) = (Vec::with_capacity(ctx * freqs.len() * 4), Vec::with_capacity(ctx * freqs.len() * 4));
-        for p in 0..ctx {
-            for f in &freqs {
-                cos.extend_from_slice(&(p as f32 * f).cos().to_le_bytes());
-                sin.extend_from_slice(&(p as f32 * f).sin().to_le_bytes());
-            }
-        }
+        let (cos, sin) = rotary.tables(ctx);
+        let half = rotary.rotary_dim / 2;
+        let (cos, sin): (Vec<u8>, Vec<u8>) =
+            (cos.iter().flat_map(|v| v.to_le_bytes()).collect(), sin.iter().flat_map(|v| v.to_le_bytes()).collect());
         let i = self.rope_tables.len();
         let names = (format!("rope.{i}.cos"), format!("rope.{i}.sin"));
-        let dims = [ctx as i64, freqs.len() as i64];
+        let dims = [ctx as i64, half as i64];
         self.external(&names.0, data_type::FLOAT, &dims, &cos);
         self.external(&names.1, data_type::FLOAT, &dims, &sin);
         self.rope_tables.insert(key, names.clone());
@@ -966,7 +958,7 @@ impl<'a> Builder<'a> {
 /// The f16 scale of every Q8_0 block as little-endian f32 (MatMulNBits and
 /// GatherBlockQuantized each need them in their own shape).
 fn q8_scales_le(bytes: &[u8]) -> Vec<u8> {
-    bytes.chunks_exact(DType::Q8_0.block_bytes()).flat_map(|b| slmc_ir::dtype::f16_at(b, 0).to_le_bytes()).collect()
+    slmc_ir::blocks::q8_blocks(bytes).flat_map(|b| b.d.to_le_bytes()).collect()
 }
 
 /// MatMulNBits blocks from ggml 4-bit blocks: codes with element 2i in the low nibble of
@@ -978,26 +970,25 @@ fn matmul_nbits_blocks(dtype: DType, bytes: &[u8], blocks: usize) -> (Vec<u8>, V
     let mut codes = Vec::with_capacity(blocks * g / 2);
     let mut scales = Vec::with_capacity(blocks);
     let mut offsets = Vec::new();
-    let has_min = dtype.q4_has_min() == Some(true);
-    let data_at = if has_min { 4 } else { 2 };
-    for b in bytes.chunks_exact(dtype.block_bytes()) {
-        let d = slmc_ir::dtype::f16_at(b, 0);
-        let q = &b[data_at..data_at + g / 2];
-        let nib = |j: usize| if j < g / 2 { q[j] & 0xf } else { q[j - g / 2] >> 4 };
-        if has_min {
-            offsets.push(slmc_ir::dtype::f16_at(b, 2) + 8.0 * d);
+    for b in slmc_ir::blocks::q4_blocks(dtype, bytes) {
+        if let Some(m) = b.m {
+            offsets.push(m + 8.0 * b.d);
         }
-        scales.push(d);
+        scales.push(b.d);
         for i in 0..g / 2 {
-            codes.push(nib(2 * i) | (nib(2 * i + 1) << 4));
+            codes.push(b.code(2 * i) | (b.code(2 * i + 1) << 4));
         }
     }
     (codes, scales, offsets)
 }
 
 /// Writes the ONNX model for a graph (input `tokens`, output `logits`).
-pub fn compile(graph: &Graph, weights: &dyn WeightSource, opts: &OnnxOptions) -> Result<OnnxOutput, OnnxError> {
-    slmc_ir::verify(graph)?;
+pub fn compile(
+    verified: &Verified<'_>,
+    weights: &dyn WeightSource,
+    opts: &OnnxOptions,
+) -> Result<OnnxOutput, OnnxError> {
+    let graph = verified.graph();
     let mut b = Builder {
         graph,
         weights,

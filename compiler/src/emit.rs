@@ -1,0 +1,206 @@
+//! The compiler's backend registry: one emitter per artifact kind, chosen by the target
+//! profile's typed backend. Each takes the verified graph and returns an [`Emitted`]
+//! artifact (files, `artifact.json`, what the bundle manifest needs to know), so the bundle
+//! writer, memory check and smoke check never ask which backend ran.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use slmc_ir::{Verified, WeightSource};
+use slmc_targets::artifact::{FileDigest, ModelInfo, NePlacement};
+use slmc_targets::{ArtifactKind, BackendKind, TargetProfile};
+
+use crate::compile::CompileOptions;
+use crate::import::Model;
+use crate::optimize::Optimized;
+
+/// What every emitter is handed.
+pub struct EmitInput<'a> {
+    pub model: &'a Model,
+    pub optimized: &'a Optimized,
+    pub verified: &'a Verified<'a>,
+    pub weights: &'a dyn WeightSource,
+    pub profile: &'a TargetProfile,
+    pub opts: &'a CompileOptions,
+    pub model_info: ModelInfo,
+    /// The KV-cache positions asked for (`--context`, capped by the model).
+    pub context_len: usize,
+}
+
+/// One target's artifact, as the bundle writer needs it.
+pub struct Emitted {
+    pub kind: ArtifactKind,
+    /// `artifact.json`.
+    pub manifest_json: String,
+    /// Files relative to the artifact directory.
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub activation_bytes: u64,
+    /// GPU limits and features the artifact needs (None / empty elsewhere).
+    pub max_binding_bytes: Option<u64>,
+    pub features: Vec<String>,
+    /// Where Core ML may place the program's ops (Core ML artifacts).
+    pub placement: Option<NePlacement>,
+}
+
+pub type Emitter = fn(&EmitInput) -> Result<Emitted>;
+
+/// The registry: the emitter for a profile's backend.
+pub fn emitter(backend: BackendKind) -> Emitter {
+    match backend.artifact() {
+        ArtifactKind::Gpu => emit_gpu,
+        ArtifactKind::Onnx => emit_onnx,
+        ArtifactKind::Coreml => emit_coreml,
+    }
+}
+
+pub fn digests_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<FileDigest> {
+    files
+        .iter()
+        .map(|(path, bytes)| FileDigest {
+            path: path.clone(),
+            bytes: bytes.len() as u64,
+            sha256: slmc_targets::artifact::sha256_hex(bytes),
+        })
+        .collect()
+}
+
+fn activation_bytes(optimized: &Optimized) -> u64 {
+    optimized.memory_plan.as_ref().map(|m| m.prefill.arena_bytes as u64).unwrap_or(0)
+}
+
+fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
+    use slmc_backends::gpu::{GpuFeatures, GpuOptions};
+    use slmc_targets::artifact::BufferKind;
+    let gpu = GpuOptions {
+        target: i.profile.name.clone(),
+        model_name: i.model_info.name.clone(),
+        eos_token_ids: i.model_info.eos_token_ids.clone(),
+        context_len: i.context_len,
+        max_step_tokens: i.opts.max_step_tokens,
+        max_binding_bytes: i.opts.max_binding_bytes.or(i.profile.binding_limit()).unwrap_or(u64::MAX),
+        max_buffer_bytes: i.profile.buffer_limit().unwrap_or(u64::MAX),
+        features: GpuFeatures::of_profile(i.profile),
+    };
+    let out = slmc_backends::gpu::compile(i.verified, i.weights, &gpu)?;
+    let sum = |f: &dyn Fn(&BufferKind) -> bool| -> u64 {
+        out.artifact.buffers.iter().filter(|b| f(&b.kind)).map(|b| b.bytes).sum()
+    };
+    Ok(Emitted {
+        kind: ArtifactKind::Gpu,
+        manifest_json: serde_json::to_string_pretty(&out.artifact)?,
+        weight_bytes: sum(&|k| matches!(k, BufferKind::Weight { .. } | BufferKind::Table { .. })),
+        kv_cache_bytes: sum(&|k| matches!(k, BufferKind::Cache)),
+        activation_bytes: sum(&|k| matches!(k, BufferKind::Activation | BufferKind::Input)),
+        max_binding_bytes: out.artifact.buffers.iter().map(|b| b.bytes).max(),
+        features: out.artifact.required_features.clone(),
+        placement: None,
+        files: out.files,
+    })
+}
+
+fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
+    use slmc_backends::onnx::{OnnxOptions, OnnxProfile};
+    let profile_kind = if i.profile.onnx_profile.as_deref() == Some("portable") {
+        OnnxProfile::Portable
+    } else {
+        OnnxProfile::OrtContrib
+    };
+    let onnx_opts = OnnxOptions {
+        profile: profile_kind,
+        model_name: i.model_info.name.clone(),
+        context_len: i.context_len,
+        accuracy_level: i.opts.onnx_accuracy_level,
+        head_accuracy_level: i.opts.onnx_head_accuracy_level,
+    };
+    let out = slmc_backends::onnx::compile(i.verified, i.weights, &onnx_opts)?;
+    let manifest = slmc_targets::artifact::OnnxArtifact {
+        format: ArtifactKind::Onnx.format().into(),
+        target: i.profile.name.clone(),
+        profile: match profile_kind {
+            OnnxProfile::OrtContrib => "ort-contrib".into(),
+            OnnxProfile::Portable => "portable".into(),
+        },
+        model: ModelInfo { vocab_size: out.info.vocab, ..i.model_info.clone() },
+        layers: out.info.layers,
+        kv_heads: out.info.kv_heads,
+        head_dim: out.info.head_dim,
+        accuracy_level: i.opts.onnx_accuracy_level,
+        head_accuracy_level: i.opts.onnx_head_accuracy_level,
+        kv_buffer_shared: out.info.kv_buffer_shareable,
+        files: digests_of(&out.files),
+    };
+    let mut files = out.files;
+    files.insert("genai_config.json".into(), crate::genai::genai_config(i.model, &manifest, &out.info)?);
+    let weight_bytes = files.get(slmc_targets::artifact::ONNX_DATA_FILE).map(|f| f.len() as u64).unwrap_or(0);
+    // f32 cache of the whole context.
+    let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 4 * i.context_len) as u64;
+    Ok(Emitted {
+        kind: ArtifactKind::Onnx,
+        manifest_json: serde_json::to_string_pretty(&manifest)?,
+        files,
+        weight_bytes,
+        kv_cache_bytes,
+        activation_bytes: activation_bytes(i.optimized),
+        max_binding_bytes: None,
+        features: vec![],
+        placement: None,
+    })
+}
+
+fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
+    use slmc_backends::coreml::{CoremlOptions, Deployment};
+    let target = &i.profile.name;
+    let settings = i.profile.coreml.as_ref().with_context(|| format!("target {target}: no Core ML settings"))?;
+    let deployment = if settings.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
+    // Static shapes: the profile's context unless --context asks for less.
+    let context_len = i.context_len.min(settings.max_context_len);
+    if context_len < settings.step_tokens {
+        bail!(
+            "target {target}: a context of {context_len} positions is shorter than one step of {} tokens",
+            settings.step_tokens
+        );
+    }
+    let coreml_opts = CoremlOptions {
+        deployment,
+        model_name: i.model_info.name.clone(),
+        context_len,
+        step_tokens: settings.step_tokens,
+    };
+    let out = slmc_backends::coreml::compile(i.verified, i.weights, &coreml_opts)?;
+    let manifest = slmc_targets::artifact::CoremlArtifact {
+        format: ArtifactKind::Coreml.format().into(),
+        target: target.clone(),
+        specification_version: settings.specification_version,
+        package: slmc_backends::coreml::PACKAGE_DIR.into(),
+        model: ModelInfo {
+            vocab_size: out.info.vocab,
+            context_len,
+            max_step_tokens: settings.step_tokens,
+            ..i.model_info.clone()
+        },
+        step_tokens: settings.step_tokens,
+        layers: out.info.layers,
+        kv_heads: out.info.kv_heads,
+        head_dim: out.info.head_dim,
+        kv_cache: deployment.kv_cache().into(),
+        placement: out.placement,
+        files: digests_of(&out.files),
+    };
+    let weight_bytes = out.files.get(slmc_backends::coreml::WEIGHTS_FILE).map(|f| f.len() as u64).unwrap_or(0);
+    // fp16 cache of the static context.
+    let kv_cache_bytes =
+        (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 2 * manifest.model.context_len) as u64;
+    Ok(Emitted {
+        kind: ArtifactKind::Coreml,
+        manifest_json: serde_json::to_string_pretty(&manifest)?,
+        weight_bytes,
+        kv_cache_bytes,
+        activation_bytes: activation_bytes(i.optimized),
+        max_binding_bytes: None,
+        features: vec![],
+        placement: Some(manifest.placement),
+        files: out.files,
+    })
+}

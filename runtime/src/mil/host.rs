@@ -1,0 +1,185 @@
+//! Running a package the way a Core ML host does, and as an [`Executor`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use slmc_targets::artifact::{CoremlArtifact, COREML_ARTIFACT_FORMAT};
+use slmc_targets::coreml::{Deployment, Dt};
+
+use super::{MilError, MilProgram, Tensor};
+use crate::{ExecError, Executor};
+
+/// Drives a program the way a Core ML host would: fixed steps of `step_tokens` (padded),
+/// positions, the additive causal mask, and the KV cache (state, or inputs/outputs).
+pub struct CoremlReference {
+    pub program: MilProgram,
+    pub deployment: Deployment,
+    pub step_tokens: usize,
+    pub context_len: usize,
+    pub vocab: usize,
+    past: usize,
+    /// iOS 17: the caches the host keeps, by input name.
+    caches: HashMap<String, Tensor>,
+}
+
+impl CoremlReference {
+    pub fn load(dir: &Path) -> Result<CoremlReference, MilError> {
+        let program = MilProgram::load_package(dir)?;
+        let ids =
+            program.input("input_ids").ok_or_else(|| MilError::Usage("the model has no input `input_ids`".into()))?;
+        let step_tokens = ids.shape[1];
+        let deployment = if program.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
+        let cache = program
+            .inputs
+            .iter()
+            .find(|i| i.name == "key_cache_0")
+            .ok_or_else(|| MilError::Usage("the model has no input or state `key_cache_0`".into()))?;
+        let context_len = cache.shape[2];
+        let mut r = CoremlReference {
+            program,
+            deployment,
+            step_tokens,
+            context_len,
+            vocab: 0,
+            past: 0,
+            caches: HashMap::new(),
+        };
+        r.reset();
+        Ok(r)
+    }
+
+    pub fn reset(&mut self) {
+        self.past = 0;
+        self.program.reset_states();
+        self.caches = self
+            .program
+            .inputs
+            .iter()
+            .filter(|i| !i.is_state && i.name.contains("_cache_"))
+            .map(|i| {
+                (i.name.clone(), Tensor { dt: i.dt, shape: i.shape.clone(), data: vec![0.0; i.shape.iter().product()] })
+            })
+            .collect();
+    }
+
+    pub fn past_len(&self) -> usize {
+        self.past
+    }
+
+    /// Feeds tokens; returns logits `[tokens.len(), vocab]`.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, MilError> {
+        let t = self.step_tokens;
+        let c = self.context_len;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(t) {
+            let p = self.past;
+            if p + t > c {
+                return Err(MilError::Usage(format!(
+                    "the context is full: {p} positions held, a step of {t} needs {} of {c}",
+                    p + t
+                )));
+            }
+            let n = chunk.len();
+            let ids: Vec<f32> = (0..t).map(|i| chunk[i.min(n - 1)] as f32).collect();
+            let pos: Vec<f32> = (0..t).map(|i| (p + i) as f32).collect();
+            let width = if self.deployment == Deployment::Ios18 { c } else { c + t };
+            let mut mask = vec![f32::NEG_INFINITY; t * width];
+            for i in 0..t {
+                for j in 0..width {
+                    let allowed = match self.deployment {
+                        Deployment::Ios18 => j <= p + i,
+                        Deployment::Ios17 => (j < c && j < p) || (j >= c && j - c <= i),
+                    };
+                    if allowed {
+                        mask[i * width + j] = 0.0;
+                    }
+                }
+            }
+            let mut feed = HashMap::new();
+            feed.insert("input_ids".to_string(), Tensor::new(Dt::I32, vec![1, t], ids));
+            feed.insert("position_ids".to_string(), Tensor::new(Dt::I32, vec![t], pos));
+            feed.insert("causal_mask".to_string(), Tensor::new(Dt::F16, vec![1, 1, t, width], mask));
+            for (k, v) in &self.caches {
+                feed.insert(k.clone(), v.clone());
+            }
+            let out = self.program.predict(feed)?;
+            let l = out.get("logits").ok_or_else(|| MilError::Usage("the model has no output `logits`".into()))?;
+            self.vocab = *l.shape.last().unwrap();
+            logits.extend_from_slice(&l.data[..n * self.vocab]);
+            // iOS 17: the host writes the step's new keys and values into its caches.
+            for (name, cache) in self.caches.iter_mut() {
+                let new_name = name.replace("key_cache_", "new_key_").replace("value_cache_", "new_value_");
+                let new = out
+                    .get(&new_name)
+                    .ok_or_else(|| MilError::Usage(format!("the model has no output `{new_name}`")))?;
+                let (hk, d) = (cache.shape[1], cache.shape[3]);
+                for h in 0..hk {
+                    for i in 0..n {
+                        let src = (h * t + i) * d;
+                        let dst = (h * c + p + i) * d;
+                        cache.data[dst..dst + d].copy_from_slice(&new.data[src..src + d]);
+                    }
+                }
+            }
+            self.past += n;
+        }
+        Ok(logits)
+    }
+}
+
+/// Core ML artifacts where Core ML is not: Core ML runs only on Apple systems, so on any
+/// other machine a package is run by this reference interpreter, which reads the package
+/// back from disk. It checks numerics and serves the compile-time smoke set; it is far too
+/// slow to serve users.
+pub struct MilReferenceExecutor {
+    inner: CoremlReference,
+    artifact: CoremlArtifact,
+}
+
+impl MilReferenceExecutor {
+    /// Loads `dir` (an artifact written by `slmc compile --target coreml-*`) after checking
+    /// every listed file's size and sha256.
+    pub fn load(dir: &Path) -> Result<MilReferenceExecutor, MilError> {
+        let manifest = dir.join("artifact.json");
+        let bad = |path: &Path, message: String| MilError::File { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(&manifest).map_err(|e| bad(&manifest, format!("cannot read: {e}")))?;
+        let artifact: CoremlArtifact =
+            serde_json::from_str(&text).map_err(|e| bad(&manifest, format!("invalid Core ML manifest: {e}")))?;
+        if artifact.format != COREML_ARTIFACT_FORMAT {
+            return Err(bad(&manifest, format!("format `{}` is not {COREML_ARTIFACT_FORMAT}", artifact.format)));
+        }
+        for f in &artifact.files {
+            if !f.is_inside() {
+                return Err(bad(&manifest, format!("file `{}` lies outside the artifact", f.path)));
+            }
+            f.check(dir).map_err(|(path, message)| bad(&path, message))?;
+        }
+        let inner = CoremlReference::load(dir)?;
+        if inner.step_tokens != artifact.step_tokens || inner.context_len != artifact.model.context_len {
+            return Err(bad(dir, "the package's shapes disagree with artifact.json".into()));
+        }
+        Ok(MilReferenceExecutor { inner, artifact })
+    }
+
+    pub fn artifact(&self) -> &CoremlArtifact {
+        &self.artifact
+    }
+}
+
+impl Executor for MilReferenceExecutor {
+    fn vocab_size(&self) -> usize {
+        self.artifact.model.vocab_size
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
+        self.inner.forward(tokens).map_err(|e| ExecError::Usage(e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+
+    fn past_len(&self) -> usize {
+        self.inner.past_len()
+    }
+}

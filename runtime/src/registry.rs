@@ -1,0 +1,90 @@
+//! The one executor dispatch: an artifact directory's `artifact.json` names its kind, and
+//! this opens the executor for it. `slmc run/score/eval`, the compile-time smoke check and
+//! the tests all load artifacts here.
+
+use std::path::Path;
+
+use slmc_targets::artifact::ArtifactFormat;
+use slmc_targets::ArtifactKind;
+
+use crate::Executor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: cannot read: {message}")]
+    Read { path: String, message: String },
+    #[error("{path}: invalid manifest: {message}")]
+    Manifest { path: String, message: String },
+    #[error("{path}: unknown artifact format `{format}`")]
+    UnknownFormat { path: String, format: String },
+    #[error(
+        "{path}: a Core ML artifact runs through Core ML, which exists only on macOS and iOS, and this slmc has no Core ML executor (built for {os}); pass --mil-reference to run the package's MIL program on slmc's reference interpreter (slow, for checking)"
+    )]
+    NoCoreml { path: String, os: &'static str },
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuExecError),
+    #[error(transparent)]
+    Onnx(#[from] crate::onnx::OnnxExecError),
+    #[error(transparent)]
+    Mil(#[from] crate::mil::MilError),
+}
+
+/// How to open an artifact: the choices that belong to the machine, not the artifact.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// GPU adapter name filter (`--adapter`).
+    pub adapter: Option<String>,
+    /// ONNX Runtime intra-op threads (0: its default).
+    pub threads: usize,
+    /// Run Core ML packages on the reference MIL interpreter (no Core ML here).
+    pub mil_reference: bool,
+}
+
+/// An opened artifact.
+pub struct Opened {
+    pub exec: Box<dyn Executor>,
+    pub kind: ArtifactKind,
+    /// The executor's name for `--json` (`wgpu`, `onnxruntime`, `mil-reference`).
+    pub executor_name: &'static str,
+    pub eos_token_ids: Vec<u32>,
+    /// What ran it, for `--verbose` (the GPU adapter, the ONNX Runtime library).
+    pub detail: String,
+}
+
+/// The kind `dir/artifact.json` declares.
+pub fn artifact_kind(dir: &Path) -> Result<ArtifactKind, OpenError> {
+    let path = dir.join("artifact.json");
+    let shown = || path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(|e| OpenError::Read { path: shown(), message: e.to_string() })?;
+    let format: ArtifactFormat =
+        serde_json::from_str(&text).map_err(|e| OpenError::Manifest { path: shown(), message: e.to_string() })?;
+    ArtifactKind::from_format(&format.format).ok_or(OpenError::UnknownFormat { path: shown(), format: format.format })
+}
+
+/// Opens the executor for the artifact in `dir` (its files are checked by the executor).
+pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Opened, OpenError> {
+    let kind = artifact_kind(dir)?;
+    Ok(match kind {
+        ArtifactKind::Gpu => {
+            let exec = crate::gpu::GpuExecutor::load(dir, opts.adapter.as_deref())?;
+            let eos_token_ids = exec.artifact().model.eos_token_ids.clone();
+            let detail = format!("adapter: {}", exec.adapter_info);
+            Opened { exec: Box::new(exec), kind, executor_name: kind.executor_name(), eos_token_ids, detail }
+        }
+        ArtifactKind::Onnx => {
+            let exec = crate::onnx::OnnxExecutor::load(dir, opts.threads)?;
+            let eos_token_ids = exec.artifact().model.eos_token_ids.clone();
+            let detail = format!("ONNX Runtime: {}", crate::onnx::library_path()?.display());
+            Opened { exec: Box::new(exec), kind, executor_name: kind.executor_name(), eos_token_ids, detail }
+        }
+        ArtifactKind::Coreml => {
+            if !opts.mil_reference {
+                return Err(OpenError::NoCoreml { path: dir.display().to_string(), os: std::env::consts::OS });
+            }
+            let exec = crate::mil::MilReferenceExecutor::load(dir)?;
+            let eos_token_ids = exec.artifact().model.eos_token_ids.clone();
+            let detail = "slmc's reference MIL interpreter".to_string();
+            Opened { exec: Box::new(exec), kind, executor_name: "mil-reference", eos_token_ids, detail }
+        }
+    })
+}
