@@ -32,7 +32,8 @@ pub fn logits_output(graph: &Graph) -> Result<NodeId, LoweringError> {
 pub fn attention_layers(
     layers: &BTreeMap<usize, (usize, usize, usize)>,
 ) -> Result<((usize, usize, usize), usize), LoweringError> {
-    let gqa_error = |message: &str| LoweringError::Unsupported { node: "gqa".into(), message: message.into() };
+    let gqa_error =
+        |message: &str| LoweringError::Unsupported { node: "attention layers".into(), message: message.into() };
     let first = *layers.values().next().ok_or_else(|| gqa_error("the graph has no attention layer"))?;
     if layers.keys().copied().ne(0..layers.len()) {
         return Err(gqa_error("layers are not numbered 0..n"));

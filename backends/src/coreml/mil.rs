@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::blob::{BlobType, BlobWriter};
 use super::proto::{self, binding, value, value_type, Binding};
-pub use slmc_targets::coreml::Dt;
+pub use slmc_targets::coreml::{Dt, MilOp};
 
 pub const WEIGHT_FILE_REF: &str = "@model_path/weights/weight.bin";
 
@@ -121,23 +121,23 @@ impl Builder {
 
     fn push(
         &mut self,
-        ty: &str,
+        ty: MilOp,
         name: &str,
         inputs: BTreeMap<String, proto::Argument>,
         outputs: Vec<proto::NamedValueType>,
     ) {
         let mut attributes = BTreeMap::new();
         attributes.insert("name".to_string(), string_value(name));
-        self.ops.push(proto::Operation { r#type: ty.into(), inputs, outputs, attributes });
+        self.ops.push(proto::Operation { r#type: ty.name().into(), inputs, outputs, attributes });
     }
 
     /// `ty(inputs...) -> out` with the output's type given by the caller (static shapes).
-    pub fn op(&mut self, ty: &str, hint: &str, inputs: Vec<(&str, Arg)>, dt: Dt, shape: &[usize]) -> Var {
+    pub fn op(&mut self, ty: MilOp, hint: &str, inputs: Vec<(&str, Arg)>, dt: Dt, shape: &[usize]) -> Var {
         let name = self.fresh(hint);
         self.op_named(ty, &name, inputs, dt, shape)
     }
 
-    pub fn op_named(&mut self, ty: &str, name: &str, inputs: Vec<(&str, Arg)>, dt: Dt, shape: &[usize]) -> Var {
+    pub fn op_named(&mut self, ty: MilOp, name: &str, inputs: Vec<(&str, Arg)>, dt: Dt, shape: &[usize]) -> Var {
         let args = Self::arguments(inputs);
         let out = vec![proto::NamedValueType { name: name.into(), r#type: Some(tensor_type(dt, shape)) }];
         self.push(ty, name, args, out);
@@ -145,7 +145,7 @@ impl Builder {
     }
 
     /// An operation without outputs (`write_state`).
-    pub fn effect(&mut self, ty: &str, hint: &str, inputs: Vec<(&str, Arg)>) {
+    pub fn effect(&mut self, ty: MilOp, hint: &str, inputs: Vec<(&str, Arg)>) {
         let name = self.fresh(hint);
         let args = Self::arguments(inputs);
         self.push(ty, &name, args, vec![]);
@@ -173,7 +173,12 @@ impl Builder {
         attributes.insert("name".to_string(), string_value(&name));
         attributes.insert("val".to_string(), val);
         let outputs = vec![proto::NamedValueType { name: name.clone(), r#type: Some(tensor_type(dt, shape)) }];
-        self.ops.push(proto::Operation { r#type: "const".into(), inputs: BTreeMap::new(), outputs, attributes });
+        self.ops.push(proto::Operation {
+            r#type: MilOp::Const.name().into(),
+            inputs: BTreeMap::new(),
+            outputs,
+            attributes,
+        });
         Var { name, dt, shape: shape.to_vec() }
     }
 
@@ -225,7 +230,7 @@ impl Builder {
     /// A `const` op (for opsets before iOS 18, constexpr parameters are attributes).
     pub fn constexpr_with_attributes(
         &mut self,
-        ty: &str,
+        ty: MilOp,
         hint: &str,
         attrs: Vec<(&str, proto::Value)>,
         dt: Dt,
@@ -236,7 +241,7 @@ impl Builder {
             attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         attributes.insert("name".to_string(), string_value(&name));
         let outputs = vec![proto::NamedValueType { name: name.clone(), r#type: Some(tensor_type(dt, shape)) }];
-        self.ops.push(proto::Operation { r#type: ty.into(), inputs: BTreeMap::new(), outputs, attributes });
+        self.ops.push(proto::Operation { r#type: ty.name().into(), inputs: BTreeMap::new(), outputs, attributes });
         Var { name, dt, shape: shape.to_vec() }
     }
 }

@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use prost::Message;
 use slmc_ir::{DType, Graph, KvQuant, NodeId, Op, RopeStyle, Verified, WeightSource};
 
-use mil::{Arg, Builder, Dt, Var};
+use mil::{Arg, Builder, Dt, MilOp, Var};
 
 pub use crate::lowering::LoweringError as CoremlError;
 
@@ -150,14 +150,14 @@ impl<'a> Emitter<'a> {
             let scale = self.b.f16_value(&sshape, &scales);
             let offset = self.b.f16_value(&sshape, &offsets);
             let inputs = vec![("data", Arg::Value(data)), ("scale", Arg::Value(scale)), ("offset", Arg::Value(offset))];
-            self.b.op("constexpr_blockwise_shift_scale", &name, inputs, Dt::F16, &shape)
+            self.b.op(MilOp::ConstexprBlockwiseShiftScale, &name, inputs, Dt::F16, &shape)
         } else if self.opts.deployment == Deployment::Ios18 && dtype == DType::Q8_0 {
             let (codes, scales) = q8_blockwise(view.bytes);
             let sshape = [shape[0], shape[1] / 32];
             let data = self.b.blob(Dt::I8, &shape, &codes);
             let scale = self.b.f16_value(&sshape, &scales);
             let inputs = vec![("data", Arg::Value(data)), ("scale", Arg::Value(scale))];
-            self.b.op("constexpr_blockwise_shift_scale", &name, inputs, Dt::F16, &shape)
+            self.b.op(MilOp::ConstexprBlockwiseShiftScale, &name, inputs, Dt::F16, &shape)
         } else {
             // iOS 17: int8 per (row, 32 columns). Its affine dequantization scales along one
             // axis only, so the codes are stored as [rows * k / 32, 32] (one scale and zero
@@ -187,7 +187,7 @@ impl<'a> Emitter<'a> {
                 ("axis", mil::i32_value(&[], &[0])),
             ];
             let blocked = self.b.constexpr_with_attributes(
-                "constexpr_affine_dequantize",
+                MilOp::ConstexprAffineDequantize,
                 &format!("{name}_blocks"),
                 attrs,
                 Dt::F16,
@@ -199,12 +199,12 @@ impl<'a> Emitter<'a> {
         Ok(var)
     }
 
-    fn binary(&mut self, op: &str, hint: &str, x: &Var, y: &Var) -> Var {
+    fn binary(&mut self, op: MilOp, hint: &str, x: &Var, y: &Var) -> Var {
         let shape = broadcast(&x.shape, &y.shape);
         self.b.op(op, hint, vec![("x", Arg::Var(x)), ("y", Arg::Var(y))], x.dt, &shape)
     }
 
-    fn unary(&mut self, op: &str, hint: &str, x: &Var) -> Var {
+    fn unary(&mut self, op: MilOp, hint: &str, x: &Var) -> Var {
         self.b.op(op, hint, vec![("x", Arg::Var(x))], x.dt, &x.shape.clone())
     }
 
@@ -218,14 +218,14 @@ impl<'a> Emitter<'a> {
         let s: Vec<i32> = shape.iter().map(|d| *d as i32).collect();
         let sv = mil::i32_value(&[s.len()], &s);
         self.b.reserve(name);
-        self.b.op_named("reshape", name, vec![("x", Arg::Var(x)), ("shape", Arg::Value(sv))], x.dt, shape)
+        self.b.op_named(MilOp::Reshape, name, vec![("x", Arg::Var(x)), ("shape", Arg::Value(sv))], x.dt, shape)
     }
 
     fn transpose(&mut self, hint: &str, x: &Var, perm: &[usize]) -> Var {
         let shape: Vec<usize> = perm.iter().map(|p| x.shape[*p]).collect();
         let p: Vec<i32> = perm.iter().map(|v| *v as i32).collect();
         let pv = mil::i32_value(&[p.len()], &p);
-        self.b.op("transpose", hint, vec![("x", Arg::Var(x)), ("perm", Arg::Value(pv))], x.dt, &shape)
+        self.b.op(MilOp::Transpose, hint, vec![("x", Arg::Var(x)), ("perm", Arg::Value(pv))], x.dt, &shape)
     }
 
     /// `x[..., start:end]` on `axis`.
@@ -242,7 +242,7 @@ impl<'a> Emitter<'a> {
             ("begin", Arg::Value(mil::i32_value(&[r], &begin))),
             ("end", Arg::Value(mil::i32_value(&[r], &stop))),
         ];
-        self.b.op("slice_by_index", hint, inputs, x.dt, &shape)
+        self.b.op(MilOp::SliceByIndex, hint, inputs, x.dt, &shape)
     }
 
     fn concat(&mut self, hint: &str, parts: &[&Var], axis: usize) -> Var {
@@ -254,10 +254,10 @@ impl<'a> Emitter<'a> {
             ("axis", Arg::Value(mil::i32_value(&[], &[axis as i32]))),
             ("interleave", Arg::Value(mil::bool_value(&[], &[false]))),
         ];
-        self.b.op("concat", hint, inputs, dt, &shape)
+        self.b.op(MilOp::Concat, hint, inputs, dt, &shape)
     }
 
-    fn reduce(&mut self, op: &str, hint: &str, x: &Var) -> Var {
+    fn reduce(&mut self, op: MilOp, hint: &str, x: &Var) -> Var {
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = 1;
         let inputs = vec![
@@ -271,26 +271,26 @@ impl<'a> Emitter<'a> {
     /// rms_norm(x) * w with the row first divided by its largest magnitude, so squares
     /// stay inside fp16's range: x / rms(x) = xs / sqrt(mean(xs^2) + eps / m^2), xs = x / m.
     fn rms_norm(&mut self, hint: &str, x: &Var, w: &Var, eps: f32) -> Var {
-        let ax = self.unary("abs", &format!("{hint}_abs"), x);
-        let m = self.reduce("reduce_max", &format!("{hint}_max"), &ax);
+        let ax = self.unary(MilOp::Abs, &format!("{hint}_abs"), x);
+        let m = self.reduce(MilOp::ReduceMax, &format!("{hint}_max"), &ax);
         let floor = self.b.scalar_f16(&format!("{hint}_floor"), F16_MIN_NORMAL);
-        let m = self.binary("maximum", &format!("{hint}_scale"), &m, &floor);
-        let xs = self.binary("real_div", &format!("{hint}_scaled"), x, &m);
-        let sq = self.binary("mul", &format!("{hint}_sq"), &xs, &xs);
-        let ms = self.reduce("reduce_mean", &format!("{hint}_mean"), &sq);
-        let m2 = self.binary("mul", &format!("{hint}_scale_sq"), &m, &m);
+        let m = self.binary(MilOp::Maximum, &format!("{hint}_scale"), &m, &floor);
+        let xs = self.binary(MilOp::RealDiv, &format!("{hint}_scaled"), x, &m);
+        let sq = self.binary(MilOp::Mul, &format!("{hint}_sq"), &xs, &xs);
+        let ms = self.reduce(MilOp::ReduceMean, &format!("{hint}_mean"), &sq);
+        let m2 = self.binary(MilOp::Mul, &format!("{hint}_scale_sq"), &m, &m);
         let eps_v = self.b.scalar_f16(&format!("{hint}_eps"), eps);
-        let e = self.binary("real_div", &format!("{hint}_eps_scaled"), &eps_v, &m2);
-        let tot = self.binary("add", &format!("{hint}_var"), &ms, &e);
-        let r = self.unary("rsqrt", &format!("{hint}_rsqrt"), &tot);
-        let y = self.binary("mul", &format!("{hint}_normed"), &xs, &r);
-        self.binary("mul", hint, &y, w)
+        let e = self.binary(MilOp::RealDiv, &format!("{hint}_eps_scaled"), &eps_v, &m2);
+        let tot = self.binary(MilOp::Add, &format!("{hint}_var"), &ms, &e);
+        let r = self.unary(MilOp::Rsqrt, &format!("{hint}_rsqrt"), &tot);
+        let y = self.binary(MilOp::Mul, &format!("{hint}_normed"), &xs, &r);
+        self.binary(MilOp::Mul, hint, &y, w)
     }
 
     fn linear(&mut self, hint: &str, x: &Var, w: &Var) -> Var {
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = w.shape[0];
-        self.b.op("linear", hint, vec![("x", Arg::Var(x)), ("weight", Arg::Var(w))], Dt::F16, &shape)
+        self.b.op(MilOp::Linear, hint, vec![("x", Arg::Var(x)), ("weight", Arg::Var(w))], Dt::F16, &shape)
     }
 
     /// cos and sin at the step's positions, `[T, 1, r/2]` (half style) or `[T, 1, r/2, 1]`.
@@ -312,7 +312,7 @@ impl<'a> Emitter<'a> {
             let ids = self.position_ids.clone();
             let inputs =
                 vec![("x", Arg::Var(&c)), ("indices", Arg::Var(&ids)), ("axis", Arg::Value(mil::i32_value(&[], &[0])))];
-            let g = self.b.op("gather", &format!("rope{i}_{what}"), inputs, Dt::F16, &[t, half]);
+            let g = self.b.op(MilOp::Gather, &format!("rope{i}_{what}"), inputs, Dt::F16, &[t, half]);
             out.push(self.reshape(&format!("rope{i}_{what}_b"), &g, &shape));
         }
         let pair = (out[0].clone(), out[1].clone());
@@ -330,24 +330,24 @@ impl<'a> Emitter<'a> {
             RopeStyle::Half => {
                 let x1 = self.slice(&format!("{hint}_x1"), &xr, 2, 0, r / 2);
                 let x2 = self.slice(&format!("{hint}_x2"), &xr, 2, r / 2, r);
-                let a = self.binary("mul", &format!("{hint}_x1c"), &x1, &cos);
-                let b = self.binary("mul", &format!("{hint}_x2s"), &x2, &sin);
-                let o1 = self.binary("sub", &format!("{hint}_o1"), &a, &b);
-                let c = self.binary("mul", &format!("{hint}_x2c"), &x2, &cos);
-                let e = self.binary("mul", &format!("{hint}_x1s"), &x1, &sin);
-                let o2 = self.binary("add", &format!("{hint}_o2"), &c, &e);
+                let a = self.binary(MilOp::Mul, &format!("{hint}_x1c"), &x1, &cos);
+                let b = self.binary(MilOp::Mul, &format!("{hint}_x2s"), &x2, &sin);
+                let o1 = self.binary(MilOp::Sub, &format!("{hint}_o1"), &a, &b);
+                let c = self.binary(MilOp::Mul, &format!("{hint}_x2c"), &x2, &cos);
+                let e = self.binary(MilOp::Mul, &format!("{hint}_x1s"), &x1, &sin);
+                let o2 = self.binary(MilOp::Add, &format!("{hint}_o2"), &c, &e);
                 self.concat(&format!("{hint}_rot"), &[&o1, &o2], 2)
             }
             RopeStyle::Interleaved => {
                 let pairs = self.reshape(&format!("{hint}_pairs"), &xr, &[t, h, r / 2, 2]);
                 let xe = self.slice(&format!("{hint}_even"), &pairs, 3, 0, 1);
                 let xo = self.slice(&format!("{hint}_odd"), &pairs, 3, 1, 2);
-                let a = self.binary("mul", &format!("{hint}_ec"), &xe, &cos);
-                let b = self.binary("mul", &format!("{hint}_os"), &xo, &sin);
-                let oe = self.binary("sub", &format!("{hint}_oe"), &a, &b);
-                let c = self.binary("mul", &format!("{hint}_oc"), &xo, &cos);
-                let e = self.binary("mul", &format!("{hint}_es"), &xe, &sin);
-                let oo = self.binary("add", &format!("{hint}_oo"), &c, &e);
+                let a = self.binary(MilOp::Mul, &format!("{hint}_ec"), &xe, &cos);
+                let b = self.binary(MilOp::Mul, &format!("{hint}_os"), &xo, &sin);
+                let oe = self.binary(MilOp::Sub, &format!("{hint}_oe"), &a, &b);
+                let c = self.binary(MilOp::Mul, &format!("{hint}_oc"), &xo, &cos);
+                let e = self.binary(MilOp::Mul, &format!("{hint}_es"), &xe, &sin);
+                let oo = self.binary(MilOp::Add, &format!("{hint}_oo"), &c, &e);
                 let cat = self.concat(&format!("{hint}_pairs_rot"), &[&oe, &oo], 3);
                 self.reshape(&format!("{hint}_rot"), &cat, &[t, h, r])
             }
@@ -379,7 +379,7 @@ impl<'a> Emitter<'a> {
             ("transpose_x", Arg::Value(mil::bool_value(&[], &[false]))),
             ("transpose_y", Arg::Value(mil::bool_value(&[], &[transpose_y]))),
         ];
-        self.b.op("matmul", hint, inputs, Dt::F16, &shape)
+        self.b.op(MilOp::Matmul, hint, inputs, Dt::F16, &shape)
     }
 
     fn tiled_mask(&mut self, group: usize) -> Var {
@@ -394,7 +394,7 @@ impl<'a> Emitter<'a> {
             shape[2] *= group;
             let reps = mil::i32_value(&[4], &[1, 1, group as i32, 1]);
             self.b.op(
-                "tile",
+                MilOp::Tile,
                 &format!("causal_mask_x{group}"),
                 vec![("x", Arg::Var(&mask)), ("reps", Arg::Value(reps))],
                 Dt::F16,
@@ -419,7 +419,7 @@ impl<'a> Emitter<'a> {
             return (begin, e.clone());
         }
         let extent = self.b.const_i32("cache_write_extent", &[4], &[1, hk as i32, self.t() as i32, d as i32]);
-        let end = self.binary("add", "cache_write_end", &begin, &extent);
+        let end = self.binary(MilOp::Add, "cache_write_end", &begin, &extent);
         self.write_ends.insert((hk, d), end.clone());
         (begin, end)
     }
@@ -458,7 +458,7 @@ impl<'a> Emitter<'a> {
                 for (kind, new) in [("key", &k4), ("value", &v4)] {
                     let state = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], true);
                     let cur = self.b.op(
-                        "read_state",
+                        MilOp::ReadState,
                         &format!("{l}_{kind}_cache"),
                         vec![("input", Arg::Var(&state))],
                         Dt::F16,
@@ -470,10 +470,15 @@ impl<'a> Emitter<'a> {
                         ("begin", Arg::Var(&begin)),
                         ("end", Arg::Var(&end)),
                     ];
-                    let upd =
-                        self.b.op("slice_update", &format!("{l}_{kind}_cache_new"), inputs, Dt::F16, &[1, hk, c, d]);
+                    let upd = self.b.op(
+                        MilOp::SliceUpdate,
+                        &format!("{l}_{kind}_cache_new"),
+                        inputs,
+                        Dt::F16,
+                        &[1, hk, c, d],
+                    );
                     self.b.effect(
-                        "write_state",
+                        MilOp::WriteState,
                         &format!("{l}_{kind}_cache_write"),
                         vec![("input", Arg::Var(&state)), ("data", Arg::Var(&upd))],
                     );
@@ -483,7 +488,7 @@ impl<'a> Emitter<'a> {
                 let default = 1.0 / (d as f32).sqrt();
                 if (scale - default).abs() > 1e-7 * default {
                     let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale / default);
-                    q4 = self.binary("mul", &format!("{l}_q_scaled"), &q4, &s);
+                    q4 = self.binary(MilOp::Mul, &format!("{l}_q_scaled"), &q4, &s);
                 }
                 let inputs = vec![
                     ("query", Arg::Var(&q4)),
@@ -492,7 +497,7 @@ impl<'a> Emitter<'a> {
                     ("attn_mask", Arg::Var(&mask)),
                 ];
                 self.b.op(
-                    "scaled_dot_product_attention",
+                    MilOp::ScaledDotProductAttention,
                     &format!("{l}_attention"),
                     inputs,
                     Dt::F16,
@@ -511,12 +516,12 @@ impl<'a> Emitter<'a> {
                 self.extra_outputs.push(v4.clone());
                 // Scaling q before the product keeps the fp16 scores small.
                 let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale);
-                q4 = self.binary("mul", &format!("{l}_q_scaled"), &q4, &s);
+                q4 = self.binary(MilOp::Mul, &format!("{l}_q_scaled"), &q4, &s);
                 let n = c + t;
                 let scores = self.matmul(&format!("{l}_scores"), &q4, &all[0], true);
-                let masked = self.binary("add", &format!("{l}_scores_masked"), &scores, &mask);
+                let masked = self.binary(MilOp::Add, &format!("{l}_scores_masked"), &scores, &mask);
                 let inputs = vec![("x", Arg::Var(&masked)), ("axis", Arg::Value(mil::i32_value(&[], &[-1])))];
-                let probs = self.b.op("softmax", &format!("{l}_probs"), inputs, Dt::F16, &[1, hk, g * t, n]);
+                let probs = self.b.op(MilOp::Softmax, &format!("{l}_probs"), inputs, Dt::F16, &[1, hk, g * t, n]);
                 self.matmul(&format!("{l}_attention"), &probs, &all[1], false)
             }
         };
@@ -545,7 +550,7 @@ impl<'a> Emitter<'a> {
                     ("indices", Arg::Var(&ids)),
                     ("axis", Arg::Value(mil::i32_value(&[], &[0]))),
                 ];
-                self.b.op("gather", &hint, inputs, Dt::F16, &shape)
+                self.b.op(MilOp::Gather, &hint, inputs, Dt::F16, &shape)
             }
             Op::RmsNorm { eps } => {
                 let x = self.var(node.inputs[0])?;
@@ -556,7 +561,7 @@ impl<'a> Emitter<'a> {
                 let a = self.var(node.inputs[0])?;
                 let b = self.var(node.inputs[1])?;
                 let w = self.weight(node.inputs[2])?;
-                let sum = self.binary("add", &format!("{hint}_sum"), &a, &b);
+                let sum = self.binary(MilOp::Add, &format!("{hint}_sum"), &a, &b);
                 self.sums.insert((node.inputs[0], node.inputs[1]), sum.clone());
                 self.rms_norm(&hint, &sum, &w, *eps)
             }
@@ -573,8 +578,8 @@ impl<'a> Emitter<'a> {
                 let axis = both.shape.len() - 1;
                 let gate = self.slice(&format!("{hint}_gate"), &both, axis, 0, f);
                 let up = self.slice(&format!("{hint}_up"), &both, axis, f, 2 * f);
-                let act = self.unary("silu", &format!("{hint}_silu"), &gate);
-                self.binary("mul", &hint, &act, &up)
+                let act = self.unary(MilOp::Silu, &format!("{hint}_silu"), &gate);
+                self.binary(MilOp::Mul, &hint, &act, &up)
             }
             Op::Add if self.sums.contains_key(&(node.inputs[0], node.inputs[1])) => {
                 self.sums[&(node.inputs[0], node.inputs[1])].clone()
@@ -586,12 +591,12 @@ impl<'a> Emitter<'a> {
                 } else {
                     self.var(node.inputs[1])?
                 };
-                let op = if matches!(node.op, Op::Add) { "add" } else { "mul" };
+                let op = if matches!(node.op, Op::Add) { MilOp::Add } else { MilOp::Mul };
                 self.binary(op, &hint, &a, &b)
             }
             Op::Silu => {
                 let x = self.var(node.inputs[0])?;
-                self.unary("silu", &hint, &x)
+                self.unary(MilOp::Silu, &hint, &x)
             }
             Op::Reshape { .. } => {
                 let x = self.var(node.inputs[0])?;
@@ -897,7 +902,7 @@ mod tests {
         let mut b = Builder::new();
         let x = mil::Var { name: "x".into(), dt: Dt::F16, shape: vec![2, 16] };
         let w = b.const_f16("w", &[4, 16], &[0.5; 64]);
-        let y = b.op("linear", "y", vec![("x", Arg::Var(&x)), ("weight", Arg::Var(&w))], Dt::F16, &[2, 4]);
+        let y = b.op(MilOp::Linear, "y", vec![("x", Arg::Var(&x)), ("weight", Arg::Var(&w))], Dt::F16, &[2, 4]);
         let state = proto::NamedValueType { name: "s".into(), r#type: Some(mil::state_type(Dt::F16, &[1, 4])) };
         let block = proto::Block {
             inputs: vec![],

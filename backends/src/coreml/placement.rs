@@ -5,36 +5,12 @@
 
 use super::mil::Dt;
 use super::proto::{self, value_type};
+use slmc_targets::coreml::{MilOp, NeRule};
 
 /// Largest tensor dimension the estimate lets the NE take. Apple publishes no limit;
 /// reports from Core ML users (e.g. LM heads over large vocabularies falling back to the
 /// GPU) put it at 16384 per axis. An assumption, stated as one.
 pub const NE_MAX_DIM: u64 = 16384;
-
-/// Op types the NE executes in fp16 (the elementwise, reduction, matrix, shape and
-/// attention ops of Apple's ANE transformer guidance).
-const NE_OPS: &[&str] = &[
-    "linear",
-    "matmul",
-    "add",
-    "sub",
-    "mul",
-    "real_div",
-    "maximum",
-    "abs",
-    "rsqrt",
-    "silu",
-    "sigmoid",
-    "softmax",
-    "reduce_mean",
-    "reduce_max",
-    "reshape",
-    "transpose",
-    "slice_by_index",
-    "concat",
-    "tile",
-    "scaled_dot_product_attention",
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
@@ -53,15 +29,10 @@ fn tensor_of(t: &Option<proto::ValueType>) -> Option<&proto::TensorType> {
 
 /// The rule that places one op, with the reason when it is not the NE.
 pub fn place(op: &proto::Operation) -> (Unit, Option<&'static str>) {
-    let ty = op.r#type.as_str();
-    if ty == "gather" {
-        return (Unit::GpuOrCpu, Some("gather at runtime indices (embedding lookup) is not an NE op"));
-    }
-    if matches!(ty, "read_state" | "write_state" | "slice_update") {
-        return (Unit::GpuOrCpu, Some("KV-cache state access at a runtime position"));
-    }
-    if !NE_OPS.contains(&ty) {
-        return (Unit::GpuOrCpu, Some("op type not on the NE list"));
+    match MilOp::from_name(&op.r#type).map(MilOp::ne_rule) {
+        Some(NeRule::NeuralEngine | NeRule::LoadTime) => {}
+        Some(NeRule::Off(reason)) => return (Unit::GpuOrCpu, Some(reason)),
+        None => return (Unit::GpuOrCpu, Some("op type not on the NE list")),
     }
     for o in &op.outputs {
         if let Some(t) = tensor_of(&o.r#type) {
@@ -81,7 +52,7 @@ pub fn estimate(program: &proto::Program) -> Placement {
     for f in program.functions.values() {
         for block in f.block_specializations.values() {
             for op in &block.operations {
-                if op.r#type == "const" || op.r#type.starts_with("constexpr_") {
+                if MilOp::from_name(&op.r#type).map(MilOp::ne_rule) == Some(NeRule::LoadTime) {
                     continue;
                 }
                 let (unit, reason) = place(op);

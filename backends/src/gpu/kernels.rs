@@ -144,20 +144,57 @@ pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize, packed: bo
     }
 }
 
-const TEMPLATES: &[(&str, &str)] = &[
-    ("common", include_str!("templates/common.wgsl.tera")),
-    ("weights", include_str!("templates/weights.wgsl.tera")),
-    ("embed", include_str!("templates/embed.wgsl.tera")),
-    ("linear", include_str!("templates/linear.wgsl.tera")),
-    ("rms_norm", include_str!("templates/rms_norm.wgsl.tera")),
-    ("elementwise", include_str!("templates/elementwise.wgsl.tera")),
-    ("slice", include_str!("templates/slice.wgsl.tera")),
-    ("rope_cache", include_str!("templates/rope_cache.wgsl.tera")),
-    ("attention", include_str!("templates/attention.wgsl.tera")),
-    ("attention_combine", include_str!("templates/attention_combine.wgsl.tera")),
-    ("kv_cache", include_str!("templates/kv_cache.wgsl.tera")),
-    ("argmax", include_str!("templates/argmax.wgsl.tera")),
-];
+/// The kernel templates, by file. A kernel is rendered from a `Template` value; the
+/// templates include each other by file name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Template {
+    Embed,
+    Linear,
+    RmsNorm,
+    Elementwise,
+    Slice,
+    RopeCache,
+    Attention,
+    AttentionCombine,
+    Argmax,
+}
+
+macro_rules! template_files {
+    ($($file:literal),* $(,)?) => {
+        const TEMPLATES: &[(&str, &str)] = &[$(($file, include_str!(concat!("templates/", $file)))),*];
+    };
+}
+
+template_files!(
+    "common.wgsl.tera",
+    "weights.wgsl.tera",
+    "embed.wgsl.tera",
+    "linear.wgsl.tera",
+    "rms_norm.wgsl.tera",
+    "elementwise.wgsl.tera",
+    "slice.wgsl.tera",
+    "rope_cache.wgsl.tera",
+    "attention.wgsl.tera",
+    "attention_combine.wgsl.tera",
+    "kv_cache.wgsl.tera",
+    "argmax.wgsl.tera",
+);
+
+impl Template {
+    fn file(self) -> &'static str {
+        match self {
+            Template::Embed => "embed.wgsl.tera",
+            Template::Linear => "linear.wgsl.tera",
+            Template::RmsNorm => "rms_norm.wgsl.tera",
+            Template::Elementwise => "elementwise.wgsl.tera",
+            Template::Slice => "slice.wgsl.tera",
+            Template::RopeCache => "rope_cache.wgsl.tera",
+            Template::Attention => "attention.wgsl.tera",
+            Template::AttentionCombine => "attention_combine.wgsl.tera",
+            Template::Argmax => "argmax.wgsl.tera",
+        }
+    }
+}
 
 fn tera() -> &'static tera::Tera {
     static TERA: OnceLock<tera::Tera> = OnceLock::new();
@@ -169,13 +206,13 @@ fn tera() -> &'static tera::Tera {
     })
 }
 
-fn render(template: &str, name: String, ctx: tera::Context) -> Result<(String, String), GpuError> {
+fn render(template: Template, name: String, ctx: tera::Context) -> Result<(String, String), GpuError> {
     let mut ctx = ctx;
     if !ctx.contains_key("enable_f16") {
         ctx.insert("enable_f16", &false);
     }
     let src = tera()
-        .render(template, &ctx)
+        .render(template.file(), &ctx)
         .map_err(|e| GpuError::Kernel { kernel: name.clone(), message: format!("{e:?}") })?;
     // Drop the blank lines template tags leave behind: repeated ones, ones right after an
     // opening brace or before a closing one, and trailing ones, so snapshots stay tidy.
@@ -229,7 +266,11 @@ pub fn embed(layout: &WeightLayout, row0: usize, features: GpuFeatures) -> Resul
     let mut ctx = weight_ctx(layout, features);
     ctx.insert("row0", &row0);
     let chunk = if row0 > 0 { format!("_r{row0}") } else { String::new() };
-    render("embed", format!("embed_{}_{}x{}{chunk}", layout_tag(layout, features), layout.rows, layout.cols), ctx)
+    render(
+        Template::Embed,
+        format!("embed_{}_{}x{}{chunk}", layout_tag(layout, features), layout.rows, layout.cols),
+        ctx,
+    )
 }
 
 /// `out_cols` outputs per token from this weight (chunk), written at columns
@@ -247,9 +288,13 @@ pub fn linear(
     ctx.insert("swiglu", &swiglu);
     ctx.insert("out_stride", &out_stride);
     ctx.insert("out_offset", &out_offset);
-    let op = if swiglu { "linear_swiglu" } else { "linear" };
+    let op = if swiglu { Op::LinearSwiglu } else { Op::Linear }.mnemonic();
     let placed = if out_stride != out_cols { format!("_o{out_offset}of{out_stride}") } else { String::new() };
-    render("linear", format!("{op}_{}_{}x{}{placed}", layout_tag(layout, features), layout.rows, layout.cols), ctx)
+    render(
+        Template::Linear,
+        format!("{op}_{}_{}x{}{placed}", layout_tag(layout, features), layout.rows, layout.cols),
+        ctx,
+    )
 }
 
 /// With subgroups: one workgroup per row (strided partial sums, `subgroupAdd`, one
@@ -258,11 +303,11 @@ pub fn rms_norm(dim: usize, eps: f32, add: bool, features: GpuFeatures) -> Resul
     let mut ctx = tera::Context::new();
     ctx.insert("dim", &dim);
     ctx.insert("eps", &float(eps));
-    ctx.insert("add", &add);
+    ctx.insert("residual", &add);
     ctx.insert("subgroups", &features.subgroups);
-    let op = if add { "add_rms_norm" } else { "rms_norm" };
+    let op = if add { Op::AddRmsNorm { eps } } else { Op::RmsNorm { eps } }.mnemonic();
     let variant = if features.subgroups { "_sg" } else { "" };
-    render("rms_norm", format!("{op}_{dim}_{}{variant}", eps.to_bits()), ctx)
+    render(Template::RmsNorm, format!("{op}_{dim}_{}{variant}", eps.to_bits()), ctx)
 }
 
 /// An elementwise kernel, chosen by the IR op it lowers (never by comparing names): a
@@ -327,7 +372,7 @@ pub fn elementwise(
     ctx.insert("b_len", &b_len);
     ctx.insert("b_weight", &b_weight);
     let kind = if b_weight { "w" } else { "a" };
-    render("elementwise", format!("{}_{per_token}_{kind}{b_len}", op.mnemonic()), ctx)
+    render(Template::Elementwise, format!("{}_{per_token}_{kind}{b_len}", op.mnemonic()), ctx)
 }
 
 pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, String), GpuError> {
@@ -335,7 +380,7 @@ pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, Stri
     ctx.insert("in_cols", &in_cols);
     ctx.insert("start", &start);
     ctx.insert("width", &width);
-    render("slice", format!("slice_{in_cols}_{start}_{width}"), ctx)
+    render(Template::Slice, format!("slice_{in_cols}_{start}_{width}"), ctx)
 }
 
 /// Template parameters of a cache storage kind: bits per code, codes per word, largest
@@ -400,7 +445,11 @@ pub fn rope_cache(
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("context", &context);
-    render("rope_cache", format!("rope_cache_{style}_{kv_tag}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim), ctx)
+    render(
+        Template::RopeCache,
+        format!("rope_cache_{style}_{kv_tag}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim),
+        ctx,
+    )
 }
 
 /// How attention splits the keys of a `context`-position cache: `splits` workgroups per
@@ -460,7 +509,7 @@ pub fn attention(
     ctx.insert("split", &split.keys);
     ctx.insert("splits", &split.splits);
     ctx.insert("scale", &float(scale));
-    render("attention", name, ctx)
+    render(Template::Attention, name, ctx)
 }
 
 /// Merges attention's key splits into the output rows.
@@ -469,7 +518,7 @@ pub fn attention_combine((hq, hd): (usize, usize), split: KeySplit) -> Result<(S
     ctx.insert("q_heads", &hq);
     ctx.insert("head_dim", &hd);
     ctx.insert("splits", &split.splits);
-    render("attention_combine", format!("attention_combine_{hq}_{hd}_s{}", split.splits), ctx)
+    render(Template::AttentionCombine, format!("attention_combine_{hq}_{hd}_s{}", split.splits), ctx)
 }
 
 /// With subgroups, each subgroup reduces its lanes with `subgroupMax`/`subgroupMin` and
@@ -479,7 +528,7 @@ pub fn argmax(vocab: usize, features: GpuFeatures) -> Result<(String, String), G
     ctx.insert("vocab", &vocab);
     ctx.insert("subgroups", &features.subgroups);
     let variant = if features.subgroups { "_sg" } else { "" };
-    render("argmax", format!("argmax_{vocab}{variant}"), ctx)
+    render(Template::Argmax, format!("argmax_{vocab}{variant}"), ctx)
 }
 
 /// A kernel in the other shader languages.

@@ -14,13 +14,13 @@ use std::path::Path;
 use std::rc::Rc;
 
 use slmc_targets::coreml::proto::{self, binding, tensor_value, value, value_type};
-use slmc_targets::coreml::{blob, Dt, MODEL_FILE, WEIGHTS_FILE};
+use slmc_targets::coreml::{blob, Dt, MilOp, MODEL_FILE, WEIGHTS_FILE};
 
 mod host;
 mod ops;
 
 pub use host::{CoremlReference, MilReferenceExecutor};
-use ops::{run_step, MOVES};
+use ops::run_step;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MilError {
@@ -74,7 +74,7 @@ enum Arg {
 }
 
 struct Step {
-    ty: String,
+    ty: MilOp,
     name: String,
     inputs: HashMap<String, Vec<Arg>>,
     outputs: Vec<(String, Dt, Vec<usize>)>,
@@ -209,8 +209,10 @@ impl MilProgram {
                 }
                 args.insert(k.clone(), list);
             }
-            match op.r#type.as_str() {
-                "const" => {
+            let ty = MilOp::from_name(&op.r#type)
+                .ok_or_else(|| op_err(format!("MIL op `{}` is not one the reference interpreter knows", op.r#type)))?;
+            match ty {
+                MilOp::Const => {
                     let (out, dt, shape) = declared(0)?;
                     let v = attr("val")?;
                     if v.dt != dt || v.shape != shape {
@@ -218,7 +220,7 @@ impl MilProgram {
                     }
                     consts.insert(out, v);
                 }
-                "constexpr_blockwise_shift_scale" => {
+                MilOp::ConstexprBlockwiseShiftScale => {
                     let (out, dt, shape) = declared(0)?;
                     let get = |k: &str| -> Result<Option<Tensor>, MilError> {
                         match args.get(k).and_then(|l| l.first()) {
@@ -259,7 +261,7 @@ impl MilProgram {
                     }
                     consts.insert(out, Tensor::new(dt, shape, outv));
                 }
-                "constexpr_affine_dequantize" => {
+                MilOp::ConstexprAffineDequantize => {
                     let (out, dt, shape) = declared(0)?;
                     let data = attr("quantized_data")?;
                     let zero = attr("zero_point")?;
@@ -280,7 +282,7 @@ impl MilProgram {
                 }
                 _ => {
                     let outputs = (0..op.outputs.len()).map(declared).collect::<Result<Vec<_>, _>>()?;
-                    steps.push(Step { ty: op.r#type.clone(), name, inputs: args, outputs });
+                    steps.push(Step { ty, name, inputs: args, outputs });
                 }
             }
         }
@@ -328,11 +330,11 @@ impl MilProgram {
         for step in &self.steps {
             let results = run_step(step, &env, &self.consts, &mut self.states)?;
             // Ops that only move values keep them as they are (already of the result type).
-            let moves = MOVES.contains(&step.ty.as_str());
+            let moves = step.ty.moves_values();
             for ((name, dt, shape), mut t) in step.outputs.iter().zip(results) {
                 if t.shape != *shape {
                     return Err(MilError::Op {
-                        op: step.ty.clone(),
+                        op: step.ty.name().to_string(),
                         name: step.name.clone(),
                         message: format!("computes shape {:?}, the program declares {shape:?}", t.shape),
                     });

@@ -3,13 +3,9 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use slmc_targets::coreml::Dt;
+use slmc_targets::coreml::{Dt, MilOp};
 
 use super::{strides, Arg, MilError, Step, Tensor};
-
-/// Ops whose results are some of their inputs' values, moved.
-pub(super) const MOVES: &[&str] =
-    &["reshape", "transpose", "slice_by_index", "slice_update", "concat", "tile", "gather", "read_state"];
 
 pub(super) fn run_step(
     step: &Step,
@@ -17,7 +13,7 @@ pub(super) fn run_step(
     consts: &HashMap<String, Tensor>,
     states: &mut HashMap<String, Rc<Tensor>>,
 ) -> Result<Vec<Rc<Tensor>>, MilError> {
-    let err = |m: String| MilError::Op { op: step.ty.clone(), name: step.name.clone(), message: m };
+    let err = |m: String| MilError::Op { op: step.ty.name().to_string(), name: step.name.clone(), message: m };
     let resolve = |a: &Arg| -> Result<Tensor, MilError> {
         match a {
             Arg::Literal(t) => Ok(t.clone()),
@@ -64,30 +60,30 @@ pub(super) fn run_step(
     };
     let odt = step.outputs.first().map(|(_, d, _)| *d).unwrap_or(Dt::F16);
     let out = |data: Vec<f32>, shape: Vec<usize>| Tensor { dt: odt, shape, data };
-    Ok(vec![Rc::new(match step.ty.as_str() {
-        "add" | "sub" | "mul" | "real_div" | "maximum" => {
+    Ok(vec![Rc::new(match step.ty {
+        MilOp::Add | MilOp::Sub | MilOp::Mul | MilOp::RealDiv | MilOp::Maximum => {
             let (x, y) = (get_ref("x")?, get_ref("y")?);
-            let f: fn(f32, f32) -> f32 = match step.ty.as_str() {
-                "add" => |a, b| a + b,
-                "sub" => |a, b| a - b,
-                "mul" => |a, b| a * b,
-                "real_div" => |a, b| a / b,
+            let f: fn(f32, f32) -> f32 = match step.ty {
+                MilOp::Add => |a, b| a + b,
+                MilOp::Sub => |a, b| a - b,
+                MilOp::Mul => |a, b| a * b,
+                MilOp::RealDiv => |a, b| a / b,
                 _ => f32::max,
             };
             broadcast_binary(x, y, f).map_err(err)?
         }
-        "abs" | "rsqrt" | "silu" | "sigmoid" => {
+        MilOp::Abs | MilOp::Rsqrt | MilOp::Silu | MilOp::Sigmoid => {
             let x = get_ref("x")?;
-            let f: fn(f32) -> f32 = match step.ty.as_str() {
-                "abs" => f32::abs,
+            let f: fn(f32) -> f32 = match step.ty {
+                MilOp::Abs => f32::abs,
                 // MIL's default epsilon is 1e-12.
-                "rsqrt" => |v| 1.0 / (v + 1e-12).sqrt(),
-                "silu" => |v| v / (1.0 + (-v).exp()),
+                MilOp::Rsqrt => |v| 1.0 / (v + 1e-12).sqrt(),
+                MilOp::Silu => |v| v / (1.0 + (-v).exp()),
                 _ => |v| 1.0 / (1.0 + (-v).exp()),
             };
             out(x.data.iter().map(|v| f(*v)).collect(), x.shape.clone())
         }
-        "reduce_max" | "reduce_mean" => {
+        MilOp::ReduceMax | MilOp::ReduceMean => {
             let x = get_ref("x")?;
             let axes = ints(&get("axes")?);
             let keep = opt("keep_dims")?.map(|t| t.data[0] != 0.0).unwrap_or(false);
@@ -99,7 +95,7 @@ pub(super) fn run_step(
                 .data
                 .chunks(d)
                 .map(|r| {
-                    if step.ty == "reduce_max" {
+                    if step.ty == MilOp::ReduceMax {
                         r.iter().copied().fold(f32::NEG_INFINITY, f32::max)
                     } else {
                         r.iter().sum::<f32>() / d as f32
@@ -110,7 +106,7 @@ pub(super) fn run_step(
             *shape.last_mut().unwrap() = 1;
             out(data, shape)
         }
-        "softmax" => {
+        MilOp::Softmax => {
             let x = get_ref("x")?;
             let axis = axis_of(ints(&get("axis")?)[0], x.shape.len())?;
             if axis != x.shape.len() - 1 {
@@ -123,7 +119,7 @@ pub(super) fn run_step(
             }
             out(data, x.shape.clone())
         }
-        "reshape" => {
+        MilOp::Reshape => {
             let x = get("x")?;
             let shape: Vec<usize> = ints(&get("shape")?).iter().map(|v| *v as usize).collect();
             if shape.iter().product::<usize>() != x.data.len() {
@@ -131,12 +127,12 @@ pub(super) fn run_step(
             }
             out(x.data, shape)
         }
-        "transpose" => {
+        MilOp::Transpose => {
             let x = get_ref("x")?;
             let perm: Vec<usize> = ints(&get("perm")?).iter().map(|v| *v as usize).collect();
             transpose(x, &perm).map_err(err)?
         }
-        "slice_by_index" => {
+        MilOp::SliceByIndex => {
             let x = get_ref("x")?;
             let (begin, end) = (ints(&get("begin")?), ints(&get("end")?));
             let (region, shape) =
@@ -144,7 +140,7 @@ pub(super) fn run_step(
             let data = gather_region(x, &region);
             out(data, shape)
         }
-        "slice_update" => {
+        MilOp::SliceUpdate => {
             let mut x = get("x")?;
             let update = get_ref("update")?;
             let (begin, end) = (ints(&get("begin")?), ints(&get("end")?));
@@ -156,7 +152,7 @@ pub(super) fn run_step(
             scatter_region(&mut x, &region, &update.data);
             x
         }
-        "concat" => {
+        MilOp::Concat => {
             let parts = step
                 .inputs
                 .get("values")
@@ -170,12 +166,12 @@ pub(super) fn run_step(
             }
             concat(&parts, axis).map_err(err)?
         }
-        "tile" => {
+        MilOp::Tile => {
             let x = get_ref("x")?;
             let reps: Vec<usize> = ints(&get("reps")?).iter().map(|v| *v as usize).collect();
             tile(x, &reps).map_err(err)?
         }
-        "gather" => {
+        MilOp::Gather => {
             let x = get_ref("x")?;
             let idx = get_ref("indices")?;
             let axis = axis_of(opt("axis")?.map(|t| t.data[0] as i64).unwrap_or(0), x.shape.len())?;
@@ -196,7 +192,7 @@ pub(super) fn run_step(
             shape.extend_from_slice(&x.shape[1..]);
             out(data, shape)
         }
-        "linear" => {
+        MilOp::Linear => {
             let x = get_ref("x")?;
             let w = get_ref("weight")?;
             let k = *x.shape.last().unwrap();
@@ -217,13 +213,13 @@ pub(super) fn run_step(
             *shape.last_mut().unwrap() = n;
             out(y, shape)
         }
-        "matmul" => {
+        MilOp::Matmul => {
             let (x, y) = (get_ref("x")?, get_ref("y")?);
             let tx = opt("transpose_x")?.is_some_and(|t| t.data[0] != 0.0);
             let ty = opt("transpose_y")?.is_some_and(|t| t.data[0] != 0.0);
             batched_matmul(x, y, tx, ty, 1.0, None).map_err(err)?
         }
-        "scaled_dot_product_attention" => {
+        MilOp::ScaledDotProductAttention => {
             let (q, k, v) = (get_ref("query")?, get_ref("key")?, get_ref("value")?);
             let mask = opt("attn_mask")?;
             let e = *q.shape.last().unwrap();
@@ -235,11 +231,11 @@ pub(super) fn run_step(
             }
             batched_matmul(&probs, v, false, false, 1.0, None).map_err(err)?
         }
-        "read_state" => {
+        MilOp::ReadState => {
             let n = name_input("input")?;
             return Ok(vec![states.get(n).cloned().ok_or_else(|| err(format!("`{n}` is not a state")))?]);
         }
-        "write_state" => {
+        MilOp::WriteState => {
             let (n, d) = (name_input("input")?, name_input("data")?);
             let data = env.get(d).cloned().ok_or_else(|| err(format!("`{d}` is not defined before its use")))?;
             let st = states.get_mut(n).ok_or_else(|| err(format!("`{n}` is not a state")))?;
@@ -249,7 +245,10 @@ pub(super) fn run_step(
             *st = data;
             return Ok(vec![]);
         }
-        other => return Err(err(format!("the reference interpreter does not implement `{other}`"))),
+        // Evaluated when the program loads, never as a step.
+        MilOp::Const | MilOp::ConstexprBlockwiseShiftScale | MilOp::ConstexprAffineDequantize => {
+            return Err(err(format!("`{}` is a load-time op", step.ty.name())))
+        }
     })])
 }
 

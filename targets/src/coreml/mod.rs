@@ -3,10 +3,13 @@
 //! MIL element types, the deployments and the package's file names.
 
 pub mod blob;
+pub mod mil_op;
 pub mod proto;
 
 use prost::Message;
 use proto::data_type;
+
+pub use mil_op::{MilOp, NeRule};
 
 pub const PACKAGE_DIR: &str = "model.mlpackage";
 pub const MODEL_FILE: &str = "model.mlpackage/Data/com.apple.CoreML/model.mlmodel";
