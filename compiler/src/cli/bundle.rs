@@ -9,7 +9,7 @@ use slmc_compiler::bundle as bundles;
 use slmc_compiler::store;
 use slmc_targets::bundle::BundleManifest;
 
-use crate::{artifact_executor, load, prepare, print_json, Common, OptArgs, TrustArgs};
+use crate::{artifact_executor, load, prepare, print_json, Common, OptArgs, RunArgs, TrustArgs};
 
 #[derive(clap::Args)]
 pub struct CompileArgs {
@@ -28,6 +28,10 @@ pub struct CompileArgs {
     /// Replace existing target directories.
     #[arg(long)]
     pub force: bool,
+    /// GPU adapter the smoke check runs GPU bundles on: a substring of its name (else
+    /// $SLMC_ADAPTER, else the first).
+    #[arg(long)]
+    pub adapter: Option<String>,
     /// Bind at most this many bytes per storage buffer (default: the target's limit);
     /// larger embedding tables and LM heads are split by rows.
     #[arg(long)]
@@ -214,7 +218,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             source_sha256: source_sha256.clone(),
             options: options.clone(),
             smoke_check: !args.skip_smoke_check,
-            adapter: common.adapter.clone(),
+            adapter: args.adapter.clone(),
         };
         let out = slmc_compiler::compile::compile_target(
             model,
@@ -310,10 +314,10 @@ fn read_manifest(bundle: &Path) -> Result<BundleManifest> {
 }
 
 /// Verifies (through the executor loader) and runs the smoke set; the outcome as JSON.
-fn smoke_outcome(common: &Common, bundle: &Path) -> Result<(bool, Value)> {
+fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path) -> Result<(bool, Value)> {
     let mut c = common.clone();
     c.model = Some(bundle.to_path_buf());
-    let Some((mut exec, executor, _)) = artifact_executor(&c, &OptArgs::default())? else {
+    let Some((mut exec, executor, _)) = artifact_executor(&c, exec, &OptArgs::default())? else {
         bail!("{}: not a compiled bundle", bundle.display());
     };
     let manifest = read_manifest(bundle)?;
@@ -322,9 +326,9 @@ fn smoke_outcome(common: &Common, bundle: &Path) -> Result<(bool, Value)> {
     Ok((passed, json!({ "passed": passed, "executor": executor, "prompts": outcomes })))
 }
 
-pub fn eval(common: &Common) -> Result<()> {
+pub fn eval(common: &Common, exec: &RunArgs) -> Result<()> {
     let bundle = common.model.clone().context("give the bundle directory")?;
-    let (passed, report) = smoke_outcome(common, &bundle)?;
+    let (passed, report) = smoke_outcome(common, exec, &bundle)?;
     if common.json {
         print_json(&report);
     } else {
@@ -344,13 +348,13 @@ pub fn eval(common: &Common) -> Result<()> {
     Ok(())
 }
 
-pub fn install(common: &Common, store_dir: &Path) -> Result<()> {
+pub fn install(common: &Common, exec: &RunArgs, store_dir: &Path) -> Result<()> {
     let bundle = common.model.clone().context("give the bundle directory")?;
     let started = std::time::Instant::now();
-    let trust = common.trust.trust()?;
+    let trust = exec.trust.trust()?;
     // Signature and hashes, then the smoke set on this device's executor; only then the store.
     slmc_runtime::bundle::verify(&bundle, &trust)?;
-    let (passed, report) = smoke_outcome(common, &bundle)?;
+    let (passed, report) = smoke_outcome(common, exec, &bundle)?;
     if !passed {
         bail!("{}: the smoke set disagrees with the reference; the store is unchanged", bundle.display());
     }

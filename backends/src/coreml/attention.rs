@@ -1,0 +1,245 @@
+//! Attention in the ML program: rotary tables and rotation, the KV cache (state on
+//! iOS 18, inputs/outputs on iOS 17), masks, and grouped-query attention.
+
+use slmc_ir::{NodeId, RopeStyle};
+
+use super::mil::{self, Arg, Dt, MilOp, Var};
+use super::*;
+
+impl<'a> Emitter<'a> {
+    /// cos and sin at the step's positions, `[T, 1, r/2]` (half style) or `[T, 1, r/2, 1]`.
+    pub(super) fn rope_tables(&mut self, rotary: &slmc_ir::Rotary) -> (Var, Var) {
+        let key = format!("{rotary:?}");
+        if let Some(t) = self.rope.get(&key) {
+            return t.clone();
+        }
+        let ctx = self.opts.context_len;
+        let (cos, sin) = rotary.tables(ctx);
+        let i = self.rope.len();
+        let half = rotary.rotary_dim / 2;
+        let t = self.t();
+        let shape: Vec<usize> =
+            if matches!(rotary.style, RopeStyle::Half) { vec![t, 1, half] } else { vec![t, 1, half, 1] };
+        let mut out = Vec::new();
+        for (what, table) in [("cos", cos), ("sin", sin)] {
+            let c = self.b.const_f16(&format!("rope{i}_{what}_table"), &[ctx, half], &table);
+            let ids = self.position_ids.clone();
+            let inputs =
+                vec![("x", Arg::Var(&c)), ("indices", Arg::Var(&ids)), ("axis", Arg::Value(mil::i32_value(&[], &[0])))];
+            let g = self.b.op(MilOp::Gather, &format!("rope{i}_{what}"), inputs, Dt::F16, &[t, half]);
+            out.push(self.reshape(&format!("rope{i}_{what}_b"), &g, &shape));
+        }
+        let pair = (out[0].clone(), out[1].clone());
+        self.rope.insert(key, pair.clone());
+        pair
+    }
+
+    /// Rotary embedding of `x [T, h, d]` on its first `rotary_dim` dims.
+    pub(super) fn rotate(&mut self, hint: &str, x: &Var, rotary: &slmc_ir::Rotary) -> Var {
+        let (cos, sin) = self.rope_tables(rotary);
+        let [t, h, d] = x.shape[..] else { unreachable!("attention operands are [T, heads, dim]") };
+        let r = rotary.rotary_dim;
+        let xr = if r < d { self.slice(&format!("{hint}_rot_in"), x, 2, 0, r) } else { x.clone() };
+        let rotated = match rotary.style {
+            RopeStyle::Half => {
+                let x1 = self.slice(&format!("{hint}_x1"), &xr, 2, 0, r / 2);
+                let x2 = self.slice(&format!("{hint}_x2"), &xr, 2, r / 2, r);
+                let a = self.binary(MilOp::Mul, &format!("{hint}_x1c"), &x1, &cos);
+                let b = self.binary(MilOp::Mul, &format!("{hint}_x2s"), &x2, &sin);
+                let o1 = self.binary(MilOp::Sub, &format!("{hint}_o1"), &a, &b);
+                let c = self.binary(MilOp::Mul, &format!("{hint}_x2c"), &x2, &cos);
+                let e = self.binary(MilOp::Mul, &format!("{hint}_x1s"), &x1, &sin);
+                let o2 = self.binary(MilOp::Add, &format!("{hint}_o2"), &c, &e);
+                self.concat(&format!("{hint}_rot"), &[&o1, &o2], 2)
+            }
+            RopeStyle::Interleaved => {
+                let pairs = self.reshape(&format!("{hint}_pairs"), &xr, &[t, h, r / 2, 2]);
+                let xe = self.slice(&format!("{hint}_even"), &pairs, 3, 0, 1);
+                let xo = self.slice(&format!("{hint}_odd"), &pairs, 3, 1, 2);
+                let a = self.binary(MilOp::Mul, &format!("{hint}_ec"), &xe, &cos);
+                let b = self.binary(MilOp::Mul, &format!("{hint}_os"), &xo, &sin);
+                let oe = self.binary(MilOp::Sub, &format!("{hint}_oe"), &a, &b);
+                let c = self.binary(MilOp::Mul, &format!("{hint}_oc"), &xo, &cos);
+                let e = self.binary(MilOp::Mul, &format!("{hint}_es"), &xe, &sin);
+                let oo = self.binary(MilOp::Add, &format!("{hint}_oo"), &c, &e);
+                let cat = self.concat(&format!("{hint}_pairs_rot"), &[&oe, &oo], 3);
+                self.reshape(&format!("{hint}_rot"), &cat, &[t, h, r])
+            }
+        };
+        if r < d {
+            let rest = self.slice(&format!("{hint}_pass"), x, 2, r, d);
+            self.concat(hint, &[&rotated, &rest], 2)
+        } else {
+            rotated
+        }
+    }
+
+    /// A KV-cache function input: fp16 model state (iOS 18) or a plain tensor (iOS 17).
+    pub(super) fn cache_input(&mut self, name: &str, shape: &[usize], state: bool) -> Var {
+        self.b.reserve(name);
+        let ty = if state { mil::state_type(Dt::F16, shape) } else { mil::tensor_type(Dt::F16, shape) };
+        self.extra_inputs.push(proto::NamedValueType { name: name.into(), r#type: Some(ty) });
+        Var { name: name.into(), dt: Dt::F16, shape: shape.to_vec() }
+    }
+
+    /// `x @ y` (or `x @ y^T`) over equal leading dimensions, fp16.
+    pub(super) fn matmul(&mut self, hint: &str, x: &Var, y: &Var, transpose_y: bool) -> Var {
+        let r = x.shape.len();
+        let mut shape = x.shape.clone();
+        shape[r - 1] = if transpose_y { y.shape[r - 2] } else { y.shape[r - 1] };
+        let inputs = vec![
+            ("x", Arg::Var(x)),
+            ("y", Arg::Var(y)),
+            ("transpose_x", Arg::Value(mil::bool_value(&[], &[false]))),
+            ("transpose_y", Arg::Value(mil::bool_value(&[], &[transpose_y]))),
+        ];
+        self.b.op(MilOp::Matmul, hint, inputs, Dt::F16, &shape)
+    }
+
+    pub(super) fn tiled_mask(&mut self, group: usize) -> Var {
+        if let Some(m) = self.tiled_masks.get(&group) {
+            return m.clone();
+        }
+        let mask = self.causal_mask.clone();
+        let m = if group == 1 {
+            mask
+        } else {
+            let mut shape = mask.shape.clone();
+            shape[2] *= group;
+            let reps = mil::i32_value(&[4], &[1, 1, group as i32, 1]);
+            self.b.op(
+                MilOp::Tile,
+                &format!("causal_mask_x{group}"),
+                vec![("x", Arg::Var(&mask)), ("reps", Arg::Value(reps))],
+                Dt::F16,
+                &shape,
+            )
+        };
+        self.tiled_masks.insert(group, m.clone());
+        m
+    }
+
+    /// `[0, 0, p, 0]` and `[1, hk, p + T, d]`: where this step's keys and values go.
+    pub(super) fn cache_window(&mut self, hk: usize, d: usize) -> (Var, Var) {
+        if self.write_begin.is_none() {
+            let pos = self.position_ids.clone();
+            let p0 = self.slice("step_start", &pos, 0, 0, 1);
+            let zeros2 = self.b.const_i32("zeros2", &[2], &[0, 0]);
+            let zero1 = self.b.const_i32("zero1", &[1], &[0]);
+            self.write_begin = Some(self.concat("cache_write_begin", &[&zeros2, &p0, &zero1], 0));
+        }
+        let begin = self.write_begin.clone().unwrap();
+        if let Some(e) = self.write_ends.get(&(hk, d)) {
+            return (begin, e.clone());
+        }
+        let extent = self.b.const_i32("cache_write_extent", &[4], &[1, hk as i32, self.t() as i32, d as i32]);
+        let end = self.binary(MilOp::Add, "cache_write_end", &begin, &extent);
+        self.write_ends.insert((hk, d), end.clone());
+        (begin, end)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention(
+        &mut self,
+        id: NodeId,
+        layer: usize,
+        scale: f32,
+        rotary: &slmc_ir::Rotary,
+        (q, k, v): (Var, Var, Var),
+        (hq, hk, d): (usize, usize, usize),
+    ) -> Result<Var, CoremlError> {
+        let t = self.t();
+        let c = self.opts.context_len;
+        if hq % hk != 0 {
+            return Err(self.err(id, format!("{hq} query heads are not a multiple of {hk} key/value heads")));
+        }
+        let g = hq / hk;
+        let l = format!("l{layer}");
+        let qr = self.rotate(&format!("{l}_q_rope"), &q, rotary);
+        let kr = self.rotate(&format!("{l}_k_rope"), &k, rotary);
+        let qt = self.transpose(&format!("{l}_q_heads"), &qr, &[1, 0, 2]);
+        // Query heads of one key/value head are adjacent: [hq, T, d] = [hk, g * T, d].
+        let mut q4 = self.reshape(&format!("{l}_q_groups"), &qt, &[1, hk, g * t, d]);
+        let kt = self.transpose(&format!("{l}_k_heads"), &kr, &[1, 0, 2]);
+        let vt = self.transpose(&format!("{l}_v_heads"), &v, &[1, 0, 2]);
+        let mask = self.tiled_mask(g);
+        let attended = match self.opts.deployment {
+            Deployment::Ios18 => {
+                let k4 = self.reshape(&format!("{l}_k_new"), &kt, &[1, hk, t, d]);
+                let v4 = self.reshape(&format!("{l}_v_new"), &vt, &[1, hk, t, d]);
+                let (begin, end) = self.cache_window(hk, d);
+                let mut caches = Vec::new();
+                for (kind, new) in [("key", &k4), ("value", &v4)] {
+                    let state = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], true);
+                    let cur = self.b.op(
+                        MilOp::ReadState,
+                        &format!("{l}_{kind}_cache"),
+                        vec![("input", Arg::Var(&state))],
+                        Dt::F16,
+                        &[1, hk, c, d],
+                    );
+                    let inputs = vec![
+                        ("x", Arg::Var(&cur)),
+                        ("update", Arg::Var(new)),
+                        ("begin", Arg::Var(&begin)),
+                        ("end", Arg::Var(&end)),
+                    ];
+                    let upd = self.b.op(
+                        MilOp::SliceUpdate,
+                        &format!("{l}_{kind}_cache_new"),
+                        inputs,
+                        Dt::F16,
+                        &[1, hk, c, d],
+                    );
+                    self.b.effect(
+                        MilOp::WriteState,
+                        &format!("{l}_{kind}_cache_write"),
+                        vec![("input", Arg::Var(&state)), ("data", Arg::Var(&upd))],
+                    );
+                    caches.push(upd);
+                }
+                // The op's scale is fixed at 1/sqrt(d): fold any other scale into q.
+                let default = 1.0 / (d as f32).sqrt();
+                if (scale - default).abs() > 1e-7 * default {
+                    let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale / default);
+                    q4 = self.binary(MilOp::Mul, &format!("{l}_q_scaled"), &q4, &s);
+                }
+                let inputs = vec![
+                    ("query", Arg::Var(&q4)),
+                    ("key", Arg::Var(&caches[0])),
+                    ("value", Arg::Var(&caches[1])),
+                    ("attn_mask", Arg::Var(&mask)),
+                ];
+                self.b.op(
+                    MilOp::ScaledDotProductAttention,
+                    &format!("{l}_attention"),
+                    inputs,
+                    Dt::F16,
+                    &[1, hk, g * t, d],
+                )
+            }
+            Deployment::Ios17 => {
+                let k4 = self.reshape_named(&format!("new_key_{layer}"), &kt, &[1, hk, t, d]);
+                let v4 = self.reshape_named(&format!("new_value_{layer}"), &vt, &[1, hk, t, d]);
+                let mut all = Vec::new();
+                for (kind, new) in [("key", &k4), ("value", &v4)] {
+                    let past = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], false);
+                    all.push(self.concat(&format!("{l}_{kind}_all"), &[&past, new], 2));
+                }
+                self.extra_outputs.push(k4.clone());
+                self.extra_outputs.push(v4.clone());
+                // Scaling q before the product keeps the fp16 scores small.
+                let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale);
+                q4 = self.binary(MilOp::Mul, &format!("{l}_q_scaled"), &q4, &s);
+                let n = c + t;
+                let scores = self.matmul(&format!("{l}_scores"), &q4, &all[0], true);
+                let masked = self.binary(MilOp::Add, &format!("{l}_scores_masked"), &scores, &mask);
+                let inputs = vec![("x", Arg::Var(&masked)), ("axis", Arg::Value(mil::i32_value(&[], &[-1])))];
+                let probs = self.b.op(MilOp::Softmax, &format!("{l}_probs"), inputs, Dt::F16, &[1, hk, g * t, n]);
+                self.matmul(&format!("{l}_attention"), &probs, &all[1], false)
+            }
+        };
+        let heads = self.reshape(&format!("{l}_attention_heads"), &attended, &[hq, t, d]);
+        Ok(self.transpose(&format!("{l}_attention_out"), &heads, &[1, 0, 2]))
+    }
+}
