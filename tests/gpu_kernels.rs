@@ -300,3 +300,19 @@ fn weights_past_the_binding_limit_are_split_by_rows() {
         }
     }
 }
+
+/// `gelu_tanh` across its range: inputs scaled up to +-60, where x^3 and the tanh saturate
+/// (the kernel's sigmoid form must neither overflow nor lose the linear tail).
+#[test]
+fn gelu_tanh() {
+    let scale: Vec<f32> = (0..K).map(|j| -60.0 + 120.0 * j as f32 / (K - 1) as f32).collect();
+    let scale = OwnedWeight {
+        dtype: DType::F32,
+        shape: vec![K],
+        bytes: slmc_ir::dtype::encode_float(DType::F32, &scale).unwrap(),
+    };
+    let body = format!(
+        "  %w = weight \"scale\" : f32[{K}]\n  %big = mul(%x, %w) : f32[s, {K}]\n  %out = gelu_tanh(%big) : f32[s, {K}]\n"
+    );
+    check("gelu_tanh", &body, K, one("scale", scale));
+}

@@ -335,6 +335,7 @@ impl<'a> Interpreter<'a> {
                 Tensor::f32(args[0].shape.clone(), out)
             }
             Op::Silu => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| silu(*x)).collect()),
+            Op::GeluTanh => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| gelu_tanh(*x)).collect()),
             Op::Reshape { .. } => {
                 // Shape comes from the declared type, checked by the caller.
                 let shape = self.reshape_target(node, args[0])?;
@@ -453,6 +454,13 @@ impl<'a> Interpreter<'a> {
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// Hugging Face's `gelu_pytorch_tanh`. Backends may use the identity
+/// 0.5 (1 + tanh(u)) = sigmoid(2u), which saturates without overflow.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
 fn add_broadcast(a: &mut [f32], b: &[f32]) {

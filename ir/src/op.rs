@@ -191,6 +191,9 @@ ops! {
     Add = "add", 2;
     Mul = "mul", 2;
     Silu = "silu", 1;
+    /// GELU with the tanh approximation (Gemma's GeGLU):
+    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    GeluTanh = "gelu_tanh", 1;
     Reshape { shape: Vec<Dim> } = "reshape", 1;
     /// Constant-bounds slice along one axis.
     Slice { axis: usize, start: i64, end: i64 } = "slice", 1;
@@ -357,7 +360,7 @@ impl Op {
                 }
                 Ok(inputs[0].clone())
             }
-            Op::Silu => {
+            Op::Silu | Op::GeluTanh => {
                 f32_only(0)?;
                 Ok(inputs[0].clone())
             }

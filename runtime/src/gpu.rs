@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use slmc_targets::artifact::{BufferKind, GpuArtifact, GPU_ARTIFACT_FORMAT};
+use slmc_targets::artifact::{BufferKind, GpuArtifact};
+use slmc_targets::ArtifactKind;
 
 use crate::{ExecError, Executor};
 
@@ -54,12 +55,8 @@ fn artifact_err(path: &Path, message: impl Into<String>) -> GpuExecError {
 /// binding against the buffer table, every kernel file present.
 pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
     let path = dir.join("artifact.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| artifact_err(&path, format!("cannot read: {e}")))?;
-    let artifact: GpuArtifact =
-        serde_json::from_str(&text).map_err(|e| artifact_err(&path, format!("invalid manifest: {e}")))?;
-    if artifact.format != GPU_ARTIFACT_FORMAT {
-        return Err(artifact_err(&path, format!("format `{}` is not {GPU_ARTIFACT_FORMAT}", artifact.format)));
-    }
+    let artifact: GpuArtifact = crate::registry::read_manifest(dir, ArtifactKind::Gpu)
+        .map_err(|(file, message)| artifact_err(&file, message))?;
     let weights = dir.join(&artifact.weights_file);
     let len = std::fs::metadata(&weights).map_err(|e| artifact_err(&weights, format!("cannot read: {e}")))?.len();
     for b in &artifact.buffers {

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use ort::session::IoBinding;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
-use slmc_targets::artifact::{OnnxArtifact, ONNX_ARTIFACT_FORMAT};
+use slmc_targets::artifact::OnnxArtifact;
+use slmc_targets::ArtifactKind;
 
 use crate::{ExecError, Executor};
 
@@ -46,19 +47,9 @@ fn artifact_err(path: &Path, message: impl Into<String>) -> OnnxExecError {
 /// Reads the manifest and checks every listed file's size and sha256, so a truncated or
 /// altered model never reaches ONNX Runtime.
 pub fn load_artifact(dir: &Path) -> Result<OnnxArtifact, OnnxExecError> {
-    let path = dir.join("artifact.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| artifact_err(&path, format!("cannot read: {e}")))?;
-    let artifact: OnnxArtifact =
-        serde_json::from_str(&text).map_err(|e| artifact_err(&path, format!("invalid manifest: {e}")))?;
-    if artifact.format != ONNX_ARTIFACT_FORMAT {
-        return Err(artifact_err(&path, format!("format `{}` is not {ONNX_ARTIFACT_FORMAT}", artifact.format)));
-    }
-    for f in &artifact.files {
-        if !f.is_inside() {
-            return Err(artifact_err(&path, format!("file `{}` is outside the artifact", f.path)));
-        }
-        f.check(dir).map_err(|(file, message)| artifact_err(&file, message))?;
-    }
+    let artifact: OnnxArtifact = crate::registry::read_manifest(dir, ArtifactKind::Onnx)
+        .map_err(|(file, message)| artifact_err(&file, message))?;
+    crate::registry::check_files(dir, &artifact.files).map_err(|(file, message)| artifact_err(&file, message))?;
     Ok(artifact)
 }
 

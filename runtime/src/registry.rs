@@ -51,6 +51,42 @@ pub struct Opened {
     pub detail: String,
 }
 
+/// `dir/artifact.json` as `T` after checking it declares `kind`'s format; errors name the
+/// file. Every executor reads its manifest through this.
+pub(crate) fn read_manifest<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    kind: ArtifactKind,
+) -> Result<T, (std::path::PathBuf, String)> {
+    let path = dir.join("artifact.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => return Err((path, format!("cannot read: {e}"))),
+    };
+    let invalid = |e: serde_json::Error| format!("invalid manifest: {e}");
+    let format: ArtifactFormat = match serde_json::from_str(&text) {
+        Ok(f) => f,
+        Err(e) => return Err((path, invalid(e))),
+    };
+    if format.format != kind.format() {
+        return Err((path, format!("format `{}` is not {}", format.format, kind.format())));
+    }
+    serde_json::from_str(&text).map_err(|e| (path, invalid(e)))
+}
+
+/// Every listed file lies inside `dir` and has its recorded size and sha256.
+pub(crate) fn check_files(
+    dir: &Path,
+    files: &[slmc_targets::artifact::FileDigest],
+) -> Result<(), (std::path::PathBuf, String)> {
+    for f in files {
+        if !f.is_inside() {
+            return Err((dir.join("artifact.json"), format!("file `{}` is outside the artifact", f.path)));
+        }
+        f.check(dir)?;
+    }
+    Ok(())
+}
+
 /// The kind `dir/artifact.json` declares.
 pub fn artifact_kind(dir: &Path) -> Result<ArtifactKind, OpenError> {
     let path = dir.join("artifact.json");

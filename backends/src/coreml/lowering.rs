@@ -75,6 +75,20 @@ impl<'a> Emitter<'a> {
                 let x = self.var(node.inputs[0])?;
                 self.unary(MilOp::Silu, &hint, &x)
             }
+            Op::GeluTanh => {
+                // x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)): in fp16 x^3 may overflow to
+                // +-inf, which the sigmoid saturates correctly.
+                let x = self.var(node.inputs[0])?;
+                let x2 = self.binary(MilOp::Mul, &format!("{hint}_x2"), &x, &x);
+                let x3 = self.binary(MilOp::Mul, &format!("{hint}_x3"), &x2, &x);
+                let c = self.b.scalar_f16(&format!("{hint}_c"), 0.044715);
+                let cubic = self.binary(MilOp::Mul, &format!("{hint}_cubic"), &x3, &c);
+                let inner = self.binary(MilOp::Add, &format!("{hint}_inner"), &x, &cubic);
+                let k = self.b.scalar_f16(&format!("{hint}_k"), 1.595_769_2);
+                let scaled = self.binary(MilOp::Mul, &format!("{hint}_scaled"), &inner, &k);
+                let gate = self.unary(MilOp::Sigmoid, &format!("{hint}_gate"), &scaled);
+                self.binary(MilOp::Mul, &hint, &x, &gate)
+            }
             Op::Reshape { .. } => {
                 let x = self.var(node.inputs[0])?;
                 let shape = self.shape_of(id)?;

@@ -381,8 +381,8 @@ pub fn model_text(model: &proto::Model) -> String {
 mod tests {
     use super::mil::{Arg, Builder, Dt};
     use super::weights::{q4_blockwise, q8_as_uint8};
-    use slmc_ir::DType;
     use super::*;
+    use slmc_ir::DType;
 
     /// A small program through slmc's declarations, decoded by `coreml-proto`'s full
     /// generated messages: the field numbers and types agree.

@@ -318,15 +318,32 @@ pub enum Elementwise {
     Add,
     Mul,
     Silu,
+    GeluTanh,
 }
 
 impl Elementwise {
+    /// The elementwise kernel of `op`, or `None` for ops lowered by their own kernels or
+    /// refused (every op is listed, so a new one must be placed here).
     pub fn of(op: &Op) -> Option<Elementwise> {
         match op {
             Op::Add => Some(Elementwise::Add),
             Op::Mul => Some(Elementwise::Mul),
             Op::Silu => Some(Elementwise::Silu),
-            _ => None,
+            Op::GeluTanh => Some(Elementwise::GeluTanh),
+            Op::Input { .. }
+            | Op::Weight { .. }
+            | Op::Positions
+            | Op::Embed
+            | Op::RmsNorm { .. }
+            | Op::Linear
+            | Op::Reshape { .. }
+            | Op::Slice { .. }
+            | Op::Rope { .. }
+            | Op::KvAppend { .. }
+            | Op::Attention { .. }
+            | Op::AddRmsNorm { .. }
+            | Op::LinearSwiglu
+            | Op::Gqa { .. } => None,
         }
     }
 
@@ -335,6 +352,7 @@ impl Elementwise {
             Elementwise::Add => Op::Add,
             Elementwise::Mul => Op::Mul,
             Elementwise::Silu => Op::Silu,
+            Elementwise::GeluTanh => Op::GeluTanh,
         }
     }
 
@@ -343,7 +361,7 @@ impl Elementwise {
         match self {
             Elementwise::Add => Some("+"),
             Elementwise::Mul => Some("*"),
-            Elementwise::Silu => None,
+            Elementwise::Silu | Elementwise::GeluTanh => None,
         }
     }
 
@@ -351,6 +369,8 @@ impl Elementwise {
     fn unary_expression(self) -> &'static str {
         match self {
             Elementwise::Silu => "v / (1.0 + exp(-v))",
+            // x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): saturates where tanh overflows.
+            Elementwise::GeluTanh => "v / (1.0 + exp(-1.5957692 * (v + 0.044715 * v * v * v)))",
             Elementwise::Add | Elementwise::Mul => "",
         }
     }

@@ -314,26 +314,6 @@ impl<'a> Builder<'a> {
                     );
                 }
             }
-            Op::Add | Op::Mul | Op::Silu => {
-                let kind = kernels::Elementwise::of(&node.op).expect("an elementwise op");
-                let per = self.per_token(id)?;
-                let a = self.buffer_of(node.inputs[0])?;
-                let (mut bindings, b_len, b_weight) = if node.op.arity() == 1 {
-                    (vec![a], 0, false)
-                } else {
-                    let b_id = node.inputs[1];
-                    let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
-                    let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
-                    let b = if is_weight { self.weight(b_id, false)?.0 } else { self.buffer_of(b_id)? };
-                    // 0: b has a's shape; otherwise b (a bias) repeats every b_len elements.
-                    let same_shape = graph.node(b_id).ty == node.ty;
-                    (vec![a, b], if same_shape { 0 } else { b_len }, is_weight)
-                };
-                bindings.push(self.activation(id)?);
-                let (name, src) = kernels::elementwise(kind, per, b_len, b_weight)?;
-                let k = self.kernel(name, src, bindings.len());
-                self.dispatch(id, k, bindings, [per_tok(per as u64, 64), one, one]);
-            }
             Op::Slice { axis, start, end } => {
                 let in_dims = dims(graph, node.inputs[0]);
                 if *axis != in_dims.len() - 1 || in_dims.len() != 2 {
@@ -397,8 +377,29 @@ impl<'a> Builder<'a> {
                 let k = self.kernel(name, src, 2);
                 self.dispatch(id, k, vec![part, out], [per_tok((hq * hd) as u64, 64), one, one]);
             }
-            op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
-                return Err(GpuError::UnsupportedOp { node: node.name.clone(), op: op.mnemonic() })
+            // Elementwise ops, and the refusal of what the GPU backend does not lower:
+            // `Elementwise::of` lists every op, so a new one is placed there.
+            op => {
+                let Some(kind) = kernels::Elementwise::of(op) else {
+                    return Err(GpuError::UnsupportedOp { node: node.name.clone(), op: op.mnemonic() });
+                };
+                let per = self.per_token(id)?;
+                let a = self.buffer_of(node.inputs[0])?;
+                let (mut bindings, b_len, b_weight) = if node.op.arity() == 1 {
+                    (vec![a], 0, false)
+                } else {
+                    let b_id = node.inputs[1];
+                    let b_len: usize = dims(graph, b_id).iter().map(|d| d.unwrap_or(1)).product();
+                    let is_weight = matches!(graph.node(b_id).op, Op::Weight { .. });
+                    let b = if is_weight { self.weight(b_id, false)?.0 } else { self.buffer_of(b_id)? };
+                    // 0: b has a's shape; otherwise b (a bias) repeats every b_len elements.
+                    let same_shape = graph.node(b_id).ty == node.ty;
+                    (vec![a, b], if same_shape { 0 } else { b_len }, is_weight)
+                };
+                bindings.push(self.activation(id)?);
+                let (name, src) = kernels::elementwise(kind, per, b_len, b_weight)?;
+                let k = self.kernel(name, src, bindings.len());
+                self.dispatch(id, k, bindings, [per_tok(per as u64, 64), one, one]);
             }
         }
         Ok(())

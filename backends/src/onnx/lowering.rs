@@ -116,6 +116,20 @@ impl<'a> Builder<'a> {
                 self.node("Sigmoid", "", &[&x], &[&sg], vec![]);
                 self.node("Mul", "", &[&x, &sg], &[&out], vec![]);
             }
+            Op::GeluTanh => {
+                // x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) = 0.5 x (1 + tanh(...)).
+                let x = self.name_of(node.inputs[0])?;
+                let [x2, x3, cubic, inner, scaled, sg] =
+                    ["x2", "x3", "cubic", "inner", "scaled", "sigmoid"].map(|h| self.fresh(&format!("{out}/{h}")));
+                let (c, k) = (self.inline_f32("gelu_c", 0.044715), self.inline_f32("gelu_k", 1.595_769_2));
+                self.node("Mul", "", &[&x, &x], &[&x2], vec![]);
+                self.node("Mul", "", &[&x2, &x], &[&x3], vec![]);
+                self.node("Mul", "", &[&x3, &c], &[&cubic], vec![]);
+                self.node("Add", "", &[&x, &cubic], &[&inner], vec![]);
+                self.node("Mul", "", &[&inner, &k], &[&scaled], vec![]);
+                self.node("Sigmoid", "", &[&scaled], &[&sg], vec![]);
+                self.node("Mul", "", &[&x, &sg], &[&out], vec![]);
+            }
             Op::Reshape { .. } => {
                 let x = self.name_of(node.inputs[0])?;
                 let d = dims_of(graph, id);

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use slmc_targets::artifact::{CoremlArtifact, COREML_ARTIFACT_FORMAT};
+use slmc_targets::artifact::CoremlArtifact;
 use slmc_targets::coreml::{Deployment, Dt};
+use slmc_targets::ArtifactKind;
 
 use super::{MilError, MilProgram, Tensor};
 use crate::{ExecError, Executor};
@@ -140,20 +141,10 @@ impl MilReferenceExecutor {
     /// Loads `dir` (an artifact written by `slmc compile --target coreml-*`) after checking
     /// every listed file's size and sha256.
     pub fn load(dir: &Path) -> Result<MilReferenceExecutor, MilError> {
-        let manifest = dir.join("artifact.json");
         let bad = |path: &Path, message: String| MilError::File { path: path.display().to_string(), message };
-        let text = std::fs::read_to_string(&manifest).map_err(|e| bad(&manifest, format!("cannot read: {e}")))?;
-        let artifact: CoremlArtifact =
-            serde_json::from_str(&text).map_err(|e| bad(&manifest, format!("invalid Core ML manifest: {e}")))?;
-        if artifact.format != COREML_ARTIFACT_FORMAT {
-            return Err(bad(&manifest, format!("format `{}` is not {COREML_ARTIFACT_FORMAT}", artifact.format)));
-        }
-        for f in &artifact.files {
-            if !f.is_inside() {
-                return Err(bad(&manifest, format!("file `{}` lies outside the artifact", f.path)));
-            }
-            f.check(dir).map_err(|(path, message)| bad(&path, message))?;
-        }
+        let artifact: CoremlArtifact = crate::registry::read_manifest(dir, ArtifactKind::Coreml)
+            .and_then(|a: CoremlArtifact| crate::registry::check_files(dir, &a.files).map(|()| a))
+            .map_err(|(path, message)| bad(&path, message))?;
         let inner = CoremlReference::load(dir)?;
         if inner.step_tokens != artifact.step_tokens || inner.context_len != artifact.model.context_len {
             return Err(bad(dir, "the package's shapes disagree with artifact.json".into()));
