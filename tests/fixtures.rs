@@ -109,7 +109,7 @@ fn score_agrees_with_greedy_run() {
     assert!(positions.iter().all(|p| p["logprob"].as_f64().unwrap() <= 0.0));
 }
 
-/// GGUF's K-quant super-blocks against gguf-py's dequantizer (fixtures/kquant-reference.json,
+/// GGUF's import-only block types (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS) against gguf-py's dequantizer (fixtures/kquant-reference.json,
 /// written by scripts/gen-kquant-reference.py).
 #[test]
 fn kquant_dequantization_matches_gguf_py() {
@@ -118,6 +118,13 @@ fn kquant_dequantization_matches_gguf_py() {
         let dtype = match case["type"].as_str().unwrap() {
             "Q4_K" => slmc_ir::DType::Q4K,
             "Q6_K" => slmc_ir::DType::Q6K,
+            "Q5_0" => slmc_ir::DType::Q5_0,
+            "Q5_1" => slmc_ir::DType::Q5_1,
+            "Q2_K" => slmc_ir::DType::Q2K,
+            "Q3_K" => slmc_ir::DType::Q3K,
+            "Q5_K" => slmc_ir::DType::Q5K,
+            "IQ4_NL" => slmc_ir::DType::IQ4NL,
+            "IQ4_XS" => slmc_ir::DType::IQ4XS,
             other => panic!("{other}"),
         };
         let bytes: Vec<u8> = case["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();

@@ -29,9 +29,20 @@ pub enum DType {
     /// GGUF Q6_K: super-blocks of 256 (128 bytes low nibbles, 64 bytes high bits, 16 i8
     /// scales, f16 d). Import only.
     Q6K,
+    /// GGUF Q5_0 / Q5_1: blocks of 32 with a fifth bit per element in a u32. Import only.
+    Q5_0,
+    Q5_1,
+    /// GGUF Q2_K / Q3_K / Q5_K: super-blocks of 256. Import only.
+    Q2K,
+    Q3K,
+    Q5K,
+    /// GGUF IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256): 4-bit indices into a
+    /// fixed non-linear table. Import only.
+    IQ4NL,
+    IQ4XS,
 }
 
-pub const ALL_DTYPES: [DType; 13] = [
+pub const ALL_DTYPES: [DType; 20] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -45,6 +56,13 @@ pub const ALL_DTYPES: [DType; 13] = [
     DType::Q4_1G128,
     DType::Q4K,
     DType::Q6K,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q2K,
+    DType::Q3K,
+    DType::Q5K,
+    DType::IQ4NL,
+    DType::IQ4XS,
 ];
 
 impl DType {
@@ -63,6 +81,13 @@ impl DType {
             DType::Q4_1G128 => "q4_1g128",
             DType::Q4K => "q4_k",
             DType::Q6K => "q6_k",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::Q2K => "q2_k",
+            DType::Q3K => "q3_k",
+            DType::Q5K => "q5_k",
+            DType::IQ4NL => "iq4_nl",
+            DType::IQ4XS => "iq4_xs",
         }
     }
 
@@ -73,10 +98,10 @@ impl DType {
     /// Elements per packed block (1 for plain types).
     pub fn block_len(self) -> usize {
         match self {
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4NL => 32,
             DType::Q4_0G64 | DType::Q4_1G64 => 64,
             DType::Q4_0G128 | DType::Q4_1G128 => 128,
-            DType::Q4K | DType::Q6K => 256,
+            DType::Q4K | DType::Q6K | DType::Q2K | DType::Q3K | DType::Q5K | DType::IQ4XS => 256,
             _ => 1,
         }
     }
@@ -100,6 +125,13 @@ impl DType {
             DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => 4 + self.block_len() / 2,
             DType::Q4K => 144,
             DType::Q6K => 210,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::Q2K => 84,
+            DType::Q3K => 110,
+            DType::Q5K => 176,
+            DType::IQ4NL => 18,
+            DType::IQ4XS => 136,
         }
     }
 
@@ -172,54 +204,18 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        DType::Q4K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(144)) {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                // 6-bit scale and minimum of sub-block j (llama.cpp's get_scale_min_k4).
-                let scale_min = |j: usize| -> (f32, f32) {
-                    if j < 4 {
-                        ((scales[j] & 63) as f32, (scales[j + 4] & 63) as f32)
-                    } else {
-                        (
-                            ((scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4)) as f32,
-                            ((scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)) as f32,
-                        )
-                    }
-                };
-                for chunk in 0..4 {
-                    let (s1, m1) = scale_min(2 * chunk);
-                    let (s2, m2) = scale_min(2 * chunk + 1);
-                    let q = &qs[chunk * 32..chunk * 32 + 32];
-                    let y = &mut o[chunk * 64..chunk * 64 + 64];
-                    for l in 0..32 {
-                        y[l] = d * s1 * (q[l] & 0x0F) as f32 - dmin * m1;
-                        y[32 + l] = d * s2 * (q[l] >> 4) as f32 - dmin * m2;
-                    }
-                }
-            }
-        }
-        DType::Q6K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(210)) {
-                let d = f16_at(b, 208);
-                for half in 0..2 {
-                    let ql = &b[half * 64..half * 64 + 64];
-                    let qh = &b[128 + half * 32..128 + half * 32 + 32];
-                    let sc = &b[192 + half * 8..192 + half * 8 + 8];
-                    let y = &mut o[half * 128..half * 128 + 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
+        DType::Q4K
+        | DType::Q6K
+        | DType::Q5_0
+        | DType::Q5_1
+        | DType::Q2K
+        | DType::Q3K
+        | DType::Q5K
+        | DType::IQ4NL
+        | DType::IQ4XS => {
+            let decode = crate::blocks::decoder(dtype).expect("a decoder for every block type");
+            for (o, b) in out.chunks_exact_mut(dtype.block_len()).zip(bytes.chunks_exact(dtype.block_bytes())) {
+                decode(b, o);
             }
         }
     }

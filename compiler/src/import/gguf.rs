@@ -174,8 +174,15 @@ fn ggml_dtype(id: u32) -> Result<DType, String> {
         3 => DType::Q4_1,
         8 => DType::Q8_0,
         30 => DType::BF16,
+        6 => DType::Q5_0,
+        7 => DType::Q5_1,
+        10 => DType::Q2K,
+        11 => DType::Q3K,
         12 => DType::Q4K,
+        13 => DType::Q5K,
         14 => DType::Q6K,
+        20 => DType::IQ4NL,
+        23 => DType::IQ4XS,
         other => return Err(format!("ggml type {other} is not supported")),
     })
 }
