@@ -17,7 +17,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use slmc_fixtures::{generate_random, RandomSpec};
+use slmc_fixtures::{generate_random, Family, RandomSpec};
 use slmc_ir::Layered;
 use slmc_runtime::{Executor, InterpreterExecutor};
 
@@ -30,6 +30,10 @@ const FIXED_SEEDS: &[u64] = &[
     32, 33, 34, 35, 36, 37, 38, 39, 40, // found by scripts/differential (tolerances of lossy caches, Core ML):
     1005, 1013, 1014, 1061, 1076, 1091, 1208, 1222, 1227, 1253, 1276, 1284, 2117, 3007, 3168, 3310,
 ];
+
+/// Seeds the suite also runs as Qwen3 checkpoints (per-head q/k norms), whatever family
+/// the seed draws; `SLMC_DIFF_FAMILY=qwen3` does the same for the seeds of a random run.
+const QWEN3_SEEDS: &[u64] = &[2, 7, 14, 19, 26, 33];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];
 const GPU_CACHES: &[&str] = &["f32", "f16", "int8", "int4"];
@@ -46,6 +50,18 @@ fn seeds() -> Vec<u64> {
     }
 }
 
+/// The seeds to run with the family each one is forced to (None: as drawn).
+fn cases() -> Vec<(u64, Option<Family>)> {
+    let forced = std::env::var("SLMC_DIFF_FAMILY")
+        .ok()
+        .map(|f| Family::from_name(&f).unwrap_or_else(|| panic!("SLMC_DIFF_FAMILY: unknown family `{f}`")));
+    let mut out: Vec<(u64, Option<Family>)> = seeds().into_iter().map(|s| (s, forced)).collect();
+    if std::env::var("SLMC_DIFF_SEEDS").is_err() {
+        out.extend(QWEN3_SEEDS.iter().map(|s| (*s, Some(Family::Qwen3))));
+    }
+    out
+}
+
 /// What one seed compiles: the optimizer flags and the step size, drawn from the seed.
 struct Case {
     spec: RandomSpec,
@@ -55,8 +71,11 @@ struct Case {
 }
 
 impl Case {
-    fn new(seed: u64) -> Case {
-        let spec = RandomSpec::from_seed(seed);
+    fn new(seed: u64, family: Option<Family>) -> Case {
+        let mut spec = RandomSpec::from_seed(seed);
+        if let Some(f) = family {
+            spec.family = f;
+        }
         let h = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
         let mut quant = QUANTS[(h % QUANTS.len() as u64) as usize];
         // q4g64 needs rows of a multiple of 64.
@@ -194,17 +213,18 @@ fn scenarios(target: &str, exec: &mut dyn Executor, reference: &mut dyn Executor
     assert!(exec.forward(&[1]).is_err(), "{target}: a full cache took one more token");
 }
 
-fn run_seed(seed: u64, root: &Path) {
-    let case = Case::new(seed);
+fn run_seed(seed: u64, family: Option<Family>, root: &Path) {
+    let case = Case::new(seed, family);
     eprintln!("seed {seed}: {}", case.describe());
-    let model = root.join(format!("model-{seed}"));
+    let tag = family.map(|f| format!("{f:?}").to_lowercase()).unwrap_or_default();
+    let model = root.join(format!("model-{seed}{tag}"));
     generate_random(&model, &case.spec).unwrap();
     let loaded = slmc_compiler::import::load(&model).unwrap_or_else(|e| panic!("seed {seed}: import: {e}"));
     let context = case.spec.context;
     for (targets, kv) in
         [("webgpu,vulkan", case.gpu_cache), ("onnx-cpu,onnx-portable,coreml-ios17,coreml-ios18", "f32")]
     {
-        let out = root.join(format!("out-{seed}-{kv}"));
+        let out = root.join(format!("out-{seed}{tag}-{kv}"));
         compile(&model, &out, targets, &case, kv);
         let graph = slmc_compiler::lower::lower(&loaded).unwrap();
         let req = slmc_compiler::optimize::OptRequest {
@@ -231,19 +251,20 @@ fn run_seed(seed: u64, root: &Path) {
 fn every_executor_matches_the_interpreter_on_random_checkpoints() {
     let root = scratch("differential");
     let mut failures = Vec::new();
-    let seeds = seeds();
-    for &seed in &seeds {
-        let result = std::panic::catch_unwind(|| run_seed(seed, &root));
+    let cases = cases();
+    for &(seed, family) in &cases {
+        let result = std::panic::catch_unwind(|| run_seed(seed, family, &root));
         if let Err(e) = result {
             let message = e
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            eprintln!("FAILED seed {seed}: {message}");
-            failures.push(format!("seed {seed}: {message}"));
+            let family = family.map(|f| format!(" ({f:?})")).unwrap_or_default();
+            eprintln!("FAILED seed {seed}{family}: {message}");
+            failures.push(format!("seed {seed}{family}: {message}"));
         }
     }
-    eprintln!("{} seeds, {} failed", seeds.len(), failures.len());
+    eprintln!("{} cases, {} failed", cases.len(), failures.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

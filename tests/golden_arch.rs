@@ -58,3 +58,8 @@ fn llama_tied_f16() {
 fn qwen2_untied_f32() {
     check_arch("qwen2-untied-f32");
 }
+
+#[test]
+fn qwen3_qk_norm_bf16() {
+    check_arch("qwen3-qknorm-bf16");
+}

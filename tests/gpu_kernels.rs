@@ -316,3 +316,12 @@ fn gelu_tanh() {
     );
     check("gelu_tanh", &body, K, one("scale", scale));
 }
+
+/// RMSNorm over each head (Qwen3's q/k norms): `[s, 4, 32]` normalized per row of 32.
+#[test]
+fn rms_norm_per_head() {
+    let body = format!(
+        "  %h = reshape(%x) {{shape = [s, 4, 32]}} : f32[s, 4, 32]\n  %nw = weight \"norm\" : f32[32]\n  %n = rms_norm(%h, %nw) {{eps = 1e-6}} : f32[s, 4, 32]\n  %out = reshape(%n) {{shape = [s, {K}]}} : f32[s, {K}]\n"
+    );
+    check("rms_norm_per_head", &body, K, one("norm", norm_weight(32, 29)));
+}

@@ -35,8 +35,8 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
         }
     }
     for f in [none, sg] {
-        push(kernels::rms_norm(64, 1e-5, false, f).unwrap(), f);
-        push(kernels::rms_norm(64, 1e-6, true, f).unwrap(), f);
+        push(kernels::rms_norm(64, 1, 1e-5, false, f).unwrap(), f);
+        push(kernels::rms_norm(64, 1, 1e-6, true, f).unwrap(), f);
         push(kernels::argmax(300, f).unwrap(), f);
     }
     push(kernels::elementwise(kernels::Elementwise::Add, 64, 0, false).unwrap(), none);

@@ -37,6 +37,8 @@ fn hf_names(model: &Model) -> BTreeMap<String, String> {
             Role::QBias,
             Role::KBias,
             Role::VBias,
+            Role::QNorm,
+            Role::KNorm,
             Role::O,
             Role::FfnNorm,
             Role::Gate,
@@ -136,6 +138,7 @@ fn write_hf(model: &Model, dir: &Path, dtype: DType, tokenizer: &tokenizers::Tok
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Arch::Phi3 => ("Phi3ForCausalLM", "phi3"),
+        Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
     };
     let config = json!({
         "architectures": [arch],

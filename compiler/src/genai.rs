@@ -19,6 +19,7 @@ pub fn genai_config(
         crate::import::config::Arch::Llama => "llama",
         crate::import::config::Arch::Qwen2 => "qwen2",
         crate::import::config::Arch::Phi3 => "phi3",
+        crate::import::config::Arch::Qwen3 => "qwen3",
     };
     let eos = &manifest.model.eos_token_ids;
     let config = serde_json::json!({

@@ -116,8 +116,16 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
                 proj(Role::V, Role::VBias, "v", hk)?,
             )
         };
-        let q = lw.push(&format!("{l}.q_heads"), heads(hq), &[q])?;
-        let k = lw.push(&format!("{l}.k_heads"), heads(hk), &[k])?;
+        let mut q = lw.push(&format!("{l}.q_heads"), heads(hq), &[q])?;
+        let mut k = lw.push(&format!("{l}.k_heads"), heads(hk), &[k])?;
+        if cfg.arch.has_qk_norm() {
+            // RMSNorm over each head's hd values (the norm's weight has hd entries).
+            let eps = cfg.rms_norm_eps;
+            let qn = lw.weight(Role::QNorm, b, &w("q_norm"), &[hd])?;
+            let kn = lw.weight(Role::KNorm, b, &w("k_norm"), &[hd])?;
+            q = lw.push(&format!("{l}.q_norm"), Op::RmsNorm { eps }, &[q, qn])?;
+            k = lw.push(&format!("{l}.k_norm"), Op::RmsNorm { eps }, &[k, kn])?;
+        }
         let val = lw.push(&format!("{l}.v_heads"), heads(hk), &[val])?;
         let q = lw.push(&format!("{l}.q_rope"), rope.clone(), &[q, pos])?;
         let k = lw.push(&format!("{l}.k_rope"), rope.clone(), &[k, pos])?;

@@ -299,15 +299,25 @@ pub fn linear(
 
 /// With subgroups: one workgroup per row (strided partial sums, `subgroupAdd`, one
 /// barrier); otherwise one invocation per row.
-pub fn rms_norm(dim: usize, eps: f32, add: bool, features: GpuFeatures) -> Result<(String, String), GpuError> {
+/// RMSNorm over rows of `dim`, `rows` rows per token (1 for a hidden state, the head count
+/// for per-head q/k norms).
+pub fn rms_norm(
+    dim: usize,
+    rows: usize,
+    eps: f32,
+    add: bool,
+    features: GpuFeatures,
+) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     ctx.insert("dim", &dim);
+    ctx.insert("rows", &rows);
     ctx.insert("eps", &float(eps));
     ctx.insert("residual", &add);
     ctx.insert("subgroups", &features.subgroups);
     let op = if add { Op::AddRmsNorm { eps } } else { Op::RmsNorm { eps } }.mnemonic();
     let variant = if features.subgroups { "_sg" } else { "" };
-    render(Template::RmsNorm, format!("{op}_{dim}_{}{variant}", eps.to_bits()), ctx)
+    let per_head = if rows > 1 { format!("_r{rows}") } else { String::new() };
+    render(Template::RmsNorm, format!("{op}_{dim}{per_head}_{}{variant}", eps.to_bits()), ctx)
 }
 
 /// An elementwise kernel, chosen by the IR op it lowers (never by comparing names): a

@@ -266,7 +266,17 @@ impl<'a> Builder<'a> {
             }
             Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => {
                 let add = matches!(node.op, Op::AddRmsNorm { .. });
-                let dim = self.per_token(id)?;
+                // The norm runs over the last dimension (the weight's length): one row per
+                // token for a hidden state, one per head for per-head q/k norms.
+                let per_token = self.per_token(id)?;
+                let dim = dims(graph, *node.inputs.last().unwrap())[0].unwrap_or(per_token);
+                if dim == 0 || per_token % dim != 0 {
+                    return Err(self.err(id, format!("norm rows of {dim} do not tile {per_token} values per token")));
+                }
+                let rows_per_token = per_token / dim;
+                if self.opts.max_step_tokens * rows_per_token > 65535 {
+                    return Err(self.err(id, "more norm rows per step than one dispatch dimension holds"));
+                }
                 let mut bindings = vec![self.buffer_of(node.inputs[0])?];
                 if add {
                     bindings.push(self.buffer_of(node.inputs[1])?);
@@ -274,10 +284,11 @@ impl<'a> Builder<'a> {
                 let (w, _) = self.weight(*node.inputs.last().unwrap(), false)?;
                 bindings.push(w);
                 bindings.push(self.activation(id)?);
-                let (name, src) = kernels::rms_norm(dim, *eps, add, self.opts.features)?;
+                let (name, src) = kernels::rms_norm(dim, rows_per_token, *eps, add, self.opts.features)?;
                 let k = self.kernel(name, src, bindings.len());
                 // Subgroup variant: a workgroup per row; plain: an invocation per row.
-                let rows = if self.opts.features.subgroups { per_tok(1, 1) } else { per_tok(1, 64) };
+                let r = rows_per_token as u64;
+                let rows = if self.opts.features.subgroups { per_tok(r, 1) } else { per_tok(r, 64) };
                 self.dispatch(id, k, bindings, [rows, one, one]);
             }
             Op::Linear | Op::LinearSwiglu => {

@@ -16,6 +16,16 @@ pub enum Arch {
     Qwen2,
     /// Phi3ForCausalLM: fused qkv_proj and gate_up_proj.
     Phi3,
+    /// Qwen3ForCausalLM: no biases; RMSNorm of each query and key head (q_norm, k_norm)
+    /// before the rotary embedding.
+    Qwen3,
+}
+
+impl Arch {
+    /// Whether each query and key head is RMS-normalized before the rotary embedding.
+    pub fn has_qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
 }
 
 /// How stored tensors are named.
@@ -39,6 +49,9 @@ pub enum Role {
     KBias,
     VBias,
     Qkv,
+    /// Per-head query / key RMSNorm weights (Qwen3).
+    QNorm,
+    KNorm,
     O,
     FfnNorm,
     Gate,
@@ -98,6 +111,8 @@ impl ModelConfig {
                 Role::KBias => format!("model.layers.{b}.self_attn.k_proj.bias"),
                 Role::VBias => format!("model.layers.{b}.self_attn.v_proj.bias"),
                 Role::Qkv => format!("model.layers.{b}.self_attn.qkv_proj.weight"),
+                Role::QNorm => format!("model.layers.{b}.self_attn.q_norm.weight"),
+                Role::KNorm => format!("model.layers.{b}.self_attn.k_norm.weight"),
                 Role::O => format!("model.layers.{b}.self_attn.o_proj.weight"),
                 Role::FfnNorm => format!("model.layers.{b}.post_attention_layernorm.weight"),
                 Role::Gate => format!("model.layers.{b}.mlp.gate_proj.weight"),
@@ -117,6 +132,8 @@ impl ModelConfig {
                 Role::KBias => format!("blk.{b}.attn_k.bias"),
                 Role::VBias => format!("blk.{b}.attn_v.bias"),
                 Role::Qkv => format!("blk.{b}.attn_qkv.weight"),
+                Role::QNorm => format!("blk.{b}.attn_q_norm.weight"),
+                Role::KNorm => format!("blk.{b}.attn_k_norm.weight"),
                 Role::O => format!("blk.{b}.attn_output.weight"),
                 Role::FfnNorm => format!("blk.{b}.ffn_norm.weight"),
                 Role::Gate => format!("blk.{b}.ffn_gate.weight"),
@@ -226,9 +243,10 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         "LlamaForCausalLM" | "MobileLLMForCausalLM" | "llama" | "mobilellm" => Arch::Llama,
         "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
         "Phi3ForCausalLM" | "phi3" => Arch::Phi3,
+        "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
         other => {
             return Err(c.err(format!(
-                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM)"
+                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM)"
             )))
         }
     };
@@ -320,7 +338,10 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         "phi3" => Arch::Phi3,
-        other => return Err(err(format!("unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3)"))),
+        "qwen3" => Arch::Qwen3,
+        other => {
+            return Err(err(format!("unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3)")))
+        }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let opt_u = |k: &str| -> Result<Option<usize>, ImportError> {
