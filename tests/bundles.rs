@@ -310,3 +310,148 @@ fn an_embedding_past_the_binding_limit_is_split_or_refused_per_profile() {
     assert!(err.contains("a single row is larger than a binding") && err.contains("512"), "{err}");
     assert!(!dir.join("refused/webgpu").exists());
 }
+
+/// A configured public key wins over `--allow-unsigned` and `SLMC_ALLOW_UNSIGNED=1`: a
+/// signed bundle with its signature deleted is refused by run, eval and install.
+#[test]
+fn a_configured_key_refuses_a_stripped_signature_whatever_unsigned_allows() {
+    let dir = scratch("bundle-stripped-signature");
+    let key = dir.join("k");
+    slmc_json(&["keygen", "--out", key.to_str().unwrap()]);
+    let p = dir.join("k.pub");
+    let p = p.to_str().unwrap();
+    compile(&tiny(), "onnx-cpu", &dir.join("out"), &["--skip-smoke-check"]);
+    let bundle = dir.join("out/onnx-cpu");
+    let b = bundle.to_str().unwrap();
+    slmc_json(&["sign", b, "--key", key.to_str().unwrap()]);
+    std::fs::remove_file(bundle.join("manifest.sig")).unwrap();
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    for args in [
+        vec!["run", b, "--prompt-ids", "1", "--pubkey", p],
+        vec!["eval", b, "--pubkey", p],
+        vec!["install", b, "--store", s, "--pubkey", p],
+    ] {
+        // The flag, and the ambient variable.
+        let mut flagged = args.clone();
+        flagged.push("--allow-unsigned");
+        let err = slmc_strict_fails(&flagged);
+        assert!(err.contains("no signature"), "{args:?}: {err}");
+        let err = slmc_fails(&args);
+        assert!(err.contains("no signature"), "{args:?}: {err}");
+    }
+    assert!(!store.join("current").exists(), "nothing was installed");
+}
+
+/// Listed files that are symlinks or FIFOs are refused (a FIFO must not hang
+/// verification), and a manifest's target name cannot climb out of the store.
+#[test]
+fn links_fifos_and_climbing_target_names_are_refused() {
+    let dir = scratch("bundle-links-fifos");
+    compile(&tiny(), "onnx-cpu", &dir.join("out"), &["--skip-smoke-check"]);
+    let bundle = dir.join("out/onnx-cpu");
+    let b = bundle.to_str().unwrap();
+    slmc_json(&["verify", b]);
+    let listed = bundle.join("tokenizer_config.json");
+    let original = std::fs::read(&listed).unwrap();
+
+    // A symlink to an identical copy outside the bundle: same bytes, still refused.
+    let outside = dir.join("copy.json");
+    std::fs::write(&outside, &original).unwrap();
+    std::fs::remove_file(&listed).unwrap();
+    std::os::unix::fs::symlink(&outside, &listed).unwrap();
+    let err = slmc_fails(&["verify", b]);
+    assert!(err.contains("tokenizer_config.json") && err.contains("not a regular file"), "{err}");
+
+    // A FIFO: refused promptly instead of blocking on the read.
+    std::fs::remove_file(&listed).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&listed).status().unwrap();
+    assert!(made.success());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_slmc"))
+        .args(["verify", b])
+        .env("SLMC_ALLOW_UNSIGNED", "1")
+        .env_remove("SLMC_PUBKEY")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("verify hung on a FIFO");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success() && err.contains("not a regular file"), "{err}");
+    std::fs::remove_file(&listed).unwrap();
+    std::fs::write(&listed, &original).unwrap();
+    slmc_json(&["verify", b]);
+
+    // An unsigned manifest naming its target `../../escape`: install refuses it and writes
+    // nothing outside the store.
+    let path = bundle.join("manifest.json");
+    let mut manifest = read_json(&path);
+    manifest["target"]["name"] = serde_json::json!("../../escape");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let store = dir.join("deep/store");
+    let err = slmc_fails(&["install", b, "--store", store.to_str().unwrap()]);
+    assert!(err.contains("target name"), "{err}");
+    for level in [dir.clone(), dir.join("deep")] {
+        let names: Vec<_> = std::fs::read_dir(&level).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        assert!(!names.iter().any(|n| n.to_string_lossy().contains("escape")), "{}: {names:?}", level.display());
+    }
+    assert!(!store.join("current").exists());
+}
+
+/// `keygen --force` over a world-readable file leaves the secret key readable by its owner
+/// only.
+#[test]
+fn keygen_force_makes_a_replaced_secret_key_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("keygen-force-mode");
+    let key = dir.join("k");
+    std::fs::write(&key, "old").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    slmc_json(&["keygen", "--out", key.to_str().unwrap(), "--force"]);
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "secret key mode {mode:o}");
+}
+
+/// Bare artifacts (no bundle manifest, run with --allow-unsigned): an ONNX artifact must
+/// list its files, and a GPU artifact's weights file and kernel names stay inside it.
+#[test]
+fn bare_artifacts_name_only_their_own_files() {
+    let dir = scratch("bare-artifacts");
+    compile(&tiny(), "onnx-cpu,webgpu", &dir.join("out"), &["--skip-smoke-check"]);
+    let onnx = dir.join("out/onnx-cpu");
+    std::fs::remove_file(onnx.join("manifest.json")).unwrap();
+    let path = onnx.join("artifact.json");
+    let mut artifact = read_json(&path);
+    artifact["files"] = serde_json::json!([]);
+    std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();
+    let err = slmc_fails(&["run", onnx.to_str().unwrap(), "--prompt-ids", "1"]);
+    assert!(err.contains("artifact.json") && err.contains("lists no files"), "{err}");
+
+    let gpu = dir.join("out/webgpu");
+    std::fs::remove_file(gpu.join("manifest.json")).unwrap();
+    let path = gpu.join("artifact.json");
+    let original = read_json(&path);
+    for (field, value) in [("weights_file", "../onnx-cpu/model.onnx.data"), ("weights_file", "/etc/passwd")] {
+        let mut artifact = original.clone();
+        artifact[field] = serde_json::json!(value);
+        std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();
+        let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
+        assert!(err.contains("outside the artifact"), "{value}: {err}");
+    }
+    let mut artifact = original.clone();
+    artifact["kernels"][0]["name"] = serde_json::json!("../../escape");
+    std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();
+    let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
+    assert!(err.contains("outside kernels/"), "{err}");
+}

@@ -129,6 +129,18 @@ fn token_id_outside_the_vocabulary() {
     assert!(err.contains("token id 999") && err.contains("256 rows"), "{err}");
 }
 
+/// `quality --prompts` with a continuation id past the vocabulary: a clear error naming
+/// the file, not a panic.
+#[test]
+fn quality_prompts_outside_the_vocabulary() {
+    let model = golden_dir().join("arch").join("llama-tied-f16");
+    let dir = scratch("hostile-quality-prompts");
+    let prompts = dir.join("prompts.json");
+    std::fs::write(&prompts, r#"{"prompts": [{"input_ids": [1, 2], "generated_ids": [3, 100000]}]}"#).unwrap();
+    let err = slmc_fails(&["quality", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()]);
+    assert!(err.contains("prompts.json") && err.contains("token id 100000"), "{err}");
+}
+
 /// A minimal GGUF v3 writer for hand-made hostile files.
 struct GgufBuilder(Vec<u8>);
 

@@ -85,7 +85,7 @@ fn variants_need_their_features() {
 #[test]
 fn wgsl_snapshots() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
-    let bless = std::env::var_os("SLMC_BLESS").is_some();
+    let bless = std::env::var("SLMC_BLESS").is_ok_and(|v| v == "1");
     let mut failures = Vec::new();
     for (name, src, features) in all_kernels() {
         if let Err(e) = kernels::validate_and_translate(&src, features) {

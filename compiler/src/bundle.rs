@@ -286,6 +286,14 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).with_context(|| format!("{}: cannot write", path.display()))?;
+    // `mode` applies only to a new file: a replaced one (--force) keeps its old
+    // permissions unless they are narrowed before the secret is written.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("{}: cannot make it private", path.display()))?;
+    }
     f.write_all(text.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }
 

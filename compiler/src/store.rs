@@ -63,6 +63,14 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 /// The id a bundle gets in the store: its target and the start of its manifest's sha256.
 pub fn bundle_id(bundle: &Path, target: &str) -> Result<String> {
+    // The id names a directory inside the store: a target name from a (possibly unsigned)
+    // manifest must not climb out of it.
+    if target.is_empty() || !target.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        bail!(
+            "{}: target name {target:?} is not lowercase letters, digits and dashes; refusing to use it in the store",
+            bundle.join(MANIFEST_FILE).display()
+        );
+    }
     let manifest = std::fs::read(bundle.join(MANIFEST_FILE))
         .with_context(|| format!("{}: cannot read", bundle.join(MANIFEST_FILE).display()))?;
     Ok(format!("{target}-{}", &slmc_targets::artifact::sha256_hex(&manifest)[..16]))

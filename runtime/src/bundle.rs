@@ -16,6 +16,8 @@ pub enum BundleError {
     File { path: PathBuf, message: String },
     #[error("{dir}: unsigned bundle refused (sign it with `slmc sign`, or pass --allow-unsigned)")]
     Unsigned { dir: PathBuf },
+    #[error("{dir}: a public key is configured but the bundle has no signature (manifest.sig): refused whatever --allow-unsigned says")]
+    SignatureMissing { dir: PathBuf },
     #[error("{dir}: signed bundle, but no public key to check it with (--pubkey FILE or $SLMC_PUBKEY), or pass --allow-unsigned")]
     NoKey { dir: PathBuf },
     #[error("{path}: the bundle needs slmc runtime {need} or newer; this runtime is {have}")]
@@ -99,6 +101,10 @@ pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
             None if trust.allow_unsigned => {}
             None => return Err(BundleError::NoKey { dir: dir.to_path_buf() }),
         }
+    } else if trust.public_key.is_some() {
+        // A configured key always wins: allowing unsigned bundles must not let a signed
+        // bundle through with its signature deleted.
+        return Err(BundleError::SignatureMissing { dir: dir.to_path_buf() });
     } else if !trust.allow_unsigned {
         return Err(BundleError::Unsigned { dir: dir.to_path_buf() });
     }

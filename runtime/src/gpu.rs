@@ -57,6 +57,16 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
     let path = dir.join("artifact.json");
     let artifact: GpuArtifact = crate::registry::read_manifest(dir, ArtifactKind::Gpu)
         .map_err(|(file, message)| artifact_err(&file, message))?;
+    // Everything the manifest names stays inside the artifact directory.
+    if !slmc_targets::artifact::is_relative_inside(&artifact.weights_file) {
+        return Err(artifact_err(&path, format!("weights file `{}` lies outside the artifact", artifact.weights_file)));
+    }
+    // Kernel names become `kernels/<name>.wgsl`: one path component.
+    if let Some(k) =
+        artifact.kernels.iter().find(|k| !slmc_targets::artifact::is_relative_inside(&k.name) || k.name.contains('/'))
+    {
+        return Err(artifact_err(&path, format!("kernel name `{}` lies outside kernels/", k.name)));
+    }
     let weights = dir.join(&artifact.weights_file);
     let len = std::fs::metadata(&weights).map_err(|e| artifact_err(&weights, format!("cannot read: {e}")))?.len();
     for b in &artifact.buffers {

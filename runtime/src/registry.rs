@@ -78,6 +78,9 @@ pub(crate) fn check_files(
     dir: &Path,
     files: &[slmc_targets::artifact::FileDigest],
 ) -> Result<(), (std::path::PathBuf, String)> {
+    if files.is_empty() {
+        return Err((dir.join("artifact.json"), "lists no files: nothing could be checked".into()));
+    }
     for f in files {
         if !f.is_inside() {
             return Err((dir.join("artifact.json"), format!("file `{}` is outside the artifact", f.path)));

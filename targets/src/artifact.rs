@@ -182,12 +182,18 @@ pub struct FileDigest {
 impl FileDigest {
     /// Whether `path` stays inside the directory it is relative to.
     pub fn is_inside(&self) -> bool {
-        !std::path::Path::new(&self.path).is_absolute() && !self.path.split('/').any(|c| c == ".." || c.is_empty())
+        is_relative_inside(&self.path)
     }
 
     /// Reads `dir/path` and checks its size and sha256; the error names the file's problem.
     pub fn check(&self, dir: &std::path::Path) -> Result<(), (std::path::PathBuf, String)> {
         let path = dir.join(&self.path);
+        // Only regular files: a symlink could point anywhere, and reading a FIFO or a
+        // device would block or never end.
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| (path.clone(), format!("cannot read: {e}")))?;
+        if !meta.file_type().is_file() {
+            return Err((path, "is not a regular file (symlinks and special files are refused)".into()));
+        }
         let bytes = std::fs::read(&path).map_err(|e| (path.clone(), format!("cannot read: {e}")))?;
         if bytes.len() as u64 != self.bytes {
             let message = format!("{} bytes, the manifest says {} (truncated or replaced)", bytes.len(), self.bytes);
@@ -199,6 +205,12 @@ impl FileDigest {
         }
         Ok(())
     }
+}
+
+/// Whether a path named by a manifest stays inside its directory: relative, no `..`, no
+/// empty component (so no leading or doubled `/`).
+pub fn is_relative_inside(path: &str) -> bool {
+    !std::path::Path::new(path).is_absolute() && !path.split('/').any(|c| c == ".." || c.is_empty())
 }
 
 /// The `format` field of any artifact manifest, to pick its executor.

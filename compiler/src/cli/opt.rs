@@ -109,6 +109,18 @@ pub(crate) fn default_prompts_file() -> Option<PathBuf> {
 }
 
 pub(crate) fn quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec<slmc_runtime::QualityCase>> {
+    let cases = read_quality_cases(model, file)?;
+    // Ids index the logits: one past the vocabulary would panic deep in the comparison.
+    let vocab = model.config.vocab_size;
+    for (i, c) in cases.iter().enumerate() {
+        if let Some(bad) = c.prompt.iter().chain(&c.continuation).find(|t| **t as usize >= vocab) {
+            bail!("{}: prompt {i} has token id {bad}, outside the model's vocabulary of {vocab}", file.display());
+        }
+    }
+    Ok(cases)
+}
+
+fn read_quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec<slmc_runtime::QualityCase>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
     if let Ok(json) = serde_json::from_str::<Value>(&text) {
         let prompts = golden_sequences(&json).with_context(|| format!("{}: not a prompts file", file.display()))?;
