@@ -454,4 +454,17 @@ fn bare_artifacts_name_only_their_own_files() {
     std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();
     let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
     assert!(err.contains("outside kernels/"), "{err}");
+    // Indices and sizes the loader used unchecked: refused before any device work.
+    let edits: [(&str, fn(&mut serde_json::Value), &str); 3] = [
+        ("argmax kernel", |a| a["argmax_dispatch"]["kernel"] = serde_json::json!(99999), "names kernel"),
+        ("next-token buffer", |a| a["next_token_buffer"] = serde_json::json!(99999), "out of range"),
+        ("vocabulary", |a| a["model"]["vocab_size"] = serde_json::json!(1u64 << 40), "does not fit the logits buffer"),
+    ];
+    for (what, edit, expected) in edits {
+        let mut artifact = original.clone();
+        edit(&mut artifact);
+        std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();
+        let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
+        assert!(err.contains("artifact.json") && err.contains(expected), "{what}: {err}");
+    }
 }

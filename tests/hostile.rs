@@ -77,6 +77,22 @@ fn safetensors_unknown_dtype() {
     expect_error(&["inspect", dir.to_str().unwrap()], &st, "Q9X");
 }
 
+/// `inspect` checks the config against the weights instead of reporting a model that
+/// cannot run.
+#[test]
+fn inspect_refuses_a_config_that_disagrees_with_the_weights() {
+    let dir = tiny_copy("inspect-layers");
+    let layers = read_json(&dir.join("config.json"))["num_hidden_layers"].as_u64().unwrap();
+    edit_config(&dir, |c| c["num_hidden_layers"] = (layers + 1).into());
+    let err = slmc_fails(&["inspect", dir.to_str().unwrap()]);
+    assert!(err.contains(&format!("model.layers.{layers}.")) && err.contains("missing tensor"), "{err}");
+    let dir = tiny_copy("inspect-vocab");
+    let vocab = read_json(&dir.join("config.json"))["vocab_size"].as_u64().unwrap();
+    edit_config(&dir, |c| c["vocab_size"] = (vocab + 7).into());
+    let err = slmc_fails(&["inspect", dir.to_str().unwrap()]);
+    assert!(err.contains("model.embed_tokens.weight") && err.contains(&format!("{}", vocab + 7)), "{err}");
+}
+
 #[test]
 fn tensor_shape_contradicts_config() {
     let dir = tiny_copy("shape");

@@ -82,7 +82,7 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
             }
         }
     }
-    for d in &artifact.dispatches {
+    for d in artifact.dispatches.iter().chain([&artifact.argmax_dispatch]) {
         let kernel = artifact
             .kernels
             .get(d.kernel)
@@ -102,10 +102,22 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
             return Err(artifact_err(&path, format!("unknown GPU feature `{name}`")));
         }
     }
-    for idx in [artifact.tokens_buffer, artifact.logits_buffer] {
+    for idx in [artifact.tokens_buffer, artifact.logits_buffer, artifact.next_token_buffer] {
         if idx >= artifact.buffers.len() {
-            return Err(artifact_err(&path, "tokens/logits buffer out of range"));
+            return Err(artifact_err(&path, "tokens/logits/next-token buffer out of range"));
         }
+    }
+    // Reading back a step's logits must stay inside the logits buffer.
+    let m = &artifact.model;
+    let logits_needed = m.vocab_size.checked_mul(m.max_step_tokens).and_then(|n| n.checked_mul(4));
+    if m.vocab_size == 0 || logits_needed.is_none_or(|n| n as u64 > artifact.buffers[artifact.logits_buffer].bytes) {
+        return Err(artifact_err(
+            &path,
+            format!(
+                "a vocabulary of {} over {} tokens a step does not fit the logits buffer of {} bytes",
+                m.vocab_size, m.max_step_tokens, artifact.buffers[artifact.logits_buffer].bytes
+            ),
+        ));
     }
     Ok(artifact)
 }

@@ -274,7 +274,7 @@ impl<'a> Builder<'a> {
                     return Err(self.err(id, format!("norm rows of {dim} do not tile {per_token} values per token")));
                 }
                 let rows_per_token = per_token / dim;
-                if self.opts.max_step_tokens * rows_per_token > 65535 {
+                if rows_per_token > 1 && self.opts.max_step_tokens * rows_per_token > 65535 {
                     return Err(self.err(id, "more norm rows per step than one dispatch dimension holds"));
                 }
                 let mut bindings = vec![self.buffer_of(node.inputs[0])?];

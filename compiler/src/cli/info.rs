@@ -69,6 +69,10 @@ pub(crate) fn targets_command(action: TargetsAction, json: bool) -> Result<()> {
 }
 
 pub(crate) fn inspect(model: &Model, as_json: bool) -> Result<()> {
+    // A config that disagrees with the weights (more layers than stored, a vocabulary the
+    // embedding does not have) is an error here too, not a plausible-looking report:
+    // lowering checks every tensor the config implies against the files.
+    slmc_compiler::lower::lower(model)?;
     let mut by_dtype: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
     let mut params = 0usize;
     let mut table = Vec::new();

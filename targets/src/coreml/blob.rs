@@ -125,8 +125,9 @@ pub struct Blob<'a> {
 impl Blob<'_> {
     /// Values as f32 (integers converted exactly), `elements` of them.
     pub fn to_f32(&self, elements: usize) -> Result<Vec<f32>, BlobError> {
-        let need = (elements * self.ty.bits()).div_ceil(8);
-        if self.data.len() != need {
+        // `elements` comes from the program's declared shape: checked, never trusted.
+        let need = elements.checked_mul(self.ty.bits()).map(|b| b.div_ceil(8));
+        if need != Some(self.data.len()) {
             return Err(BlobError::Corrupt(format!(
                 "a {:?} blob of {} bytes cannot hold {elements} values",
                 self.ty,
@@ -156,7 +157,10 @@ pub fn read(file: &[u8], offset: u64) -> Result<Blob<'_>, BlobError> {
         return Err(bad(format!("storage version {} (expected {VERSION})", u32_at(4))));
     }
     let meta = usize::try_from(offset).map_err(|_| bad(format!("offset {offset} is out of range")))?;
-    if meta < HEADER_BYTES || !meta.is_multiple_of(ALIGN) || meta + METADATA_BYTES > file.len() {
+    if meta < HEADER_BYTES
+        || !meta.is_multiple_of(ALIGN)
+        || meta.checked_add(METADATA_BYTES).is_none_or(|end| end > file.len())
+    {
         return Err(bad(format!("no blob metadata at offset {offset} (file is {} bytes)", file.len())));
     }
     if u32_at(meta) != SENTINEL {
@@ -233,5 +237,10 @@ mod tests {
         v[4] = 3;
         assert!(read(&v, o).unwrap_err().to_string().contains("version"));
         assert!(read(&file, o).unwrap().to_f32(15).is_err(), "a length mismatch is an error");
+        // Offsets and element counts near the top of the address space: errors, not
+        // overflow (the metadata check used to wrap past the end and index out of bounds).
+        let top = u64::MAX - (u64::MAX % ALIGN as u64);
+        assert!(read(&file, top).unwrap_err().to_string().contains("no blob metadata"));
+        assert!(read(&file, o).unwrap().to_f32(usize::MAX / 2).is_err());
     }
 }
