@@ -35,7 +35,10 @@ fn check_arch(name: &str) {
         for t in top {
             ours[t["id"].as_u64().unwrap() as usize] = t["logit"].as_f64().unwrap();
         }
+        // Every id filled with a finite logit: `f64::max` below would skip a NaN.
+        assert!(ours.iter().all(|v| v.is_finite()), "{name}: a logit is missing or not finite");
         let expected = case["final_position_logits"].as_array().unwrap();
+        assert_eq!(expected.len(), ours.len(), "{name}: logit count");
         let mut max_err = 0.0f64;
         for (i, e) in expected.iter().enumerate() {
             max_err = max_err.max((ours[i] - e.as_f64().unwrap()).abs());

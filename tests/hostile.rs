@@ -220,6 +220,23 @@ fn gguf_absurd_string_length() {
     expect_error(&["inspect", path.to_str().unwrap()], &path, "claims");
 }
 
+/// Metadata arrays whose total element count would cost gigabytes once decoded (each
+/// element ~32 bytes however small in the file) are refused, even when the file holds them.
+#[test]
+fn gguf_metadata_arrays_bounded_in_total() {
+    let path = scratch("gguf-array-amplification").join("arrays.gguf");
+    let n: u64 = 9 << 20;
+    let mut b = GgufBuilder::new(0, 2);
+    b.kv_str("general.architecture", "llama");
+    b.string("tokenizer.ggml.token_type");
+    b.0.extend(9u32.to_le_bytes()); // array
+    b.0.extend(0u32.to_le_bytes()); // of u8
+    b.0.extend(n.to_le_bytes());
+    b.0.extend(std::iter::repeat_n(1u8, n as usize));
+    b.write(&path, 64);
+    expect_error(&["inspect", path.to_str().unwrap()], &path, "elements in all");
+}
+
 #[test]
 fn gguf_tensor_offset_past_end_of_file() {
     let path = scratch("gguf-offset").join("offset.gguf");

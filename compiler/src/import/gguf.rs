@@ -75,7 +75,15 @@ pub struct GgufFile {
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Array elements decoded so far, across all metadata (see `MAX_ARRAY_ELEMENTS`).
+    elements: usize,
 }
+
+/// Most metadata array elements a file may hold in all. Each decoded element takes ~32
+/// bytes however few it took in the file, so counts bounded only by the bytes that remain
+/// let one edited count cost gigabytes; real models hold about a million (vocabulary,
+/// scores, token types, merges).
+const MAX_ARRAY_ELEMENTS: usize = 1 << 23;
 
 impl<'a> Cursor<'a> {
     fn remaining(&self) -> usize {
@@ -152,6 +160,12 @@ impl<'a> Cursor<'a> {
                             self.remaining()
                         )
                     })?;
+                self.elements = self.elements.saturating_add(len);
+                if self.elements > MAX_ARRAY_ELEMENTS {
+                    return Err(format!(
+                        "{what}: metadata arrays hold more than {MAX_ARRAY_ELEMENTS} elements in all (real models hold about a million)"
+                    ));
+                }
                 let mut items = Vec::with_capacity(len);
                 for _ in 0..len {
                     items.push(self.value(elem_ty, what, depth + 1)?);
@@ -191,7 +205,7 @@ fn ggml_dtype(id: u32) -> Result<DType, String> {
 /// the file's length.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile, ImportError> {
     let bad = |message: String| ImportError::file(path, message);
-    let mut cur = Cursor { bytes, pos: 0 };
+    let mut cur = Cursor { bytes, pos: 0, elements: 0 };
     let magic = cur.take(4, "magic").map_err(&bad)?;
     if magic != MAGIC {
         return Err(bad(format!("bad magic {:02x?}: not a GGUF file", magic)));
