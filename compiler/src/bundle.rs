@@ -128,7 +128,7 @@ pub fn file_digests(dir: &Path) -> Result<Vec<FileDigest>> {
             continue;
         }
         let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        out.push(FileDigest { path: rel, bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) });
+        out.push(FileDigest::of(rel, &bytes));
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
-use slmc_ir::{Verified, WeightSource};
+use slmc_ir::{KvQuant, Verified, WeightSource};
 use slmc_targets::artifact::{FileDigest, ModelInfo, NePlacement};
 use slmc_targets::{ArtifactKind, BackendKind, TargetProfile};
 
@@ -56,14 +56,7 @@ pub fn emitter(backend: BackendKind) -> Emitter {
 }
 
 pub fn digests_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<FileDigest> {
-    files
-        .iter()
-        .map(|(path, bytes)| FileDigest {
-            path: path.clone(),
-            bytes: bytes.len() as u64,
-            sha256: slmc_targets::artifact::sha256_hex(bytes),
-        })
-        .collect()
+    files.iter().map(|(path, bytes)| FileDigest::of(path.clone(), bytes)).collect()
 }
 
 fn activation_bytes(optimized: &Optimized) -> u64 {
@@ -135,7 +128,8 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
     files.insert("genai_config.json".into(), crate::genai::genai_config(i.model, &manifest, &out.info)?);
     let weight_bytes = files.get(slmc_targets::artifact::ONNX_DATA_FILE).map(|f| f.len() as u64).unwrap_or(0);
     // f32 cache of the whole context.
-    let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 4 * i.context_len) as u64;
+    let per_vector = KvQuant::F32.data_bytes_per_vector(manifest.head_dim);
+    let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * per_vector * i.context_len) as u64;
     Ok(Emitted {
         kind: ArtifactKind::Onnx,
         manifest_json: serde_json::to_string_pretty(&manifest)?,
@@ -190,8 +184,8 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
     };
     let weight_bytes = out.files.get(slmc_backends::coreml::WEIGHTS_FILE).map(|f| f.len() as u64).unwrap_or(0);
     // fp16 cache of the static context.
-    let kv_cache_bytes =
-        (manifest.layers * 2 * manifest.kv_heads * manifest.head_dim * 2 * manifest.model.context_len) as u64;
+    let per_vector = KvQuant::F16.data_bytes_per_vector(manifest.head_dim);
+    let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * per_vector * manifest.model.context_len) as u64;
     Ok(Emitted {
         kind: ArtifactKind::Coreml,
         manifest_json: serde_json::to_string_pretty(&manifest)?,

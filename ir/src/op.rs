@@ -120,9 +120,6 @@ macro_rules! ops {
         }
 
         impl Op {
-            /// Every op's mnemonic, in table order.
-            pub const MNEMONICS: &'static [&'static str] = &[$($mnemonic),*];
-
             pub fn mnemonic(&self) -> &'static str {
                 match self { $( Op::$variant { .. } => $mnemonic, )* }
             }

@@ -180,6 +180,11 @@ pub struct FileDigest {
 }
 
 impl FileDigest {
+    /// The digest of `bytes` listed as `path`.
+    pub fn of(path: String, bytes: &[u8]) -> FileDigest {
+        FileDigest { path, bytes: bytes.len() as u64, sha256: sha256_hex(bytes) }
+    }
+
     /// Whether `path` stays inside the directory it is relative to.
     pub fn is_inside(&self) -> bool {
         is_relative_inside(&self.path)

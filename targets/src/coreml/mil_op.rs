@@ -24,8 +24,6 @@ macro_rules! mil_ops {
         }
 
         impl MilOp {
-            pub const ALL: &'static [MilOp] = &[$(MilOp::$variant),*];
-
             /// The op's name in a MIL program.
             pub fn name(self) -> &'static str {
                 match self { $(MilOp::$variant => $name,)* }
