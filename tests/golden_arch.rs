@@ -1,6 +1,7 @@
 //! The tiny random architectures in `../shared/golden/arch/` (llama with tied f16
-//! weights, qwen2 with biases in f32): final-position logits within 1e-4 of transformers
-//! and identical greedy continuations.
+//! weights, qwen2 with biases in f32, qwen3, gemma2, gemma3, stablelm2): final-position
+//! logits within 1e-4 of transformers and identical greedy continuations. The 29-token
+//! cases run past the Gemma fixtures' 8-token sliding window.
 
 mod common;
 
@@ -65,4 +66,19 @@ fn qwen2_untied_f32() {
 #[test]
 fn qwen3_qk_norm_bf16() {
     check_arch("qwen3-qknorm-bf16");
+}
+
+#[test]
+fn gemma3_sliding_window_f32() {
+    check_arch("gemma3-tied-f32");
+}
+
+#[test]
+fn gemma2_softcap_f32() {
+    check_arch("gemma2-softcap-f32");
+}
+
+#[test]
+fn stablelm2_partial_rotary_f16() {
+    check_arch("stablelm2-partial-rotary-f16");
 }

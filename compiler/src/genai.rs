@@ -20,6 +20,9 @@ pub fn genai_config(
         crate::import::config::Arch::Qwen2 => "qwen2",
         crate::import::config::Arch::Phi3 => "phi3",
         crate::import::config::Arch::Qwen3 => "qwen3",
+        crate::import::config::Arch::Gemma2 => "gemma2",
+        crate::import::config::Arch::Gemma3 => "gemma3_text",
+        crate::import::config::Arch::StableLm => "stablelm",
     };
     let eos = &manifest.model.eos_token_ids;
     let config = serde_json::json!({

@@ -1,13 +1,15 @@
 //! Lowering: a model's configuration and weight store into slmc's graph IR.
 //!
 //! One function covers the llama family (SmolLM, TinyLlama, MobileLLM), Qwen2 (q/k/v
-//! biases) and Phi-3 (fused qkv and gate/up, split with `slice`). Every weight the graph
-//! names is checked against the store: a tensor whose shape contradicts the config is an
-//! error naming the file and the tensor.
+//! biases), Phi-3 (fused qkv and gate/up, split with `slice`), Qwen3 (per-head q/k norms),
+//! Gemma 2/3 (scaled embeddings, four norms per block, GeGLU, sliding-window layers with
+//! their own RoPE base, soft caps) and StableLM 2 (LayerNorm with bias, partial rotary).
+//! Every weight the graph names is checked against the store: a tensor whose shape
+//! contradicts the config is an error naming the file and the tensor.
 
-use slmc_ir::{DType, Dim, Graph, KvKind, KvQuant, NodeId, Op, TensorType};
+use slmc_ir::{AttnLimits, DType, Dim, Graph, KvKind, KvQuant, NodeId, Op, TensorType};
 
-use crate::import::config::Role;
+use crate::import::config::{Activation, NormKind, Role};
 use crate::import::{Arch, ImportError, Model};
 
 struct Lowering<'m> {
@@ -56,6 +58,24 @@ impl Lowering<'_> {
     fn push(&mut self, name: &str, op: Op, inputs: &[NodeId]) -> Result<NodeId, ImportError> {
         self.graph.push(name, op, inputs).map_err(|m| self.err(format!("lowering produced an ill-typed graph: {m}")))
     }
+
+    /// The family's norm of `x` with the weight of `role` (and, for LayerNorm, its bias).
+    fn norm(&mut self, name: &str, x: NodeId, role: Role, bias: Role, block: usize) -> Result<NodeId, ImportError> {
+        let cfg = &self.model.config;
+        let (d, eps) = (self.model.config.hidden_size, cfg.rms_norm_eps);
+        let value = |suffix: &str| match role {
+            Role::FinalNorm => format!("final_norm{suffix}.w"),
+            _ => format!("blk{block}.{}{suffix}.w", name.rsplit('.').next().unwrap_or(name)),
+        };
+        let w = self.weight(role, block, &value(""), &[d])?;
+        match cfg.norm {
+            NormKind::Rms => self.push(name, Op::RmsNorm { eps }, &[x, w]),
+            NormKind::LayerNorm => {
+                let b = self.weight(bias, block, &value("_bias"), &[d])?;
+                self.push(name, Op::LayerNorm { eps }, &[x, w, b])
+            }
+        }
+    }
 }
 
 /// Lowers a model to a verified graph with input `tokens: i32[s]` and output
@@ -75,12 +95,9 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
     let pos = lw.push("positions", Op::Positions, &[tokens])?;
     let embed_w = lw.weight(Role::Embed, 0, "embed.w", &[v, d])?;
     let mut h = lw.push("embed", Op::Embed, &[embed_w, tokens])?;
-    let rope = Op::Rope {
-        theta: cfg.rope_theta,
-        rotary_dim: cfg.rotary_dim,
-        style: cfg.rope_style,
-        scaling: cfg.rope_scaling,
-    };
+    if let Some(factor) = cfg.embed_scale {
+        h = lw.push("embed_scaled", Op::Scale { factor }, &[h])?;
+    }
     let heads = |n: usize| Op::Reshape { shape: vec![s.clone(), Dim::from(n), Dim::from(hd)] };
 
     for layer in 0..cfg.num_layers() {
@@ -90,8 +107,7 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let l = format!("l{layer}");
         let w = |role: &str| format!("blk{b}.{role}.w");
 
-        let norm_w = lw.weight(Role::AttnNorm, b, &w("attn_norm"), &[d])?;
-        let x = lw.push(&format!("{l}.attn_norm"), Op::RmsNorm { eps: cfg.rms_norm_eps }, &[h, norm_w])?;
+        let x = lw.norm(&format!("{l}.attn_norm"), h, Role::AttnNorm, Role::AttnNormBias, b)?;
         let (q, k, val) = if cfg.arch == Arch::Phi3 {
             let qkv_w = lw.weight(Role::Qkv, b, &w("qkv"), &[(hq + 2 * hk) * hd, d])?;
             let qkv = lw.push(&format!("{l}.qkv"), Op::Linear, &[x, qkv_w])?;
@@ -127,22 +143,27 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
             k = lw.push(&format!("{l}.k_norm"), Op::RmsNorm { eps }, &[k, kn])?;
         }
         let val = lw.push(&format!("{l}.v_heads"), heads(hk), &[val])?;
+        let sliding = cfg.is_sliding(layer);
+        let theta = if sliding { cfg.rope_theta_local.unwrap_or(cfg.rope_theta) } else { cfg.rope_theta };
+        let rope = Op::Rope { theta, rotary_dim: cfg.rotary_dim, style: cfg.rope_style, scaling: cfg.rope_scaling };
         let q = lw.push(&format!("{l}.q_rope"), rope.clone(), &[q, pos])?;
         let k = lw.push(&format!("{l}.k_rope"), rope.clone(), &[k, pos])?;
         let k_all =
             lw.push(&format!("{l}.k_cache"), Op::KvAppend { layer, kind: KvKind::Key, quant: KvQuant::F32 }, &[k])?;
         let v_all =
             lw.push(&format!("{l}.v_cache"), Op::KvAppend { layer, kind: KvKind::Value, quant: KvQuant::F32 }, &[val])?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let att = lw.push(&format!("{l}.attn"), Op::Attention { scale }, &[q, k_all, v_all])?;
+        let limits = AttnLimits { window: cfg.sliding_window.filter(|_| sliding), softcap: cfg.attn_softcap };
+        let att = lw.push(&format!("{l}.attn"), Op::Attention { scale: cfg.attn_scale, limits }, &[q, k_all, v_all])?;
         let att =
             lw.push(&format!("{l}.attn_flat"), Op::Reshape { shape: vec![s.clone(), Dim::from(hq * hd)] }, &[att])?;
         let o_w = lw.weight(Role::O, b, &w("o"), &[d, hq * hd])?;
-        let o = lw.push(&format!("{l}.attn_out"), Op::Linear, &[att, o_w])?;
+        let mut o = lw.push(&format!("{l}.attn_out"), Op::Linear, &[att, o_w])?;
+        if cfg.sandwich_norms {
+            o = lw.norm(&format!("{l}.post_attn_norm"), o, Role::PostAttnNorm, Role::PostAttnNorm, b)?;
+        }
         h = lw.push(&format!("{l}.attn_residual"), Op::Add, &[h, o])?;
 
-        let norm_w = lw.weight(Role::FfnNorm, b, &w("ffn_norm"), &[d])?;
-        let x = lw.push(&format!("{l}.ffn_norm"), Op::RmsNorm { eps: cfg.rms_norm_eps }, &[h, norm_w])?;
+        let x = lw.norm(&format!("{l}.ffn_norm"), h, Role::FfnNorm, Role::FfnNormBias, b)?;
         let (gate, up) = if cfg.arch == Arch::Phi3 {
             let gu_w = lw.weight(Role::GateUp, b, &w("gate_up"), &[2 * ff, d])?;
             let gu = lw.push(&format!("{l}.gate_up"), Op::Linear, &[x, gu_w])?;
@@ -154,22 +175,38 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
             let u_w = lw.weight(Role::Up, b, &w("up"), &[ff, d])?;
             (lw.push(&format!("{l}.gate"), Op::Linear, &[x, g_w])?, lw.push(&format!("{l}.up"), Op::Linear, &[x, u_w])?)
         };
-        let act = lw.push(&format!("{l}.gate_silu"), Op::Silu, &[gate])?;
-        let m = lw.push(&format!("{l}.swiglu"), Op::Mul, &[act, up])?;
+        let m = match cfg.activation {
+            Activation::Silu => {
+                let act = lw.push(&format!("{l}.gate_silu"), Op::Silu, &[gate])?;
+                lw.push(&format!("{l}.swiglu"), Op::Mul, &[act, up])?
+            }
+            Activation::GeluTanh => {
+                let act = lw.push(&format!("{l}.gate_gelu"), Op::GeluTanh, &[gate])?;
+                lw.push(&format!("{l}.geglu"), Op::Mul, &[act, up])?
+            }
+        };
         let down_w = lw.weight(Role::Down, b, &w("down"), &[d, ff])?;
-        let down = lw.push(&format!("{l}.ffn_out"), Op::Linear, &[m, down_w])?;
+        let mut down = lw.push(&format!("{l}.ffn_out"), Op::Linear, &[m, down_w])?;
+        if cfg.sandwich_norms {
+            down = lw.norm(&format!("{l}.post_ffn_norm"), down, Role::PostFfnNorm, Role::PostFfnNorm, b)?;
+        }
         h = lw.push(&format!("{l}.ffn_residual"), Op::Add, &[h, down])?;
     }
 
-    let norm_w = lw.weight(Role::FinalNorm, 0, "final_norm.w", &[d])?;
-    let x = lw.push("final_norm", Op::RmsNorm { eps: cfg.rms_norm_eps }, &[h, norm_w])?;
+    let x = lw.norm("final_norm", h, Role::FinalNorm, Role::FinalNormBias, 0)?;
     // Tied embeddings: the LM head is the embedding table's node itself.
     let head = if cfg.tie_word_embeddings || !lw.has(Role::LmHead, 0) {
         embed_w
     } else {
         lw.weight(Role::LmHead, 0, "lm_head.w", &[v, d])?
     };
-    let logits = lw.push("logits", Op::Linear, &[x, head])?;
+    let logits = match cfg.final_softcap {
+        Some(cap) => {
+            let raw = lw.push("lm_head", Op::Linear, &[x, head])?;
+            lw.push("logits", Op::Softcap { cap }, &[raw])?
+        }
+        None => lw.push("logits", Op::Linear, &[x, head])?,
+    };
     lw.graph.set_output("logits", logits);
     slmc_ir::verify(&lw.graph).map_err(|e| lw.err(format!("lowering produced an invalid graph: {e}")))?;
     Ok(lw.graph)

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
-use crate::op::{KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
+use crate::op::{AttnLimits, KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
 use crate::verify::{verify, GraphInfo, VerifyError};
 pub use crate::weights::{WeightSource, WeightView};
 
@@ -336,6 +336,11 @@ impl<'a> Interpreter<'a> {
             }
             Op::Silu => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| silu(*x)).collect()),
             Op::GeluTanh => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| gelu_tanh(*x)).collect()),
+            Op::Scale { factor } => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| x * factor).collect()),
+            Op::Softcap { cap } => {
+                Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| cap * (x / cap).tanh()).collect())
+            }
+            Op::LayerNorm { eps } => Tensor::f32(args[0].shape.clone(), layer_norm(f(0), f(1), f(2), *eps)),
             Op::Reshape { .. } => {
                 // Shape comes from the declared type, checked by the caller.
                 let shape = self.reshape_target(node, args[0])?;
@@ -398,7 +403,7 @@ impl<'a> Interpreter<'a> {
                 *shape.last_mut().unwrap() = half;
                 Tensor::f32(shape, out)
             }
-            Op::Gqa { layer, scale, rotary, quant } => {
+            Op::Gqa { layer, scale, rotary, quant, limits } => {
                 let pos = args[3].as_i32().expect("verified: i32 positions");
                 let mut q = f(0).to_vec();
                 apply_rope(&mut q, pos, &args[0].shape, rotary);
@@ -412,12 +417,14 @@ impl<'a> Interpreter<'a> {
                 let t = self.past + s;
                 let [kc, vc] = &self.cache[*layer];
                 let exact = quant.is_packed().then(|| (&kc.plain[..], &vc.plain[..]));
-                Tensor::f32(args[0].shape.clone(), attention(&q, (&k_all, &v_all), exact, s, t, (hq, hk, d), *scale))
+                let dims = (hq, hk, d);
+                Tensor::f32(args[0].shape.clone(), attention(&q, (&k_all, &v_all), exact, s, t, dims, *scale, limits))
             }
-            Op::Attention { scale } => {
+            Op::Attention { scale, limits } => {
                 let (s, hq, d) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
                 let (t, hk) = (args[1].shape[0], args[1].shape[1]);
-                Tensor::f32(args[0].shape.clone(), attention(f(0), (f(1), f(2)), None, s, t, (hq, hk, d), *scale))
+                let dims = (hq, hk, d);
+                Tensor::f32(args[0].shape.clone(), attention(f(0), (f(1), f(2)), None, s, t, dims, *scale, limits))
             }
         })
     }
@@ -479,6 +486,20 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         let inv = 1.0 / (mean_sq + eps).sqrt();
         for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
             *o = w * (v * inv);
+        }
+    }
+    out
+}
+
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0.0; x.len()];
+    for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, v), w), b) in o.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (v - mean) * inv * w + b;
         }
     }
     out
@@ -572,6 +593,7 @@ fn attention(
     t: usize,
     (hq, hk, d): (usize, usize, usize),
     scale: f32,
+    limits: &AttnLimits,
 ) -> Vec<f32> {
     let group = hq / hk;
     let mut out = vec![0.0f32; s * hq * d];
@@ -587,7 +609,10 @@ fn attention(
             _ => (k, v),
         };
         let at = |j: usize| (j * hk + kv_head) * d..(j * hk + kv_head + 1) * d;
-        let mut scores: Vec<f32> = (0..visible).map(|j| dot(qv, &pick(j).0[at(j)]) * scale).collect();
+        let first = limits.first_key(visible - 1);
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|j| if j < first { f32::NEG_INFINITY } else { limits.cap(dot(qv, &pick(j).0[at(j)]) * scale) })
+            .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for sc in scores.iter_mut() {

@@ -98,6 +98,37 @@ pub struct Rotary {
     pub scaling: RopeScaling,
 }
 
+/// What an attention layer does beyond causal softmax attention (Gemma 2 and 3): a
+/// sliding window (a query at position q sees keys at positions j with q - j < window,
+/// as transformers and llama.cpp mask) and a soft cap on the scaled scores
+/// (cap * tanh(score / cap), before the mask and softmax). Both absent prints nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct AttnLimits {
+    pub window: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
+impl AttnLimits {
+    pub const NONE: AttnLimits = AttnLimits { window: None, softcap: None };
+
+    pub fn is_none(&self) -> bool {
+        *self == AttnLimits::NONE
+    }
+
+    /// The first key position a query at `query_pos` sees.
+    pub fn first_key(&self, query_pos: usize) -> usize {
+        self.window.map_or(0, |w| (query_pos + 1).saturating_sub(w))
+    }
+
+    /// A scaled score after the soft cap.
+    pub fn cap(&self, score: f32) -> f32 {
+        match self.softcap {
+            Some(c) => c * (score / c).tanh(),
+            None => score,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvKind {
     Key,
@@ -182,6 +213,8 @@ ops! {
     Embed = "embed", 2;
     /// (x[.., d], w[d]) -> x * rsqrt(mean(x^2) + eps) * w.
     RmsNorm { eps: f32 } = "rms_norm", 2;
+    /// (x[.., d], w[d], b[d]) -> (x - mean(x)) * rsqrt(var(x) + eps) * w + b (StableLM).
+    LayerNorm { eps: f32 } = "layer_norm", 3;
     /// (x[.., k], w[n, k]) -> [.., n]: x times w transposed (weights stored out x in).
     Linear = "linear", 2;
     /// Elementwise, b broadcast over a's leading dimensions (b's shape is a suffix of a's).
@@ -191,6 +224,10 @@ ops! {
     /// GELU with the tanh approximation (Gemma's GeGLU):
     /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
     GeluTanh = "gelu_tanh", 1;
+    /// x * factor (Gemma scales its embeddings by sqrt(hidden)).
+    Scale { factor: f32 } = "scale", 1;
+    /// cap * tanh(x / cap) (Gemma 2's final-logit soft cap).
+    Softcap { cap: f32 } = "softcap", 1;
     Reshape { shape: Vec<Dim> } = "reshape", 1;
     /// Constant-bounds slice along one axis.
     Slice { axis: usize, start: i64, end: i64 } = "slice", 1;
@@ -202,7 +239,8 @@ ops! {
     KvAppend { layer: usize, kind: KvKind, quant "kv": KvQuant } = "kv_append", 1;
     /// (q[s, hq, d], k[t, hk, d], v[t, hk, d]) -> [s, hq, d]: causal attention where query i
     /// sits at position t - s + i; hq must be a multiple of hk (grouped-query attention).
-    Attention { scale: f32 } = "attention", 3;
+    /// Scores are q.k * scale, then `limits` (window, soft cap).
+    Attention { scale: f32, limits: AttnLimits } = "attention", 3;
     /// (a, b, w) -> rms_norm(a + b, w): the residual add feeding a norm, in one op.
     AddRmsNorm { eps: f32 } = "add_rms_norm", 3;
     /// (x[.., k], w[2f, k]) -> [.., f]: y = x w^T, then silu(y[.., :f]) * y[.., f:]
@@ -212,7 +250,7 @@ ops! {
     /// q and k, k and v appended to the cache of `layer`, then causal attention: one
     /// layer's rope/kv_append/attention chain as one op (like ONNX Runtime's
     /// GroupQueryAttention).
-    Gqa { layer: usize, scale: f32, rotary: Rotary, quant "kv": KvQuant } = "gqa", 4;
+    Gqa { layer: usize, scale: f32, rotary: Rotary, quant "kv": KvQuant, limits: AttnLimits } = "gqa", 4;
 }
 
 /// An attribute value in the text form.
@@ -305,7 +343,7 @@ impl Op {
                     return Err(format!("values {} must match keys {}", inputs[2], k));
                 }
                 let all = Op::KvAppend { layer: 0, kind: KvKind::Key, quant: KvQuant::F32 }.infer(&[&k])?;
-                Op::Attention { scale: 1.0 }.infer(&[&q, &all, &all])
+                Op::Attention { scale: 1.0, limits: AttnLimits::NONE }.infer(&[&q, &all, &all])
             }
             Op::Input { .. } | Op::Weight { .. } => Err("source ops have declared types".into()),
             Op::Positions => {
@@ -332,6 +370,12 @@ impl Op {
                 }
                 Ok(inputs[0].clone())
             }
+            Op::LayerNorm { eps } => {
+                if inputs[2] != inputs[1] {
+                    return Err(format!("norm bias {} differs from norm weight {}", inputs[2], inputs[1]));
+                }
+                Op::RmsNorm { eps: *eps }.infer(&inputs[..2])
+            }
             Op::Linear => {
                 f32_only(0)?;
                 rank_is(1, 2)?;
@@ -357,7 +401,7 @@ impl Op {
                 }
                 Ok(inputs[0].clone())
             }
-            Op::Silu | Op::GeluTanh => {
+            Op::Silu | Op::GeluTanh | Op::Scale { .. } | Op::Softcap { .. } => {
                 f32_only(0)?;
                 Ok(inputs[0].clone())
             }
@@ -555,6 +599,29 @@ impl AttrField for RopeScaling {
             }),
             other => Err(format!("unknown rope scaling `{other}` (llama3)")),
         }
+    }
+}
+
+/// Prints `window = N` and `softcap = X` only when present.
+impl AttrField for AttnLimits {
+    fn print(&self, _key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
+        if let Some(w) = self.window {
+            out.push(("window", Attr::Int(w as i64)));
+        }
+        if let Some(c) = self.softcap {
+            out.push(("softcap", Attr::Float(c)));
+        }
+    }
+    fn parse(bag: &mut AttrBag, _key: &'static str) -> Result<Self, String> {
+        let window = if bag.has("window") { Some(AttrField::parse(bag, "window")?) } else { None };
+        let softcap = if bag.has("softcap") { Some(bag.float("softcap")?) } else { None };
+        if window == Some(0) {
+            return Err("attention window must be at least 1".into());
+        }
+        if softcap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+            return Err("attention softcap must be a positive number".into());
+        }
+        Ok(AttnLimits { window, softcap })
     }
 }
 

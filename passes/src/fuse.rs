@@ -246,7 +246,7 @@ pub fn fuse_add_rmsnorm(graph: &mut Graph, _cx: &mut PassContext) -> Result<usiz
 pub fn fuse_rope_attention(graph: &mut Graph, _cx: &mut PassContext) -> Result<usize, String> {
     let mut fused = 0;
     for at in graph.topo_order()? {
-        let Op::Attention { scale } = graph.node(at).op else { continue };
+        let Op::Attention { scale, limits } = graph.node(at).op else { continue };
         let [qr, k_all, v_all] = graph.node(at).inputs[..] else { continue };
         let (
             Op::Rope { theta, rotary_dim, style, scaling },
@@ -272,7 +272,7 @@ pub fn fuse_rope_attention(graph: &mut Graph, _cx: &mut PassContext) -> Result<u
         // the verifier runs only after the pass.
         let g = graph.push(
             &graph.fresh_name(&format!("{name}.new")),
-            Op::Gqa { layer, scale, rotary, quant },
+            Op::Gqa { layer, scale, rotary, quant, limits },
             &[q, k, v, pos],
         )?;
         graph.replace_all_uses(at, g);

@@ -42,6 +42,17 @@ impl<'a> Emitter<'a> {
                 self.sums.insert((node.inputs[0], node.inputs[1]), sum.clone());
                 self.rms_norm(&hint, &sum, &w, *eps)
             }
+            Op::LayerNorm { eps } => {
+                // The RMS norm of the centered row is the layer norm (its mean square is the
+                // variance), and keeps that norm's fp16 range scaling.
+                let x = self.var(node.inputs[0])?;
+                let w = self.weight(node.inputs[1])?;
+                let b = self.weight(node.inputs[2])?;
+                let mean = self.reduce(MilOp::ReduceMean, &format!("{hint}_mean"), &x);
+                let centered = self.binary(MilOp::Sub, &format!("{hint}_centered"), &x, &mean);
+                let normed = self.rms_norm(&format!("{hint}_scaled"), &centered, &w, *eps);
+                self.binary(MilOp::Add, &hint, &normed, &b)
+            }
             Op::Linear => {
                 let x = self.var(node.inputs[0])?;
                 let w = self.weight(node.inputs[1])?;
@@ -89,6 +100,19 @@ impl<'a> Emitter<'a> {
                 let gate = self.unary(MilOp::Sigmoid, &format!("{hint}_gate"), &scaled);
                 self.binary(MilOp::Mul, &hint, &x, &gate)
             }
+            Op::Scale { factor } => {
+                let x = self.var(node.inputs[0])?;
+                let f = self.b.scalar_f16(&format!("{hint}_factor"), *factor);
+                self.binary(MilOp::Mul, &hint, &x, &f)
+            }
+            Op::Softcap { cap } => {
+                let x = self.var(node.inputs[0])?;
+                let inv = self.b.scalar_f16(&format!("{hint}_inv_cap"), 1.0 / cap);
+                let divided = self.binary(MilOp::Mul, &format!("{hint}_divided"), &x, &inv);
+                let t = self.unary(MilOp::Tanh, &format!("{hint}_tanh"), &divided);
+                let c = self.b.scalar_f16(&format!("{hint}_cap"), *cap);
+                self.binary(MilOp::Mul, &hint, &t, &c)
+            }
             Op::Reshape { .. } => {
                 let x = self.var(node.inputs[0])?;
                 let shape = self.shape_of(id)?;
@@ -98,7 +122,10 @@ impl<'a> Emitter<'a> {
                 let x = self.var(node.inputs[0])?;
                 self.slice(&hint, &x, *axis, *start as usize, *end as usize)
             }
-            Op::Gqa { layer, scale, rotary, quant } => {
+            Op::Gqa { layer, scale, rotary, quant, limits } => {
+                if !limits.is_none() {
+                    return Err(self.err(id, "sliding-window or soft-capped attention has no Core ML lowering yet"));
+                }
                 if !matches!(quant, KvQuant::F32 | KvQuant::F16) {
                     return Err(self.err(
                         id,

@@ -329,6 +329,10 @@ pub enum Elementwise {
     Mul,
     Silu,
     GeluTanh,
+    /// Times a constant (the f32's bits, so kernels compare and dedupe exactly).
+    Scale(u32),
+    /// A soft cap c * tanh(v / c) (the f32 bits of c).
+    Softcap(u32),
 }
 
 impl Elementwise {
@@ -340,11 +344,14 @@ impl Elementwise {
             Op::Mul => Some(Elementwise::Mul),
             Op::Silu => Some(Elementwise::Silu),
             Op::GeluTanh => Some(Elementwise::GeluTanh),
+            Op::Scale { factor } => Some(Elementwise::Scale(factor.to_bits())),
+            Op::Softcap { cap } => Some(Elementwise::Softcap(cap.to_bits())),
             Op::Input { .. }
             | Op::Weight { .. }
             | Op::Positions
             | Op::Embed
             | Op::RmsNorm { .. }
+            | Op::LayerNorm { .. }
             | Op::Linear
             | Op::Reshape { .. }
             | Op::Slice { .. }
@@ -363,6 +370,16 @@ impl Elementwise {
             Elementwise::Mul => Op::Mul,
             Elementwise::Silu => Op::Silu,
             Elementwise::GeluTanh => Op::GeluTanh,
+            Elementwise::Scale(bits) => Op::Scale { factor: f32::from_bits(bits) },
+            Elementwise::Softcap(bits) => Op::Softcap { cap: f32::from_bits(bits) },
+        }
+    }
+
+    /// The part of the kernel name that tells kernels of one op with different constants apart.
+    fn constant_tag(self) -> String {
+        match self {
+            Elementwise::Scale(bits) | Elementwise::Softcap(bits) => format!("_c{bits:08x}"),
+            _ => String::new(),
         }
     }
 
@@ -371,17 +388,23 @@ impl Elementwise {
         match self {
             Elementwise::Add => Some("+"),
             Elementwise::Mul => Some("*"),
-            Elementwise::Silu | Elementwise::GeluTanh => None,
+            _ => None,
         }
     }
 
     /// The unary op's value as a WGSL expression of `v` (f32).
-    fn unary_expression(self) -> &'static str {
+    fn unary_expression(self) -> String {
         match self {
-            Elementwise::Silu => "v / (1.0 + exp(-v))",
+            Elementwise::Silu => "v / (1.0 + exp(-v))".into(),
             // x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): saturates where tanh overflows.
-            Elementwise::GeluTanh => "v / (1.0 + exp(-1.5957692 * (v + 0.044715 * v * v * v)))",
-            Elementwise::Add | Elementwise::Mul => "",
+            Elementwise::GeluTanh => "v / (1.0 + exp(-1.5957692 * (v + 0.044715 * v * v * v)))".into(),
+            Elementwise::Scale(bits) => format!("v * {}", float(f32::from_bits(bits))),
+            // c tanh(v / c) as c (1 - 2 / (exp(2v / c) + 1)): saturates where tanh may overflow.
+            Elementwise::Softcap(bits) => {
+                let c = f32::from_bits(bits);
+                format!("{} * (1.0 - 2.0 / (exp(v * {}) + 1.0))", float(c), float(2.0 / c))
+            }
+            Elementwise::Add | Elementwise::Mul => String::new(),
         }
     }
 }
@@ -397,12 +420,13 @@ pub fn elementwise(
     ctx.insert("op", op.mnemonic());
     ctx.insert("binary", &kind.binary_operator().is_some());
     ctx.insert("operator", kind.binary_operator().unwrap_or_default());
-    ctx.insert("unary", kind.unary_expression());
+    ctx.insert("unary", &kind.unary_expression());
     ctx.insert("per_token", &per_token);
     ctx.insert("b_len", &b_len);
     ctx.insert("b_weight", &b_weight);
+    let tag = kind.constant_tag();
     let kind = if b_weight { "w" } else { "a" };
-    render(Template::Elementwise, format!("{}_{per_token}_{kind}{b_len}", op.mnemonic()), ctx)
+    render(Template::Elementwise, format!("{}{tag}_{per_token}_{kind}{b_len}", op.mnemonic()), ctx)
 }
 
 pub fn slice(in_cols: usize, start: usize, width: usize) -> Result<(String, String), GpuError> {

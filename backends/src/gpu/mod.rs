@@ -338,7 +338,10 @@ impl<'a> Builder<'a> {
                 let k = self.kernel(name, src, 2);
                 self.dispatch(id, k, vec![x, out], [per_tok(width as u64, 64), one, one]);
             }
-            Op::Gqa { layer, scale, rotary, quant } => {
+            Op::Gqa { layer, scale, rotary, quant, limits } => {
+                if !limits.is_none() {
+                    return Err(self.err(id, "sliding-window or soft-capped attention is not lowered to WGSL yet"));
+                }
                 let kv = *quant;
                 let qd = dims(graph, node.inputs[0]);
                 let kd = dims(graph, node.inputs[1]);

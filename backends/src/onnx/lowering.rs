@@ -23,6 +23,15 @@ impl<'a> Builder<'a> {
         self.node("Mul", "", &[&normed, w], &[out], vec![]);
     }
 
+    /// cap * tanh(x / cap).
+    pub(super) fn softcap(&mut self, x: &str, cap: f32, out: &str) {
+        let c = self.inline_f32("softcap", cap);
+        let [divided, tanh] = ["divided", "tanh"].map(|h| self.fresh(&format!("{out}/{h}")));
+        self.node("Div", "", &[x, &c], &[&divided], vec![]);
+        self.node("Tanh", "", &[&divided], &[&tanh], vec![]);
+        self.node("Mul", "", &[&tanh, &c], &[out], vec![]);
+    }
+
     pub(super) fn lower_node(&mut self, id: NodeId) -> Result<(), OnnxError> {
         if self.skipped.contains(&id) {
             return Ok(());
@@ -75,6 +84,18 @@ impl<'a> Builder<'a> {
                     self.node("Add", "", &[&a, &b], &[&sum], vec![]);
                     self.rms_norm(&sum, &w, *eps, &out);
                 }
+            }
+            Op::LayerNorm { eps } => {
+                let x = self.name_of(node.inputs[0])?;
+                let w = self.f32_initializer(node.inputs[1])?;
+                let b = self.f32_initializer(node.inputs[2])?;
+                self.node(
+                    "LayerNormalization",
+                    "",
+                    &[&x, &w, &b],
+                    &[&out],
+                    vec![attr_int("axis", -1), attr_float("epsilon", *eps)],
+                );
             }
             Op::Linear => {
                 let x = self.name_of(node.inputs[0])?;
@@ -130,6 +151,15 @@ impl<'a> Builder<'a> {
                 self.node("Sigmoid", "", &[&scaled], &[&sg], vec![]);
                 self.node("Mul", "", &[&x, &sg], &[&out], vec![]);
             }
+            Op::Scale { factor } => {
+                let x = self.name_of(node.inputs[0])?;
+                let f = self.inline_f32("scale", *factor);
+                self.node("Mul", "", &[&x, &f], &[&out], vec![]);
+            }
+            Op::Softcap { cap } => {
+                let x = self.name_of(node.inputs[0])?;
+                self.softcap(&x, *cap, &out);
+            }
             Op::Reshape { .. } => {
                 let x = self.name_of(node.inputs[0])?;
                 let d = dims_of(graph, id);
@@ -148,7 +178,10 @@ impl<'a> Builder<'a> {
                 let axes = self.inline_i64("axes", &[*axis as i64 + 1], false);
                 self.node("Slice", "", &[&x, &starts, &ends, &axes], &[&out], vec![]);
             }
-            Op::Gqa { layer, scale, rotary, quant } => {
+            Op::Gqa { layer, scale, rotary, quant, limits } => {
+                if !limits.is_none() {
+                    return Err(self.err(id, "sliding-window or soft-capped attention has no ONNX lowering yet"));
+                }
                 if *quant != KvQuant::F32 {
                     return Err(self.err(
                         id,

@@ -19,14 +19,48 @@ pub enum Arch {
     /// Qwen3ForCausalLM: no biases; RMSNorm of each query and key head (q_norm, k_norm)
     /// before the rotary embedding.
     Qwen3,
+    /// Gemma2ForCausalLM: (1 + w) RMSNorms before and after attention and the MLP, GeGLU,
+    /// embeddings scaled by sqrt(hidden), sliding-window layers, soft-capped attention
+    /// scores and final logits.
+    Gemma2,
+    /// Gemma3ForCausalLM (text): Gemma 2's block with per-head q/k RMSNorm instead of the
+    /// soft caps, and a separate RoPE base for the sliding-window layers.
+    Gemma3,
+    /// StableLmForCausalLM (StableLM 2): LayerNorm with bias, q/k/v biases, rotary on a
+    /// fraction of each head.
+    StableLm,
 }
 
 impl Arch {
     /// Whether each query and key head is RMS-normalized before the rotary embedding.
     pub fn has_qk_norm(self) -> bool {
-        self == Arch::Qwen3
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 }
+
+/// The normalization a family uses for its hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+    /// LayerNorm with a bias (StableLM).
+    LayerNorm,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU.
+    Silu,
+    /// GeGLU with tanh-approximated GELU (Gemma).
+    GeluTanh,
+}
+
+/// The suffix of a norm weight with Gemma's (1 + w) folded in at import.
+pub const PLUS_ONE_SUFFIX: &str = "+1";
 
 /// How stored tensors are named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +87,13 @@ pub enum Role {
     QNorm,
     KNorm,
     O,
+    /// Gemma's norms after attention and after the MLP (before each residual add).
+    PostAttnNorm,
+    PostFfnNorm,
+    /// LayerNorm biases (StableLM).
+    AttnNormBias,
+    FfnNormBias,
+    FinalNormBias,
     FfnNorm,
     Gate,
     Up,
@@ -87,6 +128,24 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub naming: WeightNaming,
+    pub norm: NormKind,
+    /// Hugging Face Gemma checkpoints store norm weights w applied as (1 + w); the importer
+    /// folds the 1 in and names the folded tensors `<name>+1` (GGUF files hold them folded).
+    pub norm_weight_plus_one: bool,
+    /// Norms after attention and after the MLP as well as before (Gemma's four per block).
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// Embeddings multiplied by this (Gemma: sqrt(hidden)).
+    pub embed_scale: Option<f32>,
+    /// Attention score scale (1/sqrt(head_dim), Gemma: 1/sqrt(query_pre_attn_scalar)).
+    pub attn_scale: f32,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends over the sliding window only.
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers when it differs (Gemma 3: 10 000).
+    pub rope_theta_local: Option<f32>,
 }
 
 impl ModelConfig {
@@ -97,7 +156,66 @@ impl ModelConfig {
 
     /// The stored tensor name for a role in stored block `block`.
     pub fn weight_name(&self, role: Role, block: usize) -> String {
+        let name = self.stored_name(role, block);
+        let is_norm = matches!(
+            role,
+            Role::AttnNorm | Role::FfnNorm | Role::FinalNorm | Role::QNorm | Role::KNorm | Role::PostAttnNorm | Role::PostFfnNorm
+        );
+        if self.norm_weight_plus_one && is_norm {
+            format!("{name}{PLUS_ONE_SUFFIX}")
+        } else {
+            name
+        }
+    }
+
+    /// Whether layer `layer` attends over the sliding window only.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The family's features beyond the llama block, for `inspect`.
+    pub fn features(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.arch.has_qk_norm() {
+            out.push("per-head q/k RMSNorm".to_string());
+        }
+        if self.norm == NormKind::LayerNorm {
+            out.push("LayerNorm with bias".into());
+        }
+        if self.norm_weight_plus_one {
+            out.push("(1 + w) norm weights, folded at import (`<name>+1` tensors)".into());
+        }
+        if self.sandwich_norms {
+            out.push("norms before and after attention and MLP".into());
+        }
+        if self.activation == Activation::GeluTanh {
+            out.push("GeGLU (tanh GELU)".into());
+        }
+        if let Some(f) = self.embed_scale {
+            out.push(format!("embeddings scaled by {f}"));
+        }
+        if self.rotary_dim < self.head_dim {
+            out.push(format!("partial rotary ({} of {} dims)", self.rotary_dim, self.head_dim));
+        }
+        if let Some(w) = self.sliding_window {
+            let n = self.sliding_layers.iter().filter(|s| **s).count();
+            out.push(format!("sliding window {w} on {n} of {} layers", self.num_layers()));
+        }
+        if let Some(t) = self.rope_theta_local {
+            out.push(format!("RoPE base {t} on sliding-window layers"));
+        }
+        if let Some(c) = self.attn_softcap {
+            out.push(format!("attention-logit soft cap {c}"));
+        }
+        if let Some(c) = self.final_softcap {
+            out.push(format!("final-logit soft cap {c}"));
+        }
+        out
+    }
+
+    fn stored_name(&self, role: Role, block: usize) -> String {
         let b = block;
+        let sandwich = self.sandwich_norms;
         match self.naming {
             WeightNaming::HuggingFace => match role {
                 Role::Embed => "model.embed_tokens.weight".into(),
@@ -114,7 +232,15 @@ impl ModelConfig {
                 Role::QNorm => format!("model.layers.{b}.self_attn.q_norm.weight"),
                 Role::KNorm => format!("model.layers.{b}.self_attn.k_norm.weight"),
                 Role::O => format!("model.layers.{b}.self_attn.o_proj.weight"),
+                // Gemma's post_attention_layernorm is the norm after attention; its MLP
+                // input norm is pre_feedforward_layernorm.
+                Role::FfnNorm if sandwich => format!("model.layers.{b}.pre_feedforward_layernorm.weight"),
                 Role::FfnNorm => format!("model.layers.{b}.post_attention_layernorm.weight"),
+                Role::PostAttnNorm => format!("model.layers.{b}.post_attention_layernorm.weight"),
+                Role::PostFfnNorm => format!("model.layers.{b}.post_feedforward_layernorm.weight"),
+                Role::AttnNormBias => format!("model.layers.{b}.input_layernorm.bias"),
+                Role::FfnNormBias => format!("model.layers.{b}.post_attention_layernorm.bias"),
+                Role::FinalNormBias => "model.norm.bias".into(),
                 Role::Gate => format!("model.layers.{b}.mlp.gate_proj.weight"),
                 Role::Up => format!("model.layers.{b}.mlp.up_proj.weight"),
                 Role::GateUp => format!("model.layers.{b}.mlp.gate_up_proj.weight"),
@@ -136,6 +262,11 @@ impl ModelConfig {
                 Role::KNorm => format!("blk.{b}.attn_k_norm.weight"),
                 Role::O => format!("blk.{b}.attn_output.weight"),
                 Role::FfnNorm => format!("blk.{b}.ffn_norm.weight"),
+                Role::PostAttnNorm => format!("blk.{b}.post_attention_norm.weight"),
+                Role::PostFfnNorm => format!("blk.{b}.post_ffw_norm.weight"),
+                Role::AttnNormBias => format!("blk.{b}.attn_norm.bias"),
+                Role::FfnNormBias => format!("blk.{b}.ffn_norm.bias"),
+                Role::FinalNormBias => "output_norm.bias".into(),
                 Role::Gate => format!("blk.{b}.ffn_gate.weight"),
                 // llama.cpp stores Phi-3's fused gate/up as ffn_up.
                 Role::Up | Role::GateUp => format!("blk.{b}.ffn_up.weight"),
@@ -167,6 +298,7 @@ impl ModelConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": self.eos_token_ids,
+            "features": self.features(),
         })
     }
 }
@@ -216,6 +348,28 @@ impl JsonConfig<'_> {
         }
     }
 
+    /// RoPE frequency scaling from a `rope_scaling` / `rope_parameters` object.
+    fn rope_scaling(&self, src: Option<&Json>) -> Result<RopeScaling, ImportError> {
+        let rope_type = src.and_then(|s| s.get("rope_type").or_else(|| s.get("type"))).and_then(|t| t.as_str());
+        match (rope_type.unwrap_or("default"), src) {
+            ("default", _) | (_, None) => Ok(RopeScaling::None),
+            ("llama3", Some(s)) => {
+                let num = |k: &str| -> Result<f32, ImportError> {
+                    self.opt_f64(s.get(k), k)?
+                        .map(|v| v as f32)
+                        .ok_or_else(|| self.err(format!("llama3 rope scaling needs `{k}`")))
+                };
+                Ok(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position: num("original_max_position_embeddings")? as i64,
+                })
+            }
+            (other, _) => Err(self.err(format!("rope scaling type `{other}` is not supported (default, llama3)"))),
+        }
+    }
+
     fn token_ids(&self, key: &str) -> Vec<u32> {
         match self.root.get(key) {
             Some(Json::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
@@ -244,9 +398,12 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
         "Phi3ForCausalLM" | "phi3" => Arch::Phi3,
         "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
+        "Gemma2ForCausalLM" | "gemma2" => Arch::Gemma2,
+        "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
+        "StableLmForCausalLM" | "stablelm" => Arch::StableLm,
         other => {
             return Err(c.err(format!(
-                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM)"
+                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, StableLmForCausalLM)"
             )))
         }
     };
@@ -259,47 +416,105 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
             c.err(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"))
         );
     }
-    let rope_params = root.get("rope_parameters").filter(|v| v.is_object());
+    // transformers 5 nests RoPE per layer type for Gemma 3 (`full_attention`,
+    // `sliding_attention`); other families have one flat `rope_parameters`.
+    let rope_root = root.get("rope_parameters").filter(|v| v.is_object());
+    let per_type = rope_root.and_then(|p| p.get("full_attention")).filter(|v| v.is_object());
+    let rope_params = per_type.or(rope_root);
+    let local_params = rope_root.and_then(|p| p.get("sliding_attention")).filter(|v| v.is_object());
     let legacy_scaling = root.get("rope_scaling").filter(|v| v.is_object());
     let rope_theta = c
         .opt_f64(root.get("rope_theta"), "rope_theta")?
         .or(c.opt_f64(rope_params.and_then(|p| p.get("rope_theta")), "rope_parameters.rope_theta")?)
         .unwrap_or(10000.0) as f32;
-    let scaling_src = legacy_scaling.or(rope_params);
-    let rope_type = scaling_src
-        .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
-    let rope_scaling = match rope_type {
-        "default" => RopeScaling::None,
-        "llama3" => {
-            let s = scaling_src.expect("rope_type came from it");
-            let num = |k: &str| -> Result<f32, ImportError> {
-                c.opt_f64(s.get(k), k)?
-                    .map(|v| v as f32)
-                    .ok_or_else(|| c.err(format!("llama3 rope scaling needs `{k}`")))
-            };
-            RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position: num("original_max_position_embeddings")? as i64,
+    let rope_scaling = c.rope_scaling(legacy_scaling.or(rope_params))?;
+    let rope_theta_local = match arch {
+        Arch::Gemma3 => {
+            if let Some(p) = local_params {
+                if c.rope_scaling(Some(p))? != RopeScaling::None {
+                    return Err(c.err("scaled RoPE on sliding-window layers is not supported".into()));
+                }
             }
+            Some(
+                c.opt_f64(local_params.and_then(|p| p.get("rope_theta")), "rope_parameters.sliding_attention.rope_theta")?
+                    .or(c.opt_f64(root.get("rope_local_base_freq"), "rope_local_base_freq")?)
+                    .unwrap_or(10000.0) as f32,
+            )
         }
-        other => return Err(c.err(format!("rope scaling type `{other}` is not supported (default, llama3)"))),
+        _ => None,
     };
-    let partial = c.opt_f64(root.get("partial_rotary_factor"), "partial_rotary_factor")?.unwrap_or(1.0);
+    let partial = c
+        .opt_f64(root.get("partial_rotary_factor"), "partial_rotary_factor")?
+        .or(c.opt_f64(rope_params.and_then(|p| p.get("partial_rotary_factor")), "rope_parameters.partial_rotary_factor")?)
+        .unwrap_or(1.0);
+    if !(partial > 0.0 && partial <= 1.0) {
+        return Err(c.err(format!("partial_rotary_factor must be in (0, 1], found {partial}")));
+    }
     let rotary_dim = ((head_dim as f64 * partial) as usize) & !1;
     let num_blocks = c.usize("num_hidden_layers")?;
     let block_repeat = if c.opt_bool("layer_sharing")?.unwrap_or(false) { 2 } else { 1 };
     let tie = c.opt_bool("tie_word_embeddings")?.or(c.opt_bool("share_embedding")?).unwrap_or(false);
     let attention_bias = match arch {
         Arch::Qwen2 => true,
+        Arch::StableLm => c.opt_bool("use_qkv_bias")?.unwrap_or(false),
         _ => c.opt_bool("attention_bias")?.unwrap_or(false),
     };
+    let eps_key = if arch == Arch::StableLm { "layer_norm_eps" } else { "rms_norm_eps" };
     let rms_norm_eps = c
-        .opt_f64(root.get("rms_norm_eps"), "rms_norm_eps")?
-        .ok_or_else(|| c.err("missing required key `rms_norm_eps`".into()))? as f32;
+        .opt_f64(root.get(eps_key), eps_key)?
+        .ok_or_else(|| c.err(format!("missing required key `{eps_key}`")))? as f32;
+    if arch == Arch::StableLm {
+        for (key, supported) in [("use_parallel_residual", false), ("qk_layernorm", false)] {
+            if c.opt_bool(key)?.unwrap_or(false) != supported {
+                return Err(c.err(format!("StableLM with `{key}` = true is not supported")));
+            }
+        }
+    }
+    let act = root.get("hidden_activation").or(root.get("hidden_act")).and_then(|v| v.as_str());
+    let activation = match (arch.is_gemma(), act) {
+        (true, None | Some("gelu_pytorch_tanh") | Some("gelu_tanh")) => Activation::GeluTanh,
+        (false, None | Some("silu")) => Activation::Silu,
+        (_, Some(other)) => {
+            return Err(c.err(format!("activation `{other}` is not supported for {arch_name} (silu; gelu_pytorch_tanh for Gemma)")))
+        }
+    };
+    let gemma = arch.is_gemma();
+    let sliding_window = if gemma { c.opt_usize("sliding_window")? } else { None };
+    let sliding_layers = match (sliding_window, root.get("layer_types").and_then(|v| v.as_array())) {
+        (None, _) => vec![false; num_blocks],
+        (Some(_), Some(types)) => {
+            if types.len() != num_blocks {
+                return Err(c.err(format!("`layer_types` has {} entries for {num_blocks} layers", types.len())));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(c.err(format!("unknown layer type {t} (sliding_attention, full_attention)"))),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        // Older configs: every `pattern`-th layer is global (Gemma 2: every other one).
+        (Some(_), None) => {
+            let pattern = c
+                .opt_usize("sliding_window_pattern")?
+                .or(c.opt_usize("_sliding_window_pattern")?)
+                .unwrap_or(if arch == Arch::Gemma3 { 6 } else { 2 });
+            (0..num_blocks).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    let softcap = |key: &str| -> Result<Option<f32>, ImportError> {
+        match c.opt_f64(root.get(key), key)? {
+            Some(v) if v > 0.0 => Ok(Some(v as f32)),
+            Some(v) => Err(c.err(format!("`{key}` must be positive, found {v}"))),
+            None => Ok(None),
+        }
+    };
+    let attn_scale = match c.opt_f64(root.get("query_pre_attn_scalar"), "query_pre_attn_scalar")? {
+        Some(v) if gemma && v > 0.0 => (1.0 / v.sqrt()) as f32,
+        _ => 1.0 / (head_dim as f32).sqrt(),
+    };
     Ok(ModelConfig {
         arch,
         arch_name,
@@ -322,6 +537,17 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         bos_token_id: c.token_ids("bos_token_id").first().copied(),
         eos_token_ids: c.token_ids("eos_token_id"),
         naming: WeightNaming::HuggingFace,
+        norm: if arch == Arch::StableLm { NormKind::LayerNorm } else { NormKind::Rms },
+        norm_weight_plus_one: gemma,
+        sandwich_norms: gemma,
+        activation,
+        embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
+        attn_scale,
+        attn_softcap: if gemma { softcap("attn_logit_softcapping")? } else { None },
+        final_softcap: if gemma { softcap("final_logit_softcapping")? } else { None },
+        sliding_window,
+        sliding_layers,
+        rope_theta_local,
     })
 }
 
@@ -339,8 +565,13 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         "qwen2" => Arch::Qwen2,
         "phi3" => Arch::Phi3,
         "qwen3" => Arch::Qwen3,
+        "gemma2" => Arch::Gemma2,
+        "gemma3" => Arch::Gemma3,
+        "stablelm" => Arch::StableLm,
         other => {
-            return Err(err(format!("unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3)")))
+            return Err(err(format!(
+                "unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3, gemma2, gemma3, stablelm)"
+            )))
         }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -375,21 +606,35 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
     }
     let tied = !file.tensors.iter().any(|(n, _)| n == "output.weight");
     let u32_key = |k: &str| md.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let num_blocks = req_u("block_count")?;
+    let gemma = arch.is_gemma();
+    let eps_key = if arch == Arch::StableLm { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
+    let sliding_window = if gemma { opt_u("attention.sliding_window")? } else { None };
+    // llama.cpp: every 6th Gemma 3 layer and every 2nd Gemma 2 layer is global, unless the
+    // file says otherwise.
+    let pattern = opt_u("attention.sliding_window_pattern")?.unwrap_or(if arch == Arch::Gemma3 { 6 } else { 2 });
+    let sliding_layers =
+        (0..num_blocks).map(|i| sliding_window.is_some() && (i + 1) % pattern != 0).collect::<Vec<_>>();
+    let positive = |k: &str| -> Result<Option<f32>, ImportError> {
+        match opt_f(k) {
+            Some(v) if v > 0.0 && v.is_finite() => Ok(Some(v as f32)),
+            Some(v) => Err(err(format!("metadata `{}` must be positive, found {v}", key(k)))),
+            None => Ok(None),
+        }
+    };
     Ok(ModelConfig {
         arch,
         arch_name: arch_name.clone(),
         vocab_size,
         hidden_size,
         intermediate_size: req_u("feed_forward_length")?,
-        num_blocks: req_u("block_count")?,
+        num_blocks,
         block_repeat: 1,
         num_heads,
         num_kv_heads,
         head_dim,
         rotary_dim: opt_u("rope.dimension_count")?.unwrap_or(head_dim),
-        rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon")
-            .ok_or_else(|| err(format!("missing metadata `{}`", key("attention.layer_norm_rms_epsilon"))))?
-            as f32,
+        rms_norm_eps: opt_f(eps_key).ok_or_else(|| err(format!("missing metadata `{}`", key(eps_key))))? as f32,
         rope_theta: opt_f("rope.freq_base").unwrap_or(10000.0) as f32,
         rope_scaling: RopeScaling::None,
         // llama.cpp's converter permuted llama q/k rows for adjacent-pair RoPE; other
@@ -401,5 +646,19 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         bos_token_id: u32_key("tokenizer.ggml.bos_token_id"),
         eos_token_ids: u32_key("tokenizer.ggml.eos_token_id").into_iter().collect(),
         naming: WeightNaming::Gguf,
+        norm: if arch == Arch::StableLm { NormKind::LayerNorm } else { NormKind::Rms },
+        // llama.cpp's converter adds Gemma's 1 to the stored norm weights.
+        norm_weight_plus_one: false,
+        sandwich_norms: gemma,
+        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
+        // llama.cpp scales by 1/sqrt(key_length) for the Gemma sizes up to 12B (27B uses
+        // hidden/heads, which slmc does not special-case).
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        attn_softcap: if gemma { positive("attn_logit_softcapping")? } else { None },
+        final_softcap: if gemma { positive("final_logit_softcapping")? } else { None },
+        sliding_window,
+        sliding_layers,
+        rope_theta_local: (arch == Arch::Gemma3).then(|| opt_f("rope.freq_base_swa").unwrap_or(10000.0) as f32),
     })
 }

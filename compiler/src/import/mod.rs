@@ -5,6 +5,7 @@
 pub mod config;
 pub mod gguf;
 pub mod hf;
+pub mod sentencepiece;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -39,11 +40,28 @@ pub struct StoredTensor {
     pub len: usize,
 }
 
+/// The bytes behind one entry of a store: a mapped file, or tensors the importer derived
+/// from one (Gemma's folded (1 + w) norm weights), kept under the source file's path.
+enum Backing {
+    Mapped(Mmap),
+    Derived(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Derived(v) => v,
+        }
+    }
+}
+
 /// Memory-mapped weight files and the tensors in them. Nothing is copied: views point
-/// into the maps.
+/// into the maps (except the few small tensors an importer derives).
 #[derive(Default)]
 pub struct WeightStore {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Backing)>,
     tensors: BTreeMap<String, StoredTensor>,
 }
 
@@ -57,8 +75,25 @@ impl WeightStore {
 
     /// Adds a mapped file; returns its index for `StoredTensor::file`.
     pub fn add_file(&mut self, path: PathBuf, map: Mmap) -> usize {
-        self.files.push((path, map));
+        self.files.push((path, Backing::Mapped(map)));
         self.files.len() - 1
+    }
+
+    /// Adds an f32 tensor derived from `source` (a stored tensor) by `f`, under `name`.
+    pub fn derive_f32(&mut self, source: &str, name: String, f: impl Fn(f32) -> f32) -> Result<(), ImportError> {
+        let t = self.tensors.get(source).cloned().ok_or_else(|| {
+            let path = self.files.first().map(|(p, _)| p.clone()).unwrap_or_default();
+            ImportError::file(&path, format!("missing tensor `{source}`"))
+        })?;
+        let path = self.files[t.file].0.clone();
+        let values = self.to_f32(source).ok_or_else(|| {
+            ImportError::file(&path, format!("tensor `{source}` cannot be read as floats ({})", t.dtype))
+        })?;
+        let bytes: Vec<u8> = values.into_iter().flat_map(|v| f(v).to_le_bytes()).collect();
+        let len = bytes.len();
+        self.files.push((path, Backing::Derived(bytes)));
+        let file = self.files.len() - 1;
+        self.insert(name, StoredTensor { dtype: DType::F32, shape: t.shape, file, offset: 0, len })
     }
 
     pub fn insert(&mut self, name: String, tensor: StoredTensor) -> Result<(), ImportError> {
@@ -86,8 +121,9 @@ impl WeightStore {
         &self.files[t.file].0
     }
 
+    /// The files the store maps (each once).
     pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
+        self.files.iter().filter(|(_, b)| matches!(b, Backing::Mapped(_))).map(|(p, _)| p.as_path())
     }
 }
 

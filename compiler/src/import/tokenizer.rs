@@ -16,8 +16,8 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::gguf::Value;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const TOKEN_TYPE_CONTROL: i64 = 3;
-const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+pub(super) const TOKEN_TYPE_CONTROL: i64 = 3;
+pub(super) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 type TokenizerParts = (Result<Tokenizer, String>, Option<String>, Option<String>, Option<String>);
 
@@ -39,8 +39,16 @@ pub fn from_gguf(md: &BTreeMap<String, Value>) -> TokenizerParts {
 fn build(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
     let model =
         md.get("tokenizer.ggml.model").and_then(|v| v.as_str()).ok_or("the GGUF has no tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(format!("GGUF tokenizer model `{model}` is not supported (gpt2-style BPE only)"));
+    let arch = md.get("general.architecture").and_then(|v| v.as_str()).unwrap_or_default();
+    match model {
+        "gpt2" => {}
+        "llama" if arch.starts_with("gemma") => return super::sentencepiece::build_gemma(md),
+        "llama" => {
+            return Err(format!(
+                "GGUF tokenizer model `llama` (SentencePiece) is supported for Gemma architectures only, not `{arch}`"
+            ))
+        }
+        other => return Err(format!("GGUF tokenizer model `{other}` is not supported (gpt2, llama for Gemma)")),
     }
     let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
     // llama.cpp's `smollm` pre-tokenizer splits every digit on its own before the GPT-2

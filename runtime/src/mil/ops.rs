@@ -72,13 +72,14 @@ pub(super) fn run_step(
             };
             broadcast_binary(x, y, f).map_err(err)?
         }
-        MilOp::Abs | MilOp::Rsqrt | MilOp::Silu | MilOp::Sigmoid => {
+        MilOp::Abs | MilOp::Rsqrt | MilOp::Silu | MilOp::Sigmoid | MilOp::Tanh => {
             let x = get_ref("x")?;
             let f: fn(f32) -> f32 = match step.ty {
                 MilOp::Abs => f32::abs,
                 // MIL's default epsilon is 1e-12.
                 MilOp::Rsqrt => |v| 1.0 / (v + 1e-12).sqrt(),
                 MilOp::Silu => |v| v / (1.0 + (-v).exp()),
+                MilOp::Tanh => f32::tanh,
                 _ => |v| 1.0 / (1.0 + (-v).exp()),
             };
             out(x.data.iter().map(|v| f(*v)).collect(), x.shape.clone())

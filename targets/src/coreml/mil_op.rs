@@ -58,6 +58,7 @@ mil_ops! {
     Rsqrt = "rsqrt", NeuralEngine;
     Silu = "silu", NeuralEngine;
     Sigmoid = "sigmoid", NeuralEngine;
+    Tanh = "tanh", NeuralEngine;
     Softmax = "softmax", NeuralEngine;
     ReduceMean = "reduce_mean", NeuralEngine;
     ReduceMax = "reduce_max", NeuralEngine;
