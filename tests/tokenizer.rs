@@ -7,7 +7,11 @@ mod common;
 use common::*;
 
 fn check(model_path: &std::path::Path) {
-    let golden = read_json(&golden_dir().join("smollm2-tokenizer.json"));
+    check_against(model_path, "smollm2-tokenizer.json");
+}
+
+fn check_against(model_path: &std::path::Path, golden_file: &str) {
+    let golden = read_json(&golden_dir().join(golden_file));
     let model = slmc_compiler::import::load(model_path).unwrap();
     let tok = model.tokenizer.as_ref().expect("the model has a tokenizer");
     for case in golden["cases"].as_array().unwrap() {
@@ -18,7 +22,18 @@ fn check(model_path: &std::path::Path) {
         let decoded = tok.decode(enc.get_ids(), false).unwrap();
         assert_eq!(decoded, case["decoded"].as_str().unwrap(), "case {} decode", case["index"]);
         assert_eq!(decoded, text, "case {} round trip", case["index"]);
+        if let Some(with_bos) = case.get("ids_with_special_tokens_added") {
+            let enc = tok.encode(text, true).unwrap();
+            let ids: Vec<u64> = enc.get_ids().iter().map(|i| *i as u64).collect();
+            assert_eq!(ids, as_ids(with_bos), "case {} with special tokens", case["index"]);
+        }
     }
+}
+
+/// Gemma 3's SentencePiece-style vocabulary (BPE by token order, byte fallback, BOS added).
+#[test]
+fn gemma3_gguf_tokenizer_matches_golden() {
+    check_against(&gemma3_gguf(), "gemma3-tokenizer.json");
 }
 
 #[test]

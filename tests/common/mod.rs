@@ -34,6 +34,14 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// The Gemma 3 270M GGUF (Q4_K_M) installed by `scripts/setup gemma3` (scripts/test asks
+/// for it). Missing is a failure, not a skip.
+pub fn gemma3_gguf() -> PathBuf {
+    let path = slmc_compiler::cache_dir().join("models").join("gemma-3-270m-q4_k_m.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/setup gemma3 (scripts/test does)", path.display());
+    path
+}
+
 /// Runs slmc. Compiled bundles are unsigned in most tests, so they run with
 /// `SLMC_ALLOW_UNSIGNED=1` (file hashes are still checked); `slmc_strict` runs without it.
 pub fn slmc(args: &[&str]) -> Output {

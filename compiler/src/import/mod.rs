@@ -194,7 +194,10 @@ fn load_gguf(path: &Path) -> Result<Model, ImportError> {
     let map = WeightStore::map(path)?;
     let parsed = gguf::parse(path, &map)?;
     let config = config::from_gguf(path, &parsed)?;
-    let (tokenizer, chat_template, bos_token, eos_token) = tokenizer::from_gguf(&parsed.metadata);
+    let (tokenizer, mut chat_template, bos_token, eos_token) = tokenizer::from_gguf(&parsed.metadata);
+    if chat_template.is_none() && config.arch.is_gemma() {
+        chat_template = Some(tokenizer::GEMMA_TURN_TEMPLATE.to_string());
+    }
     let mut weights = WeightStore::default();
     let file = weights.add_file(path.to_path_buf(), map);
     for (name, mut t) in parsed.tensors {

@@ -115,6 +115,24 @@ fn build(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
     Ok(tokenizer)
 }
 
+/// Gemma's turn format, for Gemma checkpoints that carry no chat template (the base
+/// models): `<start_of_turn>user ... <end_of_turn>`, assistant turns as `model`, a system
+/// message folded into the first user turn followed by a blank line (as Gemma's own
+/// template does, content trimmed).
+pub const GEMMA_TURN_TEMPLATE: &str = "{{ bos_token }}\
+{%- if messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\
+{%- set loop_messages = messages[1:] -%}\
+{%- else -%}\
+{%- set first_user_prefix = '' -%}\
+{%- set loop_messages = messages -%}\
+{%- endif -%}\
+{%- for message in loop_messages -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";
+
 /// One chat message.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Message {

