@@ -213,6 +213,28 @@ fn rms_norm_and_add_rms_norm() {
 }
 
 #[test]
+fn layer_norm_with_bias() {
+    let body = format!(
+        "  %nw = weight \"norm\" : f32[{K}]\n  %nb = weight \"bias\" : f32[{K}]\n  %out = layer_norm(%x, %nw, %nb) {{eps = 1e-5}} : f32[s, {K}]\n"
+    );
+    let mut w = one("norm", norm_weight(K, 29));
+    let bias: Vec<f32> = random(31, K).iter().map(|v| 0.3 * v).collect();
+    let bytes = slmc_ir::dtype::encode_float(DType::F32, &bias).unwrap();
+    w.insert("bias".into(), OwnedWeight { dtype: DType::F32, shape: vec![K], bytes });
+    check("layer_norm", &body, K, w);
+}
+
+/// Gemma's constant ops: the embedding scale and the final-logit soft cap (a cap small
+/// enough that it bites on these values).
+#[test]
+fn scale_and_softcap() {
+    let body = format!(
+        "  %s = scale(%x) {{factor = 11.3137}} : f32[s, {K}]\n  %out = softcap(%s) {{cap = 4.0}} : f32[s, {K}]\n"
+    );
+    check("scale-softcap", &body, K, OwnedWeights::default());
+}
+
+#[test]
 fn elementwise_and_slice() {
     let body = format!(
         "  %b = weight \"bias\" : f32[{K}]\n  %a = add(%x, %b) : f32[s, {K}]\n  %m = mul(%a, %x) : f32[s, {K}]\n  %n = silu(%m) : f32[s, {K}]\n  %r = add(%n, %x) : f32[s, {K}]\n  %out = slice(%r) {{axis = 1, start = 8, end = 72}} : f32[s, 64]\n"
@@ -231,6 +253,16 @@ fn gqa_body((hq, hk, hd): (usize, usize, usize), rotary_dim: usize, style: &str,
         "  %pos = positions(%tokens) : i32[s]\n  %q0 = slice(%x) {{axis = 1, start = 0, end = {q}}} : f32[s, {q}]\n  %q = reshape(%q0) {{shape = [s, {hq}, {hd}]}} : f32[s, {hq}, {hd}]\n  %k0 = slice(%x) {{axis = 1, start = {q}, end = {qk}}} : f32[s, {k}]\n  %k = reshape(%k0) {{shape = [s, {hk}, {hd}]}} : f32[s, {hk}, {hd}]\n  %v0 = slice(%x) {{axis = 1, start = {qk}, end = {v_end}}} : f32[s, {k}]\n  %v = reshape(%v0) {{shape = [s, {hk}, {hd}]}} : f32[s, {hk}, {hd}]\n  %att = gqa(%q, %k, %v, %pos) {{layer = 0, scale = 0.25, theta = 10000.0, rotary_dim = {rotary_dim}, style = {style}{kv}}} : f32[s, {hq}, {hd}]\n  %out = reshape(%att) {{shape = [s, {q}]}} : f32[s, {q}]\n",
         qk = q + k
     )
+}
+
+/// Gemma's attention: a sliding window shorter than the five-token prefill (so the
+/// prefill's later queries and both decode steps drop keys) and a soft cap on the scores.
+#[test]
+fn gqa_with_sliding_window_and_softcap() {
+    for (limits, label) in [(", window = 3", "window"), (", softcap = 0.5", "softcap"), (", window = 2, softcap = 0.7", "both")] {
+        let body = gqa_body((4, 2, 16), 16, "half", limits);
+        check(&format!("gqa-{label}"), &body, 64, OwnedWeights::default());
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use slmc_ir::blocks::{q4_blocks, q8_blocks};
-use slmc_ir::{DType, KvQuant, Op};
+use slmc_ir::{AttnLimits, DType, KvQuant, Op};
 
 use super::GpuError;
 
@@ -301,21 +301,25 @@ pub fn linear(
 /// barrier); otherwise one invocation per row.
 /// RMSNorm over rows of `dim`, `rows` rows per token (1 for a hidden state, the head count
 /// for per-head q/k norms).
-pub fn rms_norm(
-    dim: usize,
-    rows: usize,
-    eps: f32,
-    add: bool,
-    features: GpuFeatures,
-) -> Result<(String, String), GpuError> {
+/// `norm` is the op: `rms_norm`, `add_rms_norm`, or `layer_norm` (one row per token, one
+/// invocation per row in both variants).
+pub fn rms_norm(norm: &Op, dim: usize, rows: usize, features: GpuFeatures) -> Result<(String, String), GpuError> {
+    let (eps, add, centered) = match *norm {
+        Op::RmsNorm { eps } => (eps, false, false),
+        Op::AddRmsNorm { eps } => (eps, true, false),
+        Op::LayerNorm { eps } => (eps, false, true),
+        _ => return Err(GpuError::Kernel { kernel: norm.mnemonic().into(), message: "not a norm".into() }),
+    };
+    let subgroups = features.subgroups && !centered;
     let mut ctx = tera::Context::new();
     ctx.insert("dim", &dim);
     ctx.insert("rows", &rows);
     ctx.insert("eps", &float(eps));
     ctx.insert("residual", &add);
-    ctx.insert("subgroups", &features.subgroups);
-    let op = if add { Op::AddRmsNorm { eps } } else { Op::RmsNorm { eps } }.mnemonic();
-    let variant = if features.subgroups { "_sg" } else { "" };
+    ctx.insert("centered", &centered);
+    ctx.insert("subgroups", &subgroups);
+    let op = norm.mnemonic();
+    let variant = if subgroups { "_sg" } else { "" };
     let per_head = if rows > 1 { format!("_r{rows}") } else { String::new() };
     render(Template::RmsNorm, format!("{op}_{dim}{per_head}_{}{variant}", eps.to_bits()), ctx)
 }
@@ -536,6 +540,7 @@ impl KeySplit {
 pub fn attention(
     (hq, hk, hd): (usize, usize, usize),
     scale: f32,
+    limits: AttnLimits,
     context: usize,
     split: KeySplit,
     kv: KvQuant,
@@ -544,7 +549,16 @@ pub fn attention(
 ) -> Result<(String, String), GpuError> {
     let mut ctx = tera::Context::new();
     let kv_tag = kv_params(&mut ctx, kv, ring, features);
-    let name = format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}_k{}", split.keys);
+    let mut name = format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}_k{}", split.keys);
+    if let Some(w) = limits.window {
+        name += &format!("_w{w}");
+    }
+    if let Some(c) = limits.softcap {
+        name += &format!("_cap{:08x}", c.to_bits());
+    }
+    ctx.insert("attn_window", &limits.window.unwrap_or(0));
+    ctx.insert("softcap", &limits.softcap.map(float).unwrap_or_default());
+    ctx.insert("two_over_cap", &limits.softcap.map(|c| float(2.0 / c)).unwrap_or_default());
     if split.iterations(hd) >= SOFTWARE_LOOP_LIMIT {
         return Err(GpuError::Kernel {
             kernel: name,

@@ -264,12 +264,15 @@ impl<'a> Builder<'a> {
                     );
                 }
             }
-            Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => {
+            Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::LayerNorm { .. } => {
                 let add = matches!(node.op, Op::AddRmsNorm { .. });
+                let centered = matches!(node.op, Op::LayerNorm { .. });
+                // The weight is the second operand (the third for add_rms_norm).
+                let w_at = if add { 2 } else { 1 };
                 // The norm runs over the last dimension (the weight's length): one row per
                 // token for a hidden state, one per head for per-head q/k norms.
                 let per_token = self.per_token(id)?;
-                let dim = dims(graph, *node.inputs.last().unwrap())[0].unwrap_or(per_token);
+                let dim = dims(graph, node.inputs[w_at])[0].unwrap_or(per_token);
                 if dim == 0 || per_token % dim != 0 {
                     return Err(self.err(id, format!("norm rows of {dim} do not tile {per_token} values per token")));
                 }
@@ -277,18 +280,23 @@ impl<'a> Builder<'a> {
                 if rows_per_token > 1 && self.opts.max_step_tokens * rows_per_token > 65535 {
                     return Err(self.err(id, "more norm rows per step than one dispatch dimension holds"));
                 }
+                if centered && rows_per_token != 1 {
+                    return Err(self.err(id, "layer_norm over part of a token's values is not lowered to WGSL"));
+                }
                 let mut bindings = vec![self.buffer_of(node.inputs[0])?];
                 if add {
                     bindings.push(self.buffer_of(node.inputs[1])?);
                 }
-                let (w, _) = self.weight(*node.inputs.last().unwrap(), false)?;
-                bindings.push(w);
+                for weight in &node.inputs[w_at..] {
+                    let (w, _) = self.weight(*weight, false)?;
+                    bindings.push(w);
+                }
                 bindings.push(self.activation(id)?);
-                let (name, src) = kernels::rms_norm(dim, rows_per_token, *eps, add, self.opts.features)?;
+                let (name, src) = kernels::rms_norm(&node.op, dim, rows_per_token, self.opts.features)?;
                 let k = self.kernel(name, src, bindings.len());
                 // Subgroup variant: a workgroup per row; plain: an invocation per row.
                 let r = rows_per_token as u64;
-                let rows = if self.opts.features.subgroups { per_tok(r, 1) } else { per_tok(r, 64) };
+                let rows = if self.opts.features.subgroups && !centered { per_tok(r, 1) } else { per_tok(r, 64) };
                 self.dispatch(id, k, bindings, [rows, one, one]);
             }
             Op::Linear | Op::LinearSwiglu => {
@@ -339,9 +347,6 @@ impl<'a> Builder<'a> {
                 self.dispatch(id, k, vec![x, out], [per_tok(width as u64, 64), one, one]);
             }
             Op::Gqa { layer, scale, rotary, quant, limits } => {
-                if !limits.is_none() {
-                    return Err(self.err(id, "sliding-window or soft-capped attention is not lowered to WGSL yet"));
-                }
                 let kv = *quant;
                 let qd = dims(graph, node.inputs[0]);
                 let kd = dims(graph, node.inputs[1]);
@@ -383,7 +388,7 @@ impl<'a> Builder<'a> {
                 let part_bytes = (self.opts.max_step_tokens * hq * split.splits * (hd + 2) * 4) as u64;
                 let part = self.scratch_buffer("attention.partials", part_bytes);
                 let (name, src) =
-                    kernels::attention((hq, hk, hd), *scale, self.opts.context_len, split, kv, ring, features)?;
+                    kernels::attention((hq, hk, hd), *scale, *limits, self.opts.context_len, split, kv, ring, features)?;
                 let k = self.kernel(name, src, 4);
                 let splits = Count::fixed(split.splits as u64);
                 self.dispatch(id, k, vec![q_rot, k_cache, v_cache, part], [splits, per_tok(hq as u64, 1), one]);
