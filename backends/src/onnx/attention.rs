@@ -52,6 +52,23 @@ impl<'a> Builder<'a> {
         self.step_positions.clone().expect("just set")
     }
 
+    /// The causal mask narrowed to a sliding window: query position q sees key position j
+    /// when q - j < window (built once per window size).
+    fn window_mask(&mut self, causal: &str, window: usize) -> String {
+        let name = format!("step/window_mask_{window}");
+        if self.tiled_masks.values().any(|m| m == &name) || self.window_masks.contains(&window) {
+            return name;
+        }
+        self.window_masks.insert(window);
+        let w = self.inline_i64("window", &[window as i64], true);
+        let distance = self.fresh("step/query_key_distance");
+        self.node("Sub", "", &["step/query_column", "step/key_row"], &[&distance], vec![]);
+        let near = self.fresh("step/within_window");
+        self.node("Less", "", &[&distance, &w], &[&near], vec![]);
+        self.node("And", "", &[causal, &near], &[&name], vec![]);
+        name
+    }
+
     /// Rotary embedding of `x` `[1, s, heads, d]` in standard ops (the first `rotary_dim`
     /// dims; half or interleaved pairs), with cos/sin gathered at the step's positions.
     pub(super) fn rotate(&mut self, x: &str, heads: usize, hd: usize, rotary: &slmc_ir::Rotary, out: &str) {
@@ -149,12 +166,15 @@ impl<'a> Builder<'a> {
         k: &str,
         v: &str,
         (hq, hk, hd): (usize, usize, usize),
-        scale: f32,
+        (scale, limits): (f32, slmc_ir::AttnLimits),
         rotary: &slmc_ir::Rotary,
         io: AttentionIo,
     ) {
         let out = io.out.clone();
-        let (_, mask) = self.positions_and_mask();
+        let (_, mut mask) = self.positions_and_mask();
+        if let Some(w) = limits.window {
+            mask = self.window_mask(&mask, w);
+        }
         let (q_rot, k_rot) = (self.fresh(&format!("{out}/q_rot")), self.fresh(&format!("{out}/k_rot")));
         self.rotate(q, hq, hd, rotary, &q_rot);
         self.rotate(k, hk, hd, rotary, &k_rot);
@@ -179,15 +199,20 @@ impl<'a> Builder<'a> {
         let scores = self.fresh(&format!("{out}/scores"));
         self.node("MatMul", "", &[&q_g, &k_tt], &[&scores], vec![]);
         let sc = self.inline_f32("scale", scale);
-        let scaled = self.fresh(&format!("{out}/scaled"));
+        let mut scaled = self.fresh(&format!("{out}/scaled"));
         self.node("Mul", "", &[&scores, &sc], &[&scaled], vec![]);
-        let rows = match self.tiled_masks.get(&group) {
+        if let Some(cap) = limits.softcap {
+            let capped = self.fresh(&format!("{out}/capped"));
+            self.softcap(&scaled, cap, &capped);
+            scaled = capped;
+        }
+        let rows = match self.tiled_masks.get(&(group, limits.window)) {
             Some(m) => m.clone(),
             None => {
                 let reps = self.inline_i64("repeats", &[group as i64, 1], false);
                 let m = self.fresh("step/causal_mask_tiled");
                 self.node("Tile", "", &[&mask, &reps], &[&m], vec![]);
-                self.tiled_masks.insert(group, m.clone());
+                self.tiled_masks.insert((group, limits.window), m.clone());
                 m
             }
         };
@@ -237,7 +262,8 @@ impl<'a> Builder<'a> {
             let qd = dims_of(g, node.inputs[0]);
             let kd = dims_of(g, node.inputs[1]);
             let (Some(hq), Some(hk), Some(hd)) = (qd[1], kd[1], qd[2]) else { continue };
-            if hd % 16 != 0 {
+            let Op::Gqa { rotary, .. } = &node.op else { continue };
+            if !gqa_kernel_accepts(hd, rotary) {
                 continue;
             }
             let mut chain = Vec::new();
@@ -277,4 +303,12 @@ impl<'a> Builder<'a> {
             self.packed_qkv.insert(id, x);
         }
     }
+}
+
+/// Whether ONNX Runtime's CPU GroupQueryAttention kernel takes these shapes: head sizes a
+/// multiple of 16, and rotary tables (rotary_dim / 2 columns) a multiple of 8 (a partial
+/// rotary of 8 dims, as in the StableLM 2 fixture, is refused at run time). Other shapes
+/// use the standard-ops attention.
+pub(super) fn gqa_kernel_accepts(head_dim: usize, rotary: &slmc_ir::Rotary) -> bool {
+    head_dim % 16 == 0 && (rotary.rotary_dim / 2) % 8 == 0
 }

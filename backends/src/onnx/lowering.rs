@@ -179,9 +179,6 @@ impl<'a> Builder<'a> {
                 self.node("Slice", "", &[&x, &starts, &ends, &axes], &[&out], vec![]);
             }
             Op::Gqa { layer, scale, rotary, quant, limits } => {
-                if !limits.is_none() {
-                    return Err(self.err(id, "sliding-window or soft-capped attention has no ONNX lowering yet"));
-                }
                 if *quant != KvQuant::F32 {
                     return Err(self.err(
                         id,
@@ -203,14 +200,13 @@ impl<'a> Builder<'a> {
                 let (past_k, past_v) =
                     (format!("past_key_values.{layer}.key"), format!("past_key_values.{layer}.value"));
                 let (present_k, present_v) = (format!("present.{layer}.key"), format!("present.{layer}.value"));
-                // GroupQueryAttention's CPU kernel needs head sizes that are multiples of 16.
-                if self.opts.profile == OnnxProfile::Portable || hd % 16 != 0 {
+                if self.opts.profile == OnnxProfile::Portable || !super::attention::gqa_kernel_accepts(hd, rotary) {
                     let q = self.name_of(node.inputs[0])?;
                     let k = self.name_of(node.inputs[1])?;
                     let v = self.name_of(node.inputs[2])?;
                     let io = AttentionIo { past_k, past_v, present_k, present_v, out: out.clone() };
                     self.explicit_attention_layers += 1;
-                    self.explicit_attention(&q, &k, &v, (hq, hk, hd), *scale, rotary, io);
+                    self.explicit_attention(&q, &k, &v, (hq, hk, hd), (*scale, *limits), rotary, io);
                     self.names.insert(id, out);
                     return Ok(());
                 }
@@ -241,7 +237,10 @@ impl<'a> Builder<'a> {
                         attr_float("scale", *scale),
                         attr_int("do_rotary", 1),
                         attr_int("rotary_interleaved", matches!(rotary.style, RopeStyle::Interleaved) as i64),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(gqa_limits(limits))
+                    .collect(),
                 );
                 // A reshape to [s, hq * d] as the only reader takes GQA's flat output as is.
                 let users = graph.users(id);
@@ -265,4 +264,19 @@ impl<'a> Builder<'a> {
         }
         Ok(())
     }
+}
+
+/// GroupQueryAttention's attributes for a sliding window and a score soft cap. ORT's CPU
+/// kernel lets a query see `local_window_size` positions including its own, as slmc's
+/// window does (measured: w - 1 or no window both leave the Gemma 3 fixture's goldens
+/// past its 8-token window; w reproduces them).
+fn gqa_limits(limits: &slmc_ir::AttnLimits) -> Vec<super::proto::AttributeProto> {
+    let mut attrs = Vec::new();
+    if let Some(w) = limits.window {
+        attrs.push(attr_int("local_window_size", w as i64));
+    }
+    if let Some(c) = limits.softcap {
+        attrs.push(attr_float("softcap", c));
+    }
+    attrs
 }

@@ -102,7 +102,10 @@ struct Builder<'a> {
     /// those positions (per rotary), the mask tiled per query-group size.
     step_positions: Option<(String, String)>,
     gathered_rope: HashMap<String, (String, String)>,
-    tiled_masks: HashMap<usize, String>,
+    /// Causal (and sliding-window) masks tiled for a GQA group size, by (group, window).
+    tiled_masks: HashMap<(usize, Option<usize>), String>,
+    /// Window sizes whose `step/window_mask_{w}` exists.
+    window_masks: std::collections::BTreeSet<usize>,
     /// Contrib profile, fewer nodes: IR values never emitted because their consumer reads
     /// another tensor (q/k/v slices of a packed projection; the flattening of an attention
     /// output that GroupQueryAttention already returns flat).
@@ -254,6 +257,7 @@ pub fn compile(
         step_positions: None,
         gathered_rope: HashMap::new(),
         tiled_masks: HashMap::new(),
+        window_masks: Default::default(),
         skipped: Default::default(),
         packed_qkv: HashMap::new(),
         skip_sums: HashMap::new(),
