@@ -96,11 +96,20 @@ impl<'a> Emitter<'a> {
         self.b.op(MilOp::Matmul, hint, inputs, Dt::F16, &shape)
     }
 
-    pub(super) fn tiled_mask(&mut self, group: usize) -> Var {
-        if let Some(m) = self.tiled_masks.get(&group) {
+    /// The additive mask for `group` query heads per key head: causal, or causal within a
+    /// sliding `window` (an input `window_mask_<w>` the host builds like `causal_mask`).
+    pub(super) fn tiled_mask(&mut self, group: usize, window: Option<usize>) -> Var {
+        if let Some(m) = self.tiled_masks.get(&(group, window)) {
             return m.clone();
         }
-        let mask = self.causal_mask.clone();
+        let mask = match window {
+            None => self.causal_mask.clone(),
+            Some(w) => self.window_masks.entry(w).or_insert_with(|| {
+                let name = format!("window_mask_{w}");
+                self.b.reserve(&name);
+                Var { name, dt: Dt::F16, shape: self.causal_mask.shape.clone() }
+            }).clone(),
+        };
         let m = if group == 1 {
             mask
         } else {
@@ -109,13 +118,13 @@ impl<'a> Emitter<'a> {
             let reps = mil::i32_value(&[4], &[1, 1, group as i32, 1]);
             self.b.op(
                 MilOp::Tile,
-                &format!("causal_mask_x{group}"),
+                &format!("{}_x{group}", mask.name),
                 vec![("x", Arg::Var(&mask)), ("reps", Arg::Value(reps))],
                 Dt::F16,
                 &shape,
             )
         };
-        self.tiled_masks.insert(group, m.clone());
+        self.tiled_masks.insert((group, window), m.clone());
         m
     }
 
@@ -143,7 +152,7 @@ impl<'a> Emitter<'a> {
         &mut self,
         id: NodeId,
         layer: usize,
-        scale: f32,
+        (scale, limits): (f32, slmc_ir::AttnLimits),
         rotary: &slmc_ir::Rotary,
         (q, k, v): (Var, Var, Var),
         (hq, hk, d): (usize, usize, usize),
@@ -162,7 +171,9 @@ impl<'a> Emitter<'a> {
         let mut q4 = self.reshape(&format!("{l}_q_groups"), &qt, &[1, hk, g * t, d]);
         let kt = self.transpose(&format!("{l}_k_heads"), &kr, &[1, 0, 2]);
         let vt = self.transpose(&format!("{l}_v_heads"), &v, &[1, 0, 2]);
-        let mask = self.tiled_mask(g);
+        // A window at least the context never hides a key: plain causal attention, exactly.
+        let window = limits.window.filter(|w| *w < c);
+        let mask = self.tiled_mask(g, window);
         let attended = match self.opts.deployment {
             Deployment::Ios18 => {
                 let k4 = self.reshape(&format!("{l}_k_new"), &kt, &[1, hk, t, d]);
@@ -198,6 +209,11 @@ impl<'a> Emitter<'a> {
                     );
                     caches.push(upd);
                 }
+                if let Some(cap) = limits.softcap {
+                    // scaled_dot_product_attention has no soft cap: scores in explicit ops.
+                    let keys_values = (caches[0].clone(), caches[1].clone());
+                    return Ok(self.explicit_attention(&l, q4, keys_values, (scale, Some(cap)), &mask, (hq, t, d)));
+                }
                 // The op's scale is fixed at 1/sqrt(d): fold any other scale into q.
                 let default = 1.0 / (d as f32).sqrt();
                 if (scale - default).abs() > 1e-7 * default {
@@ -228,18 +244,44 @@ impl<'a> Emitter<'a> {
                 }
                 self.extra_outputs.push(k4.clone());
                 self.extra_outputs.push(v4.clone());
-                // Scaling q before the product keeps the fp16 scores small.
-                let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale);
-                q4 = self.binary(MilOp::Mul, &format!("{l}_q_scaled"), &q4, &s);
-                let n = c + t;
-                let scores = self.matmul(&format!("{l}_scores"), &q4, &all[0], true);
-                let masked = self.binary(MilOp::Add, &format!("{l}_scores_masked"), &scores, &mask);
-                let inputs = vec![("x", Arg::Var(&masked)), ("axis", Arg::Value(mil::i32_value(&[], &[-1])))];
-                let probs = self.b.op(MilOp::Softmax, &format!("{l}_probs"), inputs, Dt::F16, &[1, hk, g * t, n]);
-                self.matmul(&format!("{l}_attention"), &probs, &all[1], false)
+                let keys_values = (all[0].clone(), all[1].clone());
+                return Ok(self.explicit_attention(&l, q4, keys_values, (scale, limits.softcap), &mask, (hq, t, d)));
             }
         };
-        let heads = self.reshape(&format!("{l}_attention_heads"), &attended, &[hq, t, d]);
-        Ok(self.transpose(&format!("{l}_attention_out"), &heads, &[1, 0, 2]))
+        Ok(self.attention_out(&l, &attended, (hq, t, d)))
+    }
+
+    /// Attention in matmul/softmax ops over all key slots: q scaled first (which keeps the
+    /// fp16 scores small), the soft cap if any, the additive mask, softmax, the values.
+    fn explicit_attention(
+        &mut self,
+        l: &str,
+        q4: Var,
+        (keys, values): (Var, Var),
+        (scale, softcap): (f32, Option<f32>),
+        mask: &Var,
+        (hq, t, d): (usize, usize, usize),
+    ) -> Var {
+        let s = self.b.scalar_f16(&format!("{l}_q_scale"), scale);
+        let q4 = self.binary(MilOp::Mul, &format!("{l}_q_scaled"), &q4, &s);
+        let mut scores = self.matmul(&format!("{l}_scores"), &q4, &keys, true);
+        if let Some(cap) = softcap {
+            let inv = self.b.scalar_f16(&format!("{l}_inv_cap"), 1.0 / cap);
+            let divided = self.binary(MilOp::Mul, &format!("{l}_scores_divided"), &scores, &inv);
+            let tanh = self.unary(MilOp::Tanh, &format!("{l}_scores_tanh"), &divided);
+            let c = self.b.scalar_f16(&format!("{l}_cap"), cap);
+            scores = self.binary(MilOp::Mul, &format!("{l}_scores_capped"), &tanh, &c);
+        }
+        let masked = self.binary(MilOp::Add, &format!("{l}_scores_masked"), &scores, mask);
+        let shape = masked.shape.clone();
+        let inputs = vec![("x", Arg::Var(&masked)), ("axis", Arg::Value(mil::i32_value(&[], &[-1])))];
+        let probs = self.b.op(MilOp::Softmax, &format!("{l}_probs"), inputs, Dt::F16, &shape);
+        let attended = self.matmul(&format!("{l}_attention"), &probs, &values, false);
+        self.attention_out(l, &attended, (hq, t, d))
+    }
+
+    fn attention_out(&mut self, l: &str, attended: &Var, (hq, t, d): (usize, usize, usize)) -> Var {
+        let heads = self.reshape(&format!("{l}_attention_heads"), attended, &[hq, t, d]);
+        self.transpose(&format!("{l}_attention_out"), &heads, &[1, 0, 2])
     }
 }

@@ -123,9 +123,6 @@ impl<'a> Emitter<'a> {
                 self.slice(&hint, &x, *axis, *start as usize, *end as usize)
             }
             Op::Gqa { layer, scale, rotary, quant, limits } => {
-                if !limits.is_none() {
-                    return Err(self.err(id, "sliding-window or soft-capped attention has no Core ML lowering yet"));
-                }
                 if !matches!(quant, KvQuant::F32 | KvQuant::F16) {
                     return Err(self.err(
                         id,
@@ -142,7 +139,7 @@ impl<'a> Emitter<'a> {
                 if self.layers.insert(*layer, (hq, hk, d)).is_some() {
                     return Err(self.err(id, format!("layer {layer} appears twice")));
                 }
-                self.attention(id, *layer, *scale, rotary, (q, k, v), (hq, hk, d))?
+                self.attention(id, *layer, (*scale, *limits), rotary, (q, k, v), (hq, hk, d))?
             }
             op @ (Op::Rope { .. } | Op::KvAppend { .. } | Op::Attention { .. }) => {
                 return Err(CoremlError::UnsupportedOp {

@@ -88,7 +88,7 @@ struct Emitter<'a> {
     /// The step's cache-write begin index `[0, 0, p, 0]`.
     write_begin: Option<Var>,
     write_ends: HashMap<(usize, usize), Var>,
-    tiled_masks: HashMap<usize, Var>,
+    tiled_masks: HashMap<(usize, Option<usize>), Var>,
     /// Sums computed inside an add_rms_norm, reused by the residual `add` of the same operands.
     sums: HashMap<(NodeId, NodeId), Var>,
     layers: BTreeMap<usize, (usize, usize, usize)>,
@@ -96,6 +96,8 @@ struct Emitter<'a> {
     position_ids: Var,
     causal_mask: Var,
     extra_inputs: Vec<proto::NamedValueType>,
+    /// Sliding-window masks by window (inputs after `causal_mask`).
+    window_masks: BTreeMap<usize, Var>,
     extra_outputs: Vec<Var>,
 }
 
@@ -266,6 +268,7 @@ pub fn compile(
         position_ids: position_ids.clone(),
         causal_mask: causal_mask.clone(),
         extra_inputs: Vec::new(),
+        window_masks: BTreeMap::new(),
         extra_outputs: Vec::new(),
     };
     for id in slmc_ir::text::print_order(graph) {
@@ -279,7 +282,8 @@ pub fn compile(
 
     // Function inputs: the step, then (iOS 18) states or (iOS 17) past caches.
     let mut fn_inputs: Vec<proto::NamedValueType> = [&input_ids, &position_ids, &causal_mask]
-        .iter()
+        .into_iter()
+        .chain(e.window_masks.values())
         .map(|v| proto::NamedValueType { name: v.name.clone(), r#type: Some(mil::tensor_type(v.dt, &v.shape)) })
         .collect();
     fn_inputs.extend(e.extra_inputs.iter().cloned());
@@ -302,6 +306,9 @@ pub fn compile(
         feature("position_ids", F::MultiArrayType(array(Dt::I32, &position_ids.shape))),
         feature("causal_mask", F::MultiArrayType(array(Dt::F16, &causal_mask.shape))),
     ];
+    for m in e.window_masks.values() {
+        input.push(feature(&m.name, F::MultiArrayType(array(Dt::F16, &m.shape))));
+    }
     let mut state = Vec::new();
     for l in 0..n_layers {
         for kind in ["key", "value"] {

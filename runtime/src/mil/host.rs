@@ -10,6 +10,9 @@ use slmc_targets::ArtifactKind;
 use super::{MilError, MilProgram, Tensor};
 use crate::{ExecError, Executor};
 
+/// The inputs of sliding-window masks are named this plus the window.
+const WINDOW_MASK_PREFIX: &str = "window_mask_";
+
 /// Drives a program the way a Core ML host would: fixed steps of `step_tokens` (padded),
 /// positions, the additive causal mask, and the KV cache (state, or inputs/outputs).
 pub struct CoremlReference {
@@ -21,6 +24,8 @@ pub struct CoremlReference {
     past: usize,
     /// iOS 17: the caches the host keeps, by input name.
     caches: HashMap<String, Tensor>,
+    /// Sliding-window masks the program takes (`window_mask_<w>`), with their windows.
+    window_masks: Vec<(String, usize)>,
 }
 
 impl CoremlReference {
@@ -36,7 +41,16 @@ impl CoremlReference {
             .find(|i| i.name == "key_cache_0")
             .ok_or_else(|| MilError::Usage("the model has no input or state `key_cache_0`".into()))?;
         let context_len = cache.shape[2];
+        let window_masks = program
+            .inputs
+            .iter()
+            .filter_map(|i| {
+                let w = i.name.strip_prefix(WINDOW_MASK_PREFIX)?.parse::<usize>().ok().filter(|w| *w > 0)?;
+                Some((i.name.clone(), w))
+            })
+            .collect();
         let mut r = CoremlReference {
+            window_masks,
             program,
             deployment,
             step_tokens,
@@ -84,22 +98,33 @@ impl CoremlReference {
             let ids: Vec<f32> = (0..t).map(|i| chunk[i.min(n - 1)] as f32).collect();
             let pos: Vec<f32> = (0..t).map(|i| (p + i) as f32).collect();
             let width = if self.deployment == Deployment::Ios18 { c } else { c + t };
-            let mut mask = vec![f32::NEG_INFINITY; t * width];
-            for i in 0..t {
-                for j in 0..width {
-                    let allowed = match self.deployment {
-                        Deployment::Ios18 => j <= p + i,
-                        Deployment::Ios17 => (j < c && j < p) || (j >= c && j - c <= i),
-                    };
-                    if allowed {
-                        mask[i * width + j] = 0.0;
+            // Key slot j holds position j (iOS 18's state, iOS 17's past caches) or, for
+            // iOS 17's new keys after the c cache slots, position p + (j - c).
+            let key_position = |j: usize| match self.deployment {
+                Deployment::Ios18 => Some(j),
+                Deployment::Ios17 if j < c => (j < p).then_some(j),
+                Deployment::Ios17 => Some(p + j - c),
+            };
+            let mask = |window: Option<usize>| {
+                let mut mask = vec![f32::NEG_INFINITY; t * width];
+                for i in 0..t {
+                    for j in 0..width {
+                        let visible = key_position(j)
+                            .is_some_and(|k| k <= p + i && window.is_none_or(|w| p + i - k < w));
+                        if visible {
+                            mask[i * width + j] = 0.0;
+                        }
                     }
                 }
-            }
+                Tensor::new(Dt::F16, vec![1, 1, t, width], mask)
+            };
             let mut feed = HashMap::new();
             feed.insert("input_ids".to_string(), Tensor::new(Dt::I32, vec![1, t], ids));
             feed.insert("position_ids".to_string(), Tensor::new(Dt::I32, vec![t], pos));
-            feed.insert("causal_mask".to_string(), Tensor::new(Dt::F16, vec![1, 1, t, width], mask));
+            feed.insert("causal_mask".to_string(), mask(None));
+            for (name, window) in &self.window_masks {
+                feed.insert(name.clone(), mask(Some(*window)));
+            }
             for (k, v) in &self.caches {
                 feed.insert(k.clone(), v.clone());
             }
