@@ -56,3 +56,21 @@ fn run_chat_uses_the_turn_template() {
     assert_eq!(as_ids(&run["prompt_ids"]), as_ids(&prompt["input_ids"]));
     assert_eq!(as_ids(&run["generated_ids"])[..], as_ids(&prompt["generated_ids"])[..4]);
 }
+
+/// Compiles the real model for `target` once per test binary run.
+fn compiled(target: &str, extra: &[&str]) -> std::path::PathBuf {
+    let out = scratch(&format!("gemma3-270m-{target}"));
+    let gguf = gemma3_gguf();
+    let mut args = vec!["compile", gguf.to_str().unwrap(), "--target", target, "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    slmc_json(&args);
+    out.join(target)
+}
+
+#[test]
+fn onnx_cpu_matches_transformers_including_past_the_sliding_window() {
+    let bundle = compiled("onnx-cpu", &[]);
+    check_goldens(&bundle, &gemma_short(), 0.02, true, &[]);
+    let long = Goldens { file: "gemma3-270m-long.json", decode: true, greedy_tokens: 48 };
+    check_goldens(&bundle, &long, 0.02, true, &[]);
+}
