@@ -22,9 +22,11 @@ pub struct CompileArgs {
     /// KV-cache positions the artifact holds (capped by the model's context).
     #[arg(long, default_value_t = 2048)]
     pub context: usize,
-    /// Most tokens per step (longer prompts run in chunks).
-    #[arg(long, default_value_t = 256)]
-    pub max_step_tokens: usize,
+    /// Most tokens per step (longer prompts run in chunks). Default 256, lowered for a GPU
+    /// target until one step's logits fit its storage-buffer binding (a 262k vocabulary
+    /// takes 1 MiB of logits per token).
+    #[arg(long)]
+    pub max_step_tokens: Option<usize>,
     /// Replace existing target directories.
     #[arg(long)]
     pub force: bool,
@@ -139,7 +141,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     let key_options = json!({
         "optimizer": options,
         "context": args.context,
-        "max_step_tokens": args.max_step_tokens,
+        "max_step_tokens": args.max_step_tokens.unwrap_or(DEFAULT_STEP_TOKENS),
         "max_binding_bytes": args.max_binding_bytes,
         "onnx_accuracy_level": args.onnx_accuracy_level,
         "onnx_head_accuracy_level": args.onnx_head_accuracy_level,
@@ -197,7 +199,8 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             Some(c) => (context_len.min(c.max_context_len), c.step_tokens),
             None => (context_len, 1),
         };
-        let long = bundles::long_smoke_len(target_context, args.max_step_tokens, fixed_step);
+        let max_step_tokens = step_tokens_for(profile, model.config.vocab_size, args.max_step_tokens);
+        let long = bundles::long_smoke_len(target_context, max_step_tokens, fixed_step);
         if !smoke.contains_key(&long) {
             bar.set_message("golden smoke set on the reference interpreter");
             smoke.insert(long, bundles::smoke_set(model, optimized, context_len, long)?);
@@ -209,7 +212,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         bar.set_message(format!("{}: generating and checking", profile.name));
         let options = slmc_compiler::compile::CompileOptions {
             context_len: args.context,
-            max_step_tokens: args.max_step_tokens,
+            max_step_tokens,
             force: args.force,
             max_binding_bytes: args.max_binding_bytes,
             onnx_accuracy_level: args.onnx_accuracy_level,
@@ -382,4 +385,19 @@ pub fn rollback(store_dir: &Path, json: bool) -> Result<()> {
         eprintln!("rolled back from {from} to {to} in {seconds:.3} s");
     }
     Ok(())
+}
+
+const DEFAULT_STEP_TOKENS: usize = 256;
+
+/// The step size a target gets: the one asked for, else the default, lowered (to a multiple
+/// of 16) for a GPU target until one step's f32 logits fit a storage-buffer binding.
+fn step_tokens_for(profile: &slmc_targets::TargetProfile, vocab: usize, requested: Option<usize>) -> usize {
+    if let Some(n) = requested {
+        return n;
+    }
+    let limit = profile.binding_limit().map(|b| b as usize / (4 * vocab.max(1))).unwrap_or(usize::MAX);
+    match DEFAULT_STEP_TOKENS.min(limit) {
+        n if n >= 16 => n / 16 * 16,
+        n => n.max(1),
+    }
 }
