@@ -101,9 +101,14 @@ impl<'a> Emitter<'a> {
                 self.binary(MilOp::Mul, &hint, &x, &gate)
             }
             Op::Scale { factor } => {
+                // Gemma's scaled embeddings start its residual stream, which grows past the
+                // fp16 range (measured over 65504 by layer 8 of Gemma 3 270M): from here the
+                // stream is fp32 (adds cast their fp16 operand up; norms scale it back
+                // into fp16 range before normalizing), every block itself fp16.
                 let x = self.var(node.inputs[0])?;
-                let f = self.b.scalar_f16(&format!("{hint}_factor"), *factor);
-                self.binary(MilOp::Mul, &hint, &x, &f)
+                let x32 = self.cast(&format!("{hint}_x32"), &x, Dt::F32);
+                let f = self.b.scalar_f32(&format!("{hint}_factor"), *factor);
+                self.binary(MilOp::Mul, &hint, &x32, &f)
             }
             Op::Softcap { cap } => {
                 let x = self.var(node.inputs[0])?;

@@ -222,6 +222,12 @@ impl Builder {
         blob_value(dt, shape, offset)
     }
 
+    /// A scalar f32 constant (inline).
+    pub fn scalar_f32(&mut self, hint: &str, v: f32) -> Var {
+        let val = immediate(Dt::F32, &[], proto::tensor_value::Value::Floats(proto::RepeatedFloats { values: vec![v] }));
+        self.constant(hint, val, Dt::F32, &[])
+    }
+
     /// A scalar f16 constant (inline).
     pub fn scalar_f16(&mut self, hint: &str, v: f32) -> Var {
         self.const_f16(hint, &[], &[v])

@@ -137,9 +137,24 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// `x op y`; an fp16 operand meeting an fp32 one is cast up (the fp32 residual stream).
     fn binary(&mut self, op: MilOp, hint: &str, x: &Var, y: &Var) -> Var {
         let shape = broadcast(&x.shape, &y.shape);
-        self.b.op(op, hint, vec![("x", Arg::Var(x)), ("y", Arg::Var(y))], x.dt, &shape)
+        let (x, y) = match (x.dt, y.dt) {
+            (Dt::F32, Dt::F16) => (x.clone(), self.cast(&format!("{hint}_y32"), y, Dt::F32)),
+            (Dt::F16, Dt::F32) => (self.cast(&format!("{hint}_x32"), x, Dt::F32), y.clone()),
+            _ => (x.clone(), y.clone()),
+        };
+        self.b.op(op, hint, vec![("x", Arg::Var(&x)), ("y", Arg::Var(&y))], x.dt, &shape)
+    }
+
+    fn cast(&mut self, hint: &str, x: &Var, dt: Dt) -> Var {
+        let name = match dt {
+            Dt::F32 => "fp32",
+            _ => "fp16",
+        };
+        let inputs = vec![("x", Arg::Var(x)), ("dtype", Arg::Value(mil::string_value(name)))];
+        self.b.op(MilOp::Cast, hint, inputs, dt, &x.shape.clone())
     }
 
     fn unary(&mut self, op: MilOp, hint: &str, x: &Var) -> Var {
@@ -209,6 +224,9 @@ impl<'a> Emitter<'a> {
     /// rms_norm(x) * w with the row first divided by its largest magnitude, so squares
     /// stay inside fp16's range: x / rms(x) = xs / sqrt(mean(xs^2) + eps / m^2), xs = x / m.
     fn rms_norm(&mut self, hint: &str, x: &Var, w: &Var, eps: f32) -> Var {
+        if x.dt == Dt::F32 {
+            return self.rms_norm_of_f32(hint, x, w, eps);
+        }
         let ax = self.unary(MilOp::Abs, &format!("{hint}_abs"), x);
         let m = self.reduce(MilOp::ReduceMax, &format!("{hint}_max"), &ax);
         let floor = self.b.scalar_f16(&format!("{hint}_floor"), F16_MIN_NORMAL);
@@ -219,6 +237,28 @@ impl<'a> Emitter<'a> {
         let m2 = self.binary(MilOp::Mul, &format!("{hint}_scale_sq"), &m, &m);
         let eps_v = self.b.scalar_f16(&format!("{hint}_eps"), eps);
         let e = self.binary(MilOp::RealDiv, &format!("{hint}_eps_scaled"), &eps_v, &m2);
+        let tot = self.binary(MilOp::Add, &format!("{hint}_var"), &ms, &e);
+        let r = self.unary(MilOp::Rsqrt, &format!("{hint}_rsqrt"), &tot);
+        let y = self.binary(MilOp::Mul, &format!("{hint}_normed"), &xs, &r);
+        self.binary(MilOp::Mul, hint, &y, w)
+    }
+
+    /// RMSNorm of an fp32 row (the residual stream of a model whose activations pass the
+    /// fp16 range): scaled by its largest magnitude in fp32, then normalized in fp16 like
+    /// any row. eps is scaled the same way, as (eps / m) / m so m * m cannot overflow.
+    fn rms_norm_of_f32(&mut self, hint: &str, x: &Var, w: &Var, eps: f32) -> Var {
+        let ax = self.unary(MilOp::Abs, &format!("{hint}_abs"), x);
+        let m = self.reduce(MilOp::ReduceMax, &format!("{hint}_max"), &ax);
+        let floor = self.b.scalar_f32(&format!("{hint}_floor"), F16_MIN_NORMAL);
+        let m = self.binary(MilOp::Maximum, &format!("{hint}_scale"), &m, &floor);
+        let xs32 = self.binary(MilOp::RealDiv, &format!("{hint}_scaled32"), x, &m);
+        let xs = self.cast(&format!("{hint}_scaled"), &xs32, Dt::F16);
+        let sq = self.binary(MilOp::Mul, &format!("{hint}_sq"), &xs, &xs);
+        let ms = self.reduce(MilOp::ReduceMean, &format!("{hint}_mean"), &sq);
+        let eps_v = self.b.scalar_f32(&format!("{hint}_eps"), eps);
+        let e1 = self.binary(MilOp::RealDiv, &format!("{hint}_eps_over_scale"), &eps_v, &m);
+        let e2 = self.binary(MilOp::RealDiv, &format!("{hint}_eps_scaled32"), &e1, &m);
+        let e = self.cast(&format!("{hint}_eps_scaled"), &e2, Dt::F16);
         let tot = self.binary(MilOp::Add, &format!("{hint}_var"), &ms, &e);
         let r = self.unary(MilOp::Rsqrt, &format!("{hint}_rsqrt"), &tot);
         let y = self.binary(MilOp::Mul, &format!("{hint}_normed"), &xs, &r);

@@ -36,6 +36,9 @@ pub fn place(op: &proto::Operation) -> (Unit, Option<&'static str>) {
     }
     for o in &op.outputs {
         if let Some(t) = tensor_of(&o.r#type) {
+            if t.data_type == Dt::F32.code() {
+                return (Unit::GpuOrCpu, Some("fp32 result (a residual stream beyond the fp16 range)"));
+            }
             if t.data_type != Dt::F16.code() {
                 return (Unit::GpuOrCpu, Some("non-fp16 result (index arithmetic)"));
             }

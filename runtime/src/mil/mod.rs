@@ -344,6 +344,15 @@ impl MilProgram {
                     m.dt = *dt;
                     m.round();
                 }
+                // Infinities are legitimate (additive masks); a NaN is never, and would
+                // otherwise surface far away as a wrong token.
+                if t.data.iter().any(|v| v.is_nan()) {
+                    return Err(MilError::Op {
+                        op: step.ty.name().to_string(),
+                        name: name.clone(),
+                        message: "produces NaN".into(),
+                    });
+                }
                 env.insert(name.clone(), t);
             }
         }

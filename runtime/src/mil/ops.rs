@@ -72,6 +72,11 @@ pub(super) fn run_step(
             };
             broadcast_binary(x, y, f).map_err(err)?
         }
+        // The declared result type decides the rounding (fp16) or none (fp32).
+        MilOp::Cast => {
+            let x = get_ref("x")?;
+            out(x.data.clone(), x.shape.clone())
+        }
         MilOp::Abs | MilOp::Rsqrt | MilOp::Silu | MilOp::Sigmoid | MilOp::Tanh => {
             let x = get_ref("x")?;
             let f: fn(f32) -> f32 = match step.ty {

@@ -59,6 +59,7 @@ mil_ops! {
     Silu = "silu", NeuralEngine;
     Sigmoid = "sigmoid", NeuralEngine;
     Tanh = "tanh", NeuralEngine;
+    Cast = "cast", NeuralEngine;
     Softmax = "softmax", NeuralEngine;
     ReduceMean = "reduce_mean", NeuralEngine;
     ReduceMax = "reduce_max", NeuralEngine;
