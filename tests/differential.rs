@@ -31,9 +31,16 @@ const FIXED_SEEDS: &[u64] = &[
     1005, 1013, 1014, 1061, 1076, 1091, 1208, 1222, 1227, 1253, 1276, 1284, 2117, 3007, 3168, 3310,
 ];
 
-/// Seeds the suite also runs as Qwen3 checkpoints (per-head q/k norms), whatever family
-/// the seed draws; `SLMC_DIFF_FAMILY=qwen3` does the same for the seeds of a random run.
-const QWEN3_SEEDS: &[u64] = &[2, 7, 14, 19, 26, 33];
+/// Seeds the suite also runs as checkpoints of the families `from_seed` does not draw
+/// (per-head q/k norms; Gemma's windows, soft caps and four norms; StableLM's LayerNorm and
+/// partial rotary), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3` (qwen3,
+/// gemma2, stablelm) does the same for the seeds of a random run.
+const FAMILY_SEEDS: &[(Family, &[u64])] = &[
+    (Family::Qwen3, &[2, 7, 14, 19, 26, 33]),
+    (Family::Gemma3, &[3, 8, 21, 30]),
+    (Family::Gemma2, &[4, 11, 25]),
+    (Family::StableLm, &[6, 17, 29]),
+];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];
 const GPU_CACHES: &[&str] = &["f32", "f16", "int8", "int4"];
@@ -57,7 +64,9 @@ fn cases() -> Vec<(u64, Option<Family>)> {
         .map(|f| Family::from_name(&f).unwrap_or_else(|| panic!("SLMC_DIFF_FAMILY: unknown family `{f}`")));
     let mut out: Vec<(u64, Option<Family>)> = seeds().into_iter().map(|s| (s, forced)).collect();
     if std::env::var("SLMC_DIFF_SEEDS").is_err() {
-        out.extend(QWEN3_SEEDS.iter().map(|s| (*s, Some(Family::Qwen3))));
+        for (family, seeds) in FAMILY_SEEDS {
+            out.extend(seeds.iter().map(|s| (*s, Some(*family))));
+        }
     }
     out
 }
