@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use slmc_backends::gpu::kernels::{self, GpuFeatures, WeightLayout};
-use slmc_ir::{KvQuant, RopeScaling, RopeStyle, Rotary};
+use slmc_ir::{AttnLimits, KvQuant, Op, RopeScaling, RopeStyle, Rotary};
 
 fn layouts() -> Vec<WeightLayout> {
     vec![
@@ -35,10 +35,14 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
         }
     }
     for f in [none, sg] {
-        push(kernels::rms_norm(64, 1, 1e-5, false, f).unwrap(), f);
-        push(kernels::rms_norm(64, 1, 1e-6, true, f).unwrap(), f);
+        push(kernels::rms_norm(&Op::RmsNorm { eps: 1e-5 }, 64, 1, f).unwrap(), f);
+        push(kernels::rms_norm(&Op::AddRmsNorm { eps: 1e-6 }, 64, 1, f).unwrap(), f);
         push(kernels::argmax(300, f).unwrap(), f);
     }
+    // LayerNorm has one (plain) variant whatever the features.
+    push(kernels::rms_norm(&Op::LayerNorm { eps: 1e-5 }, 64, 1, none).unwrap(), none);
+    push(kernels::elementwise(kernels::Elementwise::Scale(25.3f32.to_bits()), 64, 0, false).unwrap(), none);
+    push(kernels::elementwise(kernels::Elementwise::Softcap(30f32.to_bits()), 64, 0, false).unwrap(), none);
     push(kernels::elementwise(kernels::Elementwise::Add, 64, 0, false).unwrap(), none);
     push(kernels::elementwise(kernels::Elementwise::Add, 64, 64, true).unwrap(), none);
     push(kernels::elementwise(kernels::Elementwise::Mul, 64, 0, false).unwrap(), none);
@@ -58,11 +62,14 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     push(kernels::linear(&chunk, 16, false, 64, 48, none).unwrap(), none);
     for (kv, f) in caches {
         let split = kernels::KeySplit::for_context(16);
-        push(kernels::attention((4, 2, 8), 0.35355338, 16, split, kv, 40, f).unwrap(), f);
+        push(kernels::attention((4, 2, 8), 0.35355338, AttnLimits::NONE, 16, split, kv, 40, f).unwrap(), f);
     }
     // A context of several splits (the combine kernel merges them).
     let long = kernels::KeySplit::for_context(600);
-    push(kernels::attention((4, 2, 8), 0.35355338, 600, long, KvQuant::F32, 0, none).unwrap(), none);
+    push(kernels::attention((4, 2, 8), 0.35355338, AttnLimits::NONE, 600, long, KvQuant::F32, 0, none).unwrap(), none);
+    // Gemma: a sliding window across splits, and a soft cap.
+    let gemma = AttnLimits { window: Some(512), softcap: Some(50.0) };
+    push(kernels::attention((4, 1, 8), 0.0625, gemma, 600, long, KvQuant::F32, 0, none).unwrap(), none);
     push(kernels::attention_combine((4, 8), long).unwrap(), none);
     out
 }
