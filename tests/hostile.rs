@@ -124,6 +124,24 @@ fn unsupported_architecture() {
     );
 }
 
+/// Gemma's config keys lying or out of range: each an error naming config.json and the key.
+#[test]
+fn gemma_config_keys_checked() {
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 5] = [
+        ("layer-count", |c| c["layer_types"] = serde_json::json!(["sliding_attention"]), "`layer_types` has 1 entries"),
+        ("layer-kind", |c| c["layer_types"][0] = serde_json::json!("local"), "unknown layer type"),
+        ("window", |c| c["sliding_window"] = serde_json::json!(0), "`sliding_window` must be a positive integer"),
+        ("scalar", |c| c["query_pre_attn_scalar"] = serde_json::json!(-4), "`query_pre_attn_scalar` must be positive"),
+        ("activation", |c| c["hidden_activation"] = serde_json::json!("relu"), "activation `relu` is not supported"),
+    ];
+    for (name, edit, problem) in cases {
+        let dir = scratch(&format!("hostile-gemma-{name}")).join("model");
+        copy_dir(&golden_dir().join("arch").join("gemma3-tied-f32"), &dir);
+        edit_config(&dir, edit);
+        expect_error(&["inspect", dir.to_str().unwrap()], &dir.join("config.json"), problem);
+    }
+}
+
 #[test]
 fn nan_weights_are_reported_with_the_node() {
     let dir = tiny_copy("nan");

@@ -131,8 +131,16 @@ impl GpuExecutor {
         let weights =
             std::fs::read(&weights_path).map_err(|e| artifact_err(&weights_path, format!("cannot read: {e}")))?;
 
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        // Compute needs no display: the native compute APIs only (Vulkan, Metal, DX12), unless
+        // WGPU_BACKEND says otherwise. The GL backend would probe for a display server
+        // (a Wayland socket) at start-up, which inference has no business touching.
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            descriptor.backends = wgpu::Backends::PRIMARY;
+        }
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
         let filter = adapter_filter.map(str::to_string).or_else(|| std::env::var("SLMC_ADAPTER").ok());
         let adapter = adapters
             .into_iter()

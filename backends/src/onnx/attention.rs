@@ -56,10 +56,9 @@ impl<'a> Builder<'a> {
     /// when q - j < window (built once per window size).
     fn window_mask(&mut self, causal: &str, window: usize) -> String {
         let name = format!("step/window_mask_{window}");
-        if self.tiled_masks.values().any(|m| m == &name) || self.window_masks.contains(&window) {
+        if !self.window_masks.insert(window) {
             return name;
         }
-        self.window_masks.insert(window);
         let w = self.inline_i64("window", &[window as i64], true);
         let distance = self.fresh("step/query_key_distance");
         self.node("Sub", "", &["step/query_column", "step/key_row"], &[&distance], vec![]);

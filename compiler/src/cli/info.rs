@@ -77,12 +77,15 @@ pub(crate) fn inspect(model: &Model, as_json: bool) -> Result<()> {
     let mut params = 0usize;
     let mut table = Vec::new();
     for (name, t) in model.weights.tensors() {
-        let n: usize = t.shape.iter().product();
-        params += n;
-        let e = by_dtype.entry(t.dtype.name()).or_default();
-        e.0 += t.len;
-        e.1 += 1;
-        table.push(json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len }));
+        // Tensors the importer derived (Gemma's folded norms) are listed, not counted.
+        let derived = model.weights.is_derived(t);
+        if !derived {
+            params += t.shape.iter().product::<usize>();
+            let e = by_dtype.entry(t.dtype.name()).or_default();
+            e.0 += t.len;
+            e.1 += 1;
+        }
+        table.push(json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len, "derived": derived }));
     }
     let files: Vec<String> = model.weights.files().map(|p| p.display().to_string()).collect();
     let report = json!({
@@ -120,13 +123,17 @@ pub(crate) fn inspect(model: &Model, as_json: bool) -> Result<()> {
     for (dtype, (bytes, count)) in &by_dtype {
         println!("  {dtype:>5}: {count:>4} tensors, {bytes} bytes");
     }
+    for feature in c.features() {
+        println!("feature:      {feature}");
+    }
     println!("tensors:");
     for row in &table {
         println!(
-            "  {:<48} {:>5} {}",
+            "  {:<48} {:>5} {}{}",
             row["name"].as_str().unwrap_or(""),
             row["dtype"].as_str().unwrap_or(""),
-            row["shape"]
+            row["shape"],
+            if row["derived"] == true { " (derived at import)" } else { "" }
         );
     }
     Ok(())

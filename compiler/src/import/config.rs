@@ -513,6 +513,7 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
     };
     let attn_scale = match c.opt_f64(root.get("query_pre_attn_scalar"), "query_pre_attn_scalar")? {
         Some(v) if gemma && v > 0.0 => (1.0 / v.sqrt()) as f32,
+        Some(v) if gemma => return Err(c.err(format!("`query_pre_attn_scalar` must be positive, found {v}"))),
         _ => 1.0 / (head_dim as f32).sqrt(),
     };
     Ok(ModelConfig {

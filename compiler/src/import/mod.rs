@@ -121,6 +121,11 @@ impl WeightStore {
         &self.files[t.file].0
     }
 
+    /// Whether the importer derived this tensor (it is in no file).
+    pub fn is_derived(&self, t: &StoredTensor) -> bool {
+        matches!(self.files[t.file].1, Backing::Derived(_))
+    }
+
     /// The files the store maps (each once).
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().filter(|(_, b)| matches!(b, Backing::Mapped(_))).map(|(p, _)| p.as_path())

@@ -19,11 +19,10 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::gguf::Value;
-use super::tokenizer::{TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED};
+use super::tokenizer::{add_bos_if_asked, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED};
 
 /// The names transformers' Gemma tokenizer always registers as special.
 const NAMED_SPECIAL: [&str; 5] = ["<unk>", "<bos>", "<eos>", "<pad>", "<mask>"];
@@ -80,21 +79,7 @@ pub fn build_gemma(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
         .map(|(t, _)| AddedToken::from(t.to_string(), false).normalized(false))
         .collect();
     tokenizer.add_tokens(user).map_err(|e| format!("cannot add user-defined tokens: {e}"))?;
-    if md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(true) {
-        let bos_id = md
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(|v| v.as_u64())
-            .ok_or("add_bos_token without bos_token_id")?;
-        let bos = tokens.get(bos_id as usize).ok_or("bos_token_id outside the vocabulary")?;
-        let processor = TemplateProcessing::builder()
-            .try_single(format!("{bos} $A"))
-            .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
-            .map_err(|e| format!("bad BOS template: {e}"))?
-            .special_tokens(vec![(bos.to_string(), bos_id as u32)])
-            .build()
-            .map_err(|e| format!("bad BOS template: {e}"))?;
-        tokenizer.with_post_processor(Some(processor));
-    }
+    add_bos_if_asked(&mut tokenizer, md, &tokens, true)?;
     Ok(tokenizer)
 }
 

@@ -96,23 +96,33 @@ fn build(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
         .map(|(tok, ty)| AddedToken::from(tok.clone(), *ty == TOKEN_TYPE_CONTROL).normalized(false))
         .collect();
     tokenizer.add_special_tokens(added).map_err(|e| format!("cannot add special tokens: {e}"))?;
-    let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
-    if add_bos {
-        let bos_id = md
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(|v| v.as_u64())
-            .ok_or("add_bos_token without bos_token_id")?;
-        let bos = tokens.get(bos_id as usize).ok_or("bos_token_id outside the vocabulary")?;
-        let processor = TemplateProcessing::builder()
-            .try_single(format!("{bos} $A"))
-            .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
-            .map_err(|e| format!("bad BOS template: {e}"))?
-            .special_tokens(vec![(bos.clone(), bos_id as u32)])
-            .build()
-            .map_err(|e| format!("bad BOS template: {e}"))?;
-        tokenizer.with_post_processor(Some(processor));
-    }
+    add_bos_if_asked(&mut tokenizer, md, &tokens, false)?;
     Ok(tokenizer)
+}
+
+/// Prepends BOS to every encoding when `tokenizer.ggml.add_bos_token` says so (`default`
+/// when the key is absent: false for GPT-2 vocabularies, true for SentencePiece ones).
+pub(super) fn add_bos_if_asked<S: AsRef<str>>(
+    tokenizer: &mut Tokenizer,
+    md: &BTreeMap<String, Value>,
+    tokens: &[S],
+    default: bool,
+) -> Result<(), String> {
+    if !md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(default) {
+        return Ok(());
+    }
+    let bos_id =
+        md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).ok_or("add_bos_token without bos_token_id")?;
+    let bos = tokens.get(bos_id as usize).ok_or("bos_token_id outside the vocabulary")?.as_ref();
+    let processor = TemplateProcessing::builder()
+        .try_single(format!("{bos} $A"))
+        .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+        .map_err(|e| format!("bad BOS template: {e}"))?
+        .special_tokens(vec![(bos.to_string(), bos_id as u32)])
+        .build()
+        .map_err(|e| format!("bad BOS template: {e}"))?;
+    tokenizer.with_post_processor(Some(processor));
+    Ok(())
 }
 
 /// Gemma's turn format, for Gemma checkpoints that carry no chat template (the base
