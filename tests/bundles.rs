@@ -277,8 +277,8 @@ fn an_embedding_past_the_binding_limit_is_split_or_refused_per_profile() {
     let model = dir.join("wide-vocab");
     slmc_fixtures::generate_wide_vocab(&model, 140_000).unwrap();
     let out = dir.join("out");
-    // 140,000 logits per token: a step of at most 64 tokens keeps the logits buffer
-    // inside one binding (the default 256 is refused with that advice).
+    // 140,000 logits per token: at most 239 tokens' logits fit one 128 MiB binding. A step
+    // of 256 asked for is refused with that advice; without one the step is lowered to fit.
     let err = slmc_fails(&[
         "compile",
         model.to_str().unwrap(),
@@ -286,8 +286,13 @@ fn an_embedding_past_the_binding_limit_is_split_or_refused_per_profile() {
         "webgpu",
         "-o",
         dir.join("steps").to_str().unwrap(),
+        "--max-step-tokens",
+        "256",
     ]);
     assert!(err.contains("buffer `logits`") && err.contains("lower --max-step-tokens"), "{err}");
+    compile(&model, "webgpu", &dir.join("default-step"), &["--skip-smoke-check"]);
+    let artifact = read_json(&dir.join("default-step/webgpu/artifact.json"));
+    assert_eq!(artifact["model"]["max_step_tokens"].as_u64(), Some(224), "239 rounded down to a multiple of 16");
     compile(&model, "webgpu-browser,raspberry-pi-5,onnx-cpu", &out, &["--max-step-tokens", "64"]);
     for gpu in ["webgpu-browser", "raspberry-pi-5"] {
         let artifact = read_json(&out.join(gpu).join("artifact.json"));

@@ -141,7 +141,8 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     let key_options = json!({
         "optimizer": options,
         "context": args.context,
-        "max_step_tokens": args.max_step_tokens.unwrap_or(DEFAULT_STEP_TOKENS),
+        // null: the per-target default (`step_tokens_for`), not the same as asking for 256.
+        "max_step_tokens": args.max_step_tokens,
         "max_binding_bytes": args.max_binding_bytes,
         "onnx_accuracy_level": args.onnx_accuracy_level,
         "onnx_head_accuracy_level": args.onnx_head_accuracy_level,
