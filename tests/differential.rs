@@ -33,13 +33,14 @@ const FIXED_SEEDS: &[u64] = &[
 
 /// Seeds the suite also runs as checkpoints of the families `from_seed` does not draw
 /// (per-head q/k norms; Gemma's windows, soft caps and four norms; StableLM's LayerNorm and
-/// partial rotary), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3` (qwen3,
+/// partial rotary; OLMo 2's post-norms), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3` (qwen3,
 /// gemma2, stablelm) does the same for the seeds of a random run.
 const FAMILY_SEEDS: &[(Family, &[u64])] = &[
     (Family::Qwen3, &[2, 7, 14, 19, 26, 33]),
     (Family::Gemma3, &[3, 8, 21, 30]),
     (Family::Gemma2, &[4, 11, 25]),
     (Family::StableLm, &[6, 17, 29]),
+    (Family::Olmo2, &[9, 22]),
 ];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];

@@ -3,7 +3,8 @@
 //! One function covers the llama family (SmolLM, TinyLlama, MobileLLM), Qwen2 (q/k/v
 //! biases), Phi-3 (fused qkv and gate/up, split with `slice`), Qwen3 (per-head q/k norms),
 //! Gemma 2/3 (scaled embeddings, four norms per block, GeGLU, sliding-window layers with
-//! their own RoPE base, soft caps) and StableLM 2 (LayerNorm with bias, partial rotary).
+//! their own RoPE base, soft caps), StableLM 2 (LayerNorm with bias, partial rotary) and
+//! OLMo 2 (norms after attention and the MLP only, q/k norms over the whole projection).
 //! Every weight the graph names is checked against the store: a tensor whose shape
 //! contradicts the config is an error naming the file and the tensor.
 
@@ -107,7 +108,8 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let l = format!("l{layer}");
         let w = |role: &str| format!("blk{b}.{role}.w");
 
-        let x = lw.norm(&format!("{l}.attn_norm"), h, Role::AttnNorm, Role::AttnNormBias, b)?;
+        let place = cfg.arch.norm_placement();
+        let x = if place.before() { lw.norm(&format!("{l}.attn_norm"), h, Role::AttnNorm, Role::AttnNormBias, b)? } else { h };
         let (q, k, val) = if cfg.arch == Arch::Phi3 {
             let qkv_w = lw.weight(Role::Qkv, b, &w("qkv"), &[(hq + 2 * hk) * hd, d])?;
             let qkv = lw.push(&format!("{l}.qkv"), Op::Linear, &[x, qkv_w])?;
@@ -132,9 +134,21 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
                 proj(Role::V, Role::VBias, "v", hk)?,
             )
         };
+        let (q, k) = if cfg.arch.qk_norm_over_projection() {
+            // OLMo 2: one RMSNorm over each token's whole query (and key) projection.
+            let eps = cfg.rms_norm_eps;
+            let qn = lw.weight(Role::QNorm, b, &w("q_norm"), &[hq * hd])?;
+            let kn = lw.weight(Role::KNorm, b, &w("k_norm"), &[hk * hd])?;
+            (
+                lw.push(&format!("{l}.q_norm"), Op::RmsNorm { eps }, &[q, qn])?,
+                lw.push(&format!("{l}.k_norm"), Op::RmsNorm { eps }, &[k, kn])?,
+            )
+        } else {
+            (q, k)
+        };
         let mut q = lw.push(&format!("{l}.q_heads"), heads(hq), &[q])?;
         let mut k = lw.push(&format!("{l}.k_heads"), heads(hk), &[k])?;
-        if cfg.arch.has_qk_norm() {
+        if cfg.arch.has_qk_norm() && !cfg.arch.qk_norm_over_projection() {
             // RMSNorm over each head's hd values (the norm's weight has hd entries).
             let eps = cfg.rms_norm_eps;
             let qn = lw.weight(Role::QNorm, b, &w("q_norm"), &[hd])?;
@@ -158,12 +172,12 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
             lw.push(&format!("{l}.attn_flat"), Op::Reshape { shape: vec![s.clone(), Dim::from(hq * hd)] }, &[att])?;
         let o_w = lw.weight(Role::O, b, &w("o"), &[d, hq * hd])?;
         let mut o = lw.push(&format!("{l}.attn_out"), Op::Linear, &[att, o_w])?;
-        if cfg.sandwich_norms {
+        if place.after() {
             o = lw.norm(&format!("{l}.post_attn_norm"), o, Role::PostAttnNorm, Role::PostAttnNorm, b)?;
         }
         h = lw.push(&format!("{l}.attn_residual"), Op::Add, &[h, o])?;
 
-        let x = lw.norm(&format!("{l}.ffn_norm"), h, Role::FfnNorm, Role::FfnNormBias, b)?;
+        let x = if place.before() { lw.norm(&format!("{l}.ffn_norm"), h, Role::FfnNorm, Role::FfnNormBias, b)? } else { h };
         let (gate, up) = if cfg.arch == Arch::Phi3 {
             let gu_w = lw.weight(Role::GateUp, b, &w("gate_up"), &[2 * ff, d])?;
             let gu = lw.push(&format!("{l}.gate_up"), Op::Linear, &[x, gu_w])?;
@@ -187,7 +201,7 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         };
         let down_w = lw.weight(Role::Down, b, &w("down"), &[d, ff])?;
         let mut down = lw.push(&format!("{l}.ffn_out"), Op::Linear, &[m, down_w])?;
-        if cfg.sandwich_norms {
+        if place.after() {
             down = lw.norm(&format!("{l}.post_ffn_norm"), down, Role::PostFfnNorm, Role::PostFfnNorm, b)?;
         }
         h = lw.push(&format!("{l}.ffn_residual"), Op::Add, &[h, down])?;

@@ -29,12 +29,29 @@ pub enum Arch {
     /// StableLmForCausalLM (StableLM 2): LayerNorm with bias, q/k/v biases, rotary on a
     /// fraction of each head.
     StableLm,
+    /// Olmo2ForCausalLM: norms after attention and after the MLP only (none before), and
+    /// q/k RMSNorm over the whole projection (before splitting into heads).
+    Olmo2,
 }
 
 impl Arch {
-    /// Whether each query and key head is RMS-normalized before the rotary embedding.
+    /// Whether queries and keys are RMS-normalized before the rotary embedding.
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+        matches!(self, Arch::Qwen3 | Arch::Gemma3 | Arch::Olmo2)
+    }
+
+    /// Whether that q/k norm runs over the whole projection (OLMo 2) rather than each head.
+    pub fn qk_norm_over_projection(self) -> bool {
+        self == Arch::Olmo2
+    }
+
+    /// Where the block's norms sit.
+    pub fn norm_placement(self) -> NormPlacement {
+        match self {
+            Arch::Gemma2 | Arch::Gemma3 => NormPlacement::Sandwich,
+            Arch::Olmo2 => NormPlacement::Post,
+            _ => NormPlacement::Pre,
+        }
     }
 
     pub fn is_gemma(self) -> bool {
@@ -48,6 +65,25 @@ pub enum NormKind {
     Rms,
     /// LayerNorm with a bias (StableLM).
     LayerNorm,
+}
+
+/// Where a block normalizes: before attention and the MLP (llama), before and after both
+/// (Gemma), or after both only, on the sublayer's output before the residual add (OLMo 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    Pre,
+    Sandwich,
+    Post,
+}
+
+impl NormPlacement {
+    pub fn before(self) -> bool {
+        self != NormPlacement::Post
+    }
+
+    pub fn after(self) -> bool {
+        self != NormPlacement::Pre
+    }
 }
 
 /// The MLP's gate activation.
@@ -132,8 +168,6 @@ pub struct ModelConfig {
     /// Hugging Face Gemma checkpoints store norm weights w applied as (1 + w); the importer
     /// folds the 1 in and names the folded tensors `<name>+1` (GGUF files hold them folded).
     pub norm_weight_plus_one: bool,
-    /// Norms after attention and after the MLP as well as before (Gemma's four per block).
-    pub sandwich_norms: bool,
     pub activation: Activation,
     /// Embeddings multiplied by this (Gemma: sqrt(hidden)).
     pub embed_scale: Option<f32>,
@@ -176,7 +210,9 @@ impl ModelConfig {
     /// The family's features beyond the llama block, for `inspect`.
     pub fn features(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.arch.has_qk_norm() {
+        if self.arch.qk_norm_over_projection() {
+            out.push("q/k RMSNorm over the whole projection".to_string());
+        } else if self.arch.has_qk_norm() {
             out.push("per-head q/k RMSNorm".to_string());
         }
         if self.norm == NormKind::LayerNorm {
@@ -185,8 +221,10 @@ impl ModelConfig {
         if self.norm_weight_plus_one {
             out.push("(1 + w) norm weights, folded at import (`<name>+1` tensors)".into());
         }
-        if self.sandwich_norms {
-            out.push("norms before and after attention and MLP".into());
+        match self.arch.norm_placement() {
+            NormPlacement::Sandwich => out.push("norms before and after attention and MLP".into()),
+            NormPlacement::Post => out.push("norms after attention and MLP only".into()),
+            NormPlacement::Pre => {}
         }
         if self.activation == Activation::GeluTanh {
             out.push("GeGLU (tanh GELU)".into());
@@ -215,7 +253,7 @@ impl ModelConfig {
 
     fn stored_name(&self, role: Role, block: usize) -> String {
         let b = block;
-        let sandwich = self.sandwich_norms;
+        let sandwich = self.arch.norm_placement() == NormPlacement::Sandwich;
         match self.naming {
             WeightNaming::HuggingFace => match role {
                 Role::Embed => "model.embed_tokens.weight".into(),
@@ -401,9 +439,10 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         "Gemma2ForCausalLM" | "gemma2" => Arch::Gemma2,
         "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
         "StableLmForCausalLM" | "stablelm" => Arch::StableLm,
+        "Olmo2ForCausalLM" | "olmo2" => Arch::Olmo2,
         other => {
             return Err(c.err(format!(
-                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, StableLmForCausalLM)"
+                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, StableLmForCausalLM, Olmo2ForCausalLM)"
             )))
         }
     };
@@ -540,7 +579,6 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         naming: WeightNaming::HuggingFace,
         norm: if arch == Arch::StableLm { NormKind::LayerNorm } else { NormKind::Rms },
         norm_weight_plus_one: gemma,
-        sandwich_norms: gemma,
         activation,
         embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
         attn_scale,
@@ -650,7 +688,6 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         norm: if arch == Arch::StableLm { NormKind::LayerNorm } else { NormKind::Rms },
         // llama.cpp's converter adds Gemma's 1 to the stored norm weights.
         norm_weight_plus_one: false,
-        sandwich_norms: gemma,
         activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
         embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
         // llama.cpp scales by 1/sqrt(key_length) for the Gemma sizes up to 12B (27B uses
