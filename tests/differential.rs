@@ -33,7 +33,7 @@ const FIXED_SEEDS: &[u64] = &[
 
 /// Seeds the suite also runs as checkpoints of the families `from_seed` does not draw
 /// (per-head q/k norms; Gemma's windows, soft caps and four norms; StableLM's LayerNorm and
-/// partial rotary; OLMo 2's post-norms), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3` (qwen3,
+/// partial rotary; OLMo 2's post-norms; SmolLM3's NoPE layers), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3` (qwen3,
 /// gemma2, stablelm) does the same for the seeds of a random run.
 const FAMILY_SEEDS: &[(Family, &[u64])] = &[
     (Family::Qwen3, &[2, 7, 14, 19, 26, 33]),
@@ -41,6 +41,7 @@ const FAMILY_SEEDS: &[(Family, &[u64])] = &[
     (Family::Gemma2, &[4, 11, 25]),
     (Family::StableLm, &[6, 17, 29]),
     (Family::Olmo2, &[9, 22]),
+    (Family::SmolLm3, &[10, 27]),
 ];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];

@@ -85,7 +85,7 @@ pub fn to_hf(model: &Model, out_dir: &Path, dtype: DType, force: bool) -> Result
     if !matches!(model.config.rope_scaling, RopeScaling::None) {
         bail!("{}: converting rope scaling is not supported", model.path.display());
     }
-    if matches!(model.config.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::StableLm | Arch::Olmo2) {
+    if matches!(model.config.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::StableLm | Arch::Olmo2 | Arch::SmolLm3) {
         bail!(
             "{}: convert --to hf supports llama, qwen2, phi3 and qwen3 GGUFs; `{}` is not supported yet",
             model.path.display(),
@@ -146,7 +146,7 @@ fn write_hf(model: &Model, dir: &Path, dtype: DType, tokenizer: &tokenizers::Tok
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Arch::Phi3 => ("Phi3ForCausalLM", "phi3"),
         Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
-        Arch::Gemma2 | Arch::Gemma3 | Arch::StableLm | Arch::Olmo2 => unreachable!("refused by to_hf"),
+        Arch::Gemma2 | Arch::Gemma3 | Arch::StableLm | Arch::Olmo2 | Arch::SmolLm3 => unreachable!("refused by to_hf"),
     };
     let config = json!({
         "architectures": [arch],

@@ -24,6 +24,7 @@ pub fn genai_config(
         crate::import::config::Arch::Gemma3 => "gemma3_text",
         crate::import::config::Arch::StableLm => "stablelm",
         crate::import::config::Arch::Olmo2 => "olmo2",
+        crate::import::config::Arch::SmolLm3 => "smollm3",
     };
     let eos = &manifest.model.eos_token_ids;
     let config = serde_json::json!({

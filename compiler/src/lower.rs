@@ -159,7 +159,8 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let val = lw.push(&format!("{l}.v_heads"), heads(hk), &[val])?;
         let sliding = cfg.is_sliding(layer);
         let theta = if sliding { cfg.rope_theta_local.unwrap_or(cfg.rope_theta) } else { cfg.rope_theta };
-        let rope = Op::Rope { theta, rotary_dim: cfg.rotary_dim, style: cfg.rope_style, scaling: cfg.rope_scaling };
+        let rotary_dim = if cfg.uses_rope(layer) { cfg.rotary_dim } else { 0 };
+        let rope = Op::Rope { theta, rotary_dim, style: cfg.rope_style, scaling: cfg.rope_scaling };
         let q = lw.push(&format!("{l}.q_rope"), rope.clone(), &[q, pos])?;
         let k = lw.push(&format!("{l}.k_rope"), rope.clone(), &[k, pos])?;
         let k_all =

@@ -231,7 +231,8 @@ ops! {
     Reshape { shape: Vec<Dim> } = "reshape", 1;
     /// Constant-bounds slice along one axis.
     Slice { axis: usize, start: i64, end: i64 } = "slice", 1;
-    /// (x[s, h, d], pos[s]) -> x rotated on its first `rotary_dim` dims.
+    /// (x[s, h, d], pos[s]) -> x rotated on its first `rotary_dim` dims (0: unchanged, a
+    /// layer without positional encoding).
     Rope { theta: f32, rotary_dim: usize, style: RopeStyle, scaling: RopeScaling } = "rope", 2;
     /// (x[s, h, d]) -> [p+s, h, d]: appends this step's keys or values to the cache of
     /// `layer` and yields the whole cache (as stored: a quantized cache gives back its
@@ -432,7 +433,8 @@ impl Op {
                     return Err(format!("positions must be i32[{}], found {}", inputs[0].shape[0], inputs[1]));
                 }
                 let d = inputs[0].shape[2].as_const().unwrap_or(0);
-                if *rotary_dim == 0 || rotary_dim % 2 != 0 || *rotary_dim as i64 > d {
+                // 0 rotates nothing (a NoPE layer, so its attention still fuses into gqa).
+                if rotary_dim % 2 != 0 || *rotary_dim as i64 > d {
                     return Err(format!("rotary_dim {rotary_dim} must be even and at most the head dim {d}"));
                 }
                 Ok(inputs[0].clone())

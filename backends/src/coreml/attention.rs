@@ -36,6 +36,9 @@ impl<'a> Emitter<'a> {
 
     /// Rotary embedding of `x [T, h, d]` on its first `rotary_dim` dims.
     pub(super) fn rotate(&mut self, hint: &str, x: &Var, rotary: &slmc_ir::Rotary) -> Var {
+        if rotary.rotary_dim == 0 {
+            return x.clone();
+        }
         let (cos, sin) = self.rope_tables(rotary);
         let [t, h, d] = x.shape[..] else { unreachable!("attention operands are [T, heads, dim]") };
         let r = rotary.rotary_dim;

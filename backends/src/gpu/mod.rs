@@ -220,7 +220,11 @@ impl<'a> Builder<'a> {
         }
         // cos then sin for every position and frequency, in f32 exactly as the interpreter.
         let (cos, sin) = rotary.tables(self.opts.context_len);
-        let bytes: Vec<u8> = cos.iter().chain(&sin).flat_map(|v| v.to_le_bytes()).collect();
+        let mut bytes: Vec<u8> = cos.iter().chain(&sin).flat_map(|v| v.to_le_bytes()).collect();
+        if bytes.is_empty() {
+            // No rotation (rotary_dim 0): a binding must not be empty; the kernel reads none.
+            bytes = vec![0; 4];
+        }
         let offset = self.append_weight_bytes(&bytes);
         let b = self.add_buffer(
             &format!("rope_table.{}", self.tables.len()),

@@ -71,6 +71,10 @@ impl<'a> Builder<'a> {
     /// Rotary embedding of `x` `[1, s, heads, d]` in standard ops (the first `rotary_dim`
     /// dims; half or interleaved pairs), with cos/sin gathered at the step's positions.
     pub(super) fn rotate(&mut self, x: &str, heads: usize, hd: usize, rotary: &slmc_ir::Rotary, out: &str) {
+        if rotary.rotary_dim == 0 {
+            self.node("Identity", "", &[x], &[out], vec![]);
+            return;
+        }
         let (pos, _) = self.positions_and_mask();
         let (cos_t, sin_t) = self.rope_tables(rotary);
         let rd = rotary.rotary_dim;

@@ -223,7 +223,8 @@ impl<'a> Builder<'a> {
                         flat.push(f);
                     }
                 }
-                let (cos, sin) = self.rope_tables(rotary);
+                let rotate = rotary.rotary_dim > 0;
+                let (cos, sin) = if rotate { self.rope_tables(rotary) } else { Default::default() };
                 self.gqa_sequence_inputs();
                 let attn = self.fresh(&format!("{out}/attention"));
                 self.node(
@@ -235,7 +236,7 @@ impl<'a> Builder<'a> {
                         attr_int("num_heads", hq as i64),
                         attr_int("kv_num_heads", hk as i64),
                         attr_float("scale", *scale),
-                        attr_int("do_rotary", 1),
+                        attr_int("do_rotary", rotate as i64),
                         attr_int("rotary_interleaved", matches!(rotary.style, RopeStyle::Interleaved) as i64),
                     ]
                     .into_iter()

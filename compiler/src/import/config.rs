@@ -32,6 +32,8 @@ pub enum Arch {
     /// Olmo2ForCausalLM: norms after attention and after the MLP only (none before), and
     /// q/k RMSNorm over the whole projection (before splitting into heads).
     Olmo2,
+    /// SmolLM3ForCausalLM: llama blocks, some without positional encoding (NoPE).
+    SmolLm3,
 }
 
 impl Arch {
@@ -180,6 +182,8 @@ pub struct ModelConfig {
     pub sliding_layers: Vec<bool>,
     /// RoPE base of the sliding-window layers when it differs (Gemma 3: 10 000).
     pub rope_theta_local: Option<f32>,
+    /// Per layer: false for a layer without rotary embedding (SmolLM3's NoPE layers).
+    pub rope_layers: Vec<bool>,
 }
 
 impl ModelConfig {
@@ -200,6 +204,11 @@ impl ModelConfig {
         } else {
             name
         }
+    }
+
+    /// Whether layer `layer` rotates its queries and keys (false: NoPE).
+    pub fn uses_rope(&self, layer: usize) -> bool {
+        self.rope_layers.get(layer).copied().unwrap_or(true)
     }
 
     /// Whether layer `layer` attends over the sliding window only.
@@ -244,6 +253,10 @@ impl ModelConfig {
         }
         if let Some(c) = self.attn_softcap {
             out.push(format!("attention-logit soft cap {c}"));
+        }
+        let nope = self.rope_layers.iter().filter(|r| !**r).count();
+        if nope > 0 {
+            out.push(format!("no rotary embedding (NoPE) on {nope} of {} layers", self.num_layers()));
         }
         if let Some(c) = self.final_softcap {
             out.push(format!("final-logit soft cap {c}"));
@@ -440,9 +453,10 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
         "StableLmForCausalLM" | "stablelm" => Arch::StableLm,
         "Olmo2ForCausalLM" | "olmo2" => Arch::Olmo2,
+        "SmolLM3ForCausalLM" | "smollm3" => Arch::SmolLm3,
         other => {
             return Err(c.err(format!(
-                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, StableLmForCausalLM, Olmo2ForCausalLM)"
+                "unsupported architecture `{other}` (supported: LlamaForCausalLM, MobileLLMForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, StableLmForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM)"
             )))
         }
     };
@@ -550,6 +564,31 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
             None => Ok(None),
         }
     };
+    // SmolLM3: `no_rope_layers[i]` is 1 where layer i uses RoPE, 0 where it does not; older
+    // configs give an interval (every 4th layer without RoPE by default).
+    let rope_layers = match (arch, root.get("no_rope_layers").and_then(|v| v.as_array())) {
+        (Arch::SmolLm3, Some(flags)) => {
+            if flags.len() != num_blocks {
+                return Err(c.err(format!("`no_rope_layers` has {} entries for {num_blocks} layers", flags.len())));
+            }
+            flags
+                .iter()
+                .map(|f| match f.as_u64() {
+                    Some(1) => Ok(true),
+                    Some(0) => Ok(false),
+                    _ => Err(c.err(format!("`no_rope_layers` entries must be 0 or 1, found {f}"))),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        (Arch::SmolLm3, None) => {
+            let every = c.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
+            (0..num_blocks).map(|i| (i + 1) % every != 0).collect()
+        }
+        _ => vec![true; num_blocks],
+    };
+    if arch == Arch::SmolLm3 && c.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        return Err(c.err("SmolLM3 with `use_sliding_window` = true is not supported".into()));
+    }
     let attn_scale = match c.opt_f64(root.get("query_pre_attn_scalar"), "query_pre_attn_scalar")? {
         Some(v) if gemma && v > 0.0 => (1.0 / v.sqrt()) as f32,
         Some(v) if gemma => return Err(c.err(format!("`query_pre_attn_scalar` must be positive, found {v}"))),
@@ -587,6 +626,7 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         sliding_window,
         sliding_layers,
         rope_theta_local,
+        rope_layers,
     })
 }
 
@@ -607,9 +647,10 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         "gemma2" => Arch::Gemma2,
         "gemma3" => Arch::Gemma3,
         "stablelm" => Arch::StableLm,
+        "smollm3" => Arch::SmolLm3,
         other => {
             return Err(err(format!(
-                "unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3, gemma2, gemma3, stablelm)"
+                "unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3, gemma2, gemma3, stablelm, smollm3)"
             )))
         }
     };
@@ -678,7 +719,7 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         rope_scaling: RopeScaling::None,
         // llama.cpp's converter permuted llama q/k rows for adjacent-pair RoPE; other
         // architectures keep Hugging Face's layout.
-        rope_style: if arch == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Half },
+        rope_style: if matches!(arch, Arch::Llama | Arch::SmolLm3) { RopeStyle::Interleaved } else { RopeStyle::Half },
         tie_word_embeddings: tied,
         attention_bias: arch == Arch::Qwen2,
         max_position_embeddings: opt_u("context_length")?.unwrap_or(2048),
@@ -698,5 +739,7 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         sliding_window,
         sliding_layers,
         rope_theta_local: (arch == Arch::Gemma3).then(|| opt_f("rope.freq_base_swa").unwrap_or(10000.0) as f32),
+        // llama.cpp: every 4th SmolLM3 layer has no RoPE.
+        rope_layers: (0..num_blocks).map(|i| arch != Arch::SmolLm3 || (i + 1) % 4 != 0).collect(),
     })
 }
