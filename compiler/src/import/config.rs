@@ -630,8 +630,9 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
     })
 }
 
-/// Reads the model configuration from GGUF metadata (`{arch}.block_count`, ...).
-pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportError> {
+/// Reads the model configuration from GGUF metadata (`{arch}.block_count`, ...); `data` is
+/// the whole file (for the `rope_freqs.weight` factors).
+pub fn from_gguf(path: &Path, file: &GgufFile, data: &[u8]) -> Result<ModelConfig, ImportError> {
     let err = |m: String| ImportError::file(path, m);
     let md = &file.metadata;
     let arch_name = md
@@ -681,9 +682,30 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
             embed.map(|t| t.shape[0]).ok_or_else(|| err("no vocab_size metadata and no token_embd.weight".into()))?
         }
     };
-    if file.tensors.iter().any(|(n, _)| n == "rope_freqs.weight") {
-        return Err(err("llama3-style rope_freqs.weight frequency factors are not supported yet".into()));
-    }
+    let rope_theta = opt_f("rope.freq_base").unwrap_or(10000.0) as f32;
+    let rotary_dim = opt_u("rope.dimension_count")?.unwrap_or(head_dim);
+    let rope_scaling = match file.tensors.iter().find(|(n, _)| n == "rope_freqs.weight") {
+        None => RopeScaling::None,
+        Some((_, t)) => {
+            let bytes = data.get(t.offset..t.offset + t.len).unwrap_or_default();
+            let factors: Vec<f32> = match t.dtype {
+                slmc_ir::DType::F32 if t.len == 4 * (rotary_dim / 2) => {
+                    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+                }
+                _ => {
+                    return Err(err(format!(
+                        "rope_freqs.weight must be f32 with {} entries (rotary dim / 2), found {} of {} bytes",
+                        rotary_dim / 2,
+                        t.dtype,
+                        t.len
+                    )))
+                }
+            };
+            llama3_scaling_from_factors(rope_theta, rotary_dim, &factors).ok_or_else(|| {
+                err("rope_freqs.weight matches no Llama 3 rope scaling (factor 8, 16, 32 or 64; low 1, high 4, original context 8192)".into())
+            })?
+        }
+    };
     let tied = !file.tensors.iter().any(|(n, _)| n == "output.weight");
     let u32_key = |k: &str| md.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
     let num_blocks = req_u("block_count")?;
@@ -713,10 +735,10 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         num_heads,
         num_kv_heads,
         head_dim,
-        rotary_dim: opt_u("rope.dimension_count")?.unwrap_or(head_dim),
+        rotary_dim,
         rms_norm_eps: opt_f(eps_key).ok_or_else(|| err(format!("missing metadata `{}`", key(eps_key))))? as f32,
-        rope_theta: opt_f("rope.freq_base").unwrap_or(10000.0) as f32,
-        rope_scaling: RopeScaling::None,
+        rope_theta,
+        rope_scaling,
         // llama.cpp's converter permuted llama q/k rows for adjacent-pair RoPE; other
         // architectures keep Hugging Face's layout.
         rope_style: if matches!(arch, Arch::Llama | Arch::SmolLm3) { RopeStyle::Interleaved } else { RopeStyle::Half },
@@ -742,4 +764,59 @@ pub fn from_gguf(path: &Path, file: &GgufFile) -> Result<ModelConfig, ImportErro
         // llama.cpp: every 4th SmolLM3 layer has no RoPE.
         rope_layers: (0..num_blocks).map(|i| arch != Arch::SmolLm3 || (i + 1) % 4 != 0).collect(),
     })
+}
+
+/// The Llama 3 rope scaling whose per-frequency factors llama.cpp stored as `rope_freqs`
+/// (the divisor of each inverse frequency), recognized among the published settings and
+/// accepted only if it reproduces every factor (relative 1e-4).
+fn llama3_scaling_from_factors(theta: f32, rotary_dim: usize, factors: &[f32]) -> Option<RopeScaling> {
+    let base = slmc_ir::rotary::rope_inv_freq(theta, rotary_dim, &RopeScaling::None);
+    [8.0f32, 16.0, 32.0, 64.0]
+        .into_iter()
+        .map(|factor| RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        })
+        .find(|scaling| {
+            let scaled = slmc_ir::rotary::rope_inv_freq(theta, rotary_dim, scaling);
+            factors.len() == base.len()
+                && base.iter().zip(&scaled).zip(factors).all(|((b, s), f)| ((b / s) - f).abs() <= 1e-4 * f.abs().max(1.0))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The factors llama.cpp's converter writes for Llama 3.2 (factor 32) are recognized;
+    /// factors of no published setting are not.
+    #[test]
+    fn llama3_rope_freqs_are_recognized_or_refused() {
+        let (theta, dim) = (500000.0f32, 64usize);
+        let (factor, low, high, old) = (32.0f64, 1.0f64, 4.0f64, 8192.0f64);
+        let factors: Vec<f32> = (0..dim / 2)
+            .map(|j| {
+                let freq = 1.0 / (theta as f64).powf((2 * j) as f64 / dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                if wavelen < old / high {
+                    1.0
+                } else if wavelen > old / low {
+                    factor as f32
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect();
+        assert_eq!(
+            llama3_scaling_from_factors(theta, dim, &factors),
+            Some(RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 })
+        );
+        let mut off = factors.clone();
+        off[20] *= 1.01;
+        assert_eq!(llama3_scaling_from_factors(theta, dim, &off), None);
+        assert_eq!(llama3_scaling_from_factors(theta, dim, &factors[1..]), None);
+    }
 }

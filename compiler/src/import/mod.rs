@@ -198,7 +198,7 @@ pub fn load(path: &Path) -> Result<Model, ImportError> {
 fn load_gguf(path: &Path) -> Result<Model, ImportError> {
     let map = WeightStore::map(path)?;
     let parsed = gguf::parse(path, &map)?;
-    let config = config::from_gguf(path, &parsed)?;
+    let config = config::from_gguf(path, &parsed, &map)?;
     let (tokenizer, mut chat_template, bos_token, eos_token) = tokenizer::from_gguf(&parsed.metadata);
     if chat_template.is_none() && config.arch.is_gemma() {
         chat_template = Some(tokenizer::GEMMA_TURN_TEMPLATE.to_string());
