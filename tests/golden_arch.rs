@@ -95,7 +95,11 @@ fn check_arch_on(name: &str, on: On) {
             assert_eq!(top[0]["id"].as_u64().unwrap(), case["final_position_argmax"].as_u64().unwrap());
         }
         let same = generated.iter().zip(&greedy).take_while(|(a, b)| a == b).count();
-        eprintln!("{label} len {}: max logit error {max_err:.2e}, greedy {same}/{} (checked {must})", input.len(), greedy.len());
+        eprintln!(
+            "{label} len {}: max logit error {max_err:.2e}, greedy {same}/{} (checked {must})",
+            input.len(),
+            greedy.len()
+        );
     }
 }
 

@@ -259,7 +259,9 @@ fn gqa_body((hq, hk, hd): (usize, usize, usize), rotary_dim: usize, style: &str,
 /// prefill's later queries and both decode steps drop keys) and a soft cap on the scores.
 #[test]
 fn gqa_with_sliding_window_and_softcap() {
-    for (limits, label) in [(", window = 3", "window"), (", softcap = 0.5", "softcap"), (", window = 2, softcap = 0.7", "both")] {
+    for (limits, label) in
+        [(", window = 3", "window"), (", softcap = 0.5", "softcap"), (", window = 2, softcap = 0.7", "both")]
+    {
         let body = gqa_body((4, 2, 16), 16, "half", limits);
         check(&format!("gqa-{label}"), &body, 64, OwnedWeights::default());
     }

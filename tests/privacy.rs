@@ -30,11 +30,7 @@ fn wrapped(wrapper: &[&str], args: &[&str]) -> String {
         .env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()))
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e} (scripts/setup installs it)"));
-    assert!(
-        out.status.success(),
-        "{wrapper:?} slmc {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{wrapper:?} slmc {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 

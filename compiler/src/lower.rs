@@ -61,21 +61,39 @@ impl Lowering<'_> {
     }
 
     /// The family's norm of `x` with the weight of `role` (and, for LayerNorm, its bias).
-    fn norm(&mut self, name: &str, x: NodeId, role: Role, bias: Role, block: usize) -> Result<NodeId, ImportError> {
+    fn norm(&mut self, name: &str, x: NodeId, role: Role, block: usize) -> Result<NodeId, ImportError> {
         let cfg = &self.model.config;
-        let (d, eps) = (self.model.config.hidden_size, cfg.rms_norm_eps);
+        let (d, eps, kind) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.arch.norm_kind());
         let value = |suffix: &str| match role {
             Role::FinalNorm => format!("final_norm{suffix}.w"),
             _ => format!("blk{block}.{}{suffix}.w", name.rsplit('.').next().unwrap_or(name)),
         };
         let w = self.weight(role, block, &value(""), &[d])?;
-        match cfg.norm {
-            NormKind::Rms => self.push(name, Op::RmsNorm { eps }, &[x, w]),
-            NormKind::LayerNorm => {
+        match (kind, role.norm_bias()) {
+            (NormKind::LayerNorm, Some(bias)) => {
                 let b = self.weight(bias, block, &value("_bias"), &[d])?;
                 self.push(name, Op::LayerNorm { eps }, &[x, w, b])
             }
+            (NormKind::LayerNorm, None) => Err(self.err(format!("no LayerNorm bias for the {role:?} norm"))),
+            (NormKind::Rms, _) => self.push(name, Op::RmsNorm { eps }, &[x, w]),
         }
+    }
+
+    /// RMSNorm of the queries and keys with `q_norm`/`k_norm` weights of `widths` values (a
+    /// head, or the whole projection).
+    fn qk_norm(
+        &mut self,
+        (q, k): (NodeId, NodeId),
+        widths: (usize, usize),
+        (l, b): (&str, usize),
+    ) -> Result<(NodeId, NodeId), ImportError> {
+        let eps = self.model.config.rms_norm_eps;
+        let qn = self.weight(Role::QNorm, b, &format!("blk{b}.q_norm.w"), &[widths.0])?;
+        let kn = self.weight(Role::KNorm, b, &format!("blk{b}.k_norm.w"), &[widths.1])?;
+        Ok((
+            self.push(&format!("{l}.q_norm"), Op::RmsNorm { eps }, &[q, qn])?,
+            self.push(&format!("{l}.k_norm"), Op::RmsNorm { eps }, &[k, kn])?,
+        ))
     }
 }
 
@@ -109,7 +127,7 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let w = |role: &str| format!("blk{b}.{role}.w");
 
         let place = cfg.arch.norm_placement();
-        let x = if place.before() { lw.norm(&format!("{l}.attn_norm"), h, Role::AttnNorm, Role::AttnNormBias, b)? } else { h };
+        let x = if place.before() { lw.norm(&format!("{l}.attn_norm"), h, Role::AttnNorm, b)? } else { h };
         let (q, k, val) = if cfg.arch == Arch::Phi3 {
             let qkv_w = lw.weight(Role::Qkv, b, &w("qkv"), &[(hq + 2 * hk) * hd, d])?;
             let qkv = lw.push(&format!("{l}.qkv"), Op::Linear, &[x, qkv_w])?;
@@ -134,28 +152,14 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
                 proj(Role::V, Role::VBias, "v", hk)?,
             )
         };
-        let (q, k) = if cfg.arch.qk_norm_over_projection() {
-            // OLMo 2: one RMSNorm over each token's whole query (and key) projection.
-            let eps = cfg.rms_norm_eps;
-            let qn = lw.weight(Role::QNorm, b, &w("q_norm"), &[hq * hd])?;
-            let kn = lw.weight(Role::KNorm, b, &w("k_norm"), &[hk * hd])?;
-            (
-                lw.push(&format!("{l}.q_norm"), Op::RmsNorm { eps }, &[q, qn])?,
-                lw.push(&format!("{l}.k_norm"), Op::RmsNorm { eps }, &[k, kn])?,
-            )
-        } else {
-            (q, k)
-        };
-        let mut q = lw.push(&format!("{l}.q_heads"), heads(hq), &[q])?;
-        let mut k = lw.push(&format!("{l}.k_heads"), heads(hk), &[k])?;
-        if cfg.arch.has_qk_norm() && !cfg.arch.qk_norm_over_projection() {
-            // RMSNorm over each head's hd values (the norm's weight has hd entries).
-            let eps = cfg.rms_norm_eps;
-            let qn = lw.weight(Role::QNorm, b, &w("q_norm"), &[hd])?;
-            let kn = lw.weight(Role::KNorm, b, &w("k_norm"), &[hd])?;
-            q = lw.push(&format!("{l}.q_norm"), Op::RmsNorm { eps }, &[q, qn])?;
-            k = lw.push(&format!("{l}.k_norm"), Op::RmsNorm { eps }, &[k, kn])?;
-        }
+        // q/k norms: OLMo 2's over each token's whole projection, before the split into
+        // heads; Qwen3's and Gemma 3's over each head's hd values, after it.
+        let over_projection = cfg.arch.qk_norm_over_projection();
+        let (q, k) = if over_projection { lw.qk_norm((q, k), (hq * hd, hk * hd), (&l, b))? } else { (q, k) };
+        let q = lw.push(&format!("{l}.q_heads"), heads(hq), &[q])?;
+        let k = lw.push(&format!("{l}.k_heads"), heads(hk), &[k])?;
+        let (q, k) =
+            if cfg.arch.has_qk_norm() && !over_projection { lw.qk_norm((q, k), (hd, hd), (&l, b))? } else { (q, k) };
         let val = lw.push(&format!("{l}.v_heads"), heads(hk), &[val])?;
         let sliding = cfg.is_sliding(layer);
         let theta = if sliding { cfg.rope_theta_local.unwrap_or(cfg.rope_theta) } else { cfg.rope_theta };
@@ -174,11 +178,11 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let o_w = lw.weight(Role::O, b, &w("o"), &[d, hq * hd])?;
         let mut o = lw.push(&format!("{l}.attn_out"), Op::Linear, &[att, o_w])?;
         if place.after() {
-            o = lw.norm(&format!("{l}.post_attn_norm"), o, Role::PostAttnNorm, Role::PostAttnNorm, b)?;
+            o = lw.norm(&format!("{l}.post_attn_norm"), o, Role::PostAttnNorm, b)?;
         }
         h = lw.push(&format!("{l}.attn_residual"), Op::Add, &[h, o])?;
 
-        let x = if place.before() { lw.norm(&format!("{l}.ffn_norm"), h, Role::FfnNorm, Role::FfnNormBias, b)? } else { h };
+        let x = if place.before() { lw.norm(&format!("{l}.ffn_norm"), h, Role::FfnNorm, b)? } else { h };
         let (gate, up) = if cfg.arch == Arch::Phi3 {
             let gu_w = lw.weight(Role::GateUp, b, &w("gate_up"), &[2 * ff, d])?;
             let gu = lw.push(&format!("{l}.gate_up"), Op::Linear, &[x, gu_w])?;
@@ -203,12 +207,12 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let down_w = lw.weight(Role::Down, b, &w("down"), &[d, ff])?;
         let mut down = lw.push(&format!("{l}.ffn_out"), Op::Linear, &[m, down_w])?;
         if place.after() {
-            down = lw.norm(&format!("{l}.post_ffn_norm"), down, Role::PostFfnNorm, Role::PostFfnNorm, b)?;
+            down = lw.norm(&format!("{l}.post_ffn_norm"), down, Role::PostFfnNorm, b)?;
         }
         h = lw.push(&format!("{l}.ffn_residual"), Op::Add, &[h, down])?;
     }
 
-    let x = lw.norm("final_norm", h, Role::FinalNorm, Role::FinalNormBias, 0)?;
+    let x = lw.norm("final_norm", h, Role::FinalNorm, 0)?;
     // Tied embeddings: the LM head is the embedding table's node itself.
     let head = if cfg.tie_word_embeddings || !lw.has(Role::LmHead, 0) {
         embed_w

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
-use crate::op::{AttnLimits, KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
+use crate::op::{soft_cap, AttnLimits, KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
 use crate::verify::{verify, GraphInfo, VerifyError};
 pub use crate::weights::{WeightSource, WeightView};
 
@@ -338,7 +338,7 @@ impl<'a> Interpreter<'a> {
             Op::GeluTanh => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| gelu_tanh(*x)).collect()),
             Op::Scale { factor } => Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| x * factor).collect()),
             Op::Softcap { cap } => {
-                Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| cap * (x / cap).tanh()).collect())
+                Tensor::f32(args[0].shape.clone(), f(0).iter().map(|x| soft_cap(*x, *cap)).collect())
             }
             Op::LayerNorm { eps } => Tensor::f32(args[0].shape.clone(), layer_norm(f(0), f(1), f(2), *eps)),
             Op::Reshape { .. } => {

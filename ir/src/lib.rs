@@ -23,7 +23,7 @@ pub mod weights;
 pub use dtype::DType;
 pub use graph::{Graph, Node, NodeId};
 pub use interp::{InterpError, Interpreter, Tensor};
-pub use op::{Attr, AttnLimits, KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary, KV_EXACT_WINDOW};
+pub use op::{AttnLimits, Attr, KvKind, KvQuant, Op, RopeScaling, RopeStyle, Rotary, KV_EXACT_WINDOW};
 pub use shape::{Dim, TensorType};
 pub use verify::{verify, GraphInfo, Verified, VerifyError};
 pub use weights::{Layered, OwnedWeight, OwnedWeights, WeightSource, WeightView};

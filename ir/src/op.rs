@@ -122,11 +122,13 @@ impl AttnLimits {
 
     /// A scaled score after the soft cap.
     pub fn cap(&self, score: f32) -> f32 {
-        match self.softcap {
-            Some(c) => c * (score / c).tanh(),
-            None => score,
-        }
+        self.softcap.map_or(score, |c| soft_cap(score, c))
     }
+}
+
+/// Gemma's soft cap, c * tanh(x / c): the semantics of `softcap` and of attention's cap.
+pub fn soft_cap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

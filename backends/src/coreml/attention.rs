@@ -107,11 +107,15 @@ impl<'a> Emitter<'a> {
         }
         let mask = match window {
             None => self.causal_mask.clone(),
-            Some(w) => self.window_masks.entry(w).or_insert_with(|| {
-                let name = format!("window_mask_{w}");
-                self.b.reserve(&name);
-                Var { name, dt: Dt::F16, shape: self.causal_mask.shape.clone() }
-            }).clone(),
+            Some(w) => self
+                .window_masks
+                .entry(w)
+                .or_insert_with(|| {
+                    let name = format!("window_mask_{w}");
+                    self.b.reserve(&name);
+                    Var { name, dt: Dt::F16, shape: self.causal_mask.shape.clone() }
+                })
+                .clone(),
         };
         let m = if group == 1 {
             mask

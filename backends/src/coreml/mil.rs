@@ -224,7 +224,8 @@ impl Builder {
 
     /// A scalar f32 constant (inline).
     pub fn scalar_f32(&mut self, hint: &str, v: f32) -> Var {
-        let val = immediate(Dt::F32, &[], proto::tensor_value::Value::Floats(proto::RepeatedFloats { values: vec![v] }));
+        let val =
+            immediate(Dt::F32, &[], proto::tensor_value::Value::Floats(proto::RepeatedFloats { values: vec![v] }));
         self.constant(hint, val, Dt::F32, &[])
     }
 

@@ -310,7 +310,7 @@ pub fn rms_norm(norm: &Op, dim: usize, rows: usize, features: GpuFeatures) -> Re
         Op::LayerNorm { eps } => (eps, false, true),
         _ => return Err(GpuError::Kernel { kernel: norm.mnemonic().into(), message: "not a norm".into() }),
     };
-    let subgroups = features.subgroups && !centered;
+    let subgroups = norm_uses_subgroups(norm, features);
     let mut ctx = tera::Context::new();
     ctx.insert("dim", &dim);
     ctx.insert("rows", &rows);
@@ -322,6 +322,12 @@ pub fn rms_norm(norm: &Op, dim: usize, rows: usize, features: GpuFeatures) -> Re
     let variant = if subgroups { "_sg" } else { "" };
     let per_head = if rows > 1 { format!("_r{rows}") } else { String::new() };
     render(Template::RmsNorm, format!("{op}_{dim}{per_head}_{}{variant}", eps.to_bits()), ctx)
+}
+
+/// Whether a norm's kernel is the subgroup variant (a workgroup per row) rather than an
+/// invocation per row: with subgroups, except layer_norm, which has one variant.
+pub fn norm_uses_subgroups(norm: &Op, features: GpuFeatures) -> bool {
+    features.subgroups && !matches!(norm, Op::LayerNorm { .. })
 }
 
 /// An elementwise kernel, chosen by the IR op it lowers (never by comparing names): a

@@ -300,7 +300,8 @@ impl<'a> Builder<'a> {
                 let k = self.kernel(name, src, bindings.len());
                 // Subgroup variant: a workgroup per row; plain: an invocation per row.
                 let r = rows_per_token as u64;
-                let rows = if self.opts.features.subgroups && !centered { per_tok(r, 1) } else { per_tok(r, 64) };
+                let subgroups = kernels::norm_uses_subgroups(&node.op, self.opts.features);
+                let rows = if subgroups { per_tok(r, 1) } else { per_tok(r, 64) };
                 self.dispatch(id, k, bindings, [rows, one, one]);
             }
             Op::Linear | Op::LinearSwiglu => {
@@ -391,8 +392,16 @@ impl<'a> Builder<'a> {
                 // One scratch buffer of partial results serves every layer (they run in turn).
                 let part_bytes = (self.opts.max_step_tokens * hq * split.splits * (hd + 2) * 4) as u64;
                 let part = self.scratch_buffer("attention.partials", part_bytes);
-                let (name, src) =
-                    kernels::attention((hq, hk, hd), *scale, *limits, self.opts.context_len, split, kv, ring, features)?;
+                let (name, src) = kernels::attention(
+                    (hq, hk, hd),
+                    *scale,
+                    *limits,
+                    self.opts.context_len,
+                    split,
+                    kv,
+                    ring,
+                    features,
+                )?;
                 let k = self.kernel(name, src, 4);
                 let splits = Count::fixed(split.splits as u64);
                 self.dispatch(id, k, vec![q_rot, k_cache, v_cache, part], [splits, per_tok(hq as u64, 1), one]);

@@ -85,7 +85,9 @@ pub(crate) fn inspect(model: &Model, as_json: bool) -> Result<()> {
             e.0 += t.len;
             e.1 += 1;
         }
-        table.push(json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len, "derived": derived }));
+        table.push(
+            json!({ "name": name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.len, "derived": derived }),
+        );
     }
     let files: Vec<String> = model.weights.files().map(|p| p.display().to_string()).collect();
     let report = json!({

@@ -64,11 +64,8 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
     if config.norm_weight_plus_one {
         // Gemma applies its norm weights as (1 + w): fold the 1 in once, here, so every
         // backend sees a plain norm; the IR names the folded tensors `<name>+1`.
-        let norms: Vec<String> = weights
-            .tensors()
-            .map(|(n, _)| n.clone())
-            .filter(|n| n.ends_with("norm.weight"))
-            .collect();
+        let norms: Vec<String> =
+            weights.tensors().map(|(n, _)| n.clone()).filter(|n| n.ends_with("norm.weight")).collect();
         for name in norms {
             let folded = format!("{name}{}", config::PLUS_ONE_SUFFIX);
             weights.derive_f32(&name, folded, |w| 1.0 + w)?;

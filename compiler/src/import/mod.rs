@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod gguf;
+mod gguf_config;
 pub mod hf;
 pub mod sentencepiece;
 pub mod tokenizer;

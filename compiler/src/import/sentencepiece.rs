@@ -33,14 +33,22 @@ pub fn build_gemma(md: &BTreeMap<String, Value>) -> Result<Tokenizer, String> {
         .iter()
         .map(|v| v.as_str().ok_or("tokenizer.ggml.tokens holds a non-string"))
         .collect::<Result<_, _>>()?;
-    let types: Vec<i64> = array("tokenizer.ggml.token_type")?.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect();
+    let types: Vec<i64> =
+        array("tokenizer.ggml.token_type")?.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect();
     if types.len() != tokens.len() {
         return Err(format!("{} token types for {} tokens", types.len(), tokens.len()));
     }
-    let respelled: Vec<String> = tokens
-        .iter()
-        .map(|t| if t.contains(' ') && t.trim().is_empty() { "\u{2581}".repeat(t.chars().count()) } else { t.to_string() })
-        .collect();
+    let respelled: Vec<String> =
+        tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
     // A duplicated spelling keeps its last id, as a Python dict built in order does.
     let vocab: Vocab = respelled.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let merges = merges_by_token_order(&respelled, &vocab);

@@ -109,8 +109,8 @@ impl CoremlReference {
                 let mut mask = vec![f32::NEG_INFINITY; t * width];
                 for i in 0..t {
                     for j in 0..width {
-                        let visible = key_position(j)
-                            .is_some_and(|k| k <= p + i && window.is_none_or(|w| p + i - k < w));
+                        let visible =
+                            key_position(j).is_some_and(|k| k <= p + i && window.is_none_or(|w| p + i - k < w));
                         if visible {
                             mask[i * width + j] = 0.0;
                         }
