@@ -190,9 +190,9 @@ fn install_keeps_two_previous_versions_and_rollback_switches_back() {
         eprintln!("install v{v}: {:.2} s", r["seconds"].as_f64().unwrap());
         ids.push(r["installed"].as_str().unwrap().to_string());
     }
-    let state = read_json(&store.join("state.json"));
-    assert_eq!(state["current"], ids[3].as_str());
-    assert_eq!(state["previous"], serde_json::json!([ids[2], ids[1]]));
+    let state = slmc_compiler::store::read_state(&store).unwrap();
+    assert_eq!(state.current.as_deref(), Some(ids[3].as_str()));
+    assert_eq!(state.previous, [ids[2].clone(), ids[1].clone()]);
     let versions: Vec<String> = std::fs::read_dir(store.join("versions"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -471,5 +471,39 @@ fn bare_artifacts_name_only_their_own_files() {
         std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();
         let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
         assert!(err.contains("artifact.json") && err.contains(expected), "{what}: {err}");
+    }
+}
+
+/// Verification reads every file once, and the executor and the store use exactly those
+/// bytes: with the bundle's files replaced after verification (a swap between the check and
+/// the use), the executor still runs what was verified and the store receives it.
+#[test]
+fn executors_and_the_store_use_the_bytes_verification_checked() {
+    use slmc_runtime::registry::{open, open_files, OpenOptions};
+    let dir = scratch("bundle-verified-bytes");
+    compile(&tiny(), "onnx-cpu,webgpu,coreml-ios18", &dir.join("out"), &[]);
+    compile(
+        &tiny(),
+        "onnx-cpu,webgpu,coreml-ios18",
+        &dir.join("other"),
+        &["--model-version", "other", "--context", "64"],
+    );
+    let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
+    let opts = OpenOptions { mil_reference: true, ..Default::default() };
+    let prompt = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    for target in ["onnx-cpu", "webgpu", "coreml-ios18"] {
+        let bundle = dir.join("out").join(target);
+        let expected = open(&bundle, &opts).unwrap().exec.forward(&prompt).unwrap();
+        let verified = slmc_runtime::bundle::verify(&bundle, &trust).unwrap();
+        // Swap every file for another bundle's (a different context: other weights layout
+        // and shapes), after the check.
+        std::fs::remove_dir_all(&bundle).unwrap();
+        std::fs::rename(dir.join("other").join(target), &bundle).unwrap();
+        let got = open_files(&verified.files, &opts).unwrap().exec.forward(&prompt).unwrap();
+        assert_eq!(got, expected, "{target}: the executor read something other than the verified bytes");
+        let store = dir.join(format!("store-{target}"));
+        let id = slmc_compiler::store::install(&verified, &store, &trust).unwrap();
+        let installed = slmc_runtime::bundle::verify(&store.join("versions").join(&id), &trust).unwrap();
+        assert_eq!(installed.manifest, verified.manifest, "{target}: the store got other bytes");
     }
 }

@@ -133,7 +133,8 @@ fn check_variant(
     let used = &output.artifact.required_features;
     assert!(features != GpuFeatures::NONE || used.is_empty(), "{name}: plain kernels use {used:?}");
     assert!(features == GpuFeatures::NONE || used.contains(&"subgroups".to_string()), "{name}: no subgroup variant");
-    let mut gpu = GpuExecutor::load(&dir, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let files = slmc_runtime::files::ArtifactFiles::read_bare(&dir).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+    let mut gpu = GpuExecutor::load(&files, None).unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut interp = InterpreterExecutor::new(&graph, &weights, run.context_len).unwrap();
     assert_eq!(gpu.vocab_size(), out_cols);
     let mut fed = 0usize;

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod compile;
 pub mod convert;
 pub mod emit;
+pub mod fuzzing;
 pub mod genai;
 pub mod import;
 pub mod lower;

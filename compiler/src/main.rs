@@ -116,7 +116,7 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Score { common, run: exec, prompt_ids, continuation_ids, decode, opt } => {
             let s = match artifact_executor(&common, &exec, &opt)? {
-                Some((mut exec, _, _)) => score_with(exec.as_mut(), &prompt_ids, &continuation_ids, decode)?,
+                Some(mut loaded) => score_with(loaded.exec.as_mut(), &prompt_ids, &continuation_ids, decode)?,
                 None => {
                     let model = load(&common)?;
                     let prepared = prepare(&model, &opt, false)?;

@@ -1,13 +1,21 @@
-//! The on-device store: verified bundles under `STORE/versions/<id>/`, the active one
-//! behind the `STORE/current` symlink, and `STORE/state.json` (current, then up to two
-//! previous versions, newest first). Every change is prepared beside its final place and
-//! switched in with a rename, so a failed install leaves the store exactly as it was.
+//! The on-device store: verified bundles under `STORE/versions/<id>/` and the active one
+//! behind the `STORE/current` symlink. Switching that symlink (an atomic rename of a fresh
+//! one) is the single commit point of every change: `STORE/states/<id>.json` (the versions
+//! kept while `<id>` is current, newest first) is written and synced before `current`
+//! points at `<id>`, and a new version directory is complete, verified and synced before
+//! either. Every command holds an exclusive lock on `STORE/.lock`, so two installs never
+//! race and `prune` never removes what another process just made; temporaries left by a
+//! killed command are removed by the next one. A failed or killed install leaves the store
+//! as it was.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use slmc_runtime::bundle::{Trust, Verified};
 use slmc_targets::bundle::MANIFEST_FILE;
+
+use crate::output::{sync_path, write_files};
 
 /// How many versions before the current one the store keeps.
 pub const KEPT_PREVIOUS: usize = 2;
@@ -19,23 +27,93 @@ pub struct StoreState {
     pub previous: Vec<String>,
 }
 
+fn states_dir(store: &Path) -> PathBuf {
+    store.join("states")
+}
+
+/// What the store holds: the version `current` points at and the state recorded for it.
 pub fn read_state(store: &Path) -> Result<StoreState> {
-    let path = store.join("state.json");
-    if !path.exists() {
-        return Ok(StoreState::default());
-    }
+    let link = store.join("current");
+    let target = match std::fs::read_link(&link) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StoreState::default()),
+        Err(e) => return Err(e).with_context(|| format!("{}: not a symlink", link.display())),
+    };
+    let id = target
+        .strip_prefix("versions")
+        .ok()
+        .and_then(|p| p.to_str())
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .with_context(|| format!("{}: points at {}, not into versions/", link.display(), target.display()))?
+        .to_string();
+    let path = states_dir(store).join(format!("{id}.json"));
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a store state", path.display()))
+    let state: StoreState =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a store state", path.display()))?;
+    if state.current.as_deref() != Some(id.as_str()) {
+        bail!("{}: records {:?} as current, but `current` points at {id}", path.display(), state.current);
+    }
+    Ok(state)
 }
 
+/// Holds the store's lock until dropped.
+pub struct StoreLock(#[allow(dead_code)] std::fs::File);
+
+/// Takes the store's exclusive lock (waiting for another command to finish), then removes
+/// what a killed command left: temporaries, and versions or states nothing refers to.
+pub fn lock(store: &Path) -> Result<StoreLock> {
+    std::fs::create_dir_all(store.join("versions")).with_context(|| format!("{}: cannot create", store.display()))?;
+    std::fs::create_dir_all(states_dir(store)).with_context(|| format!("{}: cannot create", store.display()))?;
+    let path = store.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    file.lock().with_context(|| format!("{}: cannot lock", path.display()))?;
+    let lock = StoreLock(file);
+    // Under the lock no other command is writing: every temporary is a leftover.
+    for dir in [store.to_path_buf(), store.join("versions"), states_dir(store)] {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && name != ".lock" {
+                let p = entry.path();
+                let _ =
+                    if entry.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+    }
+    // Stores written by slmc 0.2 kept one `state.json`.
+    let legacy = store.join("state.json");
+    if legacy.is_file() {
+        let text = std::fs::read_to_string(&legacy).with_context(|| format!("{}: cannot read", legacy.display()))?;
+        let state: StoreState =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a store state", legacy.display()))?;
+        if state.current.is_some() {
+            write_state(store, &state)?;
+        }
+        std::fs::remove_file(&legacy).with_context(|| format!("{}: cannot remove", legacy.display()))?;
+    }
+    prune(store, &read_state(store)?)?;
+    Ok(lock)
+}
+
+/// Writes `STORE/states/<current>.json`, synced, before `current` may point at it.
 fn write_state(store: &Path, state: &StoreState) -> Result<()> {
-    let tmp = store.join(".state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(state)? + "\n")
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, store.join("state.json")).with_context(|| format!("{}: cannot update", store.display()))
+    let id = state.current.as_deref().expect("a recorded state has a current version");
+    let dir = states_dir(store);
+    let tmp = format!(".{id}.json.tmp");
+    let text = serde_json::to_string_pretty(state)? + "\n";
+    write_files(&dir, [(tmp.as_str(), text.as_bytes())].into_iter())?;
+    std::fs::rename(dir.join(&tmp), dir.join(format!("{id}.json")))
+        .with_context(|| format!("{}: cannot update", dir.display()))?;
+    sync_path(&dir)
 }
 
-/// Points `STORE/current` at `versions/<id>` with an atomic rename of a fresh symlink.
+/// The commit point: points `STORE/current` at `versions/<id>` with an atomic rename of a
+/// fresh symlink, then syncs the store directory.
 fn switch_current(store: &Path, id: &str) -> Result<()> {
     let tmp = store.join(".current.tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -44,78 +122,76 @@ fn switch_current(store: &Path, id: &str) -> Result<()> {
         .with_context(|| format!("{}: cannot create", tmp.display()))?;
     #[cfg(not(unix))]
     bail!("the store needs symlinks (Unix)");
-    std::fs::rename(&tmp, store.join("current")).with_context(|| format!("{}: cannot switch", store.display()))
-}
-
-/// Copies every file under `from` to the same place under `to`.
-pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
-    for path in slmc_runtime::bundle::walk(from).with_context(|| format!("{}: cannot list", from.display()))? {
-        let rel = path.strip_prefix(from).expect("walk stays inside");
-        let dest = to.join(rel);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::copy(&path, &dest).with_context(|| format!("{}: cannot copy", path.display()))?;
-    }
-    Ok(())
+    std::fs::rename(&tmp, store.join("current")).with_context(|| format!("{}: cannot switch", store.display()))?;
+    sync_path(store)
 }
 
 /// The id a bundle gets in the store: its target and the start of its manifest's sha256.
-pub fn bundle_id(bundle: &Path, target: &str) -> Result<String> {
+pub fn bundle_id(verified: &Verified) -> Result<String> {
+    let target = &verified.manifest.target.name;
+    let manifest_path = verified.files.path(MANIFEST_FILE);
     // The id names a directory inside the store: a target name from a (possibly unsigned)
     // manifest must not climb out of it.
     if target.is_empty() || !target.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
         bail!(
             "{}: target name {target:?} is not lowercase letters, digits and dashes; refusing to use it in the store",
-            bundle.join(MANIFEST_FILE).display()
+            manifest_path.display()
         );
     }
-    let manifest = std::fs::read(bundle.join(MANIFEST_FILE))
-        .with_context(|| format!("{}: cannot read", bundle.join(MANIFEST_FILE).display()))?;
-    Ok(format!("{target}-{}", &slmc_targets::artifact::sha256_hex(&manifest)[..16]))
+    let manifest = verified.files.bytes(MANIFEST_FILE).map_err(|(p, m)| anyhow::anyhow!("{}: {m}", p.display()))?;
+    Ok(format!("{target}-{}", &slmc_targets::artifact::sha256_hex(manifest)[..16]))
 }
 
-/// Copies a bundle that has already been verified and smoke-tested into the store and
-/// makes it current. Returns its id.
-pub fn install(bundle: &Path, store: &Path, target: &str, trust: &slmc_runtime::bundle::Trust) -> Result<String> {
-    std::fs::create_dir_all(store.join("versions")).with_context(|| format!("{}: cannot create", store.display()))?;
+/// Writes the bytes of a bundle that was verified and smoke-tested into the store (the same
+/// bytes, not a second read of its files) and makes it current. Returns its id.
+pub fn install(verified: &Verified, store: &Path, trust: &Trust) -> Result<String> {
+    let id = bundle_id(verified)?;
+    let _lock = lock(store)?;
     let mut state = read_state(store)?;
-    let id = bundle_id(bundle, target)?;
     let dest = store.join("versions").join(&id);
-    if !dest.exists() {
-        let tmp = store.join("versions").join(format!(".{id}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let copied = copy_dir(bundle, &tmp).and_then(|_| {
+    // A version already present is used only if it still verifies.
+    let reusable = dest.is_dir() && slmc_runtime::bundle::verify(&dest, trust).is_ok();
+    if !reusable {
+        let tmp = store.join("versions").join(format!(".{id}.tmp"));
+        let written = write_files(&tmp, verified.files.iter()).and_then(|_| {
             // The copy must verify like the original before it can become current.
             slmc_runtime::bundle::verify(&tmp, trust).map(|_| ()).map_err(anyhow::Error::from)
         });
-        if let Err(e) = copied {
+        if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(
                 e.context(format!("{}: copying into the store failed; the store is unchanged", store.display()))
             );
         }
-        std::fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+        if dest.exists() {
+            crate::output::replace_dir(&tmp, &dest)?;
+        } else {
+            std::fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+        }
+        sync_path(&store.join("versions"))?;
+        crate::output::crash_point("store-version-written");
     }
     if state.current.as_deref() != Some(id.as_str()) {
         if let Some(old) = state.current.take() {
-            state.previous.retain(|p| *p != old && *p != id);
+            state.previous.retain(|p| *p != old);
             state.previous.insert(0, old);
         }
         state.previous.retain(|p| *p != id);
         state.previous.truncate(KEPT_PREVIOUS);
         state.current = Some(id.clone());
+        write_state(store, &state)?;
+        crate::output::crash_point("store-state-written");
+        switch_current(store, &id)?;
+        crate::output::crash_point("store-switched");
+        prune(store, &state)?;
     }
-    switch_current(store, &id)?;
-    write_state(store, &state)?;
-    prune(store, &state)?;
     Ok(id)
 }
 
 /// Makes the newest previous version current again; the version rolled back from is
 /// removed. Returns (from, to).
 pub fn rollback(store: &Path) -> Result<(String, String)> {
+    let _lock = lock(store)?;
     let mut state = read_state(store)?;
     let Some(from) = state.current.clone() else {
         bail!("{}: nothing is installed", store.display());
@@ -128,21 +204,27 @@ pub fn rollback(store: &Path) -> Result<(String, String)> {
         bail!("{}: previous version {to} is missing from versions/", store.display());
     }
     state.current = Some(to.clone());
-    switch_current(store, &to)?;
     write_state(store, &state)?;
+    switch_current(store, &to)?;
     prune(store, &state)?;
     Ok((from, to))
 }
 
-/// Removes versions the state no longer names.
+/// Removes versions and states the current state does not name (after the commit, so a
+/// kill here leaves only garbage the next command removes).
 fn prune(store: &Path, state: &StoreState) -> Result<()> {
     let keep: Vec<&String> = state.current.iter().chain(&state.previous).collect();
-    for entry in std::fs::read_dir(store.join("versions"))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if !name.starts_with('.') && !keep.iter().any(|k| **k == name) {
-            std::fs::remove_dir_all(entry.path())
-                .with_context(|| format!("{}: cannot remove", entry.path().display()))?;
+    for (dir, suffix) in [(store.join("versions"), ""), (states_dir(store), ".json")] {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            let id = name.strip_suffix(suffix).unwrap_or(&name);
+            if !name.starts_with('.') && !keep.iter().any(|k| k.as_str() == id) {
+                let p = entry.path();
+                let removed =
+                    if entry.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                removed.with_context(|| format!("{}: cannot remove", p.display()))?;
+            }
         }
     }
     Ok(())

@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use slmc_targets::files::read_regular;
+
+use crate::files::ArtifactFiles;
 use slmc_targets::bundle::{version_at_least, BundleManifest, BUNDLE_SCHEMA, MANIFEST_FILE, SIGNATURE_FILE};
 
 /// This runtime's version, compared with a bundle's `min_runtime_version`.
@@ -66,26 +69,34 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What verification found.
+/// What verification found, and the bytes it checked.
 #[derive(Debug)]
 pub struct Verified {
     pub manifest: BundleManifest,
     /// Whether a signature was present and checked against the key.
     pub signature_checked: bool,
+    /// Every file of the bundle as verified (the manifest and its signature included):
+    /// executors, the tokenizer and the store take these bytes, never the paths.
+    pub files: ArtifactFiles,
 }
 
 /// Checks a bundle directory; see the module doc for the order of checks.
 pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
     let manifest_path = dir.join(MANIFEST_FILE);
-    let manifest_bytes =
-        std::fs::read(&manifest_path).map_err(|e| file_err(&manifest_path, format!("cannot read: {e}")))?;
+    let read = |name: &str| read_regular(dir, name, None).map_err(|(path, message)| file_err(&path, message));
+    let manifest_bytes = read(MANIFEST_FILE)?;
     let sig_path = dir.join(SIGNATURE_FILE);
     let mut signature_checked = false;
-    if sig_path.is_file() {
+    // Present means present in any form: a symlinked or special signature file is refused
+    // by the read below, not taken for a missing one.
+    let signature = match std::fs::symlink_metadata(&sig_path) {
+        Ok(_) => Some(read(SIGNATURE_FILE)?),
+        Err(_) => None,
+    };
+    if let Some(sig_bytes) = &signature {
         match &trust.public_key {
             Some(key) => {
-                let text =
-                    std::fs::read_to_string(&sig_path).map_err(|e| file_err(&sig_path, format!("cannot read: {e}")))?;
+                let text = std::str::from_utf8(sig_bytes).unwrap_or("");
                 let bytes = parse_hex(text.trim())
                     .filter(|b| b.len() == 64)
                     .ok_or_else(|| file_err(&sig_path, "not a signature (128 hex digits expected)"))?;
@@ -116,8 +127,12 @@ pub fn verify(dir: &Path, trust: &Trust) -> Result<Verified, BundleError> {
             have: RUNTIME_VERSION.into(),
         });
     }
-    check_files(dir, &manifest)?;
-    Ok(Verified { manifest, signature_checked })
+    let mut files = check_files(dir, &manifest)?;
+    files.insert_checked(MANIFEST_FILE, manifest_bytes);
+    if let Some(sig) = signature {
+        files.insert_checked(SIGNATURE_FILE, sig);
+    }
+    Ok(Verified { manifest, signature_checked, files })
 }
 
 pub fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<BundleManifest, BundleError> {
@@ -129,15 +144,15 @@ pub fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<BundleManifest, Bundl
     Ok(manifest)
 }
 
-/// Every listed file has its size and sha256, and no other file is in the bundle.
-pub fn check_files(dir: &Path, manifest: &BundleManifest) -> Result<(), BundleError> {
+/// Every listed file has its size and sha256, and no other file is in the bundle; the
+/// bytes read.
+pub fn check_files(dir: &Path, manifest: &BundleManifest) -> Result<ArtifactFiles, BundleError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let mut listed = std::collections::BTreeSet::new();
     for f in &manifest.files {
         if !f.is_inside() {
             return Err(file_err(&manifest_path, format!("file `{}` is outside the bundle", f.path)));
         }
-        f.check(dir).map_err(|(path, message)| file_err(&path, message))?;
         listed.insert(dir.join(&f.path));
     }
     for path in walk(dir).map_err(|e| file_err(dir, format!("cannot list: {e}")))? {
@@ -146,7 +161,7 @@ pub fn check_files(dir: &Path, manifest: &BundleManifest) -> Result<(), BundleEr
             return Err(file_err(&path, "is not in the manifest"));
         }
     }
-    Ok(())
+    ArtifactFiles::read_listed(dir, &manifest.files).map_err(|(path, message)| file_err(&path, message))
 }
 
 /// Every regular file under `dir`, sorted.

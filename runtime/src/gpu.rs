@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use slmc_targets::artifact::{BufferKind, GpuArtifact};
 use slmc_targets::ArtifactKind;
 
+use crate::files::{kernel_file, ArtifactFiles, ARTIFACT_FILE};
 use crate::{ExecError, Executor};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +26,6 @@ impl From<GpuExecError> for ExecError {
     fn from(e: GpuExecError) -> ExecError {
         ExecError::Usage(e.to_string())
     }
-}
-
-/// Whether `dir` holds a GPU artifact.
-pub fn is_artifact(dir: &Path) -> bool {
-    dir.join("artifact.json").is_file()
 }
 
 pub struct GpuExecutor {
@@ -53,9 +49,9 @@ fn artifact_err(path: &Path, message: impl Into<String>) -> GpuExecError {
 
 /// Loads and checks the manifest: every offset and size against `weights.bin`, every
 /// binding against the buffer table, every kernel file present.
-pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
-    let path = dir.join("artifact.json");
-    let artifact: GpuArtifact = crate::registry::read_manifest(dir, ArtifactKind::Gpu)
+pub fn load_artifact(files: &ArtifactFiles) -> Result<GpuArtifact, GpuExecError> {
+    let path = files.path(ARTIFACT_FILE);
+    let artifact: GpuArtifact = crate::registry::read_manifest(files, ArtifactKind::Gpu)
         .map_err(|(file, message)| artifact_err(&file, message))?;
     // Everything the manifest names stays inside the artifact directory.
     if !slmc_targets::artifact::is_relative_inside(&artifact.weights_file) {
@@ -67,8 +63,8 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
     {
         return Err(artifact_err(&path, format!("kernel name `{}` lies outside kernels/", k.name)));
     }
-    let weights = dir.join(&artifact.weights_file);
-    let len = std::fs::metadata(&weights).map_err(|e| artifact_err(&weights, format!("cannot read: {e}")))?.len();
+    let weights = files.path(&artifact.weights_file);
+    let len = files.bytes(&artifact.weights_file).map_err(|(file, message)| artifact_err(&file, message))?.len() as u64;
     for b in &artifact.buffers {
         if let BufferKind::Weight { offset, .. } | BufferKind::Table { offset } = b.kind {
             if offset.checked_add(b.bytes).is_none_or(|end| end > len) {
@@ -92,10 +88,7 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
         }
     }
     for k in &artifact.kernels {
-        let f = dir.join("kernels").join(format!("{}.wgsl", k.name));
-        if !f.is_file() {
-            return Err(artifact_err(&f, "missing kernel"));
-        }
+        files.text(&kernel_file(&k.name)).map_err(|(file, message)| artifact_err(&file, message))?;
     }
     for name in &artifact.required_features {
         if ![slmc_targets::FEATURE_SHADER_F16, slmc_targets::FEATURE_SUBGROUPS].contains(&name.as_str()) {
@@ -125,11 +118,9 @@ pub fn load_artifact(dir: &Path) -> Result<GpuArtifact, GpuExecError> {
 impl GpuExecutor {
     /// `adapter_filter`: a case-insensitive substring of the adapter name to pick
     /// (else `$SLMC_ADAPTER`, else the first adapter).
-    pub fn load(dir: &Path, adapter_filter: Option<&str>) -> Result<GpuExecutor, GpuExecError> {
-        let artifact = load_artifact(dir)?;
-        let weights_path = dir.join(&artifact.weights_file);
-        let weights =
-            std::fs::read(&weights_path).map_err(|e| artifact_err(&weights_path, format!("cannot read: {e}")))?;
+    pub fn load(files: &ArtifactFiles, adapter_filter: Option<&str>) -> Result<GpuExecutor, GpuExecError> {
+        let artifact = load_artifact(files)?;
+        let weights = files.bytes(&artifact.weights_file).map_err(|(file, message)| artifact_err(&file, message))?;
 
         // Compute needs no display: the native compute APIs only (Vulkan, Metal, DX12), unless
         // WGPU_BACKEND says otherwise. The GL backend would probe for a display server
@@ -158,7 +149,7 @@ impl GpuExecutor {
                 slmc_targets::FEATURE_SHADER_F16 => wgpu::Features::SHADER_F16,
                 slmc_targets::FEATURE_SUBGROUPS => wgpu::Features::SUBGROUP,
                 other => {
-                    return Err(artifact_err(&dir.join("artifact.json"), format!("unknown GPU feature `{other}`")))
+                    return Err(artifact_err(&files.path(ARTIFACT_FILE), format!("unknown GPU feature `{other}`")))
                 }
             };
             if !adapter.features().contains(feature) {
@@ -215,8 +206,8 @@ impl GpuExecutor {
 
         let mut pipelines = Vec::with_capacity(artifact.kernels.len());
         for k in &artifact.kernels {
-            let path = dir.join("kernels").join(format!("{}.wgsl", k.name));
-            let src = std::fs::read_to_string(&path).map_err(|e| artifact_err(&path, format!("cannot read: {e}")))?;
+            let path = files.path(&kernel_file(&k.name));
+            let src = files.text(&kernel_file(&k.name)).map_err(|(file, message)| artifact_err(&file, message))?;
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(&k.name),

@@ -5,6 +5,7 @@
 //! (the reference interpreter now, wgpu and ONNX Runtime later) is driven the same way.
 
 pub mod bundle;
+pub mod files;
 pub mod gpu;
 pub mod mil;
 

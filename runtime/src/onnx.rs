@@ -16,7 +16,10 @@ use ort::session::IoBinding;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 use slmc_targets::artifact::OnnxArtifact;
+use slmc_targets::artifact::{ONNX_DATA_FILE, ONNX_MODEL_FILE};
 use slmc_targets::ArtifactKind;
+
+use crate::files::ArtifactFiles;
 
 use crate::{ExecError, Executor};
 
@@ -44,12 +47,12 @@ fn artifact_err(path: &Path, message: impl Into<String>) -> OnnxExecError {
     OnnxExecError::Artifact { path: path.to_path_buf(), message: message.into() }
 }
 
-/// Reads the manifest and checks every listed file's size and sha256, so a truncated or
-/// altered model never reaches ONNX Runtime.
-pub fn load_artifact(dir: &Path) -> Result<OnnxArtifact, OnnxExecError> {
-    let artifact: OnnxArtifact = crate::registry::read_manifest(dir, ArtifactKind::Onnx)
+/// Reads the manifest and checks that every file it lists is held with its size and
+/// sha256, so a truncated or altered model never reaches ONNX Runtime.
+pub fn load_artifact(files: &ArtifactFiles) -> Result<OnnxArtifact, OnnxExecError> {
+    let artifact: OnnxArtifact = crate::registry::read_manifest(files, ArtifactKind::Onnx)
         .map_err(|(file, message)| artifact_err(&file, message))?;
-    crate::registry::check_files(dir, &artifact.files).map_err(|(file, message)| artifact_err(&file, message))?;
+    files.check_listed(&artifact.files).map_err(|(file, message)| artifact_err(&file, message))?;
     Ok(artifact)
 }
 
@@ -91,10 +94,11 @@ pub struct OnnxExecutor {
 
 impl OnnxExecutor {
     /// `threads`: intra-op threads (0: ONNX Runtime's default).
-    pub fn load(dir: &Path, threads: usize) -> Result<OnnxExecutor, OnnxExecError> {
-        let artifact = load_artifact(dir)?;
+    pub fn load(files: &ArtifactFiles, threads: usize) -> Result<OnnxExecutor, OnnxExecError> {
+        let artifact = load_artifact(files)?;
         let env = environment()?;
-        let model = dir.join(slmc_targets::artifact::ONNX_MODEL_FILE);
+        let model = files.path(ONNX_MODEL_FILE);
+        let graph = files.bytes(ONNX_MODEL_FILE).map_err(|(file, message)| artifact_err(&file, message))?;
         // ONNX Runtime fuses DequantizeLinear + MatMul (the portable profile's 4-bit weights)
         // into its 4-bit kernel with int8 activations unless told otherwise: keep the
         // artifact's accuracy level (0: f32 activations), as MatMulNBits nodes carry it.
@@ -106,8 +110,14 @@ impl OnnxExecutor {
         if threads > 0 {
             builder = builder.with_intra_threads(threads).map_err(ort_err)?;
         }
+        // ONNX Runtime gets the checked bytes, never the paths: the graph from memory and its
+        // external data registered under the name the graph refers to.
+        if let Some(data) = files.get(ONNX_DATA_FILE) {
+            builder =
+                builder.with_external_initializer_file_in_memory(ONNX_DATA_FILE, data.clone()).map_err(ort_err)?;
+        }
         let session =
-            builder.commit_from_file(&model).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
+            builder.commit_from_memory(graph).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
         let cache = if artifact.kv_buffer_shared { shared_cache(&artifact, &session)? } else { Cache::Fed(Vec::new()) };
         let mut exec = OnnxExecutor { artifact, session, cache, past_len: 0 };
         exec.reset();

@@ -7,11 +7,12 @@ use std::path::Path;
 use slmc_targets::artifact::ArtifactFormat;
 use slmc_targets::ArtifactKind;
 
+use crate::files::{ArtifactFiles, ARTIFACT_FILE};
 use crate::Executor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{path}: cannot read: {message}")]
+    #[error("{path}: {message}")]
     Read { path: String, message: String },
     #[error("{path}: invalid manifest: {message}")]
     Manifest { path: String, message: String },
@@ -51,76 +52,64 @@ pub struct Opened {
     pub detail: String,
 }
 
-/// `dir/artifact.json` as `T` after checking it declares `kind`'s format; errors name the
-/// file. Every executor reads its manifest through this.
+/// The artifact's `artifact.json` as `T` after checking it declares `kind`'s format;
+/// errors name the file. Every executor reads its manifest through this.
 pub(crate) fn read_manifest<T: serde::de::DeserializeOwned>(
-    dir: &Path,
+    files: &ArtifactFiles,
     kind: ArtifactKind,
 ) -> Result<T, (std::path::PathBuf, String)> {
-    let path = dir.join("artifact.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) => return Err((path, format!("cannot read: {e}"))),
-    };
+    let path = files.path(ARTIFACT_FILE);
+    let text = files.text(ARTIFACT_FILE)?;
     let invalid = |e: serde_json::Error| format!("invalid manifest: {e}");
-    let format: ArtifactFormat = match serde_json::from_str(&text) {
+    let format: ArtifactFormat = match serde_json::from_str(text) {
         Ok(f) => f,
         Err(e) => return Err((path, invalid(e))),
     };
     if format.format != kind.format() {
         return Err((path, format!("format `{}` is not {}", format.format, kind.format())));
     }
-    serde_json::from_str(&text).map_err(|e| (path, invalid(e)))
+    serde_json::from_str(text).map_err(|e| (path, invalid(e)))
 }
 
-/// Every listed file lies inside `dir` and has its recorded size and sha256.
-pub(crate) fn check_files(
-    dir: &Path,
-    files: &[slmc_targets::artifact::FileDigest],
-) -> Result<(), (std::path::PathBuf, String)> {
-    if files.is_empty() {
-        return Err((dir.join("artifact.json"), "lists no files: nothing could be checked".into()));
-    }
-    for f in files {
-        if !f.is_inside() {
-            return Err((dir.join("artifact.json"), format!("file `{}` is outside the artifact", f.path)));
-        }
-        f.check(dir)?;
-    }
-    Ok(())
-}
-
-/// The kind `dir/artifact.json` declares.
-pub fn artifact_kind(dir: &Path) -> Result<ArtifactKind, OpenError> {
-    let path = dir.join("artifact.json");
+/// The kind an artifact's `artifact.json` declares.
+pub fn artifact_kind(files: &ArtifactFiles) -> Result<ArtifactKind, OpenError> {
+    let path = files.path(ARTIFACT_FILE);
     let shown = || path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|e| OpenError::Read { path: shown(), message: e.to_string() })?;
+    let text = files.text(ARTIFACT_FILE).map_err(|(_, message)| OpenError::Read { path: shown(), message })?;
     let format: ArtifactFormat =
-        serde_json::from_str(&text).map_err(|e| OpenError::Manifest { path: shown(), message: e.to_string() })?;
+        serde_json::from_str(text).map_err(|e| OpenError::Manifest { path: shown(), message: e.to_string() })?;
     ArtifactKind::from_format(&format.format).ok_or(OpenError::UnknownFormat { path: shown(), format: format.format })
 }
 
-/// Opens the executor for the artifact in `dir` (its files are checked by the executor).
+/// Opens a bare artifact directory (no bundle manifest): its files are read once, checked
+/// against `artifact.json`'s digests where it has them, and run from those bytes.
 pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Opened, OpenError> {
-    let kind = artifact_kind(dir)?;
+    let files = ArtifactFiles::read_bare(dir)
+        .map_err(|(path, message)| OpenError::Read { path: path.display().to_string(), message })?;
+    open_files(&files, opts)
+}
+
+/// Opens the executor for an artifact's files (a verified bundle's, or a bare artifact's).
+pub fn open_files(files: &ArtifactFiles, opts: &OpenOptions) -> Result<Opened, OpenError> {
+    let kind = artifact_kind(files)?;
     Ok(match kind {
         ArtifactKind::Gpu => {
-            let exec = crate::gpu::GpuExecutor::load(dir, opts.adapter.as_deref())?;
+            let exec = crate::gpu::GpuExecutor::load(files, opts.adapter.as_deref())?;
             let eos_token_ids = exec.artifact().model.eos_token_ids.clone();
             let detail = format!("adapter: {}", exec.adapter_info);
             Opened { exec: Box::new(exec), kind, executor_name: kind.executor_name(), eos_token_ids, detail }
         }
         ArtifactKind::Onnx => {
-            let exec = crate::onnx::OnnxExecutor::load(dir, opts.threads)?;
+            let exec = crate::onnx::OnnxExecutor::load(files, opts.threads)?;
             let eos_token_ids = exec.artifact().model.eos_token_ids.clone();
             let detail = format!("ONNX Runtime: {}", crate::onnx::library_path()?.display());
             Opened { exec: Box::new(exec), kind, executor_name: kind.executor_name(), eos_token_ids, detail }
         }
         ArtifactKind::Coreml => {
             if !opts.mil_reference {
-                return Err(OpenError::NoCoreml { path: dir.display().to_string(), os: std::env::consts::OS });
+                return Err(OpenError::NoCoreml { path: files.dir().display().to_string(), os: std::env::consts::OS });
             }
-            let exec = crate::mil::MilReferenceExecutor::load(dir)?;
+            let exec = crate::mil::MilReferenceExecutor::load(files)?;
             let eos_token_ids = exec.artifact().model.eos_token_ids.clone();
             let detail = "slmc's reference MIL interpreter".to_string();
             Opened { exec: Box::new(exec), kind, executor_name: "mil-reference", eos_token_ids, detail }

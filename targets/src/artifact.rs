@@ -190,33 +190,20 @@ impl FileDigest {
         is_relative_inside(&self.path)
     }
 
-    /// Reads `dir/path` and checks its size and sha256; the error names the file's problem.
-    pub fn check(&self, dir: &std::path::Path) -> Result<(), (std::path::PathBuf, String)> {
-        let path = dir.join(&self.path);
-        // Only regular files: a symlink could point anywhere, and reading a FIFO or a
-        // device would block or never end.
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| (path.clone(), format!("cannot read: {e}")))?;
-        if !meta.file_type().is_file() {
-            return Err((path, "is not a regular file (symlinks and special files are refused)".into()));
-        }
-        let bytes = std::fs::read(&path).map_err(|e| (path.clone(), format!("cannot read: {e}")))?;
-        if bytes.len() as u64 != self.bytes {
-            let message = format!("{} bytes, the manifest says {} (truncated or replaced)", bytes.len(), self.bytes);
-            return Err((path, message));
-        }
+    /// Reads `dir/path` once (see [`crate::files::read_regular`]) and checks its size and
+    /// sha256; the bytes returned are the bytes checked. The error names the file's problem.
+    pub fn read_checked(&self, dir: &std::path::Path) -> Result<Vec<u8>, FileError> {
+        let bytes = crate::files::read_regular(dir, &self.path, Some(self.bytes))?;
         let digest = sha256_hex(&bytes);
         if digest != self.sha256 {
-            return Err((path, format!("sha256 {digest} differs from the manifest's {} (tampered?)", self.sha256)));
+            let message = format!("sha256 {digest} differs from the manifest's {} (tampered?)", self.sha256);
+            return Err((dir.join(&self.path), message));
         }
-        Ok(())
+        Ok(bytes)
     }
 }
 
-/// Whether a path named by a manifest stays inside its directory: relative, no `..`, no
-/// empty component (so no leading or doubled `/`).
-pub fn is_relative_inside(path: &str) -> bool {
-    !std::path::Path::new(path).is_absolute() && !path.split('/').any(|c| c == ".." || c.is_empty())
-}
+pub use crate::files::{is_relative_inside, FileError};
 
 /// The `format` field of any artifact manifest, to pick its executor.
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@
 pub mod artifact;
 pub mod bundle;
 pub mod coreml;
+pub mod files;
 pub mod kind;
 
 pub use kind::{ArtifactKind, BackendKind};

@@ -7,9 +7,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use slmc_compiler::bundle as bundles;
 use slmc_compiler::store;
-use slmc_targets::bundle::BundleManifest;
 
+use crate::cli::run::LoadedArtifact;
 use crate::{artifact_executor, load, prepare, print_json, Common, OptArgs, RunArgs, TrustArgs};
+use slmc_runtime::bundle::Verified;
 
 #[derive(clap::Args)]
 pub struct CompileArgs {
@@ -91,11 +92,20 @@ fn cache_key(build: &str, source_sha256: &str, options: &Value, profile: &slmc_t
     slmc_targets::artifact::sha256_hex(key.to_string().as_bytes())
 }
 
-/// Keeps the `CACHE_ENTRIES` most recently used entries (best effort).
+/// Keeps the `CACHE_ENTRIES` most recently used entries, and removes temporaries of
+/// killed compiles (best effort).
 fn evict(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else { return };
+    let entries: Vec<std::fs::DirEntry> = entries.filter_map(|e| e.ok()).collect();
+    for e in &entries {
+        let name = e.file_name().to_string_lossy().to_string();
+        let pid = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")).and_then(|(_, p)| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !slmc_compiler::output::process_alive(pid)) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .filter_map(|e| e.ok())
+        .into_iter()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
@@ -165,8 +175,10 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             bar.set_message(format!("{}: from the compile cache", profile.name));
             // A cache entry must still match its own manifest.
             let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
-            if slmc_runtime::bundle::verify(&cache_dir, &trust).is_ok() {
-                slmc_compiler::output::write_dir_atomically(&dir, args.force, |tmp| store::copy_dir(&cache_dir, tmp))?;
+            if let Ok(verified) = slmc_runtime::bundle::verify(&cache_dir, &trust) {
+                slmc_compiler::output::write_dir_atomically(&dir, args.force, |tmp| {
+                    slmc_compiler::output::write_files(tmp, verified.files.iter())
+                })?;
                 // Mark it recently used for eviction.
                 let _ = std::fs::File::open(&cache_dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 written.push(dir);
@@ -241,7 +253,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             // Best effort: a cache that cannot be written only costs the next compile time.
             let tmp = cache_root().join(format!(".{key}.tmp-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
-            if store::copy_dir(&out, &tmp).is_ok() {
+            if slmc_compiler::output::copy_dir(&out, &tmp).is_ok() {
                 let _ = std::fs::remove_dir_all(&cache_dir);
                 let _ = std::fs::rename(&tmp, &cache_dir);
             }
@@ -310,29 +322,23 @@ pub fn verify(bundle: &Path, trust: &TrustArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn read_manifest(bundle: &Path) -> Result<BundleManifest> {
-    let path = bundle.join(slmc_targets::bundle::MANIFEST_FILE);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (not a bundle?)", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))
-}
-
-/// Verifies (through the executor loader) and runs the smoke set; the outcome as JSON.
-fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path) -> Result<(bool, Value)> {
+/// Verifies the bundle once and runs its smoke set on the executor opened from the verified
+/// bytes; the outcome as JSON, and the verified bundle.
+fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path) -> Result<(bool, Value, Verified)> {
     let mut c = common.clone();
     c.model = Some(bundle.to_path_buf());
-    let Some((mut exec, executor, _)) = artifact_executor(&c, exec, &OptArgs::default())? else {
-        bail!("{}: not a compiled bundle", bundle.display());
+    let loaded = artifact_executor(&c, exec, &OptArgs::default())?;
+    let Some(LoadedArtifact { mut exec, name, bundle: Some(verified), .. }) = loaded else {
+        bail!("{}: not a compiled bundle (no manifest.json)", bundle.display());
     };
-    let manifest = read_manifest(bundle)?;
-    let outcomes = bundles::run_smoke(exec.as_mut(), &manifest.smoke)?;
+    let outcomes = bundles::run_smoke(exec.as_mut(), &verified.manifest.smoke)?;
     let passed = outcomes.iter().all(|o| o.passed);
-    Ok((passed, json!({ "passed": passed, "executor": executor, "prompts": outcomes })))
+    Ok((passed, json!({ "passed": passed, "executor": name, "prompts": outcomes }), verified))
 }
 
 pub fn eval(common: &Common, exec: &RunArgs) -> Result<()> {
     let bundle = common.model.clone().context("give the bundle directory")?;
-    let (passed, report) = smoke_outcome(common, exec, &bundle)?;
+    let (passed, report, _) = smoke_outcome(common, exec, &bundle)?;
     if common.json {
         print_json(&report);
     } else {
@@ -356,14 +362,13 @@ pub fn install(common: &Common, exec: &RunArgs, store_dir: &Path) -> Result<()> 
     let bundle = common.model.clone().context("give the bundle directory")?;
     let started = std::time::Instant::now();
     let trust = exec.trust.trust()?;
-    // Signature and hashes, then the smoke set on this device's executor; only then the store.
-    slmc_runtime::bundle::verify(&bundle, &trust)?;
-    let (passed, report) = smoke_outcome(common, exec, &bundle)?;
+    // Signature and hashes once, then the smoke set on this device's executor run from the
+    // verified bytes; only then are those same bytes written into the store.
+    let (passed, report, verified) = smoke_outcome(common, exec, &bundle)?;
     if !passed {
         bail!("{}: the smoke set disagrees with the reference; the store is unchanged", bundle.display());
     }
-    let manifest = read_manifest(&bundle)?;
-    let id = store::install(&bundle, store_dir, &manifest.target.name, &trust)?;
+    let id = store::install(&verified, store_dir, &trust)?;
     let state = store::read_state(store_dir)?;
     let seconds = started.elapsed().as_secs_f64();
     if common.json {

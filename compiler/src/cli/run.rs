@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use slmc_compiler::import::tokenizer::{render_chat, Message};
 use slmc_compiler::import::Model;
 use slmc_ir::Layered;
+use slmc_runtime::files::ArtifactFiles;
 use slmc_runtime::{generate, GenerateOptions, InterpreterExecutor};
 
 use crate::*;
@@ -36,14 +37,20 @@ impl TextSide {
         }
     }
 
-    pub(crate) fn of_artifact(dir: &std::path::Path, eos_ids: Vec<u32>) -> Result<TextSide> {
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() {
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| format!("{}: {e}", tok_path.display()))
-        } else {
-            Err(format!("{} has no tokenizer.json", dir.display()))
+    /// The text side an artifact carries, from its checked bytes.
+    pub(crate) fn of_artifact(files: &ArtifactFiles, eos_ids: Vec<u32>) -> Result<TextSide> {
+        let dir = files.dir();
+        let tokenizer = match files.get("tokenizer.json") {
+            Some(bytes) => tokenizers::Tokenizer::from_bytes(&bytes[..])
+                .map_err(|e| format!("{}: {e}", files.path("tokenizer.json").display())),
+            None => Err(format!("{} has no tokenizer.json", dir.display())),
         };
-        let (chat_template, bos_token, eos_token) = slmc_compiler::import::hf::read_tokenizer_config(dir)?;
+        let text = |name: &str| {
+            files.get(name).map(|_| files.text(name)).transpose().map_err(|(p, m)| anyhow!("{}: {m}", p.display()))
+        };
+        let jinja = text("chat_template.jinja")?.map(str::to_string);
+        let (chat_template, bos_token, eos_token) =
+            slmc_compiler::import::hf::parse_tokenizer_config(dir, text("tokenizer_config.json")?, jinja)?;
         Ok(TextSide { origin: dir.to_path_buf(), tokenizer, chat_template, bos_token, eos_token, eos_ids })
     }
 
@@ -76,9 +83,16 @@ impl TextSide {
     }
 }
 
-/// A compiled artifact's executor, its name for `--json`, and its text side: a compiled
-/// artifact directory given as MODEL (`artifact.json`), opened by the runtime's registry.
-pub(crate) type LoadedArtifact = (Box<dyn slmc_runtime::Executor>, &'static str, TextSide);
+/// A compiled artifact given as MODEL (`artifact.json`), opened by the runtime's registry
+/// from the bytes verification checked.
+pub(crate) struct LoadedArtifact {
+    pub(crate) exec: Box<dyn slmc_runtime::Executor>,
+    /// The executor's name for `--json`.
+    pub(crate) name: &'static str,
+    pub(crate) side: TextSide,
+    /// The bundle as verified (None for a bare artifact).
+    pub(crate) bundle: Option<slmc_runtime::bundle::Verified>,
+}
 
 pub(crate) fn artifact_executor(common: &Common, exec: &RunArgs, opt: &OptArgs) -> Result<Option<LoadedArtifact>> {
     let Some(path) = common.model.as_ref().filter(|p| p.join("artifact.json").is_file()) else {
@@ -88,20 +102,24 @@ pub(crate) fn artifact_executor(common: &Common, exec: &RunArgs, opt: &OptArgs) 
         bail!("{}: optimizer flags apply when compiling; this is a compiled artifact", path.display());
     }
     let trust = exec.trust.trust()?;
-    if slmc_runtime::bundle::is_bundle(path) {
-        slmc_runtime::bundle::verify(path, &trust)?;
-    } else if !trust.allow_unsigned {
+    let (files, bundle) = if slmc_runtime::bundle::is_bundle(path) {
+        let verified = slmc_runtime::bundle::verify(path, &trust)?;
+        (verified.files.clone(), Some(verified))
+    } else if trust.allow_unsigned {
+        let files = ArtifactFiles::read_bare(path).map_err(|(p, m)| anyhow!("{}: {m}", p.display()))?;
+        (files, None)
+    } else {
         bail!(
             "{}: not a bundle (no manifest.json): refusing it (pass --allow-unsigned to run a bare artifact)",
             path.display()
         );
-    }
-    let opened = slmc_runtime::registry::open(path, &exec.open_options())?;
+    };
+    let opened = slmc_runtime::registry::open_files(&files, &exec.open_options())?;
     if common.verbose {
         eprintln!("{}", opened.detail);
     }
-    let side = TextSide::of_artifact(path, opened.eos_token_ids)?;
-    Ok(Some((opened.exec, opened.executor_name, side)))
+    let side = TextSide::of_artifact(&files, opened.eos_token_ids)?;
+    Ok(Some(LoadedArtifact { exec: opened.exec, name: opened.executor_name, side, bundle }))
 }
 
 pub(crate) fn run(
@@ -113,7 +131,7 @@ pub(crate) fn run(
     record: (usize, usize),
     opt: &OptArgs,
 ) -> Result<()> {
-    if let Some((mut exec, name, side)) = artifact_executor(common, exec, opt)? {
+    if let Some(LoadedArtifact { mut exec, name, side, .. }) = artifact_executor(common, exec, opt)? {
         let prompt_ids = side.prompt_ids(prompt)?;
         return generate_and_print(common, exec.as_mut(), name, &side, &prompt_ids, max_new_tokens, ignore_eos, record);
     }

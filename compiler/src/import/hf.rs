@@ -105,11 +105,29 @@ pub type TokenizerConfig = (Option<String>, Option<String>, Option<String>);
 /// The chat template and BOS/EOS text of a directory (`tokenizer_config.json` or
 /// `chat_template.jinja`).
 pub fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig, ImportError> {
-    let path = dir.join("tokenizer_config.json");
+    let read = |name: &str| -> Result<Option<String>, ImportError> {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        std::fs::read_to_string(&path).map(Some).map_err(|e| ImportError::file(&path, format!("cannot read: {e}")))
+    };
+    parse_tokenizer_config(dir, read("tokenizer_config.json")?.as_deref(), read("chat_template.jinja")?)
+}
+
+/// [`read_tokenizer_config`] from the files' text (a bundle's checked bytes); `dir` names
+/// them in errors.
+pub fn parse_tokenizer_config(
+    dir: &Path,
+    tokenizer_config: Option<&str>,
+    chat_template_jinja: Option<String>,
+) -> Result<TokenizerConfig, ImportError> {
     let mut template = None;
     let (mut bos, mut eos) = (None, None);
-    if path.exists() {
-        let cfg = read_json(&path)?;
+    if let Some(text) = tokenizer_config {
+        let path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ImportError::file(&path, format!("invalid JSON: {e}")))?;
         template = match cfg.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -124,12 +142,7 @@ pub fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig, ImportError>
         bos = token_text(cfg.get("bos_token"));
         eos = token_text(cfg.get("eos_token"));
     }
-    let jinja = dir.join("chat_template.jinja");
-    if template.is_none() && jinja.exists() {
-        template =
-            Some(std::fs::read_to_string(&jinja).map_err(|e| ImportError::file(&jinja, format!("cannot read: {e}")))?);
-    }
-    Ok((template, bos, eos))
+    Ok((template.or(chat_template_jinja), bos, eos))
 }
 
 fn convert_dtype(dtype: Dtype) -> Option<DType> {

@@ -8,6 +8,7 @@ use slmc_targets::coreml::{Deployment, Dt};
 use slmc_targets::ArtifactKind;
 
 use super::{MilError, MilProgram, Tensor};
+use crate::files::ArtifactFiles;
 use crate::{ExecError, Executor};
 
 /// The inputs of sliding-window masks are named this plus the window.
@@ -29,8 +30,8 @@ pub struct CoremlReference {
 }
 
 impl CoremlReference {
-    pub fn load(dir: &Path) -> Result<CoremlReference, MilError> {
-        let program = MilProgram::load_package(dir)?;
+    pub fn load(files: &ArtifactFiles) -> Result<CoremlReference, MilError> {
+        let program = MilProgram::load_package(files)?;
         let ids =
             program.input("input_ids").ok_or_else(|| MilError::Usage("the model has no input `input_ids`".into()))?;
         let step_tokens = ids.shape[1];
@@ -165,14 +166,14 @@ pub struct MilReferenceExecutor {
 impl MilReferenceExecutor {
     /// Loads `dir` (an artifact written by `slmc compile --target coreml-*`) after checking
     /// every listed file's size and sha256.
-    pub fn load(dir: &Path) -> Result<MilReferenceExecutor, MilError> {
+    pub fn load(files: &ArtifactFiles) -> Result<MilReferenceExecutor, MilError> {
         let bad = |path: &Path, message: String| MilError::File { path: path.display().to_string(), message };
-        let artifact: CoremlArtifact = crate::registry::read_manifest(dir, ArtifactKind::Coreml)
-            .and_then(|a: CoremlArtifact| crate::registry::check_files(dir, &a.files).map(|()| a))
+        let artifact: CoremlArtifact = crate::registry::read_manifest(files, ArtifactKind::Coreml)
+            .and_then(|a: CoremlArtifact| files.check_listed(&a.files).map(|()| a))
             .map_err(|(path, message)| bad(&path, message))?;
-        let inner = CoremlReference::load(dir)?;
+        let inner = CoremlReference::load(files)?;
         if inner.step_tokens != artifact.step_tokens || inner.context_len != artifact.model.context_len {
-            return Err(bad(dir, "the package's shapes disagree with artifact.json".into()));
+            return Err(bad(files.dir(), "the package's shapes disagree with artifact.json".into()));
         }
         Ok(MilReferenceExecutor { inner, artifact })
     }

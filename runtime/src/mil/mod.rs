@@ -10,7 +10,6 @@
 //! the way a Core ML host does and is the `Executor`.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::rc::Rc;
 
 use slmc_targets::coreml::proto::{self, binding, tensor_value, value, value_type};
@@ -150,16 +149,15 @@ fn value_tensor(v: &proto::Value, weights: &[u8]) -> Result<Tensor, String> {
 }
 
 impl MilProgram {
-    /// Loads `model.mlpackage` inside an artifact directory.
-    pub fn load_package(dir: &Path) -> Result<MilProgram, MilError> {
+    /// Loads `model.mlpackage` from an artifact's checked files.
+    pub fn load_package(files: &crate::files::ArtifactFiles) -> Result<MilProgram, MilError> {
         let read = |rel: &str| {
-            let p = dir.join(rel);
-            std::fs::read(&p).map_err(|e| MilError::File { path: p.display().to_string(), message: e.to_string() })
+            files.bytes(rel).map_err(|(p, message)| MilError::File { path: p.display().to_string(), message })
         };
         let model = read(MODEL_FILE)?;
         let weights = read(WEIGHTS_FILE)?;
-        Self::load(&model, &weights).map_err(|e| match e {
-            MilError::Usage(m) => MilError::File { path: dir.join(MODEL_FILE).display().to_string(), message: m },
+        Self::load(model, weights).map_err(|e| match e {
+            MilError::Usage(m) => MilError::File { path: files.path(MODEL_FILE).display().to_string(), message: m },
             other => other,
         })
     }

@@ -1,0 +1,12 @@
+//! cargo-fuzz target `bundle_json`: slmc_compiler::fuzzing::bundle_json under the allocation bound
+//! (see ../README.md).
+#![no_main]
+
+#[path = "../alloc_bound.rs"]
+mod alloc_bound;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    alloc_bound::reset();
+    slmc_compiler::fuzzing::bundle_json(data);
+    alloc_bound::check_allocation_bound(data.len());
+});
