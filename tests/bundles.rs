@@ -474,6 +474,65 @@ fn bare_artifacts_name_only_their_own_files() {
     }
 }
 
+/// Fields of artifact.json that size work or memory are checked against something real
+/// before they are used: GPU workgroup counts at the largest step, a device error raised
+/// outside the loader's error scopes (wgpu's default handler panicked), the ONNX KV
+/// buffer's dimensions against the graph and its size against memory.
+#[test]
+fn artifact_fields_that_size_work_are_checked() {
+    let dir = scratch("artifact-sizes");
+    compile(&tiny(), "onnx-cpu,webgpu", &dir.join("out"), &["--skip-smoke-check"]);
+    let gpu = dir.join("out/webgpu");
+    std::fs::remove_file(gpu.join("manifest.json")).unwrap();
+    let path = gpu.join("artifact.json");
+    let original = read_json(&path);
+    let run_with = |path: &Path, artifact: &serde_json::Value, dir: &Path| {
+        std::fs::write(path, serde_json::to_string_pretty(artifact).unwrap()).unwrap();
+        slmc_fails(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2,3"])
+    };
+    let mut artifact = original.clone();
+    artifact["dispatches"][0]["workgroups"][0]["per_token"] = serde_json::json!(u64::MAX / 2);
+    let err = run_with(&path, &artifact, &gpu);
+    assert!(err.contains("artifact.json") && err.contains("workgroups at the largest step"), "{err}");
+    // A kernel's output bound to the buffer it reads: a usage conflict wgpu reports only
+    // when the step is submitted, outside any error scope.
+    let mut artifact = original.clone();
+    let dispatch = artifact["dispatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|d| d["bindings"].as_array().unwrap().len() >= 2)
+        .expect("a dispatch with an input and an output");
+    let bindings = artifact["dispatches"][dispatch]["bindings"].as_array_mut().unwrap();
+    let first = bindings[0].clone();
+    *bindings.last_mut().unwrap() = first;
+    let err = run_with(&path, &artifact, &gpu);
+    assert!(err.contains("the device reported an error"), "{err}");
+    std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
+
+    let onnx = dir.join("out/onnx-cpu");
+    std::fs::remove_file(onnx.join("manifest.json")).unwrap();
+    let path = onnx.join("artifact.json");
+    let original = read_json(&path);
+    let edits: [(fn(&mut serde_json::Value), &str); 3] = [
+        (|a| a["kv_heads"] = serde_json::json!(a["kv_heads"].as_u64().unwrap() + 1), "disagree with the graph"),
+        (|a| a["layers"] = serde_json::json!(1_000_000), "disagree with the graph"),
+        (
+            |a| {
+                a["kv_buffer_shared"] = serde_json::json!(true);
+                a["model"]["context_len"] = serde_json::json!(1u64 << 40);
+            },
+            "more than this machine's memory",
+        ),
+    ];
+    for (edit, expected) in edits {
+        let mut artifact = original.clone();
+        edit(&mut artifact);
+        let err = run_with(&path, &artifact, &onnx);
+        assert!(err.contains("artifact.json") && err.contains(expected), "{expected}: {err}");
+    }
+}
+
 /// Verification reads every file once, and the executor and the store use exactly those
 /// bytes: with the bundle's files replaced after verification (a swap between the check and
 /// the use), the executor still runs what was verified and the store receives it.

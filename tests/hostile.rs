@@ -104,6 +104,17 @@ fn tensor_shape_contradicts_config() {
     );
 }
 
+/// A layer count sizes per-layer tables before any weight is read: an absurd one is
+/// refused, not allocated (4,294,967,295 layers used to fill 4 GiB).
+#[test]
+fn implausible_layer_counts() {
+    let dir = tiny_copy("layer-count");
+    for n in [4097u64, u32::MAX as u64] {
+        edit_config(&dir, |c| c["num_hidden_layers"] = serde_json::json!(n));
+        expect_error(&["inspect", dir.to_str().unwrap()], &dir.join("config.json"), "layers is not a plausible model");
+    }
+}
+
 #[test]
 fn missing_config_keys() {
     let dir = tiny_copy("missing-key");

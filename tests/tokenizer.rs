@@ -55,3 +55,24 @@ fn cli_tokenize_reports_ids_and_round_trip() {
     assert_eq!(first["decoded"], "Hello world 123");
     assert_eq!(as_ids(&out[1]["ids"])[0], 1, "<|im_start|> is parsed to its id");
 }
+
+/// A tokenizer.json asking for padding or truncation is used without them: generation never
+/// pads, and `padding: {"strategy": {"Fixed": N}}` would size every encoding by the file.
+#[test]
+fn padding_and_truncation_from_the_file_are_switched_off() {
+    // A small byte-level BPE tokenizer.json: the fuzz seed's first part.
+    let path = repo_root().join("fuzz/corpus/tokenizer_files/bytelevel-bpe-chatml.bin");
+    let seed = std::fs::read(&path).unwrap();
+    let json_part = seed.split(|b| *b == 0).next().unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(json_part).unwrap();
+    json["padding"] = serde_json::json!({
+        "strategy": {"Fixed": 100_000_000u64}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "a"
+    });
+    json["truncation"] =
+        serde_json::json!({"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0});
+    let bytes = serde_json::to_vec(&json).unwrap();
+    let tok = slmc_compiler::import::tokenizer::tokenizer_from_json(&bytes, &path).unwrap();
+    let ids = tok.encode("hello world, hello", false).unwrap().get_ids().to_vec();
+    assert!(ids.len() > 1 && ids.len() < 32, "{ids:?}");
+}

@@ -114,7 +114,7 @@ pub fn tokenizer_files(data: &[u8]) {
     let tokenizer_json = parts.next().unwrap_or_default();
     let config = parts.next().unwrap_or_default();
     let text = parts.next().unwrap_or_default();
-    if let Ok(tokenizer) = tokenizers::Tokenizer::from_bytes(tokenizer_json) {
+    if let Ok(tokenizer) = import::tokenizer::tokenizer_from_json(tokenizer_json, Path::new(MEMORY_DIR)) {
         exercise_tokenizer(&tokenizer, &String::from_utf8_lossy(&text[..text.len().min(4096)]));
     }
     let config = if config.is_empty() { None } else { std::str::from_utf8(config).ok() };

@@ -39,12 +39,12 @@ impl Dim {
         let mut terms = self.terms.clone();
         for (name, coeff) in &other.terms {
             let entry = terms.entry(name.clone()).or_insert(0);
-            *entry += coeff;
+            *entry = entry.saturating_add(*coeff);
             if *entry == 0 {
                 terms.remove(name);
             }
         }
-        Dim { terms, constant: self.constant + other.constant }
+        Dim { terms, constant: self.constant.saturating_add(other.constant) }
     }
 
     pub fn symbols(&self) -> impl Iterator<Item = &str> {
@@ -55,29 +55,34 @@ impl Dim {
     pub fn eval(&self, bind: &dyn Fn(&str) -> Option<i64>) -> Result<i64, String> {
         let mut v = self.constant;
         for (name, coeff) in &self.terms {
-            v += coeff * bind(name).ok_or_else(|| name.clone())?;
+            let term = coeff.checked_mul(bind(name).ok_or_else(|| name.clone())?);
+            v = term.and_then(|t| v.checked_add(t)).ok_or_else(|| format!("{self} overflows"))?;
         }
         Ok(v)
     }
 
-    /// Parses `576`, `s`, `p+s`, `2*s+1`.
+    /// Parses `576`, `s`, `p+s`, `2*s+1`. Coefficients and constants stay within
+    /// [`MAX_DIM_TERM`] (text comes from files: nothing here may overflow).
     pub fn parse(text: &str) -> Option<Dim> {
         let mut dim = Dim::konst(0);
+        let bounded = |n: i64| (n.unsigned_abs() <= MAX_DIM_TERM as u64).then_some(n);
         for part in text.split('+') {
             let part = part.trim();
             if part.is_empty() {
                 return None;
             }
             let (coeff, name) = match part.split_once('*') {
-                Some((c, n)) => (c.trim().parse::<i64>().ok()?, n.trim()),
+                Some((c, n)) => (bounded(c.trim().parse::<i64>().ok()?)?, n.trim()),
                 None => (1, part),
             };
             if let Ok(n) = name.parse::<i64>() {
-                dim.constant += coeff * n;
+                dim.constant = bounded(dim.constant.checked_add(coeff.checked_mul(bounded(n)?)?)?)?;
             } else if is_symbol(name) {
-                let mut d = Dim::konst(0);
-                d.terms.insert(name.to_string(), coeff);
-                dim = dim.add(&d);
+                let entry = dim.terms.entry(name.to_string()).or_insert(0);
+                *entry = bounded(entry.checked_add(coeff)?)?;
+                if *entry == 0 {
+                    dim.terms.remove(name);
+                }
             } else {
                 return None;
             }
@@ -85,6 +90,10 @@ impl Dim {
         Some(dim)
     }
 }
+
+/// The largest constant or coefficient a dimension's text may hold (2^40: far past any
+/// model's size, far below where arithmetic on shapes could overflow).
+pub const MAX_DIM_TERM: i64 = 1 << 40;
 
 fn is_symbol(name: &str) -> bool {
     let mut chars = name.chars();
@@ -180,6 +189,16 @@ mod tests {
         assert_eq!(Dim::sym("p").add(&Dim::sym("s")), Dim::parse("p+s").unwrap());
         assert!(Dim::parse("s+").is_none());
         assert!(Dim::parse("3x").is_none());
+        // Found by fuzzing: sums and products past i64 used to overflow.
+        for text in [
+            "2*9223372036854775807",
+            "9223372036854775807+9223372036854775807",
+            "1099511627777",
+            "1099511627776*s+1099511627776*s",
+        ] {
+            assert!(Dim::parse(text).is_none(), "{text}");
+        }
+        assert_eq!(Dim::parse("0*s+3").unwrap().to_string(), "3");
     }
 
     #[test]

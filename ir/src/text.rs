@@ -197,8 +197,10 @@ fn parse_statement(cur: &mut Cursor, line: usize) -> Result<Statement, String> {
     let ty = cur.tensor_type()?;
     cur.end()?;
     let op = Op::from_parts(&mnemonic, source, attrs).map_err(|m| format!("%{name}: {m}"))?;
-    if !op.is_source() && operands.len() != op.arity() {
-        return Err(format!("%{name}: `{mnemonic}` takes {} operands, got {}", op.arity(), operands.len()));
+    // Sources (inputs, weights) take none: an operand written there would be dropped.
+    let arity = if op.is_source() { 0 } else { op.arity() };
+    if operands.len() != arity {
+        return Err(format!("%{name}: `{mnemonic}` takes {arity} operands, got {}", operands.len()));
     }
     Ok(Statement { line, name, op, operands, ty })
 }
@@ -399,6 +401,13 @@ mod tests {
         let g = parse(SMALL).unwrap();
         verify(&g).unwrap();
         assert_eq!(print(&g), SMALL);
+    }
+
+    #[test]
+    fn operands_on_a_source_are_refused_not_dropped() {
+        let text = SMALL.replace("input \"tokens\" : i32[s]", "input \"tokens\"(%emb) : i32[s]");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("%tokens") && e.message.contains("takes 0 operands"), "{e}");
     }
 
     #[test]

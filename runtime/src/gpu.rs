@@ -40,8 +40,14 @@ pub struct GpuExecutor {
     token_readback: wgpu::Buffer,
     argmax_bind_group: wgpu::BindGroup,
     past: usize,
+    /// The first error the device reported outside an error scope (wgpu's default handler
+    /// would panic): the step that raised it, and every later one, fail with it.
+    uncaptured: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     pub adapter_info: String,
 }
+
+/// WebGPU's `maxComputeWorkgroupsPerDimension` default, which every adapter offers.
+const MAX_WORKGROUPS_PER_DIMENSION: u64 = 65535;
 
 fn artifact_err(path: &Path, message: impl Into<String>) -> GpuExecError {
     GpuExecError::Artifact { path: path.to_path_buf(), message: message.into() }
@@ -79,6 +85,11 @@ pub fn load_artifact(files: &ArtifactFiles) -> Result<GpuArtifact, GpuExecError>
         }
     }
     for d in artifact.dispatches.iter().chain([&artifact.argmax_dispatch]) {
+        // The largest step's workgroup counts stay within WebGPU's per-dimension limit.
+        let counts = d.workgroups.map(|c| c.eval(artifact.model.max_step_tokens as u64));
+        if counts.iter().any(|c| *c > MAX_WORKGROUPS_PER_DIMENSION) {
+            return Err(artifact_err(&path, format!("dispatch `{}` needs {counts:?} workgroups at the largest step (limit {MAX_WORKGROUPS_PER_DIMENSION})", d.value)));
+        }
         let kernel = artifact
             .kernels
             .get(d.kernel)
@@ -166,6 +177,12 @@ impl GpuExecutor {
             ..Default::default()
         }))
         .map_err(|e| GpuExecError::Device(e.to_string()))?;
+        let uncaptured = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let slot = uncaptured.clone();
+        device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            let mut first = slot.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+        }));
 
         let largest = artifact.buffers.iter().map(|b| b.bytes).max().unwrap_or(0);
         if largest > limits.max_storage_buffer_binding_size || largest > limits.max_buffer_size {
@@ -262,6 +279,7 @@ impl GpuExecutor {
             token_readback,
             argmax_bind_group,
             past: 0,
+            uncaptured,
             adapter_info,
         })
     }
@@ -285,9 +303,9 @@ impl GpuExecutor {
             let argmax_step = argmax.then_some((&self.artifact.argmax_dispatch, &self.argmax_bind_group));
             for (d, bg) in self.artifact.dispatches.iter().zip(&self.bind_groups).chain(argmax_step) {
                 let [x, y, z] = d.workgroups.map(|c| c.eval(s as u64));
-                if x.max(y).max(z) > 65535 {
+                if x.max(y).max(z) > MAX_WORKGROUPS_PER_DIMENSION {
                     return Err(GpuExecError::Gpu(format!(
-                        "dispatch `{}` needs {x}x{y}x{z} workgroups (limit 65535)",
+                        "dispatch `{}` needs {x}x{y}x{z} workgroups (limit {MAX_WORKGROUPS_PER_DIMENSION})",
                         d.value
                     )));
                 }
@@ -317,6 +335,9 @@ impl GpuExecutor {
             let _ = tx.send(r);
         });
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuExecError::Gpu(e.to_string()))?;
+        if let Some(e) = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Err(GpuExecError::Gpu(format!("the device reported an error running the schedule: {e}")));
+        }
         rx.recv().map_err(|e| GpuExecError::Gpu(e.to_string()))?.map_err(|e| GpuExecError::Gpu(e.to_string()))?;
         let out = slice.get_mapped_range().map_err(|e| GpuExecError::Gpu(e.to_string()))?.to_vec();
         readback.unmap();

@@ -9,6 +9,21 @@ pub mod files;
 pub mod gpu;
 pub mod mil;
 
+/// This machine's physical memory (Linux's MemTotal), for refusing allocations no file
+/// should be able to ask for; None where unknown.
+pub fn physical_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 /// slmc's cache: `$SLMC_CACHE`, else `$HOME/.cache/slmc` (the set-up script uses the same
 /// rule): the model, ONNX Runtime's library, the compile cache.
 pub fn cache_dir() -> std::path::PathBuf {

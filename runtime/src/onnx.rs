@@ -118,6 +118,7 @@ impl OnnxExecutor {
         }
         let session =
             builder.commit_from_memory(graph).map_err(|e| artifact_err(&model, format!("ONNX Runtime: {e}")))?;
+        check_kv_dims(&artifact, &session)?;
         let cache = if artifact.kv_buffer_shared { shared_cache(&artifact, &session)? } else { Cache::Fed(Vec::new()) };
         let mut exec = OnnxExecutor { artifact, session, cache, past_len: 0 };
         exec.reset();
@@ -212,8 +213,52 @@ enum Cache {
     Shared { binding: Box<IoBinding> },
 }
 
-/// Buffers of the artifact's whole context, zeroed, bound as past and present of every layer.
+/// The KV cache's layers, heads and head size in artifact.json are the graph's: they size
+/// the caches the executor makes, so they are checked against what ONNX Runtime loaded.
+fn check_kv_dims(artifact: &OnnxArtifact, session: &Session) -> Result<(), OnnxExecError> {
+    let manifest = |message: String| OnnxExecError::Artifact { path: "artifact.json".into(), message };
+    let past_keys: Vec<&[i64]> = session
+        .inputs()
+        .iter()
+        .filter(|i| i.name().starts_with("past_key_values.") && i.name().ends_with(".key"))
+        .filter_map(|i| i.dtype().tensor_shape().map(|s| &s[..]))
+        .collect();
+    let graph_dims = |d: usize| {
+        past_keys.iter().all(|s| s.len() == 4 && s[d] >= 0 && s[d] == past_keys[0][d]).then(|| past_keys[0][d])
+    };
+    if past_keys.len() != artifact.layers
+        || past_keys.is_empty()
+        || graph_dims(1) != Some(artifact.kv_heads as i64)
+        || graph_dims(3) != Some(artifact.head_dim as i64)
+    {
+        return Err(manifest(format!(
+            "layers {}, kv_heads {}, head_dim {} disagree with the graph's {} past-key inputs {:?}",
+            artifact.layers,
+            artifact.kv_heads,
+            artifact.head_dim,
+            past_keys.len(),
+            past_keys.first()
+        )));
+    }
+    Ok(())
+}
+
+/// Buffers of the artifact's whole context, zeroed, bound as past and present of every layer
+/// (dimensions checked by `check_kv_dims`; the whole against this machine's memory).
 fn shared_cache(artifact: &OnnxArtifact, session: &Session) -> Result<Cache, OnnxExecError> {
+    let manifest = |message: String| OnnxExecError::Artifact { path: "artifact.json".into(), message };
+    let bytes = [artifact.layers, 2, artifact.kv_heads, artifact.model.context_len, artifact.head_dim, 4]
+        .iter()
+        .try_fold(1u64, |acc, n| acc.checked_mul(*n as u64));
+    let memory = crate::physical_memory_bytes();
+    if bytes.is_none_or(|b| memory.is_some_and(|m| b > m)) {
+        return Err(manifest(format!(
+            "a KV cache of {} positions needs {} bytes, more than this machine's memory ({})",
+            artifact.model.context_len,
+            bytes.map(|b| b.to_string()).unwrap_or_else(|| "too many".into()),
+            memory.map(|m| format!("{m} bytes")).unwrap_or_else(|| "unknown".into())
+        )));
+    }
     let mut binding = session.create_binding().map_err(ort_err)?;
     let shape = [1i64, artifact.kv_heads as i64, artifact.model.context_len as i64, artifact.head_dim as i64];
     for layer in 0..artifact.layers {

@@ -89,8 +89,10 @@ impl Count {
         Count { per_token: 0, constant: n, divisor: 1 }
     }
 
+    /// Saturates instead of wrapping: the counts come from a file, and a huge result is
+    /// refused by the caller's limit check.
     pub fn eval(&self, tokens: u64) -> u64 {
-        (self.per_token * tokens + self.constant).div_ceil(self.divisor.max(1))
+        self.per_token.saturating_mul(tokens).saturating_add(self.constant).div_ceil(self.divisor.max(1))
     }
 }
 

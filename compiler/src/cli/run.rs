@@ -41,8 +41,7 @@ impl TextSide {
     pub(crate) fn of_artifact(files: &ArtifactFiles, eos_ids: Vec<u32>) -> Result<TextSide> {
         let dir = files.dir();
         let tokenizer = match files.get("tokenizer.json") {
-            Some(bytes) => tokenizers::Tokenizer::from_bytes(&bytes[..])
-                .map_err(|e| format!("{}: {e}", files.path("tokenizer.json").display())),
+            Some(bytes) => slmc_compiler::import::tokenizer::tokenizer_from_json(bytes, &files.path("tokenizer.json")),
             None => Err(format!("{} has no tokenizer.json", dir.display())),
         };
         let text = |name: &str| {

@@ -539,6 +539,7 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
     }
     let rotary_dim = ((head_dim as f64 * partial) as usize) & !1;
     let num_blocks = c.usize("num_hidden_layers")?;
+    check_layer_count(num_blocks).map_err(|m| c.err(m))?;
     let block_repeat = if c.opt_bool("layer_sharing")?.unwrap_or(false) { 2 } else { 1 };
     let tie = c.opt_bool("tie_word_embeddings")?.or(c.opt_bool("share_embedding")?).unwrap_or(false);
     let attention_bias = match arch {
@@ -663,4 +664,15 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         rope_theta_local,
         rope_layers,
     })
+}
+
+/// More layers than any published model has by far: a count past it is a damaged or
+/// hostile file, refused before anything is sized by it.
+pub const MAX_LAYERS: usize = 4096;
+
+pub fn check_layer_count(n: usize) -> Result<(), String> {
+    if n == 0 || n > MAX_LAYERS {
+        return Err(format!("{n} layers is not a plausible model (1 to {MAX_LAYERS})"));
+    }
+    Ok(())
 }

@@ -88,6 +88,10 @@ pub fn from_gguf(path: &Path, file: &GgufFile, data: &[u8]) -> Result<ModelConfi
     let tied = !file.tensors.iter().any(|(n, _)| n == "output.weight");
     let u32_key = |k: &str| md.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
     let num_blocks = req_u("block_count")?;
+    super::config::check_layer_count(num_blocks).map_err(|m| err(format!("metadata `{}`: {m}", key("block_count"))))?;
+    if num_blocks > file.tensors.len() {
+        return Err(err(format!("{num_blocks} blocks, but the file holds {} tensors", file.tensors.len())));
+    }
     let gemma = arch.is_gemma();
     let eps_key =
         if arch == Arch::StableLm { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };

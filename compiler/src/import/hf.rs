@@ -74,7 +74,9 @@ pub fn load(dir: &Path) -> Result<Model, ImportError> {
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))
+        std::fs::read(&tokenizer_path)
+            .map_err(|e| format!("{}: cannot read: {e}", tokenizer_path.display()))
+            .and_then(|bytes| super::tokenizer::tokenizer_from_json(&bytes, &tokenizer_path))
     } else {
         Err(format!("{} has no tokenizer.json", dir.display()))
     };

@@ -150,6 +150,19 @@ pub struct Message {
     pub content: String,
 }
 
+/// The work one chat template rendering may do (minijinja fuel units).
+pub const CHAT_TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// A `tokenizer.json` as slmc uses it: padding and truncation off (generation never pads,
+/// and a file's `padding: {"Fixed": huge}` would size an allocation); `shown` names the file
+/// in errors.
+pub fn tokenizer_from_json(bytes: &[u8], shown: &std::path::Path) -> Result<Tokenizer, String> {
+    let mut tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| format!("{}: {e}", shown.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).map_err(|e| format!("{}: {e}", shown.display()))?;
+    Ok(tokenizer)
+}
+
 /// Renders a Hugging Face chat template (Jinja) as transformers'
 /// `apply_chat_template(messages, add_generation_prompt=True, tokenize=False)` does.
 pub fn render_chat(
@@ -163,6 +176,11 @@ pub fn render_chat(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // A template comes with the checkpoint or bundle: bound its work (a real chat template
+    // spends a few thousand units on a long conversation) so a hostile one cannot loop for
+    // ever.
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+    env.set_recursion_limit(64);
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });

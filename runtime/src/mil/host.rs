@@ -34,6 +34,9 @@ impl CoremlReference {
         let program = MilProgram::load_package(files)?;
         let ids =
             program.input("input_ids").ok_or_else(|| MilError::Usage("the model has no input `input_ids`".into()))?;
+        if ids.shape.len() != 2 {
+            return Err(MilError::Usage(format!("input `input_ids` is {:?}, not [1, step]", ids.shape)));
+        }
         let step_tokens = ids.shape[1];
         let deployment = if program.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
         let cache = program
@@ -41,7 +44,18 @@ impl CoremlReference {
             .iter()
             .find(|i| i.name == "key_cache_0")
             .ok_or_else(|| MilError::Usage("the model has no input or state `key_cache_0`".into()))?;
-        let context_len = cache.shape[2];
+        // Every cache is [1, kv_heads, context, head_dim] over one context.
+        let context_len = *cache.shape.get(2).unwrap_or(&0);
+        if let Some(bad) = program
+            .inputs
+            .iter()
+            .find(|i| i.name.contains("_cache_") && (i.shape.len() != 4 || i.shape[2] != context_len))
+        {
+            return Err(MilError::Usage(format!(
+                "cache `{}` is {:?}, not [1, heads, context, head_dim]",
+                bad.name, bad.shape
+            )));
+        }
         let window_masks = program
             .inputs
             .iter()
@@ -67,15 +81,8 @@ impl CoremlReference {
     pub fn reset(&mut self) {
         self.past = 0;
         self.program.reset_states();
-        self.caches = self
-            .program
-            .inputs
-            .iter()
-            .filter(|i| !i.is_state && i.name.contains("_cache_"))
-            .map(|i| {
-                (i.name.clone(), Tensor { dt: i.dt, shape: i.shape.clone(), data: vec![0.0; i.shape.iter().product()] })
-            })
-            .collect();
+        // The iOS 17 host's caches are made zeroed when the next step runs.
+        self.caches.clear();
     }
 
     pub fn past_len(&self) -> usize {
@@ -86,6 +93,11 @@ impl CoremlReference {
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, MilError> {
         let t = self.step_tokens;
         let c = self.context_len;
+        if self.caches.is_empty() {
+            for i in self.program.inputs.iter().filter(|i| !i.is_state && i.name.contains("_cache_")) {
+                self.caches.insert(i.name.clone(), super::zeros(&i.name, i.dt, &i.shape)?);
+            }
+        }
         let mut logits = Vec::new();
         for chunk in tokens.chunks(t) {
             let p = self.past;
@@ -98,7 +110,7 @@ impl CoremlReference {
             let n = chunk.len();
             let ids: Vec<f32> = (0..t).map(|i| chunk[i.min(n - 1)] as f32).collect();
             let pos: Vec<f32> = (0..t).map(|i| (p + i) as f32).collect();
-            let width = if self.deployment == Deployment::Ios18 { c } else { c + t };
+            let width = if self.deployment == Deployment::Ios18 { c } else { c.saturating_add(t) };
             // Key slot j holds position j (iOS 18's state, iOS 17's past caches) or, for
             // iOS 17's new keys after the c cache slots, position p + (j - c).
             let key_position = |j: usize| match self.deployment {
@@ -106,8 +118,9 @@ impl CoremlReference {
                 Deployment::Ios17 if j < c => (j < p).then_some(j),
                 Deployment::Ios17 => Some(p + j - c),
             };
-            let mask = |window: Option<usize>| {
-                let mut mask = vec![f32::NEG_INFINITY; t * width];
+            let mask = |window: Option<usize>| -> Result<Tensor, MilError> {
+                let mut mask = super::zeros("causal_mask", Dt::F16, &[1, 1, t, width])?.data;
+                mask.fill(f32::NEG_INFINITY);
                 for i in 0..t {
                     for j in 0..width {
                         let visible =
@@ -117,21 +130,24 @@ impl CoremlReference {
                         }
                     }
                 }
-                Tensor::new(Dt::F16, vec![1, 1, t, width], mask)
+                Ok(Tensor::new(Dt::F16, vec![1, 1, t, width], mask))
             };
             let mut feed = HashMap::new();
             feed.insert("input_ids".to_string(), Tensor::new(Dt::I32, vec![1, t], ids));
             feed.insert("position_ids".to_string(), Tensor::new(Dt::I32, vec![t], pos));
-            feed.insert("causal_mask".to_string(), mask(None));
+            feed.insert("causal_mask".to_string(), mask(None)?);
             for (name, window) in &self.window_masks {
-                feed.insert(name.clone(), mask(Some(*window)));
+                feed.insert(name.clone(), mask(Some(*window))?);
             }
             for (k, v) in &self.caches {
                 feed.insert(k.clone(), v.clone());
             }
             let out = self.program.predict(feed)?;
             let l = out.get("logits").ok_or_else(|| MilError::Usage("the model has no output `logits`".into()))?;
-            self.vocab = *l.shape.last().unwrap();
+            self.vocab = l.shape.last().copied().unwrap_or(0);
+            if self.vocab == 0 || l.data.len() < n * self.vocab {
+                return Err(MilError::Usage(format!("the output `logits` is {:?} for a step of {t}", l.shape)));
+            }
             logits.extend_from_slice(&l.data[..n * self.vocab]);
             // iOS 17: the host writes the step's new keys and values into its caches.
             for (name, cache) in self.caches.iter_mut() {
@@ -140,6 +156,9 @@ impl CoremlReference {
                     .get(&new_name)
                     .ok_or_else(|| MilError::Usage(format!("the model has no output `{new_name}`")))?;
                 let (hk, d) = (cache.shape[1], cache.shape[3]);
+                if new.shape != [1, hk, t, d] {
+                    return Err(MilError::Usage(format!("`{new_name}` is {:?}, not [1, {hk}, {t}, {d}]", new.shape)));
+                }
                 for h in 0..hk {
                     for i in 0..n {
                         let src = (h * t + i) * d;

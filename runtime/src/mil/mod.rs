@@ -110,9 +110,29 @@ fn type_of(t: &Option<proto::ValueType>) -> Option<(Dt, Vec<usize>, bool)> {
     }
 }
 
+/// The number of elements of `shape`, or None where it overflows.
+pub(crate) fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d))
+}
+
+/// A zeroed tensor of a shape the program declares (states, caches): allocated only when
+/// the program runs, and refused, not attempted, past this machine's memory.
+pub(crate) fn zeros(name: &str, dt: Dt, shape: &[usize]) -> Result<Tensor, MilError> {
+    let refuse = || MilError::Usage(format!("`{name}` is declared {shape:?}: more than this machine's memory"));
+    let n = elements(shape).ok_or_else(refuse)?;
+    let bytes = n.checked_mul(4).ok_or_else(refuse)? as u64;
+    if crate::physical_memory_bytes().is_some_and(|m| bytes > m) {
+        return Err(refuse());
+    }
+    let mut data = Vec::new();
+    data.try_reserve_exact(n).map_err(|_| refuse())?;
+    data.resize(n, 0.0);
+    Ok(Tensor { dt, shape: shape.to_vec(), data })
+}
+
 fn value_tensor(v: &proto::Value, weights: &[u8]) -> Result<Tensor, String> {
     let (dt, shape, _) = type_of(&v.r#type).ok_or("a value without a static tensor type")?;
-    let n: usize = shape.iter().product();
+    let n = elements(&shape).ok_or_else(|| format!("shape {shape:?} has more elements than memory can hold"))?;
     let data: Vec<f32> = match &v.value {
         Some(value::Value::BlobFileValue(b)) => {
             let blob = blob::read(weights, b.offset).map_err(|e| e.to_string())?;
@@ -137,7 +157,9 @@ fn value_tensor(v: &proto::Value, weights: &[u8]) -> Result<Tensor, String> {
             Some(tensor_value::Value::Bytes(b)) if dt == Dt::F16 => {
                 b.values.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
             }
-            Some(tensor_value::Value::Strings(_)) => vec![0.0; n],
+            // Strings carry no numbers; one placeholder per string present (never sized by
+            // the declared shape alone).
+            Some(tensor_value::Value::Strings(s)) => vec![0.0; s.values.len()],
             _ => return Err("an immediate value of an unsupported kind".into()),
         },
         None => return Err("a value without contents".into()),
@@ -264,9 +286,13 @@ impl MilProgram {
                     let data = attr("quantized_data")?;
                     let zero = attr("zero_point")?;
                     let scale = attr("scale")?;
-                    let axis = attr("axis")?.data[0] as usize;
+                    let axis = attr("axis")?.data.first().copied().ok_or_else(|| op_err("empty `axis`".into()))?;
+                    let axis = axis as usize;
                     if data.shape != shape || axis >= shape.len() {
                         return Err(op_err("quantized data does not have the declared shape".into()));
+                    }
+                    if [&scale, &zero].iter().any(|t| t.data.len() != 1 && t.data.len() != shape[axis]) {
+                        return Err(op_err("scale / zero point are neither scalars nor one per channel".into()));
                     }
                     let st = strides(&shape);
                     let pick = |t: &Tensor, c: usize| if t.data.len() == 1 { t.data[0] } else { t.data[c] };
@@ -296,17 +322,9 @@ impl MilProgram {
         Ok(p)
     }
 
-    /// Zeroes every state (a fresh `MLState`).
+    /// Zeroes every state (a fresh `MLState`); the zeros are made when the program next runs.
     pub fn reset_states(&mut self) {
-        self.states = self
-            .inputs
-            .iter()
-            .filter(|i| i.is_state)
-            .map(|i| {
-                let zeros = Tensor { dt: i.dt, shape: i.shape.clone(), data: vec![0.0; i.shape.iter().product()] };
-                (i.name.clone(), Rc::new(zeros))
-            })
-            .collect();
+        self.states.clear();
     }
 
     pub fn input(&self, name: &str) -> Option<&InputDecl> {
@@ -322,6 +340,11 @@ impl MilProgram {
                     "input `{}` has shape {:?}, the model takes {:?}",
                     i.name, t.shape, i.shape
                 )));
+            }
+        }
+        for i in self.inputs.iter().filter(|i| i.is_state) {
+            if !self.states.contains_key(&i.name) {
+                self.states.insert(i.name.clone(), Rc::new(zeros(&i.name, i.dt, &i.shape)?));
             }
         }
         let mut env: HashMap<String, Rc<Tensor>> = feed.into_iter().map(|(k, v)| (k, Rc::new(v))).collect();
