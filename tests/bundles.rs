@@ -454,6 +454,13 @@ fn bare_artifacts_name_only_their_own_files() {
         let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
         assert!(err.contains("outside the artifact"), "{value}: {err}");
     }
+    // A bare GPU artifact's files carry digests too: a changed kernel is named.
+    let kernel = gpu.join("kernels").join(format!("{}.wgsl", original["kernels"][0]["name"].as_str().unwrap()));
+    let wgsl = std::fs::read_to_string(&kernel).unwrap();
+    std::fs::write(&kernel, wgsl.replace("fn ", "fn  ")).unwrap();
+    let err = slmc_fails(&["run", gpu.to_str().unwrap(), "--prompt-ids", "1"]);
+    assert!(err.contains(kernel.to_str().unwrap()) && err.contains("manifest says"), "{err}");
+    std::fs::write(&kernel, wgsl).unwrap();
     let mut artifact = original.clone();
     artifact["kernels"][0]["name"] = serde_json::json!("../../escape");
     std::fs::write(&path, serde_json::to_string_pretty(&artifact).unwrap()).unwrap();

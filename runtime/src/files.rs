@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use slmc_targets::artifact::{sha256_hex, ArtifactFormat, FileDigest, GpuArtifact};
+use slmc_targets::artifact::{sha256_hex, ArtifactFormat, FileDigest};
 use slmc_targets::files::{read_regular, FileError};
 use slmc_targets::ArtifactKind;
 
@@ -40,40 +40,26 @@ impl ArtifactFiles {
     }
 
     /// A bare artifact (no bundle manifest, run with --allow-unsigned): `artifact.json`, the
-    /// files it lists with digests (ONNX, Core ML; an empty list is refused) or names (GPU:
-    /// weights and kernels, which carry no digests), and the text files present.
+    /// files it lists with digests (an empty list is refused), and the text files present.
     pub fn read_bare(dir: &Path) -> Result<ArtifactFiles, FileError> {
         let mut out = ArtifactFiles { dir: dir.to_path_buf(), files: BTreeMap::new() };
         out.add_unlisted(ARTIFACT_FILE)?;
         let manifest = out.text(ARTIFACT_FILE)?;
         let bad = |e: serde_json::Error| (dir.join(ARTIFACT_FILE), format!("invalid manifest: {e}"));
         let format: ArtifactFormat = serde_json::from_str(manifest).map_err(bad)?;
-        match ArtifactKind::from_format(&format.format) {
-            Some(ArtifactKind::Gpu) => {
-                let gpu: GpuArtifact = serde_json::from_str(manifest).map_err(bad)?;
-                out.add_unlisted(&gpu.weights_file)?;
-                for k in &gpu.kernels {
-                    if k.name.contains('/') {
-                        let message = format!("kernel name `{}` lies outside kernels/", k.name);
-                        return Err((dir.join(ARTIFACT_FILE), message));
-                    }
-                    out.add_unlisted(&kernel_file(&k.name))?;
-                }
+        if ArtifactKind::from_format(&format.format).is_some() {
+            // Every kind lists its files with digests; an empty list checks nothing.
+            #[derive(serde::Deserialize)]
+            struct Listed {
+                #[serde(default)]
+                files: Vec<FileDigest>,
             }
-            Some(ArtifactKind::Onnx | ArtifactKind::Coreml) => {
-                #[derive(serde::Deserialize)]
-                struct Listed {
-                    files: Vec<FileDigest>,
-                }
-                let listed: Listed = serde_json::from_str(manifest).map_err(bad)?;
-                if listed.files.is_empty() {
-                    return Err((dir.join(ARTIFACT_FILE), "lists no files: nothing could be checked".into()));
-                }
-                let checked = ArtifactFiles::read_listed(dir, &listed.files)?;
-                out.files.extend(checked.files);
+            let listed: Listed = serde_json::from_str(manifest).map_err(bad)?;
+            if listed.files.is_empty() {
+                return Err((dir.join(ARTIFACT_FILE), "lists no files: nothing could be checked".into()));
             }
-            // The registry names the unknown format.
-            None => {}
+            let checked = ArtifactFiles::read_listed(dir, &listed.files)?;
+            out.files.extend(checked.files);
         }
         for name in TEXT_FILES {
             if !out.files.contains_key(*name) && std::fs::symlink_metadata(dir.join(name)).is_ok() {

@@ -59,6 +59,10 @@ pub fn load_artifact(files: &ArtifactFiles) -> Result<GpuArtifact, GpuExecError>
     let path = files.path(ARTIFACT_FILE);
     let artifact: GpuArtifact = crate::registry::read_manifest(files, ArtifactKind::Gpu)
         .map_err(|(file, message)| artifact_err(&file, message))?;
+    // Artifacts before slmc 0.3 list nothing (their bundle's manifest covers the files).
+    if !artifact.files.is_empty() {
+        files.check_listed(&artifact.files).map_err(|(file, message)| artifact_err(&file, message))?;
+    }
     // Everything the manifest names stays inside the artifact directory.
     if !slmc_targets::artifact::is_relative_inside(&artifact.weights_file) {
         return Err(artifact_err(&path, format!("weights file `{}` lies outside the artifact", artifact.weights_file)));

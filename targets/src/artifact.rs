@@ -32,6 +32,11 @@ pub struct GpuArtifact {
     pub next_token_buffer: usize,
     /// File with every weight buffer's bytes (offsets in `BufferKind::Weight`).
     pub weights_file: String,
+    /// Every other file of the artifact (weights, kernels) with sha256 and size, checked
+    /// before use. Absent in artifacts written before slmc 0.3 (a bundle's manifest covers
+    /// them; a bare one without it is refused).
+    #[serde(default)]
+    pub files: Vec<FileDigest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -521,6 +521,7 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         argmax_dispatch,
         next_token_buffer,
         weights_file: "weights.bin".into(),
+        files: files.iter().map(|(path, bytes)| slmc_targets::artifact::FileDigest::of(path.clone(), bytes)).collect(),
     };
     Ok(GpuOutput { artifact, files })
 }

@@ -157,7 +157,12 @@ pub const CHAT_TEMPLATE_FUEL: u64 = 10_000_000;
 /// and a file's `padding: {"Fixed": huge}` would size an allocation); `shown` names the file
 /// in errors.
 pub fn tokenizer_from_json(bytes: &[u8], shown: &std::path::Path) -> Result<Tokenizer, String> {
-    let mut tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| format!("{}: {e}", shown.display()))?;
+    // The tokenizers crate panics (an `expect`) on JSON that is malformed inside its
+    // untagged sections (found by fuzzing: a syntax error, an invalid \u escape): parse
+    // the text completely first and build the tokenizer from the parsed value.
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("{}: not valid JSON: {e}", shown.display()))?;
+    let mut tokenizer: Tokenizer = serde_json::from_value(value).map_err(|e| format!("{}: {e}", shown.display()))?;
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| format!("{}: {e}", shown.display()))?;
     Ok(tokenizer)
