@@ -93,3 +93,16 @@ pub fn check_allocation_bound(input_len: usize) {
         );
     }
 }
+
+/// A cargo-fuzz target running `body` (a `fn(&[u8])` of `slmc_compiler::fuzzing`) under the
+/// allocation bound; the including file declares `mod alloc_bound`.
+#[macro_export]
+macro_rules! bounded_fuzz_target {
+    ($body:path) => {
+        libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+            alloc_bound::reset();
+            $body(data);
+            alloc_bound::check_allocation_bound(data.len());
+        });
+    };
+}

@@ -71,6 +71,12 @@ pub fn gguf(data: &[u8]) {
     }
 }
 
+/// The first three NUL-separated parts of an input (missing ones empty).
+fn nul_separated(data: &[u8]) -> [&[u8]; 3] {
+    let mut parts = data.splitn(3, |b| *b == 0);
+    [(); 3].map(|_| parts.next().unwrap_or_default())
+}
+
 /// Hugging Face checkpoint. Input: `config.json` NUL `model.safetensors.index.json` (may be
 /// empty: no index) NUL `model.safetensors`. The safetensors header alone
 /// (`SafeTensors::deserialize`), `config::from_hf_json`; when the configuration is
@@ -78,10 +84,7 @@ pub fn gguf(data: &[u8]) {
 /// `tokenizer_config.json` absent) and lowering, which checks every tensor the
 /// configuration implies.
 pub fn safetensors_config(data: &[u8]) {
-    let mut parts = data.splitn(3, |b| *b == 0);
-    let config = parts.next().unwrap_or_default();
-    let index = parts.next().unwrap_or_default();
-    let weights = parts.next().unwrap_or_default();
+    let [config, index, weights] = nul_separated(data);
     if let Ok(st) = safetensors::SafeTensors::deserialize(weights) {
         for (name, view) in st.tensors() {
             let elements = view.shape().iter().try_fold(1usize, |n, d| n.checked_mul(*d));
@@ -110,10 +113,7 @@ pub fn safetensors_config(data: &[u8]) {
 /// `chat_template.jinja` (used when the config names no template); and `render_chat` of
 /// whichever template it found, with its BOS/EOS text.
 pub fn tokenizer_files(data: &[u8]) {
-    let mut parts = data.splitn(3, |b| *b == 0);
-    let tokenizer_json = parts.next().unwrap_or_default();
-    let config = parts.next().unwrap_or_default();
-    let text = parts.next().unwrap_or_default();
+    let [tokenizer_json, config, text] = nul_separated(data);
     if let Ok(tokenizer) = import::tokenizer::tokenizer_from_json(tokenizer_json, Path::new(MEMORY_DIR)) {
         exercise_tokenizer(&tokenizer, &String::from_utf8_lossy(&text[..text.len().min(4096)]));
     }

@@ -5,8 +5,4 @@
 #[path = "../alloc_bound.rs"]
 mod alloc_bound;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    alloc_bound::reset();
-    slmc_compiler::fuzzing::ir_text(data);
-    alloc_bound::check_allocation_bound(data.len());
-});
+bounded_fuzz_target!(slmc_compiler::fuzzing::ir_text);
