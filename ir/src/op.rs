@@ -668,6 +668,9 @@ impl AttrBag {
 
     fn float(&mut self, key: &str) -> Result<f32, String> {
         match self.take(key)? {
+            // A literal past f32's range reads as infinity, which has no text form to print
+            // back (found by fuzzing).
+            Attr::Float(v) if !v.is_finite() => Err(format!("attribute `{key}` must be a finite number, found {v}")),
             Attr::Float(v) => Ok(v),
             Attr::Int(v) => Ok(v as f32),
             other => Err(format!("attribute `{key}` must be a number, found {other}")),

@@ -404,6 +404,15 @@ mod tests {
     }
 
     #[test]
+    fn float_attributes_past_f32_are_refused() {
+        // 1e60 reads as infinity in f32, which prints as `inf` and never parses back.
+        let text =
+            SMALL.replace("theta = 10000.0", "theta = 1000000000000000000000000000000000000000000000000000000000000.0");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("must be a finite number"), "{e}");
+    }
+
+    #[test]
     fn operands_on_a_source_are_refused_not_dropped() {
         let text = SMALL.replace("input \"tokens\" : i32[s]", "input \"tokens\"(%emb) : i32[s]");
         let e = parse(&text).unwrap_err();

@@ -162,10 +162,48 @@ pub fn tokenizer_from_json(bytes: &[u8], shown: &std::path::Path) -> Result<Toke
     // the text completely first and build the tokenizer from the parsed value.
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("{}: not valid JSON: {e}", shown.display()))?;
+    check_template_processing(&value).map_err(|m| format!("{}: post_processor: {m}", shown.display()))?;
     let mut tokenizer: Tokenizer = serde_json::from_value(value).map_err(|e| format!("{}: {e}", shown.display()))?;
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| format!("{}: {e}", shown.display()))?;
     Ok(tokenizer)
+}
+
+/// The invariants the tokenizers crate's `TemplateProcessing` assumes but does not check when
+/// it is deserialized (it indexes them while encoding; found by fuzzing): every special token
+/// a template names is defined, with as many ids as tokens, and the single-sequence template
+/// names only sequence A.
+fn check_template_processing(value: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) if map.get("type").and_then(Value::as_str) == Some("TemplateProcessing") => {
+            let specials = map.get("special_tokens").and_then(Value::as_object);
+            for (which, template) in [("single", map.get("single")), ("pair", map.get("pair"))] {
+                for piece in template.and_then(Value::as_array).into_iter().flatten() {
+                    if let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) {
+                        let token = specials.and_then(|s| s.get(id)).ok_or_else(|| {
+                            format!("the {which} template names the special token `{id}`, which is not defined")
+                        })?;
+                        let len = |k: &str| token.get(k).and_then(Value::as_array).map(Vec::len);
+                        if len("ids") != len("tokens") {
+                            return Err(format!(
+                                "special token `{id}` has {:?} ids for {:?} tokens",
+                                len("ids"),
+                                len("tokens")
+                            ));
+                        }
+                    }
+                    if which == "single" && piece.pointer("/Sequence/id").and_then(Value::as_str) == Some("B") {
+                        return Err("the single template names sequence B".into());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Value::Object(map) => map.values().try_for_each(check_template_processing),
+        Value::Array(items) => items.iter().try_for_each(check_template_processing),
+        _ => Ok(()),
+    }
 }
 
 /// Renders a Hugging Face chat template (Jinja) as transformers'
