@@ -547,12 +547,12 @@ fn artifact_fields_that_size_work_are_checked() {
 fn executors_and_the_store_use_the_bytes_verification_checked() {
     use slmc_runtime::registry::{open, open_files, OpenOptions};
     let dir = scratch("bundle-verified-bytes");
-    compile(&tiny(), "onnx-cpu,webgpu,coreml-ios18", &dir.join("out"), &[]);
+    compile(&tiny(), "onnx-cpu,webgpu,coreml-ios18", &dir.join("out"), &["--skip-smoke-check"]);
     compile(
         &tiny(),
         "onnx-cpu,webgpu,coreml-ios18",
         &dir.join("other"),
-        &["--model-version", "other", "--context", "64"],
+        &["--model-version", "other", "--context", "64", "--skip-smoke-check"],
     );
     let trust = slmc_runtime::bundle::Trust { public_key: None, allow_unsigned: true };
     let opts = OpenOptions { mil_reference: true, ..Default::default() };

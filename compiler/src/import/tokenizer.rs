@@ -176,7 +176,9 @@ pub fn tokenizer_from_json(bytes: &[u8], shown: &std::path::Path) -> Result<Toke
 fn check_template_processing(value: &serde_json::Value) -> Result<(), String> {
     use serde_json::Value;
     match value {
-        Value::Object(map) if map.get("type").and_then(Value::as_str) == Some("TemplateProcessing") => {
+        // Recognised by its fields, not its `type`: the crate's untagged fallback takes an
+        // object of this shape whatever its type says (found by fuzzing).
+        Value::Object(map) if ["single", "pair", "special_tokens"].iter().any(|k| map.contains_key(*k)) => {
             let specials = map.get("special_tokens").and_then(Value::as_object);
             for (which, template) in [("single", map.get("single")), ("pair", map.get("pair"))] {
                 for piece in template.and_then(Value::as_array).into_iter().flatten() {
