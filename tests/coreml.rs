@@ -196,3 +196,53 @@ fn core_ml_artifacts_fail_clearly_without_core_ml() {
     let err = slmc_fails(&["run", d, MIL, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]);
     assert!(err.contains("weight.bin"), "{err}");
 }
+
+/// A Core ML program's declared shapes size what the reference host allocates: a wrong rank
+/// is refused at load (it was indexed unchecked), and a state or cache past this machine's
+/// memory is refused when the program runs (it was allocated at load, sized by the file).
+#[test]
+fn core_ml_programs_with_impossible_shapes_are_refused() {
+    use prost::Message;
+    use slmc_targets::coreml::proto::{value_type::Type, ValueType};
+    use slmc_targets::coreml::{decode_model, MODEL_FILE, WEIGHTS_FILE};
+    let out =
+        compile(&repo_root().join("fixtures/tiny-llama-sharded"), "coreml-ios18", "shapes", &["--skip-smoke-check"]);
+    let dir = out.join("coreml-ios18");
+    let original = decode_model(&std::fs::read(dir.join(MODEL_FILE)).unwrap()).unwrap();
+    let weights = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+    fn dims(t: &mut ValueType) -> &mut Vec<slmc_targets::coreml::proto::Dimension> {
+        match t.r#type.as_mut().unwrap() {
+            Type::TensorType(tt) => &mut tt.dimensions,
+            Type::StateType(st) => dims(st.wrapped_type.as_mut().unwrap()),
+        }
+    }
+    let load = |edit: &dyn Fn(&mut slmc_targets::coreml::proto::NamedValueType) -> bool| {
+        let mut model = original.clone();
+        let main = model.ml_program.as_mut().unwrap().functions.get_mut("main").unwrap();
+        assert!(main.inputs.iter_mut().map(|i| edit(i)).filter(|hit| *hit).count() > 0, "no input was edited");
+        let mut files = slmc_runtime::files::ArtifactFiles::read_listed(&dir, &[]).unwrap();
+        files.insert_checked(MODEL_FILE, model.encode_to_vec());
+        files.insert_checked(WEIGHTS_FILE, weights.clone());
+        slmc_runtime::mil::CoremlReference::load(&files)
+    };
+    let err = load(&|i| {
+        let hit = i.name == "input_ids";
+        if hit {
+            dims(i.r#type.as_mut().unwrap()).truncate(1);
+        }
+        hit
+    })
+    .err()
+    .expect("a rank-1 input_ids is refused");
+    assert!(err.to_string().contains("input_ids"), "{err}");
+    let mut host = load(&|i| {
+        let hit = i.name.contains("_cache_");
+        if hit {
+            dims(i.r#type.as_mut().unwrap())[2].constant.as_mut().unwrap().size = 1 << 40;
+        }
+        hit
+    })
+    .expect("shapes are only recorded at load");
+    let err = host.forward(&[1, 2]).unwrap_err();
+    assert!(err.to_string().contains("more than this machine's memory"), "{err}");
+}

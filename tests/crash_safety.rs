@@ -242,3 +242,29 @@ fn installs_at_once_serialize_on_the_store_lock() {
         verify(&store.join("versions").join(&state.previous[0]), &unsigned()).unwrap();
     }
 }
+
+/// A version already in the store is reused only if it still verifies: a damaged copy is
+/// replaced by the bundle being installed, not made current as it is.
+#[test]
+fn a_damaged_version_in_the_store_is_replaced_not_reused() {
+    let dir = scratch("crash-damaged-version");
+    let a = compile_version(&dir, "a", "a");
+    let b = compile_version(&dir, "b", "b");
+    let store = dir.join("store");
+    let install = |bundle: &Path| {
+        let mut child = spawn(&["install", bundle.to_str().unwrap(), "--store", store.to_str().unwrap()]);
+        assert!(child.wait().unwrap().success(), "installing {}", bundle.display());
+    };
+    install(&a);
+    install(&b);
+    let id_a = read_state(&store).unwrap().previous[0].clone();
+    let version_a = store.join("versions").join(&id_a);
+    let weights = version_a.join("model.onnx.data");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    assert!(verify(&version_a, &unsigned()).is_err());
+    install(&a);
+    assert_eq!(read_state(&store).unwrap().current.as_deref(), Some(id_a.as_str()));
+    verify(&store.join("current"), &unsigned()).unwrap();
+}
