@@ -60,6 +60,14 @@ pub fn compile_target(
         context_len,
         max_step_tokens: opts.max_step_tokens,
     };
+    if let Some(limit) = slmc_ir::rotary::long_rope_switch(&optimized.graph).filter(|l| context_len > *l) {
+        bail!(
+            "target {target}: {} uses LongRoPE (op `rope`, scaling longrope): past {limit} positions a sequence \
+             is re-encoded with the long factors at every position, which compiled caches do not do; compile \
+             with --context {limit} or less (this bundle asked for {context_len})",
+            model.config.arch_name
+        );
+    }
     let verified = slmc_ir::Verified::new(&optimized.graph).with_context(|| format!("target {target}"))?;
     let input =
         EmitInput { model, optimized, verified: &verified, weights: &weights, profile, opts, model_info, context_len };

@@ -163,8 +163,11 @@ pub fn lower(model: &Model) -> Result<Graph, ImportError> {
         let val = lw.push(&format!("{l}.v_heads"), heads(hk), &[val])?;
         let sliding = cfg.is_sliding(layer);
         let theta = if sliding { cfg.rope_theta_local.unwrap_or(cfg.rope_theta) } else { cfg.rope_theta };
-        let rotary_dim = if cfg.uses_rope(layer) { cfg.rotary_dim } else { 0 };
-        let rope = Op::Rope { theta, rotary_dim, style: cfg.rope_style, scaling: cfg.rope_scaling };
+        let (rotary_dim, scaling) = match cfg.uses_rope(layer) {
+            true => (cfg.rotary_dim, cfg.rope_scaling.clone()),
+            false => (0, slmc_ir::RopeScaling::None),
+        };
+        let rope = Op::Rope { theta, rotary_dim, style: cfg.rope_style, scaling };
         let q = lw.push(&format!("{l}.q_rope"), rope.clone(), &[q, pos])?;
         let k = lw.push(&format!("{l}.k_rope"), rope.clone(), &[k, pos])?;
         let k_all =

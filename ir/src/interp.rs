@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
 use crate::op::{soft_cap, AttnLimits, KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
+use crate::rotary::RotaryFreqs;
 use crate::verify::{verify, GraphInfo, VerifyError};
 pub use crate::weights::{WeightSource, WeightView};
 
@@ -98,6 +99,8 @@ pub struct Interpreter<'a> {
     /// Position in `info.order` after which a value is dead.
     last_use: HashMap<NodeId, usize>,
     max_positions: usize,
+    /// Whether the sequence is past LongRoPE's original length (see RopeScaling::LongRope).
+    long_rope: bool,
 }
 
 impl<'a> Interpreter<'a> {
@@ -137,10 +140,17 @@ impl<'a> Interpreter<'a> {
             past: 0,
             last_use,
             max_positions: usize::MAX,
+            long_rope: false,
         })
     }
 
     /// Caps the number of positions the cache may hold (the model's context length).
+    /// Rotates with LongRoPE's long factors (a sequence past its original length) or its
+    /// short ones; the caller re-encodes what the cache holds when it switches.
+    pub fn set_long_rope(&mut self, long: bool) {
+        self.long_rope = long;
+    }
+
     pub fn with_max_positions(mut self, limit: usize) -> Self {
         self.max_positions = limit;
         self
@@ -362,9 +372,10 @@ impl<'a> Interpreter<'a> {
                 Tensor::f32(out_shape, out)
             }
             Op::Rope { theta, rotary_dim, style, scaling } => {
-                let rotary = Rotary { theta: *theta, rotary_dim: *rotary_dim, style: *style, scaling: *scaling };
+                let rotary = Rotary { theta: *theta, rotary_dim: *rotary_dim, style: *style, scaling: scaling.clone() };
                 let mut out = f(0).to_vec();
-                apply_rope(&mut out, args[1].as_i32().expect("verified: i32 positions"), &args[0].shape, &rotary);
+                let pos = args[1].as_i32().expect("verified: i32 positions");
+                apply_rope(&mut out, pos, &args[0].shape, &rotary.freqs(self.long_rope), &rotary);
                 Tensor::f32(args[0].shape.clone(), out)
             }
             Op::KvAppend { layer, kind, quant } => {
@@ -406,9 +417,10 @@ impl<'a> Interpreter<'a> {
             Op::Gqa { layer, scale, rotary, quant, limits } => {
                 let pos = args[3].as_i32().expect("verified: i32 positions");
                 let mut q = f(0).to_vec();
-                apply_rope(&mut q, pos, &args[0].shape, rotary);
+                let freqs = rotary.freqs(self.long_rope);
+                apply_rope(&mut q, pos, &args[0].shape, &freqs, rotary);
                 let mut k = f(1).to_vec();
-                apply_rope(&mut k, pos, &args[1].shape, rotary);
+                apply_rope(&mut k, pos, &args[1].shape, &freqs, rotary);
                 let k = Tensor::f32(args[1].shape.clone(), k);
                 let k_all = self.append_cache(*layer, 0, *quant, &k)?;
                 let v_all = self.append_cache(*layer, 1, *quant, args[2])?;
@@ -506,13 +518,11 @@ fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// Rotates `x[s, h, d]` in place at positions `pos`.
-fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], rotary: &Rotary) {
+fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], freqs: &RotaryFreqs, rotary: &Rotary) {
     let (h, d) = (shape[1], shape[2]);
-    let freqs = rotary.inv_freq();
     let half = rotary.rotary_dim / 2;
     for (t, token) in x.chunks_exact_mut(h * d).enumerate() {
-        let p = pos[t] as f32;
-        let (cos, sin) = crate::rotary::cos_sin(&freqs, [p]);
+        let (cos, sin) = freqs.cos_sin(pos[t] as f32);
         for head in token.chunks_exact_mut(d) {
             for j in 0..half {
                 let (a, b) = match rotary.style {

@@ -17,7 +17,7 @@ pub enum RopeStyle {
 }
 
 /// Frequency scaling applied on top of `theta`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
     /// Llama 3.1's piecewise scaling (`rope_scaling.rope_type = "llama3"`).
@@ -26,6 +26,17 @@ pub enum RopeScaling {
         low_freq_factor: f32,
         high_freq_factor: f32,
         original_max_position: i64,
+    },
+    /// LongRoPE (Phi-3.5, Phi-4-mini): frequency j is divided by `short_factor[j]` while
+    /// the sequence holds at most `original_max_position` tokens and by `long_factor[j]` at
+    /// every position of a longer one (transformers re-encodes the whole sequence the first
+    /// time it passes that length), and cos/sin are multiplied by `attention_factor`. The
+    /// set is sequence state the executor keeps ([`crate::Interpreter::set_long_rope`]).
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position: i64,
+        attention_factor: f32,
     },
 }
 
@@ -90,7 +101,7 @@ impl KvQuant {
 }
 
 /// Rotary embedding parameters, shared by `rope` and the fused `gqa`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rotary {
     pub theta: f32,
     pub rotary_dim: usize,
@@ -264,6 +275,7 @@ pub enum Attr {
     Ident(String),
     Str(String),
     Dims(Vec<Dim>),
+    Floats(Vec<f32>),
 }
 
 impl fmt::Display for Attr {
@@ -275,18 +287,21 @@ impl fmt::Display for Attr {
             Attr::Float(v) => write!(f, "{v:?}"),
             Attr::Ident(v) => f.write_str(v),
             Attr::Str(v) => write!(f, "{v:?}"),
-            Attr::Dims(dims) => {
-                f.write_str("[")?;
-                for (i, d) in dims.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    write!(f, "{d}")?;
-                }
-                f.write_str("]")
-            }
+            Attr::Dims(dims) => write_list(f, dims.iter().map(|d| d.to_string())),
+            Attr::Floats(values) => write_list(f, values.iter().map(|v| format!("{v:?}"))),
         }
     }
+}
+
+fn write_list(f: &mut fmt::Formatter<'_>, items: impl Iterator<Item = String>) -> fmt::Result {
+    f.write_str("[")?;
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        f.write_str(&item)?;
+    }
+    f.write_str("]")
 }
 
 impl Op {
@@ -427,7 +442,7 @@ impl Op {
                 shape[*axis] = Dim::konst(end - start);
                 Ok(TensorType::new(DType::F32, shape))
             }
-            Op::Rope { rotary_dim, .. } => {
+            Op::Rope { rotary_dim, scaling, .. } => {
                 f32_only(0)?;
                 rank_is(0, 3)?;
                 rank_is(1, 1)?;
@@ -439,6 +454,7 @@ impl Op {
                 if rotary_dim % 2 != 0 || *rotary_dim as i64 > d {
                     return Err(format!("rotary_dim {rotary_dim} must be even and at most the head dim {d}"));
                 }
+                scaling.check(*rotary_dim)?;
                 Ok(inputs[0].clone())
             }
             Op::KvAppend { .. } => {
@@ -472,7 +488,7 @@ impl Op {
 
 impl Rotary {
     pub fn as_op(&self) -> Op {
-        Op::Rope { theta: self.theta, rotary_dim: self.rotary_dim, style: self.style, scaling: self.scaling }
+        Op::Rope { theta: self.theta, rotary_dim: self.rotary_dim, style: self.style, scaling: self.scaling.clone() }
     }
 }
 
@@ -580,14 +596,24 @@ impl AttrField for KvQuant {
 /// No scaling prints nothing; llama3 scaling prints `scaling = llama3` and its parameters.
 impl AttrField for RopeScaling {
     fn print(&self, key: &'static str, out: &mut Vec<(&'static str, Attr)>) {
-        if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } = *self {
-            out.extend([
+        match self {
+            RopeScaling::None => {}
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => out.extend([
                 (key, Attr::Ident("llama3".into())),
-                ("factor", Attr::Float(factor)),
-                ("low_freq_factor", Attr::Float(low_freq_factor)),
-                ("high_freq_factor", Attr::Float(high_freq_factor)),
-                ("original_max_position", Attr::Int(original_max_position)),
-            ]);
+                ("factor", Attr::Float(*factor)),
+                ("low_freq_factor", Attr::Float(*low_freq_factor)),
+                ("high_freq_factor", Attr::Float(*high_freq_factor)),
+                ("original_max_position", Attr::Int(*original_max_position)),
+            ]),
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor } => {
+                out.extend([
+                    (key, Attr::Ident("longrope".into())),
+                    ("short_factor", Attr::Floats(short_factor.clone())),
+                    ("long_factor", Attr::Floats(long_factor.clone())),
+                    ("original_max_position", Attr::Int(*original_max_position)),
+                    ("attention_factor", Attr::Float(*attention_factor)),
+                ])
+            }
         }
     }
     fn parse(bag: &mut AttrBag, key: &'static str) -> Result<Self, String> {
@@ -601,7 +627,13 @@ impl AttrField for RopeScaling {
                 high_freq_factor: bag.float("high_freq_factor")?,
                 original_max_position: bag.int("original_max_position")?,
             }),
-            other => Err(format!("unknown rope scaling `{other}` (llama3)")),
+            "longrope" => Ok(RopeScaling::LongRope {
+                short_factor: bag.floats("short_factor")?,
+                long_factor: bag.floats("long_factor")?,
+                original_max_position: bag.int("original_max_position")?,
+                attention_factor: bag.float("attention_factor")?,
+            }),
+            other => Err(format!("unknown rope scaling `{other}` (llama3, longrope)")),
         }
     }
 }
@@ -681,6 +713,14 @@ impl AttrBag {
         match self.take(key)? {
             Attr::Int(v) => Ok(v),
             other => Err(format!("attribute `{key}` must be an integer, found {other}")),
+        }
+    }
+
+    fn floats(&mut self, key: &str) -> Result<Vec<f32>, String> {
+        match self.take(key)? {
+            Attr::Floats(v) if v.iter().all(|x| x.is_finite()) => Ok(v),
+            Attr::Dims(d) if d.is_empty() => Ok(Vec::new()),
+            other => Err(format!("attribute `{key}` must be a list of finite numbers, found {other}")),
         }
     }
 

@@ -1,16 +1,19 @@
 //! Rotary embedding tables, computed once for the interpreter and every backend: inverse
-//! frequencies (with Llama 3 scaling) and the cos/sin of each position, in f32 exactly as
-//! the interpreter rotates.
+//! frequencies (with Llama 3 or LongRoPE scaling) and the cos/sin of each position, in f32
+//! exactly as the interpreter rotates.
 
-use crate::op::{RopeScaling, Rotary};
+use crate::graph::Graph;
+use crate::op::{Op, RopeScaling, Rotary};
 
-/// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does.
+/// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does. LongRoPE
+/// has two sets; this is the short one ([`Rotary::freqs`] gives either).
 pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> = (0..rotary_dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f32 / rotary_dim as f32)).collect();
-    match *scaling {
+    let exponent = |j: usize| (2 * j) as f32 / rotary_dim as f32;
+    let base: Vec<f32> = (0..rotary_dim / 2).map(|j| 1.0 / theta.powf(exponent(j))).collect();
+    match scaling {
         RopeScaling::None => base,
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
-            let old = original_max_position as f32;
+            let old = *original_max_position as f32;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
             base.into_iter()
@@ -27,30 +30,107 @@ pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Ve
                 })
                 .collect()
         }
+        RopeScaling::LongRope { short_factor, .. } => long_rope_inv_freq(theta, rotary_dim, short_factor),
     }
 }
 
-/// cos and sin of `position * frequency` for each position and frequency, row-major
-/// `[positions, frequencies]`.
-pub fn cos_sin(freqs: &[f32], positions: impl IntoIterator<Item = f32>) -> (Vec<f32>, Vec<f32>) {
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for p in positions {
-        for f in freqs {
-            cos.push((p * f).cos());
-            sin.push((p * f).sin());
+/// transformers' `1 / (factor * theta ** (2j / dim))`, in f32.
+fn long_rope_inv_freq(theta: f32, rotary_dim: usize, factors: &[f32]) -> Vec<f32> {
+    factors.iter().enumerate().map(|(j, f)| 1.0 / (f * theta.powf((2 * j) as f32 / rotary_dim as f32))).collect()
+}
+
+impl RopeScaling {
+    /// The scaling's own invariants for a rotation of `rotary_dim` dimensions (a LongRoPE
+    /// factor list has one positive finite entry per frequency).
+    pub fn check(&self, rotary_dim: usize) -> Result<(), String> {
+        if let RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor } = self {
+            for (name, list) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if list.len() != rotary_dim / 2 {
+                    return Err(format!(
+                        "longrope {name} has {} entries; rotary_dim {rotary_dim} needs {}",
+                        list.len(),
+                        rotary_dim / 2
+                    ));
+                }
+                if !list.iter().all(|f| f.is_finite() && *f > 0.0) {
+                    return Err(format!("longrope {name} entries must be positive and finite"));
+                }
+            }
+            if *original_max_position < 1 {
+                return Err(format!("longrope original_max_position must be positive, found {original_max_position}"));
+            }
+            if !(attention_factor.is_finite() && *attention_factor > 0.0) {
+                return Err(format!("longrope attention_factor must be positive and finite, found {attention_factor}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The inverse frequencies of a rotation, and the factor cos and sin are multiplied by
+/// (1 unless LongRoPE says otherwise).
+pub struct RotaryFreqs {
+    freqs: Vec<f32>,
+    attention_factor: f32,
+}
+
+impl RotaryFreqs {
+    /// cos and sin of `position * frequency` for each frequency at one position.
+    pub fn cos_sin(&self, position: f32) -> (Vec<f32>, Vec<f32>) {
+        let a = self.attention_factor;
+        let scaled = |v: f32| if a == 1.0 { v } else { v * a };
+        self.freqs.iter().map(|f| (scaled((position * f).cos()), scaled((position * f).sin()))).unzip()
+    }
+}
+
+impl RopeScaling {
+    /// LongRoPE's original length: a sequence longer than this is rotated with the long
+    /// factors at every position (transformers re-encodes the whole sequence the first
+    /// time it passes it), a shorter one with the short factors.
+    pub fn long_from(&self) -> Option<usize> {
+        match self {
+            RopeScaling::LongRope { original_max_position, .. } => Some(*original_max_position as usize),
+            _ => None,
         }
     }
-    (cos, sin)
+}
+
+/// The shortest LongRoPE original length among the graph's rotations: sequences longer
+/// than it need the long factors. None when no rotation uses LongRoPE.
+pub fn long_rope_switch(graph: &Graph) -> Option<usize> {
+    graph
+        .nodes()
+        .filter_map(|(_, node)| match &node.op {
+            Op::Rope { scaling, .. } => scaling.long_from(),
+            Op::Gqa { rotary, .. } => rotary.scaling.long_from(),
+            _ => None,
+        })
+        .min()
 }
 
 impl Rotary {
-    /// The inverse frequencies (`rotary_dim / 2`).
-    pub fn inv_freq(&self) -> Vec<f32> {
-        rope_inv_freq(self.theta, self.rotary_dim, &self.scaling)
+    /// The frequencies of a sequence within LongRoPE's original length (`long = false`;
+    /// the only set other scalings have) or past it (`long = true`).
+    pub fn freqs(&self, long: bool) -> RotaryFreqs {
+        match &self.scaling {
+            RopeScaling::LongRope { short_factor, long_factor, attention_factor, .. } => RotaryFreqs {
+                freqs: long_rope_inv_freq(self.theta, self.rotary_dim, if long { long_factor } else { short_factor }),
+                attention_factor: *attention_factor,
+            },
+            other => RotaryFreqs { freqs: rope_inv_freq(self.theta, self.rotary_dim, other), attention_factor: 1.0 },
+        }
     }
 
-    /// cos and sin tables `[positions, rotary_dim / 2]` for positions `0..positions`.
+    /// cos and sin tables `[positions, rotary_dim / 2]` for positions `0..positions` of a
+    /// sequence within LongRoPE's original length (compiled bundles stay within it).
     pub fn tables(&self, positions: usize) -> (Vec<f32>, Vec<f32>) {
-        cos_sin(&self.inv_freq(), (0..positions).map(|p| p as f32))
+        let freqs = self.freqs(false);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..positions {
+            let (c, s) = freqs.cos_sin(p as f32);
+            cos.extend(c);
+            sin.extend(s);
+        }
+        (cos, sin)
     }
 }

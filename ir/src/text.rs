@@ -350,6 +350,29 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// A bracketed list is of floats when its first item is a number with a `.` or an
+    /// exponent (the printer writes every float so); dimensions are integers or names.
+    fn list_holds_floats(&self) -> bool {
+        let inner = self.rest.trim_start().strip_prefix('[').unwrap_or("");
+        let first = inner.split([',', ']']).next().unwrap_or("").trim();
+        first.starts_with(|c: char| c.is_ascii_digit() || c == '-')
+            && first.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+            && first.contains(['.', 'e', 'E'])
+    }
+
+    fn float_list(&mut self) -> Result<Vec<f32>, String> {
+        self.punct('[')?;
+        let mut values = Vec::new();
+        loop {
+            let text = self.take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '.'));
+            values.push(text.parse::<f32>().map_err(|_| format!("bad number `{text}` in a list"))?);
+            if self.eat(']') {
+                return Ok(values);
+            }
+            self.punct(',')?;
+        }
+    }
+
     fn tensor_type(&mut self) -> Result<TensorType, String> {
         let dtype_name = self.ident()?;
         let dtype = DType::from_name(&dtype_name).ok_or_else(|| format!("unknown dtype `{dtype_name}`"))?;
@@ -359,6 +382,7 @@ impl<'a> Cursor<'a> {
     fn attr(&mut self) -> Result<Attr, String> {
         match self.peek() {
             Some('"') => Ok(Attr::Str(self.string()?)),
+            Some('[') if self.list_holds_floats() => Ok(Attr::Floats(self.float_list()?)),
             Some('[') => Ok(Attr::Dims(self.dim_list()?)),
             Some(c) if c.is_ascii_digit() || c == '-' => {
                 let text = self.take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '.'));
@@ -410,6 +434,36 @@ mod tests {
             SMALL.replace("theta = 10000.0", "theta = 1000000000000000000000000000000000000000000000000000000000000.0");
         let e = parse(&text).unwrap_err();
         assert!(e.message.contains("must be a finite number"), "{e}");
+    }
+
+    const LONG_ROPE: &str = "theta = 10000.0, rotary_dim = 2, style = half, scaling = longrope, \
+        short_factor = [1.5], long_factor = [0.00325], original_max_position = 32, attention_factor = 1.264911";
+
+    #[test]
+    fn longrope_factor_lists_round_trip() {
+        let text = SMALL.replace("theta = 10000.0, rotary_dim = 2, style = half", LONG_ROPE);
+        let g = parse(&text).unwrap();
+        verify(&g).unwrap();
+        assert_eq!(print(&g), text);
+        // Dimension lists stay dimension lists; an exponent reads as the same float.
+        assert!(print(&g).contains("{shape = [s, 2, 2]}"));
+        assert_eq!(print(&parse(&text.replace("[0.00325]", "[3.25e-3]")).unwrap()), text);
+    }
+
+    #[test]
+    fn longrope_lists_that_do_not_fit_the_rotation_are_refused() {
+        let two =
+            SMALL.replace("theta = 10000.0, rotary_dim = 2, style = half", &LONG_ROPE.replace("[1.5]", "[1.5, 2.0]"));
+        let e = verify(&parse(&two).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("%r") && e.contains("short_factor has 2 entries; rotary_dim 2 needs 1"), "{e}");
+        let negative =
+            SMALL.replace("theta = 10000.0, rotary_dim = 2, style = half", &LONG_ROPE.replace("[1.5]", "[-1.5]"));
+        let e = verify(&parse(&negative).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("positive and finite"), "{e}");
+        let infinite =
+            SMALL.replace("theta = 10000.0, rotary_dim = 2, style = half", &LONG_ROPE.replace("[1.5]", "[1.5e99]"));
+        let e = parse(&infinite).unwrap_err();
+        assert!(e.message.contains("list of finite numbers"), "{e}");
     }
 
     #[test]

@@ -257,7 +257,7 @@ pub fn fuse_rope_attention(graph: &mut Graph, _cx: &mut PassContext) -> Result<u
             continue;
         };
         let kr = graph.node(k_all).inputs[0];
-        let rope = Op::Rope { theta, rotary_dim, style, scaling };
+        let rope = Op::Rope { theta, rotary_dim, style, scaling: scaling.clone() };
         if graph.node(kr).op != rope || layer != vl || quant != vq {
             continue;
         }

@@ -73,6 +73,20 @@ pub trait Executor {
 pub struct InterpreterExecutor<'a> {
     interp: Interpreter<'a>,
     vocab: usize,
+    long_rope: LongRopeSequence,
+}
+
+/// LongRoPE's sequence state: a sequence is rotated with the short factors until it holds
+/// more than the original length, then with the long factors at every position. The first
+/// step past that length re-encodes the whole sequence, as transformers' Phi-3 does (it
+/// drops its cache there), so every step's logits equal a cache-free forward pass.
+#[derive(Default)]
+struct LongRopeSequence {
+    /// The original length, when the graph uses LongRoPE and the cache can pass it.
+    switch: Option<usize>,
+    /// The tokens the cache holds (kept only when `switch` is set).
+    history: Vec<u32>,
+    long: bool,
 }
 
 impl<'a> InterpreterExecutor<'a> {
@@ -92,7 +106,18 @@ impl<'a> InterpreterExecutor<'a> {
             .ok_or_else(|| ExecError::Usage("the logits' last dimension must be the vocabulary size".into()))?
             as usize;
         let interp = Interpreter::new(graph, weights)?.with_max_positions(max_positions);
-        Ok(InterpreterExecutor { interp, vocab })
+        let switch = slmc_ir::rotary::long_rope_switch(graph).filter(|limit| *limit < max_positions);
+        Ok(InterpreterExecutor { interp, vocab, long_rope: LongRopeSequence { switch, ..Default::default() } })
+    }
+
+    fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
+        let ids = Tensor::i32(vec![tokens.len()], tokens.iter().map(|t| *t as i32).collect());
+        let outputs = self.interp.run(&[("tokens", ids)])?;
+        let (_, logits) = outputs.into_iter().find(|(n, _)| n == "logits").expect("checked in new");
+        if logits.shape != [tokens.len(), self.vocab] {
+            return Err(ExecError::LogitsShape(logits.shape));
+        }
+        Ok(logits.as_f32().expect("logits are f32").to_vec())
     }
 }
 
@@ -102,17 +127,31 @@ impl Executor for InterpreterExecutor<'_> {
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ExecError> {
-        let ids = Tensor::i32(vec![tokens.len()], tokens.iter().map(|t| *t as i32).collect());
-        let outputs = self.interp.run(&[("tokens", ids)])?;
-        let (_, logits) = outputs.into_iter().find(|(n, _)| n == "logits").expect("checked in new");
-        if logits.shape != [tokens.len(), self.vocab] {
-            return Err(ExecError::LogitsShape(logits.shape));
+        let Some(limit) = self.long_rope.switch else {
+            return self.run(tokens);
+        };
+        let total = self.interp.past_len() + tokens.len();
+        if total <= limit || self.long_rope.long {
+            let logits = self.run(tokens)?;
+            self.long_rope.history.extend_from_slice(tokens);
+            return Ok(logits);
         }
-        Ok(logits.as_f32().expect("logits are f32").to_vec())
+        let mut all = std::mem::take(&mut self.long_rope.history);
+        all.extend_from_slice(tokens);
+        self.interp.reset();
+        self.interp.set_long_rope(true);
+        self.long_rope.long = true;
+        let logits = self.run(&all)?;
+        let rows = (all.len() - tokens.len()) * self.vocab;
+        self.long_rope.history = all;
+        Ok(logits[rows..].to_vec())
     }
 
     fn reset(&mut self) {
-        self.interp.reset()
+        self.interp.reset();
+        self.interp.set_long_rope(false);
+        self.long_rope.long = false;
+        self.long_rope.history.clear();
     }
 
     fn past_len(&self) -> usize {

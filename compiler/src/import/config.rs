@@ -272,6 +272,13 @@ impl ModelConfig {
         if self.rotary_dim < self.head_dim {
             out.push(format!("partial rotary ({} of {} dims)", self.rotary_dim, self.head_dim));
         }
+        match &self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Llama3 { factor, .. } => out.push(format!("Llama 3 rope scaling (factor {factor})")),
+            RopeScaling::LongRope { original_max_position, attention_factor, .. } => out.push(format!(
+                "LongRoPE (short factors up to {original_max_position} positions, long past it; attention factor {attention_factor})"
+            )),
+        }
         if let Some(w) = self.sliding_window {
             let n = self.sliding_layers.iter().filter(|s| **s).count();
             out.push(format!("sliding window {w} on {n} of {} layers", self.num_layers()));
@@ -371,7 +378,11 @@ impl ModelConfig {
             "rotary_dim": self.rotary_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": match self.rope_scaling { RopeScaling::None => "none", RopeScaling::Llama3 { .. } => "llama3" },
+            "rope_scaling": match self.rope_scaling {
+                RopeScaling::None => "none",
+                RopeScaling::Llama3 { .. } => "llama3",
+                RopeScaling::LongRope { .. } => "longrope",
+            },
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
             "max_position_embeddings": self.max_position_embeddings,
@@ -445,8 +456,57 @@ impl JsonConfig<'_> {
                     original_max_position: num("original_max_position_embeddings")? as i64,
                 })
             }
-            (other, _) => Err(self.err(format!("rope scaling type `{other}` is not supported (default, llama3)"))),
+            ("longrope" | "su", Some(s)) => self.long_rope(s),
+            (other, _) => {
+                Err(self.err(format!("rope scaling type `{other}` is not supported (default, llama3, longrope)")))
+            }
         }
+    }
+
+    /// LongRoPE as transformers computes it: the original length from the scaling object or
+    /// the top level; the attention factor given, or sqrt(1 + ln(factor) / ln(original))
+    /// with factor = max_position_embeddings / original length when not given.
+    fn long_rope(&self, s: &Json) -> Result<RopeScaling, ImportError> {
+        let list = |k: &str| -> Result<Vec<f32>, ImportError> {
+            let items = s
+                .get(k)
+                .and_then(|v| v.as_array())
+                .ok_or_else(|| self.err(format!("longrope rope scaling needs `{k}` (a list of numbers)")))?;
+            items
+                .iter()
+                .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| self.err(format!("`{k}` holds {v}, not a number"))))
+                .collect()
+        };
+        let key = "original_max_position_embeddings";
+        let original = match self.opt_f64(s.get(key), key)? {
+            Some(v) => v,
+            None => {
+                self.opt_usize(key)?.ok_or_else(|| self.err(format!("longrope rope scaling needs `{key}`")))? as f64
+            }
+        };
+        if !(original >= 1.0 && original <= i64::MAX as f64) {
+            return Err(self.err(format!("`{key}` must be a positive length, found {original}")));
+        }
+        let attention_factor = match self.opt_f64(s.get("attention_factor"), "attention_factor")? {
+            Some(a) => a,
+            None => {
+                let factor = match self.opt_f64(s.get("factor"), "factor")? {
+                    Some(f) => f,
+                    None => self.opt_usize("max_position_embeddings")?.unwrap_or(original as usize) as f64 / original,
+                };
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / original.ln()).sqrt()
+                }
+            }
+        };
+        Ok(RopeScaling::LongRope {
+            short_factor: list("short_factor")?,
+            long_factor: list("long_factor")?,
+            original_max_position: original as i64,
+            attention_factor: attention_factor as f32,
+        })
     }
 
     fn token_ids(&self, key: &str) -> Vec<u32> {
@@ -538,6 +598,7 @@ pub fn from_hf_json(path: &Path, root: &Json) -> Result<ModelConfig, ImportError
         return Err(c.err(format!("partial_rotary_factor must be in (0, 1], found {partial}")));
     }
     let rotary_dim = ((head_dim as f64 * partial) as usize) & !1;
+    rope_scaling.check(rotary_dim).map_err(|m| c.err(m))?;
     let num_blocks = c.usize("num_hidden_layers")?;
     check_layer_count(num_blocks).map_err(|m| c.err(m))?;
     let block_repeat = if c.opt_bool("layer_sharing")?.unwrap_or(false) { 2 } else { 1 };

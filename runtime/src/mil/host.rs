@@ -23,6 +23,9 @@ pub struct CoremlReference {
     pub context_len: usize,
     pub vocab: usize,
     past: usize,
+    /// The tokens the cache holds: a step that would write past the context starts
+    /// earlier and feeds the last of them again (iOS 18, below).
+    history: Vec<u32>,
     /// iOS 17: the caches the host keeps, by input name.
     caches: HashMap<String, Tensor>,
     /// Sliding-window masks the program takes (`window_mask_<w>`), with their windows.
@@ -72,6 +75,7 @@ impl CoremlReference {
             context_len,
             vocab: 0,
             past: 0,
+            history: Vec::new(),
             caches: HashMap::new(),
         };
         r.reset();
@@ -80,6 +84,7 @@ impl CoremlReference {
 
     pub fn reset(&mut self) {
         self.past = 0;
+        self.history.clear();
         self.program.reset_states();
         // The iOS 17 host's caches are made zeroed when the next step runs.
         self.caches.clear();
@@ -101,30 +106,43 @@ impl CoremlReference {
         let mut logits = Vec::new();
         for chunk in tokens.chunks(t) {
             let p = self.past;
-            if p + t > c {
+            let n = chunk.len();
+            if p + n > c {
                 return Err(MilError::Usage(format!(
-                    "the context is full: {p} positions held, a step of {t} needs {} of {c}",
-                    p + t
+                    "the context is full: {p} positions held, {n} more need {} of {c}",
+                    p + n
                 )));
             }
-            let n = chunk.len();
-            let ids: Vec<f32> = (0..t).map(|i| chunk[i.min(n - 1)] as f32).collect();
-            let pos: Vec<f32> = (0..t).map(|i| (p + i) as f32).collect();
+            // A step's t rows take positions from its first (iOS 18's state is written there,
+            // and the rotary tables hold c positions), so a step that would pass the context
+            // starts `back` positions earlier and feeds the cached tokens there again: their
+            // keys and values come out as they went in (every earlier position is
+            // unchanged), and the context's last positions stay usable.
+            let back = (p + t).saturating_sub(c);
+            if back > p {
+                return Err(MilError::Usage(format!("a step of {t} tokens is longer than the context of {c}")));
+            }
+            let start = p - back;
+            let ids: Vec<f32> = (0..t)
+                .map(|i| if i < back { self.history[start + i] } else { chunk[(i - back).min(n - 1)] } as f32)
+                .collect();
+            let pos: Vec<f32> = (0..t).map(|i| (start + i) as f32).collect();
             let width = if self.deployment == Deployment::Ios18 { c } else { c.saturating_add(t) };
-            // Key slot j holds position j (iOS 18's state, iOS 17's past caches) or, for
-            // iOS 17's new keys after the c cache slots, position p + (j - c).
+            // Key slot j holds position j (iOS 18's state, iOS 17's past caches, of which
+            // the step's own positions are not read) or, for iOS 17's new keys after the c
+            // cache slots, position start + (j - c).
             let key_position = |j: usize| match self.deployment {
                 Deployment::Ios18 => Some(j),
-                Deployment::Ios17 if j < c => (j < p).then_some(j),
-                Deployment::Ios17 => Some(p + j - c),
+                Deployment::Ios17 if j < c => (j < start).then_some(j),
+                Deployment::Ios17 => Some(start + j - c),
             };
             let mask = |window: Option<usize>| -> Result<Tensor, MilError> {
                 let mut mask = super::zeros("causal_mask", Dt::F16, &[1, 1, t, width])?.data;
                 mask.fill(f32::NEG_INFINITY);
                 for i in 0..t {
                     for j in 0..width {
-                        let visible =
-                            key_position(j).is_some_and(|k| k <= p + i && window.is_none_or(|w| p + i - k < w));
+                        let q = start + i;
+                        let visible = key_position(j).is_some_and(|k| k <= q && window.is_none_or(|w| q - k < w));
                         if visible {
                             mask[i * width + j] = 0.0;
                         }
@@ -145,10 +163,10 @@ impl CoremlReference {
             let out = self.program.predict(feed)?;
             let l = out.get("logits").ok_or_else(|| MilError::Usage("the model has no output `logits`".into()))?;
             self.vocab = l.shape.last().copied().unwrap_or(0);
-            if self.vocab == 0 || l.data.len() < n * self.vocab {
+            if self.vocab == 0 || l.data.len() < (back + n) * self.vocab {
                 return Err(MilError::Usage(format!("the output `logits` is {:?} for a step of {t}", l.shape)));
             }
-            logits.extend_from_slice(&l.data[..n * self.vocab]);
+            logits.extend_from_slice(&l.data[back * self.vocab..(back + n) * self.vocab]);
             // iOS 17: the host writes the step's new keys and values into its caches.
             for (name, cache) in self.caches.iter_mut() {
                 let new_name = name.replace("key_cache_", "new_key_").replace("value_cache_", "new_value_");
@@ -161,13 +179,14 @@ impl CoremlReference {
                 }
                 for h in 0..hk {
                     for i in 0..n {
-                        let src = (h * t + i) * d;
+                        let src = (h * t + back + i) * d;
                         let dst = (h * c + p + i) * d;
                         cache.data[dst..dst + d].copy_from_slice(&new.data[src..src + d]);
                     }
                 }
             }
             self.past += n;
+            self.history.extend_from_slice(chunk);
         }
         Ok(logits)
     }
