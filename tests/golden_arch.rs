@@ -71,7 +71,14 @@ fn check_arch_on(name: &str, on: On, context: usize) {
             let out = scratch(&format!("arch-{name}-{target}"));
             let root = out.to_str().unwrap();
             let ctx = context.to_string();
-            slmc_json(&["compile", checkpoint, "--target", target, "-o", root, "--context", &ctx, "--quant", "keep"]);
+            let mut args =
+                vec!["compile", checkpoint, "--target", target, "-o", root, "--context", &ctx, "--quant", "keep"];
+            // Steps of 4 tokens: sliding-window layers keep rings of window + 3 positions,
+            // which the 29-token cases wrap around.
+            if target == "webgpu" {
+                args.extend(["--max-step-tokens", "4"]);
+            }
+            slmc_json(&args);
             let fp16 = target.starts_with("coreml");
             let extra = if fp16 { vec!["--mil-reference"] } else { vec![] };
             (out.join(target), extra, fp16)
@@ -225,4 +232,35 @@ fn phi4_mini_longrope_f32() {
     for part in ["Phi3ForCausalLM", "LongRoPE", "op `rope`", "onnx-cpu", &format!("--context {original} or less")] {
         assert!(err.contains(part), "the refusal names {part}: {err}");
     }
+}
+
+/// The memory plan counts what the caches keep: on webgpu a sliding-window layer holds a
+/// ring of window + step - 1 positions; ONNX and Core ML say they keep the whole context.
+#[test]
+fn sliding_window_caches_in_the_memory_plan() {
+    let dir = arch_dir("gemma3-tied-f32");
+    let out = scratch("arch-gemma3-memory");
+    let (model, root) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["--context", "64", "--max-step-tokens", "16", "--skip-smoke-check", "--quant", "keep"];
+    let mut compile = vec!["compile", model, "--target", "webgpu,onnx-cpu,coreml-ios18", "-o", root];
+    compile.extend(args);
+    slmc_json(&compile);
+    let memory = |target: &str| read_json(&out.join(target).join("manifest.json"))["memory"].clone();
+    // Three layers of window 8 keep 8 + 16 - 1 = 23 positions, the global one 64: keys and
+    // values of one kv head of 32 f32 values each.
+    let gpu = memory("webgpu");
+    assert_eq!(gpu["kv_cache_bytes"].as_u64().unwrap(), (64 + 3 * 23) * 2 * 32 * 4);
+    let layout = gpu["kv_cache_layout"].as_str().unwrap();
+    assert!(layout.starts_with("1 layer keeps 64 positions, 3 layers keep 23 positions"), "{layout}");
+    for target in ["onnx-cpu", "coreml-ios18"] {
+        let layout = memory(target)["kv_cache_layout"].as_str().unwrap().to_string();
+        assert!(layout.starts_with("all 4 layers keep all 64 positions"), "{target}: {layout}");
+    }
+    // A model without windows says nothing.
+    let plain = scratch("arch-qwen3-memory");
+    let qwen = arch_dir("qwen3-qknorm-bf16");
+    let mut compile = vec!["compile", qwen.to_str().unwrap(), "--target", "webgpu", "-o", plain.to_str().unwrap()];
+    compile.extend(args);
+    slmc_json(&compile);
+    assert!(read_json(&plain.join("webgpu").join("manifest.json"))["memory"].get("kv_cache_layout").is_none());
 }

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use slmc_backends::gpu::kernels::{self, GpuFeatures, WeightLayout};
+use slmc_backends::gpu::kernels::{self, CacheLayout, GpuFeatures, WeightLayout};
 use slmc_ir::{AttnLimits, KvQuant, Op, RopeScaling, RopeStyle, Rotary};
 
 fn layouts() -> Vec<WeightLayout> {
@@ -53,7 +53,7 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {
         let rotary = Rotary { theta: 10000.0, rotary_dim: 8, style, scaling: RopeScaling::None };
         for (kv, f) in caches {
-            push(kernels::rope_cache(&rotary, (4, 2, 8), 16, kv, 40, f).unwrap(), f);
+            push(kernels::rope_cache(&rotary, (4, 2, 8), CacheLayout::full(16), kv, 40, f).unwrap(), f);
         }
     }
     // A chunk of a split table and of a split LM head.
@@ -62,14 +62,42 @@ fn all_kernels() -> Vec<(String, String, GpuFeatures)> {
     push(kernels::linear(&chunk, 16, false, 64, 48, none).unwrap(), none);
     for (kv, f) in caches {
         let split = kernels::KeySplit::for_context(16);
-        push(kernels::attention((4, 2, 8), 0.35355338, AttnLimits::NONE, 16, split, kv, 40, f).unwrap(), f);
+        push(
+            kernels::attention((4, 2, 8), 0.35355338, AttnLimits::NONE, CacheLayout::full(16), split, kv, 40, f)
+                .unwrap(),
+            f,
+        );
     }
     // A context of several splits (the combine kernel merges them).
     let long = kernels::KeySplit::for_context(600);
-    push(kernels::attention((4, 2, 8), 0.35355338, AttnLimits::NONE, 600, long, KvQuant::F32, 0, none).unwrap(), none);
+    push(
+        kernels::attention(
+            (4, 2, 8),
+            0.35355338,
+            AttnLimits::NONE,
+            CacheLayout::full(600),
+            long,
+            KvQuant::F32,
+            0,
+            none,
+        )
+        .unwrap(),
+        none,
+    );
     // Gemma: a sliding window across splits, and a soft cap.
     let gemma = AttnLimits { window: Some(512), softcap: Some(50.0) };
-    push(kernels::attention((4, 1, 8), 0.0625, gemma, 600, long, KvQuant::F32, 0, none).unwrap(), none);
+    push(
+        kernels::attention((4, 1, 8), 0.0625, gemma, CacheLayout::full(600), long, KvQuant::F32, 0, none).unwrap(),
+        none,
+    );
+    // A sliding-window layer's ring (512 + 64 - 1 slots of a 600-position context), plain
+    // and with int8 codes and their exact ring.
+    let ring = CacheLayout::for_window(600, Some(512), 64);
+    let half = Rotary { theta: 10000.0, rotary_dim: 8, style: RopeStyle::Half, scaling: RopeScaling::None };
+    for (kv, exact) in [(KvQuant::F32, 0), (KvQuant::Int8, 96)] {
+        push(kernels::rope_cache(&half, (4, 1, 8), ring, kv, exact, none).unwrap(), none);
+        push(kernels::attention((4, 1, 8), 0.0625, gemma, ring, long, kv, exact, none).unwrap(), none);
+    }
     push(kernels::attention_combine((4, 8), long).unwrap(), none);
     out
 }

@@ -137,6 +137,7 @@ fn memory_plan(
         total_bytes: weight_bytes + kv_cache_bytes + activation_bytes,
         context_len,
         device_ram_bytes: profile.ram_bytes,
+        kv_cache_layout: artifact.kv_cache_layout.clone(),
     }
 }
 

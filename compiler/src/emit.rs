@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
-use slmc_ir::{KvQuant, Verified, WeightSource};
+use slmc_backends::gpu::kernels::CacheLayout;
+use slmc_ir::{KvQuant, Op, Verified, WeightSource};
 use slmc_targets::artifact::{FileDigest, ModelInfo, NePlacement};
 use slmc_targets::{ArtifactKind, BackendKind, TargetProfile};
 
@@ -42,6 +43,33 @@ pub struct Emitted {
     pub features: Vec<String>,
     /// Where Core ML may place the program's ops (Core ML artifacts).
     pub placement: Option<NePlacement>,
+    /// What each layer's cache keeps, for models with sliding-window layers.
+    pub kv_cache_layout: Option<String>,
+}
+
+/// The attention layers' windows (None: the whole context), in layer order.
+fn attention_windows(graph: &slmc_ir::Graph) -> Vec<Option<usize>> {
+    graph
+        .nodes()
+        .filter_map(|(_, node)| match &node.op {
+            Op::Gqa { limits, .. } | Op::Attention { limits, .. } => Some(limits.window),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The cache layout of a backend that keeps the whole context in every layer, said only
+/// when some layers slide (they mask what they do not see).
+fn whole_context_layout(graph: &slmc_ir::Graph, context: usize, why: &str) -> Option<String> {
+    let windows = attention_windows(graph);
+    let sliding = windows.iter().filter(|w| w.is_some()).count();
+    (sliding > 0).then(|| {
+        format!(
+            "all {} layers keep all {context} positions; the {sliding} sliding-window layers mask the positions \
+             they do not see ({why})",
+            windows.len()
+        )
+    })
 }
 
 pub type Emitter = fn(&EmitInput) -> Result<Emitted>;
@@ -77,6 +105,31 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         features: GpuFeatures::of_profile(i.profile),
     };
     let out = slmc_backends::gpu::compile(i.verified, i.weights, &gpu)?;
+    let windows = attention_windows(&i.optimized.graph);
+    let kv_cache_layout = windows.iter().any(|w| w.is_some()).then(|| {
+        let mut kept: BTreeMap<usize, usize> = BTreeMap::new();
+        for w in &windows {
+            let layout = CacheLayout::for_window(i.context_len, *w, gpu.max_step_tokens);
+            *kept.entry(layout.slots).or_default() += 1;
+        }
+        let parts: Vec<String> = kept
+            .iter()
+            .rev()
+            .map(|(slots, n)| {
+                if *n == 1 {
+                    format!("1 layer keeps {slots} positions")
+                } else {
+                    format!("{n} layers keep {slots} positions")
+                }
+            })
+            .collect();
+        format!(
+            "{} (a sliding-window layer keeps a ring of window + step - 1 positions, step {}; context {})",
+            parts.join(", "),
+            gpu.max_step_tokens,
+            i.context_len
+        )
+    });
     let sum = |f: &dyn Fn(&BufferKind) -> bool| -> u64 {
         out.artifact.buffers.iter().filter(|b| f(&b.kind)).map(|b| b.bytes).sum()
     };
@@ -89,6 +142,7 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         max_binding_bytes: out.artifact.buffers.iter().map(|b| b.bytes).max(),
         features: out.artifact.required_features.clone(),
         placement: None,
+        kv_cache_layout,
         files: out.files,
     })
 }
@@ -140,6 +194,16 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         max_binding_bytes: None,
         features: vec![],
         placement: None,
+        kv_cache_layout: whole_context_layout(
+            &i.optimized.graph,
+            i.context_len,
+            match profile_kind {
+                OnnxProfile::OrtContrib => {
+                    "ONNX Runtime's GroupQueryAttention reads one past buffer of the whole context"
+                }
+                OnnxProfile::Portable => "the graph's past key/value inputs span the whole context",
+            },
+        ),
     })
 }
 
@@ -194,6 +258,11 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         activation_bytes: activation_bytes(i.optimized),
         max_binding_bytes: None,
         features: vec![],
+        kv_cache_layout: whole_context_layout(
+            &i.optimized.graph,
+            manifest.model.context_len,
+            "the Core ML program writes each step at its positions in a cache of the whole context",
+        ),
         placement: Some(manifest.placement),
         files: out.files,
     })

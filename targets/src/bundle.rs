@@ -107,6 +107,10 @@ pub struct MemoryPlan {
     pub context_len: usize,
     /// The device RAM the total was checked against (None: unknown).
     pub device_ram_bytes: Option<u64>,
+    /// How many positions each layer's cache keeps, when not all of them keep the whole
+    /// context or a sliding window could have let them keep less (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_layout: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -492,14 +492,52 @@ pub fn kv_head_dim_multiple(kv: KvQuant) -> usize {
     }
 }
 
+/// A layer's cache: the positions a sequence may reach (`context`), and the slots the cache
+/// holds them in. A sliding-window layer keeps `window + step - 1` slots (a step's first
+/// query still sees `window - 1` earlier positions while the step writes all of its own),
+/// position p in slot p % slots; other layers keep one slot per position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLayout {
+    pub context: usize,
+    pub slots: usize,
+}
+
+impl CacheLayout {
+    pub fn full(context: usize) -> CacheLayout {
+        CacheLayout { context, slots: context }
+    }
+
+    /// The ring a layer attending over `window` positions needs with steps of at most
+    /// `step` tokens, or the whole context when that is no smaller.
+    pub fn for_window(context: usize, window: Option<usize>, step: usize) -> CacheLayout {
+        let slots = window.map_or(context, |w| (w + step.max(1) - 1).min(context));
+        CacheLayout { context, slots }
+    }
+
+    fn insert(&self, ctx: &mut tera::Context) {
+        ctx.insert("context", &self.context);
+        ctx.insert("slots", &self.slots);
+    }
+
+    /// The kernel-name part of a ring (none for a full cache, so those names are unchanged).
+    fn tag(&self) -> String {
+        if self.slots < self.context {
+            format!("_ring{}", self.slots)
+        } else {
+            String::new()
+        }
+    }
+}
+
 pub fn rope_cache(
     rotary: &slmc_ir::Rotary,
     (hq, hk, hd): (usize, usize, usize),
-    context: usize,
+    cache: CacheLayout,
     kv: KvQuant,
     ring: usize,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
+    let context = cache.context;
     let mut ctx = tera::Context::new();
     let kv_tag = kv_params(&mut ctx, kv, ring, features);
     let style = rotary.style.name();
@@ -508,10 +546,10 @@ pub fn rope_cache(
     ctx.insert("head_dim", &hd);
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
-    ctx.insert("context", &context);
+    cache.insert(&mut ctx);
     render(
         Template::RopeCache,
-        format!("rope_cache_{style}_{kv_tag}_{hq}_{hk}_{hd}_{}_{context}", rotary.rotary_dim),
+        format!("rope_cache_{style}_{kv_tag}_{hq}_{hk}_{hd}_{}_{context}{}", rotary.rotary_dim, cache.tag()),
         ctx,
     )
 }
@@ -543,19 +581,21 @@ impl KeySplit {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     (hq, hk, hd): (usize, usize, usize),
     scale: f32,
     limits: AttnLimits,
-    context: usize,
+    cache: CacheLayout,
     split: KeySplit,
     kv: KvQuant,
     ring: usize,
     features: GpuFeatures,
 ) -> Result<(String, String), GpuError> {
+    let context = cache.context;
     let mut ctx = tera::Context::new();
     let kv_tag = kv_params(&mut ctx, kv, ring, features);
-    let mut name = format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}_k{}", split.keys);
+    let mut name = format!("attention_{kv_tag}_{hq}_{hk}_{hd}_{context}{}_k{}", cache.tag(), split.keys);
     if let Some(w) = limits.window {
         name += &format!("_w{w}");
     }
@@ -575,7 +615,7 @@ pub fn attention(
             ),
         });
     }
-    ctx.insert("context", &context);
+    cache.insert(&mut ctx);
     ctx.insert("q_heads", &hq);
     ctx.insert("kv_heads", &hk);
     ctx.insert("head_dim", &hd);

@@ -370,7 +370,10 @@ impl<'a> Builder<'a> {
                 }
                 // int8/int4: the exact ring of the recent window follows the codes.
                 let ring = if quant.is_packed() { slmc_ir::KV_EXACT_WINDOW + self.opts.max_step_tokens } else { 0 };
-                let cache_bytes = (self.opts.context_len * hk * per_vector + ring * hk * hd * 4) as u64;
+                // A sliding-window layer keeps only the positions its window can still see.
+                let layout =
+                    kernels::CacheLayout::for_window(self.opts.context_len, limits.window, self.opts.max_step_tokens);
+                let cache_bytes = (layout.slots * hk * per_vector + ring * hk * hd * 4) as u64;
                 let k_cache = self.add_buffer(&format!("cache.{layer}.key"), BufferKind::Cache, cache_bytes);
                 let v_cache = self.add_buffer(&format!("cache.{layer}.value"), BufferKind::Cache, cache_bytes);
                 let q_rot = self.add_buffer(
@@ -379,7 +382,7 @@ impl<'a> Builder<'a> {
                     (self.opts.max_step_tokens * hq * hd * 4) as u64,
                 );
                 let features = self.opts.features;
-                let (name, src) = kernels::rope_cache(rotary, (hq, hk, hd), self.opts.context_len, kv, ring, features)?;
+                let (name, src) = kernels::rope_cache(rotary, (hq, hk, hd), layout, kv, ring, features)?;
                 let k = self.kernel(name, src, 7);
                 self.dispatch(
                     id,
@@ -392,16 +395,7 @@ impl<'a> Builder<'a> {
                 // One scratch buffer of partial results serves every layer (they run in turn).
                 let part_bytes = (self.opts.max_step_tokens * hq * split.splits * (hd + 2) * 4) as u64;
                 let part = self.scratch_buffer("attention.partials", part_bytes);
-                let (name, src) = kernels::attention(
-                    (hq, hk, hd),
-                    *scale,
-                    *limits,
-                    self.opts.context_len,
-                    split,
-                    kv,
-                    ring,
-                    features,
-                )?;
+                let (name, src) = kernels::attention((hq, hk, hd), *scale, *limits, layout, split, kv, ring, features)?;
                 let k = self.kernel(name, src, 4);
                 let splits = Count::fixed(split.splits as u64);
                 self.dispatch(id, k, vec![q_rot, k_cache, v_cache, part], [splits, per_tok(hq as u64, 1), one]);
