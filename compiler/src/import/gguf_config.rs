@@ -1,5 +1,6 @@
-//! The model configuration from GGUF metadata (`{arch}.block_count`, ...), and Llama 3's
-//! rope scaling recognized from the `rope_freqs.weight` factors llama.cpp stores.
+//! The model configuration from GGUF metadata (`{arch}.block_count`, ...), Llama 3's rope
+//! scaling recognized from the `rope_freqs.weight` factors llama.cpp stores, and Phi-3's
+//! LongRoPE from its `rope_factors_short/long.weight` vectors.
 
 use std::path::Path;
 
@@ -28,9 +29,10 @@ pub fn from_gguf(path: &Path, file: &GgufFile, data: &[u8]) -> Result<ModelConfi
         "gemma3" => Arch::Gemma3,
         "stablelm" => Arch::StableLm,
         "smollm3" => Arch::SmolLm3,
+        "olmo2" => Arch::Olmo2,
         other => {
             return Err(err(format!(
-                "unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3, gemma2, gemma3, stablelm, smollm3)"
+                "unsupported GGUF architecture `{other}` (supported: llama, qwen2, phi3, qwen3, gemma2, gemma3, stablelm, smollm3, olmo2)"
             )))
         }
     };
@@ -63,26 +65,58 @@ pub fn from_gguf(path: &Path, file: &GgufFile, data: &[u8]) -> Result<ModelConfi
     };
     let rope_theta = opt_f("rope.freq_base").unwrap_or(10000.0) as f32;
     let rotary_dim = opt_u("rope.dimension_count")?.unwrap_or(head_dim);
-    let rope_scaling = match file.tensors.iter().find(|(n, _)| n == "rope_freqs.weight") {
-        None => RopeScaling::None,
-        Some((_, t)) => {
-            let bytes = data.get(t.offset..t.offset + t.len).unwrap_or_default();
-            let factors: Vec<f32> = match t.dtype {
-                slmc_ir::DType::F32 if t.len == 4 * (rotary_dim / 2) => {
-                    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-                }
-                _ => {
-                    return Err(err(format!(
-                        "rope_freqs.weight must be f32 with {} entries (rotary dim / 2), found {} of {} bytes",
-                        rotary_dim / 2,
-                        t.dtype,
-                        t.len
-                    )))
+    // Per-frequency factors llama.cpp stores as f32 vectors of rotary_dim / 2 entries.
+    let factors = |name: &str| -> Result<Option<Vec<f32>>, ImportError> {
+        let Some((_, t)) = file.tensors.iter().find(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        let bytes = data.get(t.offset..t.offset + t.len).unwrap_or_default();
+        match t.dtype {
+            slmc_ir::DType::F32 if t.len == 4 * (rotary_dim / 2) && bytes.len() == t.len => {
+                Ok(Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+            }
+            _ => Err(err(format!(
+                "{name} must be f32 with {} entries (rotary dim / 2), found {} of {} bytes",
+                rotary_dim / 2,
+                t.dtype,
+                t.len
+            ))),
+        }
+    };
+    let long_rope = (factors("rope_factors_short.weight")?, factors("rope_factors_long.weight")?);
+    let rope_scaling = match (factors("rope_freqs.weight")?, long_rope) {
+        (None, (None, None)) => RopeScaling::None,
+        (Some(f), (None, None)) => llama3_scaling_from_factors(rope_theta, rotary_dim, &f).ok_or_else(|| {
+            err("rope_freqs.weight matches no Llama 3 rope scaling (factor 8, 16, 32 or 64; low 1, high 4, original context 8192)".into())
+        })?,
+        // Phi-3.5 / Phi-4-mini LongRoPE, as llama.cpp's converter writes it.
+        (None, (Some(short_factor), Some(long_factor))) => {
+            let original = req_u("rope.scaling.original_context_length")?;
+            let attention_factor = match opt_f("rope.scaling.attn_factor") {
+                Some(a) => a,
+                None => {
+                    let scale = opt_u("context_length")?.unwrap_or(original) as f64 / original as f64;
+                    if scale > 1.0 {
+                        (1.0 + scale.ln() / (original as f64).ln()).sqrt()
+                    } else {
+                        1.0
+                    }
                 }
             };
-            llama3_scaling_from_factors(rope_theta, rotary_dim, &factors).ok_or_else(|| {
-                err("rope_freqs.weight matches no Llama 3 rope scaling (factor 8, 16, 32 or 64; low 1, high 4, original context 8192)".into())
-            })?
+            let scaling = RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position: original as i64,
+                attention_factor: attention_factor as f32,
+            };
+            scaling.check(rotary_dim).map_err(err)?;
+            scaling
+        }
+        _ => {
+            return Err(err(
+                "rope factors: expected rope_freqs.weight alone, or rope_factors_short.weight with rope_factors_long.weight"
+                    .into(),
+            ))
         }
     };
     let tied = !file.tensors.iter().any(|(n, _)| n == "output.weight");
