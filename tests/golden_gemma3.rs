@@ -67,9 +67,25 @@ fn compiled(target: &str, extra: &[&str]) -> std::path::PathBuf {
     out.join(target)
 }
 
+/// The stored types a bundle states it converted, as `type -> forms`.
+fn conversions(bundle: &std::path::Path) -> serde_json::Value {
+    read_json(&bundle.join("manifest.json"))["quantization"]["weight_conversions"].clone()
+}
+
+/// Q5_0, Q4_K and Q6_K have no ONNX or WGSL form here: the manifest says they became f32
+/// (exact); Q8_0 stays 8-bit codes on the GPU.
+fn assert_block_types_dequantized(bundle: &std::path::Path, form: &str) {
+    let stated = conversions(bundle);
+    for dtype in ["q5_0", "q4_k", "q6_k"] {
+        let forms = stated[dtype].to_string();
+        assert!(forms.contains(form) && forms.contains("(exact)"), "{dtype}: {stated}");
+    }
+}
+
 #[test]
 fn onnx_cpu_matches_transformers_including_past_the_sliding_window() {
     let bundle = compiled("onnx-cpu", &[]);
+    assert_block_types_dequantized(&bundle, "f32 initializer");
     // Scored one token per step: the steps before each prompt's first near-tie are greedy's.
     let short = Goldens { file: "gemma3-270m-greedy.json", decode: true, greedy_tokens: 0 };
     check_goldens(&bundle, &short, 0.02, true, &[]);
@@ -82,6 +98,10 @@ fn onnx_cpu_matches_transformers_including_past_the_sliding_window() {
 #[test]
 fn coreml_ios18_matches_transformers_on_two_prompts() {
     let bundle = compiled("coreml-ios18", &[]);
+    let stated = conversions(&bundle);
+    for dtype in ["q5_0", "q4_k", "q6_k"] {
+        assert!(stated[dtype].to_string().contains("rounded to fp16"), "{dtype}: {stated}");
+    }
     let short = Goldens { file: "gemma3-270m-greedy.json", decode: false, greedy_tokens: 16 };
     check_goldens_of(&bundle, &short, 0.1, &["pub-text-200", "pub-chat-system-policy"], &["--mil-reference"]);
 }
@@ -92,6 +112,12 @@ fn coreml_ios18_matches_transformers_on_two_prompts() {
 #[test]
 fn webgpu_matches_transformers_on_the_short_prompt() {
     let bundle = compiled("webgpu", &[]);
+    assert_block_types_dequantized(&bundle, "f32, dequantized");
+    assert!(conversions(&bundle).get("q8_0").is_none(), "Q8_0 keeps its codes on the GPU");
+    // 15 sliding layers keep a ring of 512 + 128 - 1 positions at the default context.
+    let memory = read_json(&bundle.join("manifest.json"))["memory"].clone();
+    let layout = memory["kv_cache_layout"].as_str().unwrap();
+    assert!(layout.starts_with("3 layers keep 2048 positions, 15 layers keep 639 positions"), "{layout}");
     let short = Goldens { file: "gemma3-270m-greedy.json", decode: false, greedy_tokens: 8 };
     check_goldens_of(&bundle, &short, 0.02, &["pub-text-short"], &[]);
 }

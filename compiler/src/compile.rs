@@ -223,6 +223,7 @@ fn bundle_manifest(
             weights: opts.options.get("quant").cloned().unwrap_or_else(|| "as stored".into()),
             kv_cache: optimized.kv_quant.name().into(),
             weight_dtypes,
+            weight_conversions: artifact.weight_conversions.clone(),
         },
         required,
         npu_support: NpuSupport { npu: profile.npu.clone(), ops_on_npu, ops_total, note },

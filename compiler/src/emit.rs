@@ -45,6 +45,8 @@ pub struct Emitted {
     pub placement: Option<NePlacement>,
     /// What each layer's cache keeps, for models with sliding-window layers.
     pub kv_cache_layout: Option<String>,
+    /// Stored weight types the artifact does not carry as stored.
+    pub weight_conversions: BTreeMap<String, Vec<String>>,
 }
 
 /// The attention layers' windows (None: the whole context), in layer order.
@@ -143,6 +145,7 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         features: out.artifact.required_features.clone(),
         placement: None,
         kv_cache_layout,
+        weight_conversions: out.conversions.into_map(),
         files: out.files,
     })
 }
@@ -204,6 +207,7 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
                 OnnxProfile::Portable => "the graph's past key/value inputs span the whole context",
             },
         ),
+        weight_conversions: out.conversions.into_map(),
     })
 }
 
@@ -263,6 +267,7 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
             manifest.model.context_len,
             "the Core ML program writes each step at its positions in a cache of the whole context",
         ),
+        weight_conversions: out.conversions.into_map(),
         placement: Some(manifest.placement),
         files: out.files,
     })

@@ -227,3 +227,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The stored weight types an artifact does not carry as they are stored, and what each
+/// became (a conversion the bundle manifest states, so a quality difference can be traced
+/// to it; the smoke set measures the artifact against the interpreter either way).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WeightConversions(std::collections::BTreeMap<String, std::collections::BTreeSet<String>>);
+
+impl WeightConversions {
+    /// Weights stored as `stored` (a dtype name) are carried as `carried_as`.
+    pub fn note(&mut self, stored: &str, carried_as: &str) {
+        self.0.entry(stored.to_string()).or_default().insert(carried_as.to_string());
+    }
+
+    pub fn into_map(self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.0.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+    }
+}

@@ -71,6 +71,9 @@ pub struct BundleQuantization {
     pub kv_cache: String,
     /// Stored bytes of the weights by dtype, as the artifact holds them.
     pub weight_dtypes: BTreeMap<String, u64>,
+    /// Stored types the artifact does not carry as stored, and the forms they became.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weight_conversions: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -68,6 +68,7 @@ pub struct CoremlOutput {
     /// Files relative to the artifact directory (the package is `model.mlpackage/`).
     pub files: BTreeMap<String, Vec<u8>>,
     pub placement: placement::Placement,
+    pub conversions: slmc_targets::artifact::WeightConversions,
 }
 
 /// Columns per int8 block on iOS 17 (the ggml block size, so Q8_0 blocks stay exact).
@@ -83,6 +84,7 @@ struct Emitter<'a> {
     b: Builder,
     vars: HashMap<NodeId, Var>,
     weight_vars: HashMap<String, Var>,
+    conversions: slmc_targets::artifact::WeightConversions,
     /// Per rotary: cos and sin gathered at the step's positions, shaped for broadcasting.
     rope: HashMap<String, (Var, Var)>,
     /// The step's cache-write begin index `[0, 0, p, 0]`.
@@ -298,6 +300,7 @@ pub fn compile(
         b,
         vars: HashMap::new(),
         weight_vars: HashMap::new(),
+        conversions: Default::default(),
         rope: HashMap::new(),
         write_begin: None,
         write_ends: HashMap::new(),
@@ -416,7 +419,7 @@ pub fn compile(
     files.insert(MIL_TEXT_FILE.to_string(), program_text.into_bytes());
     files.insert(WEIGHTS_FILE.to_string(), weight_bytes);
     let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab };
-    Ok(CoremlOutput { info, files, placement })
+    Ok(CoremlOutput { info, files, placement, conversions: e.conversions })
 }
 
 /// The program's text form of a written package's `model.mlmodel`.

@@ -25,6 +25,10 @@ impl<'a> Emitter<'a> {
         let dense = !quantized || (self.opts.deployment == Deployment::Ios18 && !native_ios18);
         let var = if shape.len() != 2 || dense {
             let values = self.weights.to_f32(&name).ok_or_else(|| CoremlError::MissingWeight(name.clone()))?;
+            if dtype != DType::F16 {
+                let how = if quantized { "fp16 constants, dequantized at compile time" } else { "fp16 constants" };
+                self.conversions.note(dtype.name(), &format!("{how} (values rounded to fp16)"));
+            }
             self.b.const_f16(&name, &shape, &values)
         } else if self.opts.deployment == Deployment::Ios18 && dtype.q4_has_min().is_some() {
             let (codes, scales, offsets) = q4_blockwise(dtype, view.bytes);
@@ -59,6 +63,7 @@ impl<'a> Emitter<'a> {
                 q8_as_uint8(view.bytes)
             } else {
                 let values = self.weights.to_f32(&name).ok_or_else(|| CoremlError::MissingWeight(name.clone()))?;
+                self.conversions.note(dtype.name(), "int8 blocks of 32 columns, re-quantized at compile time (lossy)");
                 int8_per_row(&values, INT8_GROUP)
             };
             let data = self.b.blob(Dt::U8, &[blocks, INT8_GROUP], &codes);

@@ -54,6 +54,7 @@ pub struct GpuOptions {
 pub struct GpuOutput {
     pub artifact: GpuArtifact,
     pub files: BTreeMap<String, Vec<u8>>,
+    pub conversions: slmc_targets::artifact::WeightConversions,
 }
 
 /// Rows `row_start..row_start + layout.rows` of a weight, in one buffer.
@@ -77,6 +78,7 @@ struct Builder<'a> {
     dispatches: Vec<Dispatch>,
     tables: HashMap<String, usize>,
     weight_cache: HashMap<NodeId, Vec<WeightChunk>>,
+    conversions: slmc_targets::artifact::WeightConversions,
 }
 
 fn dims(graph: &Graph, id: NodeId) -> Vec<Option<usize>> {
@@ -172,6 +174,9 @@ impl<'a> Builder<'a> {
             let (start, end) = (c * per_chunk, ((c + 1) * per_chunk).min(rows));
             let (laid, layout) =
                 kernels::relayout(dtype, &bytes[start * stored_row..end * stored_row], end - start, cols, packed);
+            if layout.kind == "f32" && dtype != slmc_ir::DType::F32 {
+                self.conversions.note(dtype.name(), "f32, dequantized at compile time (exact)");
+            }
             let offset = self.append_weight_bytes(&laid);
             let buffer_name = if n_chunks == 1 { name.clone() } else { format!("{name}#{c}") };
             let buffer =
@@ -447,6 +452,7 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         dispatches: Vec::new(),
         tables: HashMap::new(),
         weight_cache: HashMap::new(),
+        conversions: Default::default(),
     };
     for id in slmc_ir::text::print_order(graph) {
         b.lower_node(id)?;
@@ -517,7 +523,7 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         weights_file: "weights.bin".into(),
         files: files.iter().map(|(path, bytes)| slmc_targets::artifact::FileDigest::of(path.clone(), bytes)).collect(),
     };
-    Ok(GpuOutput { artifact, files })
+    Ok(GpuOutput { artifact, files, conversions: b.conversions })
 }
 
 /// Weight dtypes the kernels read directly (others are converted to f32).

@@ -78,6 +78,7 @@ pub struct OnnxOutput {
     pub info: OnnxModelInfo,
     /// `model.onnx` and `model.onnx.data`.
     pub files: BTreeMap<String, Vec<u8>>,
+    pub conversions: slmc_targets::artifact::WeightConversions,
 }
 
 pub use slmc_targets::artifact::ONNX_DATA_FILE as DATA_FILE;
@@ -120,6 +121,7 @@ struct Builder<'a> {
     head_weight: Option<NodeId>,
     /// Layers lowered to the standard-ops attention.
     explicit_attention_layers: usize,
+    conversions: slmc_targets::artifact::WeightConversions,
 }
 
 /// Cache inputs/outputs and the result name of one attention layer.
@@ -229,6 +231,9 @@ impl<'a> Builder<'a> {
         let dims: Vec<i64> = view.shape.iter().map(|d| *d as i64).collect();
         let values = self.weights.to_f32(&name).ok_or_else(|| OnnxError::MissingWeight(name.clone()))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        if view.dtype != slmc_ir::DType::F32 {
+            self.conversions.note(view.dtype.name(), "f32 initializer, dequantized at compile time (exact)");
+        }
         self.external(&name, data_type::FLOAT, &dims, &bytes);
         self.written.insert((id, "f32"), name.clone());
         Ok(name)
@@ -264,6 +269,7 @@ pub fn compile(
         gqa_inputs_made: false,
         head_weight: None,
         explicit_attention_layers: 0,
+        conversions: Default::default(),
     };
     let logits_id = crate::lowering::logits_output(graph)?;
     let logits_node = graph.node(logits_id);
@@ -329,5 +335,5 @@ pub fn compile(
     let kv_buffer_shareable = b.explicit_attention_layers == 0;
     let info =
         OnnxModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, hidden, vocab, kv_buffer_shareable };
-    Ok(OnnxOutput { info, files })
+    Ok(OnnxOutput { info, files, conversions: b.conversions })
 }
