@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use slmc_runtime::Executor;
 
 /// Compiles `model` for `targets` (comma-separated) into a fresh directory.
 fn compile(model: &Path, targets: &str, name: &str, extra: &[&str]) -> PathBuf {
@@ -235,14 +236,134 @@ fn core_ml_programs_with_impossible_shapes_are_refused() {
     .err()
     .expect("a rank-1 input_ids is refused");
     assert!(err.to_string().contains("input_ids"), "{err}");
-    let mut host = load(&|i| {
+    // A cache longer than the context the causal mask covers is refused at load.
+    let err = load(&|i| {
         let hit = i.name.contains("_cache_");
         if hit {
             dims(i.r#type.as_mut().unwrap())[2].constant.as_mut().unwrap().size = 1 << 40;
         }
         hit
     })
+    .err()
+    .expect("a cache past the context is refused");
+    assert!(err.to_string().contains("at most the context"), "{err}");
+    // A context (mask and caches) past memory loads, since shapes are only recorded then,
+    // and is refused when a step would allocate it.
+    let mut host = load(&|i| {
+        let hit = i.name.contains("_cache_") || i.name == "causal_mask";
+        if hit {
+            let axis = if i.name == "causal_mask" { 3 } else { 2 };
+            dims(i.r#type.as_mut().unwrap())[axis].constant.as_mut().unwrap().size = 1 << 40;
+        }
+        hit
+    })
     .expect("shapes are only recorded at load");
     let err = host.forward(&[1, 2]).unwrap_err();
     assert!(err.to_string().contains("more than this machine's memory"), "{err}");
+}
+
+/// A sliding-window layer's cache is a ring on both Core ML profiles: the same fixture
+/// compiled for a context one position past where rings start (ring layers) and for the
+/// context where they start (whole-context caches) computes the same logits on the MIL
+/// reference, within fp16 summation-order noise, on every row of a sequence that wraps
+/// the ring: in one prefill, token by token, and prefill then decode up to the context's
+/// last position (where the host starts steps early and feeds cached tokens again).
+/// coremltools type-checks the ring program.
+#[test]
+fn ring_caches_compute_what_whole_context_caches_do() {
+    let fixture = golden_dir().join("arch/gemma3-tied-f32");
+    // Window 8, steps of 8: iOS 17 rings of 8 + 8 - 1 slots, iOS 18 states of 8 + 2 x 8 - 1.
+    for (target, width) in [("coreml-ios17", 15usize), ("coreml-ios18", 23)] {
+        let open = |context: usize| {
+            let name = format!("ring-{target}-{context}");
+            let ctx = context.to_string();
+            let out = compile(&fixture, target, &name, &["--context", &ctx, "--skip-smoke-check", "--quant", "keep"]);
+            let layout = read_json(&out.join(target).join("manifest.json"))["memory"]["kv_cache_layout"].clone();
+            let options = slmc_runtime::registry::OpenOptions { adapter: None, threads: 1, mil_reference: true };
+            let exec = slmc_runtime::registry::open(&out.join(target), &options).expect("the artifact loads").exec;
+            (exec, layout.as_str().unwrap_or_default().to_string(), out.join(target))
+        };
+        let (mut whole, whole_layout, _) = open(width);
+        let (mut ring, ring_layout, ring_dir) = open(width + 1);
+        assert!(whole_layout.starts_with("4 layers keep"), "{target}: {whole_layout}");
+        // The three sliding layers keep `width` slots; the global one the whole context.
+        assert!(ring_layout.contains(&format!("3 layers keep {width} positions")), "{target}: {ring_layout}");
+        let vocab = whole.vocab_size();
+        let tokens: Vec<u32> = (0..width as u32).map(|i| (i * 97 + 11) % vocab as u32).collect();
+        let compare = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+            assert_eq!(a.len(), b.len(), "{target} {what}");
+            for (r, (x, y)) in a.chunks_exact(vocab).zip(b.chunks_exact(vocab)).enumerate() {
+                let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 5e-3 * scale, "{target} {what}: row {r} differs by {worst} (scale {scale})");
+            }
+        };
+        compare("one prefill", whole.forward(&tokens).unwrap(), ring.forward(&tokens).unwrap());
+        for (exec, name) in [(&mut whole, "whole"), (&mut ring, "ring")] {
+            exec.reset();
+            assert_eq!(exec.past_len(), 0, "{name}");
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            compare(&format!("token {i}"), whole.forward(&[*t]).unwrap(), ring.forward(&[*t]).unwrap());
+        }
+        whole.reset();
+        ring.reset();
+        let split = width - 5;
+        compare("prefill", whole.forward(&tokens[..split]).unwrap(), ring.forward(&tokens[..split]).unwrap());
+        for (i, t) in tokens[split..].iter().enumerate() {
+            compare(&format!("decode {i}"), whole.forward(&[*t]).unwrap(), ring.forward(&[*t]).unwrap());
+        }
+        if target == "coreml-ios18" {
+            let check = coremltools_check(&ring_dir.join("model.mlpackage"));
+            assert!(check.to_string().contains("ring_slot_8"), "coremltools saw the ring inputs: {check}");
+        }
+    }
+}
+
+/// Rings wrapped many times, up to the context's last position (where the host starts
+/// steps early and feeds cached tokens again, which needs the ring's extra step of
+/// positions): every row on the MIL reference within 2e-2 of the IR interpreter (fp16
+/// measures below 5e-3 here; an iOS 17 ring of the window alone measured 0.12).
+#[test]
+fn ring_caches_hold_what_the_window_needs_to_the_end_of_the_context() {
+    let fixture = golden_dir().join("arch/gemma3-tied-f32");
+    let context = 96usize;
+    let loaded = slmc_compiler::import::load(&fixture).unwrap();
+    let graph = slmc_compiler::lower::lower(&loaded).unwrap();
+    let request = slmc_compiler::optimize::OptRequest { pipeline: Some("gpu".into()), ..Default::default() };
+    let optimized = slmc_compiler::optimize::optimize(&loaded, graph, &request, None).unwrap();
+    let weights = slmc_ir::Layered { top: &optimized.derived, base: &loaded.weights };
+    for target in ["coreml-ios17", "coreml-ios18"] {
+        let ctx = context.to_string();
+        let out = compile(&fixture, target, &format!("ring-end-{target}"), &["--context", &ctx, "--skip-smoke-check"]);
+        let options = slmc_runtime::registry::OpenOptions { adapter: None, threads: 1, mil_reference: true };
+        let mut exec = slmc_runtime::registry::open(&out.join(target), &options).expect("the artifact loads").exec;
+        let mut reference = slmc_runtime::InterpreterExecutor::new(&optimized.graph, &weights, context).unwrap();
+        let vocab = reference.vocab_size();
+        let tokens: Vec<u32> = (0..context as u32).map(|i| (i * 131 + 7) % vocab as u32).collect();
+        let compare = |what: String, a: Vec<f32>, b: Vec<f32>| {
+            assert_eq!(a.len(), b.len(), "{target} {what}");
+            for (r, (x, y)) in a.chunks_exact(vocab).zip(b.chunks_exact(vocab)).enumerate() {
+                let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 2e-2 * scale, "{target} {what}: row {r} differs by {worst} (scale {scale})");
+            }
+        };
+        for split in [context - 20, context - 9, context - 1] {
+            exec.reset();
+            reference.reset();
+            compare(
+                format!("prefill {split}"),
+                reference.forward(&tokens[..split]).unwrap(),
+                exec.forward(&tokens[..split]).unwrap(),
+            );
+            for t in &tokens[split..] {
+                compare(
+                    format!("decode after {split}"),
+                    reference.forward(&[*t]).unwrap(),
+                    exec.forward(&[*t]).unwrap(),
+                );
+            }
+        }
+    }
 }

@@ -3,8 +3,9 @@
 //! logits within 1e-4 of transformers and identical greedy continuations. The 29-token
 //! cases run past the Gemma fixtures' 8-token sliding window. The four newer families
 //! also run compiled for every backend kind (WGSL, ONNX both profiles, Core ML on the MIL
-//! reference within an fp16 bound). The project's own Phi-4-mini-shaped LongRoPE fixture
-//! runs everywhere too.
+//! reference within an fp16 bound). The project's own fixtures made by transformers
+//! (`fixtures/arch`: Phi-4-mini-shaped LongRoPE, OLMo 2, SmolLM3 with NoPE layers) run
+//! everywhere too.
 
 mod common;
 
@@ -50,7 +51,7 @@ fn check_arch_everywhere_within(name: &str, context: usize) {
 }
 
 /// The public fixtures in `../shared/golden/arch`, or the project's own in
-/// `fixtures/arch` (made by transformers with scripts/gen-longrope-fixture.py, same format).
+/// `fixtures/arch` (made by transformers with scripts/gen-arch-fixtures.py, same format).
 fn arch_dir(name: &str) -> std::path::PathBuf {
     let own = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/arch").join(name);
     if own.exists() {
@@ -172,6 +173,19 @@ fn stablelm2_partial_rotary_f16() {
     check_arch_everywhere("stablelm2-partial-rotary-f16");
 }
 
+/// OLMo 2 (transformers-made, `fixtures/arch`): norms after attention and the MLP only,
+/// q/k norms over the whole projection.
+#[test]
+fn olmo2_post_norms_f32() {
+    check_arch_everywhere("olmo2-f32");
+}
+
+/// SmolLM3 (transformers-made, `fixtures/arch`): every second layer without RoPE.
+#[test]
+fn smollm3_nope_layers_f32() {
+    check_arch_everywhere("smollm3-nope-f32");
+}
+
 /// Phi-4-mini's shape (fused projections, 75% partial rotary, GQA, tied) with LongRoPE: the
 /// greedy steps after the 29-token prompt cross the original length (32), where the long
 /// factors take over.
@@ -234,8 +248,8 @@ fn phi4_mini_longrope_f32() {
     }
 }
 
-/// The memory plan counts what the caches keep: on webgpu a sliding-window layer holds a
-/// ring of window + step - 1 positions; ONNX and Core ML say they keep the whole context.
+/// The memory plan counts what the caches keep: a sliding-window layer holds a ring on
+/// webgpu (window + step - 1 positions) and Core ML; ONNX says it keeps the whole context.
 #[test]
 fn sliding_window_caches_in_the_memory_plan() {
     let dir = arch_dir("gemma3-tied-f32");
@@ -252,10 +266,13 @@ fn sliding_window_caches_in_the_memory_plan() {
     assert_eq!(gpu["kv_cache_bytes"].as_u64().unwrap(), (64 + 3 * 23) * 2 * 32 * 4);
     let layout = gpu["kv_cache_layout"].as_str().unwrap();
     assert!(layout.starts_with("1 layer keeps 64 positions, 3 layers keep 23 positions"), "{layout}");
-    for target in ["onnx-cpu", "coreml-ios18"] {
-        let layout = memory(target)["kv_cache_layout"].as_str().unwrap().to_string();
-        assert!(layout.starts_with("all 4 layers keep all 64 positions"), "{target}: {layout}");
-    }
+    let layout = memory("onnx-cpu")["kv_cache_layout"].as_str().unwrap().to_string();
+    assert!(layout.starts_with("all 4 layers keep all 64 positions"), "onnx-cpu: {layout}");
+    // Core ML (steps of 8, fp16): iOS 18 states of 8 + 2 x 8 - 1 slots.
+    let coreml = memory("coreml-ios18");
+    assert_eq!(coreml["kv_cache_bytes"].as_u64().unwrap(), (64 + 3 * 23) * 2 * 32 * 2);
+    let layout = coreml["kv_cache_layout"].as_str().unwrap();
+    assert!(layout.starts_with("1 layer keeps 64 positions, 3 layers keep 23 positions"), "{layout}");
     // A model without windows says nothing.
     let plain = scratch("arch-qwen3-memory");
     let qwen = arch_dir("qwen3-qknorm-bf16");

@@ -60,6 +60,29 @@ fn attention_windows(graph: &slmc_ir::Graph) -> Vec<Option<usize>> {
         .collect()
 }
 
+/// "n layers keep k positions, ..." (largest first) and why, for caches of `per_layer`
+/// positions; None when no layer slides (every bundle without windows keeps its bytes).
+fn ring_layout(graph: &slmc_ir::Graph, per_layer: &[usize], why: &str) -> Option<String> {
+    attention_windows(graph).iter().any(|w| w.is_some()).then(|| {
+        let mut kept: BTreeMap<usize, usize> = BTreeMap::new();
+        for slots in per_layer {
+            *kept.entry(*slots).or_default() += 1;
+        }
+        let parts: Vec<String> = kept
+            .iter()
+            .rev()
+            .map(|(slots, n)| {
+                if *n == 1 {
+                    format!("1 layer keeps {slots} positions")
+                } else {
+                    format!("{n} layers keep {slots} positions")
+                }
+            })
+            .collect();
+        format!("{} ({why})", parts.join(", "))
+    })
+}
+
 /// The cache layout of a backend that keeps the whole context in every layer, said only
 /// when some layers slide (they mask what they do not see).
 fn whole_context_layout(graph: &slmc_ir::Graph, context: usize, why: &str) -> Option<String> {
@@ -107,31 +130,15 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         features: GpuFeatures::of_profile(i.profile),
     };
     let out = slmc_backends::gpu::compile(i.verified, i.weights, &gpu)?;
-    let windows = attention_windows(&i.optimized.graph);
-    let kv_cache_layout = windows.iter().any(|w| w.is_some()).then(|| {
-        let mut kept: BTreeMap<usize, usize> = BTreeMap::new();
-        for w in &windows {
-            let layout = CacheLayout::for_window(i.context_len, *w, gpu.max_step_tokens);
-            *kept.entry(layout.slots).or_default() += 1;
-        }
-        let parts: Vec<String> = kept
-            .iter()
-            .rev()
-            .map(|(slots, n)| {
-                if *n == 1 {
-                    format!("1 layer keeps {slots} positions")
-                } else {
-                    format!("{n} layers keep {slots} positions")
-                }
-            })
-            .collect();
-        format!(
-            "{} (a sliding-window layer keeps a ring of window + step - 1 positions, step {}; context {})",
-            parts.join(", "),
-            gpu.max_step_tokens,
-            i.context_len
-        )
-    });
+    let per_layer: Vec<usize> = attention_windows(&i.optimized.graph)
+        .iter()
+        .map(|w| CacheLayout::for_window(i.context_len, *w, gpu.max_step_tokens).slots)
+        .collect();
+    let why = format!(
+        "a sliding-window layer keeps a ring of window + step - 1 positions, step {}; context {}",
+        gpu.max_step_tokens, i.context_len
+    );
+    let kv_cache_layout = ring_layout(&i.optimized.graph, &per_layer, &why);
     let sum = |f: &dyn Fn(&BufferKind) -> bool| -> u64 {
         out.artifact.buffers.iter().filter(|b| f(&b.kind)).map(|b| b.bytes).sum()
     };
@@ -251,9 +258,18 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         files: digests_of(&out.files),
     };
     let weight_bytes = out.files.get(slmc_backends::coreml::WEIGHTS_FILE).map(|f| f.len() as u64).unwrap_or(0);
-    // fp16 cache of the static context.
+    // fp16 caches: the static context, or a sliding layer's ring.
     let per_vector = KvQuant::F16.data_bytes_per_vector(manifest.head_dim);
-    let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * per_vector * manifest.model.context_len) as u64;
+    let kv_cache_bytes =
+        out.info.cache_positions.iter().map(|slots| (2 * manifest.kv_heads * per_vector * slots) as u64).sum();
+    let why = format!(
+        "a sliding-window layer keeps a ring: {}; context {}",
+        match deployment {
+            Deployment::Ios17 => "window + step - 1 positions before the step, which comes with its own keys",
+            Deployment::Ios18 => "window + 2 x step - 1 slots of state, each step written contiguously",
+        },
+        manifest.model.context_len
+    );
     Ok(Emitted {
         kind: ArtifactKind::Coreml,
         manifest_json: serde_json::to_string_pretty(&manifest)?,
@@ -262,11 +278,7 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         activation_bytes: activation_bytes(i.optimized),
         max_binding_bytes: None,
         features: vec![],
-        kv_cache_layout: whole_context_layout(
-            &i.optimized.graph,
-            manifest.model.context_len,
-            "the Core ML program writes each step at its positions in a cache of the whole context",
-        ),
+        kv_cache_layout: ring_layout(&i.optimized.graph, &out.info.cache_positions, &why),
         weight_conversions: out.conversions.into_map(),
         placement: Some(manifest.placement),
         files: out.files,

@@ -2,11 +2,44 @@
 //! iOS 18, inputs/outputs on iOS 17), masks, and grouped-query attention.
 
 use slmc_ir::{NodeId, RopeStyle};
+use slmc_targets::coreml::{RING_MASK_PREFIX, RING_SLOT_PREFIX, WINDOW_MASK_PREFIX};
 
 use super::mil::{self, Arg, Dt, MilOp, Var};
 use super::*;
 
+/// Which additive mask a layer reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum MaskKind {
+    Causal,
+    /// A window over a cache of the whole context.
+    Window(usize),
+    /// A window over a ring cache.
+    Ring(usize),
+}
+
 impl<'a> Emitter<'a> {
+    /// The slots of a sliding layer's ring cache, when smaller than the context.
+    ///
+    /// iOS 17: the host keeps positions before the step, p in slot p % slots, and the
+    /// step's own keys come with it. A step near the end of the context starts up to T - 1
+    /// positions early and feeds cached tokens again (see the host), and those rows need
+    /// their own windows, so the ring holds w + T - 1 positions (w alone lost them:
+    /// measured by the differential harness and tests/coreml.rs at the context's end).
+    ///
+    /// iOS 18: the step's T rows are written into the state before attention reads them,
+    /// in one contiguous slice from slot start % (w + T - 1), so the state has that many
+    /// slots plus T for a slice that runs past the end. Any slot is overwritten only by a
+    /// position at least w + T - 1 later, and steps near the end all start at context - T,
+    /// so no query ever needs a position its ring has lost.
+    pub(super) fn ring_slots(&self, window: usize) -> Option<usize> {
+        let (t, c) = (self.t(), self.opts.context_len);
+        let (ring, width) = match self.opts.deployment {
+            Deployment::Ios17 => (window + t - 1, window + t - 1),
+            Deployment::Ios18 => (window + t - 1, window + 2 * t - 1),
+        };
+        (width < c).then_some(ring)
+    }
+
     /// cos and sin at the step's positions, `[T, 1, r/2]` (half style) or `[T, 1, r/2, 1]`.
     pub(super) fn rope_tables(&mut self, rotary: &slmc_ir::Rotary) -> (Var, Var) {
         let key = format!("{rotary:?}");
@@ -99,23 +132,25 @@ impl<'a> Emitter<'a> {
         self.b.op(MilOp::Matmul, hint, inputs, Dt::F16, &shape)
     }
 
-    /// The additive mask for `group` query heads per key head: causal, or causal within a
-    /// sliding `window` (an input `window_mask_<w>` the host builds like `causal_mask`).
-    pub(super) fn tiled_mask(&mut self, group: usize, window: Option<usize>) -> Var {
-        if let Some(m) = self.tiled_masks.get(&(group, window)) {
+    /// The additive mask for `group` query heads per key head: causal, causal within a
+    /// sliding window over the whole cache (an input `window_mask_<w>` the host builds like
+    /// `causal_mask`), or over a ring (`ring_mask_<w>`, by the slots' positions).
+    pub(super) fn tiled_mask(&mut self, group: usize, kind: MaskKind) -> Var {
+        if let Some(m) = self.tiled_masks.get(&(group, kind)) {
             return m.clone();
         }
-        let mask = match window {
-            None => self.causal_mask.clone(),
-            Some(w) => self
+        let mask = match kind {
+            MaskKind::Causal => self.causal_mask.clone(),
+            MaskKind::Window(w) => self
                 .window_masks
                 .entry(w)
                 .or_insert_with(|| {
-                    let name = format!("window_mask_{w}");
+                    let name = format!("{WINDOW_MASK_PREFIX}{w}");
                     self.b.reserve(&name);
                     Var { name, dt: Dt::F16, shape: self.causal_mask.shape.clone() }
                 })
                 .clone(),
+            MaskKind::Ring(w) => self.ring_inputs(w).0,
         };
         let m = if group == 1 {
             mask
@@ -131,8 +166,45 @@ impl<'a> Emitter<'a> {
                 &shape,
             )
         };
-        self.tiled_masks.insert((group, window), m.clone());
+        self.tiled_masks.insert((group, kind), m.clone());
         m
+    }
+
+    /// A ring's mask input `[1, 1, T, slots + T]` and, on iOS 18, its write-slot input.
+    fn ring_inputs(&mut self, window: usize) -> (Var, Option<Var>) {
+        if let Some(r) = self.ring_inputs.get(&window) {
+            return r.clone();
+        }
+        let (t, ring) = (self.t(), self.ring_slots(window).expect("a ring layer"));
+        let name = format!("{RING_MASK_PREFIX}{window}");
+        self.b.reserve(&name);
+        let mask = Var { name, dt: Dt::F16, shape: vec![1, 1, t, ring + t] };
+        let slot = (self.opts.deployment == Deployment::Ios18).then(|| {
+            let name = format!("{RING_SLOT_PREFIX}{window}");
+            self.b.reserve(&name);
+            Var { name, dt: Dt::I32, shape: vec![1] }
+        });
+        self.ring_inputs.insert(window, (mask.clone(), slot.clone()));
+        (mask, slot)
+    }
+
+    /// Where an iOS 18 ring's step goes: `[0, 0, slot, 0]` to `[1, hk, slot + T, d]`.
+    fn ring_write(&mut self, window: usize, hk: usize, d: usize) -> (Var, Var) {
+        if let Some(w) = self.ring_writes.get(&(window, hk, d)) {
+            return w.clone();
+        }
+        let slot = self.ring_inputs(window).1.expect("iOS 18 rings have a write slot");
+        let zeros2 = self.b.const_i32(&format!("ring{window}_zeros2_{hk}_{d}"), &[2], &[0, 0]);
+        let zero1 = self.b.const_i32(&format!("ring{window}_zero1_{hk}_{d}"), &[1], &[0]);
+        let begin = self.concat(&format!("ring{window}_write_begin_{hk}_{d}"), &[&zeros2, &slot, &zero1], 0);
+        let extent = self.b.const_i32(
+            &format!("ring{window}_write_extent_{hk}_{d}"),
+            &[4],
+            &[1, hk as i32, self.t() as i32, d as i32],
+        );
+        let end = self.binary(MilOp::Add, &format!("ring{window}_write_end_{hk}_{d}"), &begin, &extent);
+        self.ring_writes.insert((window, hk, d), (begin.clone(), end.clone()));
+        (begin, end)
     }
 
     /// `[0, 0, p, 0]` and `[1, hk, p + T, d]`: where this step's keys and values go.
@@ -180,21 +252,31 @@ impl<'a> Emitter<'a> {
         let vt = self.transpose(&format!("{l}_v_heads"), &v, &[1, 0, 2]);
         // A window at least the context never hides a key: plain causal attention, exactly.
         let window = limits.window.filter(|w| *w < c);
-        let mask = self.tiled_mask(g, window);
+        let ring = window.and_then(|w| self.ring_slots(w).map(|slots| (w, slots)));
+        let kind = match (ring, window) {
+            (Some((w, _)), _) => MaskKind::Ring(w),
+            (None, Some(w)) => MaskKind::Window(w),
+            (None, None) => MaskKind::Causal,
+        };
+        let mask = self.tiled_mask(g, kind);
         let attended = match self.opts.deployment {
             Deployment::Ios18 => {
                 let k4 = self.reshape(&format!("{l}_k_new"), &kt, &[1, hk, t, d]);
                 let v4 = self.reshape(&format!("{l}_v_new"), &vt, &[1, hk, t, d]);
-                let (begin, end) = self.cache_window(hk, d);
+                let (slots, (begin, end)) = match ring {
+                    Some((w, r)) => (r + t, self.ring_write(w, hk, d)),
+                    None => (c, self.cache_window(hk, d)),
+                };
+                self.cache_slots.insert(layer, slots);
                 let mut caches = Vec::new();
                 for (kind, new) in [("key", &k4), ("value", &v4)] {
-                    let state = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], true);
+                    let state = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, slots, d], true);
                     let cur = self.b.op(
                         MilOp::ReadState,
                         &format!("{l}_{kind}_cache"),
                         vec![("input", Arg::Var(&state))],
                         Dt::F16,
-                        &[1, hk, c, d],
+                        &[1, hk, slots, d],
                     );
                     let inputs = vec![
                         ("x", Arg::Var(&cur)),
@@ -207,7 +289,7 @@ impl<'a> Emitter<'a> {
                         &format!("{l}_{kind}_cache_new"),
                         inputs,
                         Dt::F16,
-                        &[1, hk, c, d],
+                        &[1, hk, slots, d],
                     );
                     self.b.effect(
                         MilOp::WriteState,
@@ -244,9 +326,11 @@ impl<'a> Emitter<'a> {
             Deployment::Ios17 => {
                 let k4 = self.reshape_named(&format!("new_key_{layer}"), &kt, &[1, hk, t, d]);
                 let v4 = self.reshape_named(&format!("new_value_{layer}"), &vt, &[1, hk, t, d]);
+                let slots = ring.map_or(c, |(_, r)| r);
+                self.cache_slots.insert(layer, slots);
                 let mut all = Vec::new();
                 for (kind, new) in [("key", &k4), ("value", &v4)] {
-                    let past = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, c, d], false);
+                    let past = self.cache_input(&format!("{kind}_cache_{layer}"), &[1, hk, slots, d], false);
                     all.push(self.concat(&format!("{l}_{kind}_all"), &[&past, new], 2));
                 }
                 self.extra_outputs.push(k4.clone());

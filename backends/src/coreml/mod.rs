@@ -11,7 +11,8 @@
 //!   `constexpr_blockwise_shift_scale` (ggml blocks re-laid out, never requantized; a block
 //!   minimum becomes an fp16 offset), 8-bit blocks likewise; the KV cache is fp16 model state
 //!   (`read_state`, `slice_update` at the step's position, `write_state`) of `context_len`
-//!   positions per layer; attention is `scaled_dot_product_attention`.
+//!   positions per layer (a sliding-window layer: a ring, see `attention::ring_slots`);
+//!   attention is `scaled_dot_product_attention`.
 //! - `coreml-ios17` (specification 8, opset CoreML7): quantized weights become int8 blocks of
 //!   32 columns (`constexpr_affine_dequantize` over a `[blocks, 32]` view, reshaped; ggml
 //!   8-bit blocks exactly, 4-bit blocks within 1/510 of their range); the KV cache is passed in (`key_cache_N` /
@@ -61,6 +62,8 @@ pub struct CoremlModelInfo {
     pub q_heads: usize,
     pub head_dim: usize,
     pub vocab: usize,
+    /// Positions each layer's cache holds: the context, or a sliding layer's ring.
+    pub cache_positions: Vec<usize>,
 }
 
 pub struct CoremlOutput {
@@ -90,7 +93,7 @@ struct Emitter<'a> {
     /// The step's cache-write begin index `[0, 0, p, 0]`.
     write_begin: Option<Var>,
     write_ends: HashMap<(usize, usize), Var>,
-    tiled_masks: HashMap<(usize, Option<usize>), Var>,
+    tiled_masks: HashMap<(usize, attention::MaskKind), Var>,
     /// Sums computed inside an add_rms_norm, reused by the residual `add` of the same operands.
     sums: HashMap<(NodeId, NodeId), Var>,
     layers: BTreeMap<usize, (usize, usize, usize)>,
@@ -98,8 +101,14 @@ struct Emitter<'a> {
     position_ids: Var,
     causal_mask: Var,
     extra_inputs: Vec<proto::NamedValueType>,
-    /// Sliding-window masks by window (inputs after `causal_mask`).
+    /// Sliding-window masks by window (inputs after `causal_mask`), then ring masks and
+    /// (iOS 18) ring write slots by window.
     window_masks: BTreeMap<usize, Var>,
+    ring_inputs: BTreeMap<usize, (Var, Option<Var>)>,
+    /// iOS 18 ring writes' begin and end by (window, kv heads, head dim).
+    ring_writes: HashMap<(usize, usize, usize), (Var, Var)>,
+    /// Positions each layer's cache holds (the context, or a sliding layer's ring).
+    cache_slots: BTreeMap<usize, usize>,
     extra_outputs: Vec<Var>,
 }
 
@@ -312,6 +321,9 @@ pub fn compile(
         causal_mask: causal_mask.clone(),
         extra_inputs: Vec::new(),
         window_masks: BTreeMap::new(),
+        ring_inputs: BTreeMap::new(),
+        ring_writes: HashMap::new(),
+        cache_slots: BTreeMap::new(),
         extra_outputs: Vec::new(),
     };
     for id in slmc_ir::text::print_order(graph) {
@@ -324,9 +336,14 @@ pub fn compile(
     let ((hq, hk, hd), n_layers) = crate::lowering::attention_layers(&e.layers)?;
 
     // Function inputs: the step, then (iOS 18) states or (iOS 17) past caches.
-    let mut fn_inputs: Vec<proto::NamedValueType> = [&input_ids, &position_ids, &causal_mask]
+    let step_inputs: Vec<Var> = [&input_ids, &position_ids, &causal_mask]
         .into_iter()
         .chain(e.window_masks.values())
+        .cloned()
+        .chain(e.ring_inputs.values().flat_map(|(mask, slot)| std::iter::once(mask.clone()).chain(slot.clone())))
+        .collect();
+    let mut fn_inputs: Vec<proto::NamedValueType> = step_inputs
+        .iter()
         .map(|v| proto::NamedValueType { name: v.name.clone(), r#type: Some(mil::tensor_type(v.dt, &v.shape)) })
         .collect();
     fn_inputs.extend(e.extra_inputs.iter().cloned());
@@ -344,19 +361,13 @@ pub fn compile(
 
     // The model description mirrors the function's signature.
     use proto::feature_type::Type as F;
-    let mut input = vec![
-        feature("input_ids", F::MultiArrayType(array(Dt::I32, &input_ids.shape))),
-        feature("position_ids", F::MultiArrayType(array(Dt::I32, &position_ids.shape))),
-        feature("causal_mask", F::MultiArrayType(array(Dt::F16, &causal_mask.shape))),
-    ];
-    for m in e.window_masks.values() {
-        input.push(feature(&m.name, F::MultiArrayType(array(Dt::F16, &m.shape))));
-    }
+    let mut input: Vec<_> =
+        step_inputs.iter().map(|v| feature(&v.name, F::MultiArrayType(array(v.dt, &v.shape)))).collect();
     let mut state = Vec::new();
     for l in 0..n_layers {
         for kind in ["key", "value"] {
             let name = format!("{kind}_cache_{l}");
-            let shape = [1, hk, c, hd];
+            let shape = [1, hk, e.cache_slots.get(&l).copied().unwrap_or(c), hd];
             match opts.deployment {
                 Deployment::Ios18 => state.push(feature(
                     &name,
@@ -418,7 +429,8 @@ pub fn compile(
     // The program as text, for people reading what the compiler wrote (not read by tools).
     files.insert(MIL_TEXT_FILE.to_string(), program_text.into_bytes());
     files.insert(WEIGHTS_FILE.to_string(), weight_bytes);
-    let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab };
+    let cache_positions = (0..n_layers).map(|l| e.cache_slots.get(&l).copied().unwrap_or(c)).collect();
+    let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab, cache_positions };
     Ok(CoremlOutput { info, files, placement, conversions: e.conversions })
 }
 

@@ -4,15 +4,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use slmc_targets::artifact::CoremlArtifact;
-use slmc_targets::coreml::{Deployment, Dt};
+use slmc_targets::coreml::{Deployment, Dt, RING_MASK_PREFIX, RING_SLOT_PREFIX, WINDOW_MASK_PREFIX};
 use slmc_targets::ArtifactKind;
 
 use super::{MilError, MilProgram, Tensor};
 use crate::files::ArtifactFiles;
 use crate::{ExecError, Executor};
-
-/// The inputs of sliding-window masks are named this plus the window.
-const WINDOW_MASK_PREFIX: &str = "window_mask_";
 
 /// Drives a program the way a Core ML host would: fixed steps of `step_tokens` (padded),
 /// positions, the additive causal mask, and the KV cache (state, or inputs/outputs).
@@ -30,6 +27,21 @@ pub struct CoremlReference {
     caches: HashMap<String, Tensor>,
     /// Sliding-window masks the program takes (`window_mask_<w>`), with their windows.
     window_masks: Vec<(String, usize)>,
+    /// Sliding layers whose caches are rings, one per window.
+    rings: Vec<Ring>,
+}
+
+/// A ring cache as the host tracks it: which position each slot holds (None: nothing the
+/// mask may show). iOS 17 keeps positions before the step, p in slot p % slots, and the
+/// step's own keys arrive beside them; iOS 18 writes each step's T rows into the state
+/// from slot start % (slots - T), contiguously, before attention reads it.
+struct Ring {
+    window: usize,
+    mask: String,
+    /// iOS 18: the input naming the step's first slot.
+    slot_input: Option<String>,
+    /// Slots the cache holds (iOS 17: the ring; iOS 18: the ring plus T).
+    holds: Vec<Option<usize>>,
 }
 
 impl CoremlReference {
@@ -42,20 +54,33 @@ impl CoremlReference {
         }
         let step_tokens = ids.shape[1];
         let deployment = if program.specification_version >= 9 { Deployment::Ios18 } else { Deployment::Ios17 };
-        let cache = program
+        program
             .inputs
             .iter()
             .find(|i| i.name == "key_cache_0")
             .ok_or_else(|| MilError::Usage("the model has no input or state `key_cache_0`".into()))?;
-        // Every cache is [1, kv_heads, context, head_dim] over one context.
-        let context_len = *cache.shape.get(2).unwrap_or(&0);
+        let mask = program
+            .input("causal_mask")
+            .ok_or_else(|| MilError::Usage("the model has no input `causal_mask`".into()))?;
+        // The causal mask covers the context (iOS 18's state) or the context then the step.
+        let width = match mask.shape[..] {
+            [1, 1, t, w] if t == step_tokens => w,
+            _ => {
+                return Err(MilError::Usage(format!(
+                    "input `causal_mask` is {:?}, not [1, 1, step, width]",
+                    mask.shape
+                )))
+            }
+        };
+        let context_len = if deployment == Deployment::Ios18 { width } else { width.saturating_sub(step_tokens) };
+        // Every cache is [1, kv_heads, slots, head_dim]: the context, or a ring of fewer.
         if let Some(bad) = program
             .inputs
             .iter()
-            .find(|i| i.name.contains("_cache_") && (i.shape.len() != 4 || i.shape[2] != context_len))
+            .find(|i| i.name.contains("_cache_") && (i.shape.len() != 4 || i.shape[2] == 0 || i.shape[2] > context_len))
         {
             return Err(MilError::Usage(format!(
-                "cache `{}` is {:?}, not [1, heads, context, head_dim]",
+                "cache `{}` is {:?}, not [1, heads, at most the context of {context_len}, head_dim]",
                 bad.name, bad.shape
             )));
         }
@@ -67,7 +92,28 @@ impl CoremlReference {
                 Some((i.name.clone(), w))
             })
             .collect();
+        let mut rings = Vec::new();
+        for i in &program.inputs {
+            let Some(w) = i.name.strip_prefix(RING_MASK_PREFIX).and_then(|w| w.parse::<usize>().ok()) else {
+                continue;
+            };
+            let slots = match i.shape[..] {
+                [1, 1, t, s] if t == step_tokens && s > step_tokens && w > 0 => s - step_tokens,
+                _ => return Err(MilError::Usage(format!("ring mask `{}` is {:?}", i.name, i.shape))),
+            };
+            let slot_input = format!("{RING_SLOT_PREFIX}{w}");
+            let slot_input = program.input(&slot_input).is_some().then_some(slot_input);
+            if (deployment == Deployment::Ios18) != slot_input.is_some() {
+                return Err(MilError::Usage(format!(
+                    "ring `{}`: the write slot input does not fit the deployment",
+                    i.name
+                )));
+            }
+            let held = if deployment == Deployment::Ios18 { slots + step_tokens } else { slots };
+            rings.push(Ring { window: w, mask: i.name.clone(), slot_input, holds: vec![None; held] });
+        }
         let mut r = CoremlReference {
+            rings,
             window_masks,
             program,
             deployment,
@@ -85,6 +131,9 @@ impl CoremlReference {
     pub fn reset(&mut self) {
         self.past = 0;
         self.history.clear();
+        for ring in &mut self.rings {
+            ring.holds.fill(None);
+        }
         self.program.reset_states();
         // The iOS 17 host's caches are made zeroed when the next step runs.
         self.caches.clear();
@@ -157,6 +206,14 @@ impl CoremlReference {
             for (name, window) in &self.window_masks {
                 feed.insert(name.clone(), mask(Some(*window))?);
             }
+            let real = back + n;
+            for ring in &mut self.rings {
+                let (ring_mask, slot) = ring.step(self.deployment, start, t)?;
+                feed.insert(ring.mask.clone(), ring_mask);
+                if let (Some(name), Some(slot)) = (&ring.slot_input, slot) {
+                    feed.insert(name.clone(), Tensor::new(Dt::I32, vec![1], vec![slot as f32]));
+                }
+            }
             for (k, v) in &self.caches {
                 feed.insert(k.clone(), v.clone());
             }
@@ -173,22 +230,96 @@ impl CoremlReference {
                 let new = out
                     .get(&new_name)
                     .ok_or_else(|| MilError::Usage(format!("the model has no output `{new_name}`")))?;
-                let (hk, d) = (cache.shape[1], cache.shape[3]);
+                let (hk, slots, d) = (cache.shape[1], cache.shape[2], cache.shape[3]);
                 if new.shape != [1, hk, t, d] {
                     return Err(MilError::Usage(format!("`{new_name}` is {:?}, not [1, {hk}, {t}, {d}]", new.shape)));
                 }
+                // A ring keeps position q in slot q % slots (a whole-context cache: slot q).
                 for h in 0..hk {
                     for i in 0..n {
                         let src = (h * t + back + i) * d;
-                        let dst = (h * c + p + i) * d;
+                        let dst = (h * slots + (p + i) % slots) * d;
                         cache.data[dst..dst + d].copy_from_slice(&new.data[src..src + d]);
                     }
                 }
             }
             self.past += n;
             self.history.extend_from_slice(chunk);
+            for ring in &mut self.rings {
+                ring.stepped(self.deployment, start, t, real);
+            }
         }
         Ok(logits)
+    }
+}
+
+impl Ring {
+    /// The additive mask `[1, 1, t, width]` for a step of t rows from position `start`, and
+    /// on iOS 18 the slot the step is written at (padding rows are shown only to padding
+    /// queries, whose outputs are dropped).
+    fn step(&self, deployment: Deployment, start: usize, t: usize) -> Result<(Tensor, Option<usize>), MilError> {
+        let (width, slot, holds) = match deployment {
+            // Slots before the step's own keys, then the step's keys at start + (j - slots).
+            Deployment::Ios17 => {
+                let slots = self.holds.len();
+                let mut holds: Vec<Option<usize>> = self.holds.iter().map(|h| h.filter(|k| *k < start)).collect();
+                holds.extend((0..t).map(|i| Some(start + i)));
+                (slots + t, None, holds)
+            }
+            // The state after this step's write: its t rows from slot start % ring, each
+            // position held once (a row written again replaces its older slot).
+            Deployment::Ios18 => {
+                let ring = self.holds.len() - t;
+                let slot = start % ring;
+                let mut holds = self.holds.clone();
+                for h in holds.iter_mut() {
+                    if h.is_some_and(|k| k >= start && k < start + t) {
+                        *h = None;
+                    }
+                }
+                for i in 0..t {
+                    holds[slot + i] = Some(start + i);
+                }
+                (self.holds.len(), Some(slot), holds)
+            }
+        };
+        let mut mask = super::zeros(&self.mask, Dt::F16, &[1, 1, t, width])?.data;
+        mask.fill(f32::NEG_INFINITY);
+        for i in 0..t {
+            let q = start + i;
+            for (j, held) in holds.iter().enumerate() {
+                if held.is_some_and(|k| k <= q && q - k < self.window) {
+                    mask[i * width + j] = 0.0;
+                }
+            }
+        }
+        Ok((Tensor::new(Dt::F16, vec![1, 1, t, width], mask), slot))
+    }
+
+    /// Records what a step of t rows from `start` left in the cache: iOS 17's host wrote
+    /// the `real` rows' positions into slots p % slots; iOS 18's state holds all t rows, of
+    /// which the rows past `real` are padding the mask must not show.
+    fn stepped(&mut self, deployment: Deployment, start: usize, t: usize, real: usize) {
+        match deployment {
+            Deployment::Ios17 => {
+                let slots = self.holds.len();
+                for q in start..start + real {
+                    self.holds[q % slots] = Some(q);
+                }
+            }
+            Deployment::Ios18 => {
+                let ring = self.holds.len() - t;
+                let slot = start % ring;
+                for h in self.holds.iter_mut() {
+                    if h.is_some_and(|k| k >= start && k < start + t) {
+                        *h = None;
+                    }
+                }
+                for i in 0..t {
+                    self.holds[slot + i] = (i < real).then_some(start + i);
+                }
+            }
+        }
     }
 }
 

@@ -18,6 +18,16 @@ pub const PACKAGE_MANIFEST: &str = "model.mlpackage/Manifest.json";
 /// The MIL program's text form, beside the package.
 pub const MIL_TEXT_FILE: &str = "model.mil";
 
+/// Inputs a Core ML program with sliding-window layers takes beside `causal_mask`, each
+/// named by its prefix and the window: `window_mask_<w>` (a window over a whole-context
+/// cache, `[1, 1, T, width of causal_mask]`), and for a layer whose cache is a ring
+/// `ring_mask_<w>` (`[1, 1, T, ring slots + T]`, a mask over the ring's slots as the host
+/// tracks them) with, on iOS 18, `ring_slot_<w>` (`[1]`: the slot the step's first row is
+/// written at). The host builds all of them.
+pub const WINDOW_MASK_PREFIX: &str = "window_mask_";
+pub const RING_MASK_PREFIX: &str = "ring_mask_";
+pub const RING_SLOT_PREFIX: &str = "ring_slot_";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deployment {
     /// iOS 17 / macOS 14: specification 8, opset CoreML7.
