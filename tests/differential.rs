@@ -33,8 +33,9 @@ const FIXED_SEEDS: &[u64] = &[
 
 /// Seeds the suite also runs as checkpoints of the families `from_seed` does not draw
 /// (per-head q/k norms; Gemma's windows, soft caps and four norms; StableLM's LayerNorm and
-/// partial rotary; OLMo 2's post-norms; SmolLM3's NoPE layers), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3` (qwen3,
-/// gemma2, stablelm) does the same for the seeds of a random run.
+/// partial rotary; OLMo 2's post-norms; SmolLM3's NoPE layers; Phi-4-mini's LongRoPE
+/// factors and partial rotary), whatever family the seed draws; `SLMC_DIFF_FAMILY=gemma3`
+/// (any family name of `Family::from_name`) does the same for the seeds of a random run.
 const FAMILY_SEEDS: &[(Family, &[u64])] = &[
     (Family::Qwen3, &[2, 7, 14, 19, 26, 33]),
     (Family::Gemma3, &[3, 8, 21, 30]),
@@ -42,6 +43,7 @@ const FAMILY_SEEDS: &[(Family, &[u64])] = &[
     (Family::StableLm, &[6, 17, 29]),
     (Family::Olmo2, &[9, 22]),
     (Family::SmolLm3, &[10, 27]),
+    (Family::Phi4Mini, &[5, 12, 31, 108]),
 ];
 
 const QUANTS: &[Option<&str>] = &[None, Some("q4g32"), Some("q4g32-sym"), Some("q8"), Some("f16"), Some("q4g64")];
@@ -128,10 +130,10 @@ fn tolerance(target: &str, case: &Case) -> f32 {
         // A packed or f16 cache turns float-level differences into whole code steps now and
         // then (a value on a rounding boundary), more often the longer the context: measured
         // 1.02e-2 (int8, seed 2117), 4.9e-2 (int4, one code step is 1/15 of a vector's range,
-        // seed 3007), 1.47e-3 (f16, 637 positions, seed 3168). A wrong index or a lost
-        // position gives errors of order 1.
+        // seed 3007; 1.07e-1 with head dim 64, Phi-4-mini family seed 108), 1.47e-3 (f16, 637
+        // positions, seed 3168). A wrong index or a lost position gives errors of order 1.
         "webgpu" | "vulkan" if case.gpu_cache == "int8" => 3e-2,
-        "webgpu" | "vulkan" if case.gpu_cache == "int4" => 1e-1,
+        "webgpu" | "vulkan" if case.gpu_cache == "int4" => 1.2e-1,
         "webgpu" | "vulkan" if case.gpu_cache == "f16" => 3e-3,
         _ => 1e-4,
     }
