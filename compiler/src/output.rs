@@ -43,18 +43,18 @@ pub fn write_files<'a>(dir: &Path, files: impl Iterator<Item = (&'a str, &'a [u8
 
 /// Syncs every file and directory under `dir` (output written by code that does not sync).
 pub fn sync_tree(dir: &Path) -> Result<()> {
-    for path in slmc_runtime::bundle::walk(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        sync_path(&path)?;
-    }
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        sync_path(&d)?;
         for entry in std::fs::read_dir(&d).with_context(|| format!("{}: cannot list", d.display()))? {
             let entry = entry?;
-            if entry.file_type()?.is_dir() {
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
                 stack.push(entry.path());
+            } else if kind.is_file() {
+                sync_path(&entry.path())?;
             }
         }
+        sync_path(&d)?;
     }
     Ok(())
 }
@@ -101,11 +101,15 @@ pub fn remove_stale_temps(out_dir: &Path) {
     let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let Some(name) = out_dir.file_name().and_then(|n| n.to_str()) else { return };
     let prefix = format!(".{name}.slmc-");
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    remove_dead_temps(parent, |file| file.strip_prefix(&prefix)?.rsplit('-').next()?.parse().ok());
+}
+
+/// Removes every entry of `dir` that `owner` names a temporary of (returning the process
+/// that wrote it) when that process is gone: what a killed command left behind.
+pub fn remove_dead_temps(dir: &Path, owner: impl Fn(&str) -> Option<u32>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        let file = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = file.strip_prefix(&prefix) else { continue };
-        let pid = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        let pid = owner(&entry.file_name().to_string_lossy());
         if pid.is_some_and(|pid| !process_alive(pid)) {
             let _ = std::fs::remove_dir_all(entry.path());
         }

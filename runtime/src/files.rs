@@ -46,8 +46,7 @@ impl ArtifactFiles {
         out.add_unlisted(ARTIFACT_FILE)?;
         let manifest = out.text(ARTIFACT_FILE)?;
         let bad = |e: serde_json::Error| (dir.join(ARTIFACT_FILE), format!("invalid manifest: {e}"));
-        let format: ArtifactFormat = serde_json::from_str(manifest).map_err(bad)?;
-        if ArtifactKind::from_format(&format.format).is_some() {
+        if ArtifactKind::from_format(&out.declared_format()?).is_some() {
             // Every kind lists its files with digests; an empty list checks nothing.
             #[derive(serde::Deserialize)]
             struct Listed {
@@ -92,6 +91,14 @@ impl ArtifactFiles {
     }
 
     /// A file the artifact needs; the error names it.
+    /// The `format` its `artifact.json` declares (which executor reads it).
+    pub fn declared_format(&self) -> Result<String, FileError> {
+        let text = self.text(ARTIFACT_FILE)?;
+        let format: ArtifactFormat =
+            serde_json::from_str(text).map_err(|e| (self.path(ARTIFACT_FILE), format!("invalid manifest: {e}")))?;
+        Ok(format.format)
+    }
+
     pub fn bytes(&self, rel: &str) -> Result<&Arc<[u8]>, FileError> {
         self.get(rel).ok_or_else(|| (self.path(rel), "missing (not among the artifact's checked files)".into()))
     }

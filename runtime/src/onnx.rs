@@ -216,7 +216,6 @@ enum Cache {
 /// The KV cache's layers, heads and head size in artifact.json are the graph's: they size
 /// the caches the executor makes, so they are checked against what ONNX Runtime loaded.
 fn check_kv_dims(artifact: &OnnxArtifact, session: &Session) -> Result<(), OnnxExecError> {
-    let manifest = |message: String| OnnxExecError::Artifact { path: "artifact.json".into(), message };
     let past_keys: Vec<&[i64]> = session
         .inputs()
         .iter()
@@ -243,10 +242,14 @@ fn check_kv_dims(artifact: &OnnxArtifact, session: &Session) -> Result<(), OnnxE
     Ok(())
 }
 
+/// An error in what `artifact.json` says.
+fn manifest(message: String) -> OnnxExecError {
+    OnnxExecError::Artifact { path: "artifact.json".into(), message }
+}
+
 /// Buffers of the artifact's whole context, zeroed, bound as past and present of every layer
 /// (dimensions checked by `check_kv_dims`; the whole against this machine's memory).
 fn shared_cache(artifact: &OnnxArtifact, session: &Session) -> Result<Cache, OnnxExecError> {
-    let manifest = |message: String| OnnxExecError::Artifact { path: "artifact.json".into(), message };
     let bytes = [artifact.layers, 2, artifact.kv_heads, artifact.model.context_len, artifact.head_dim, 4]
         .iter()
         .try_fold(1u64, |acc, n| acc.checked_mul(*n as u64));

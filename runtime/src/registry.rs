@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use slmc_targets::artifact::ArtifactFormat;
 use slmc_targets::ArtifactKind;
 
 use crate::files::{ArtifactFiles, ARTIFACT_FILE};
@@ -14,8 +13,6 @@ use crate::Executor;
 pub enum OpenError {
     #[error("{path}: {message}")]
     Read { path: String, message: String },
-    #[error("{path}: invalid manifest: {message}")]
-    Manifest { path: String, message: String },
     #[error("{path}: unknown artifact format `{format}`")]
     UnknownFormat { path: String, format: String },
     #[error(
@@ -59,26 +56,20 @@ pub(crate) fn read_manifest<T: serde::de::DeserializeOwned>(
     kind: ArtifactKind,
 ) -> Result<T, (std::path::PathBuf, String)> {
     let path = files.path(ARTIFACT_FILE);
-    let text = files.text(ARTIFACT_FILE)?;
-    let invalid = |e: serde_json::Error| format!("invalid manifest: {e}");
-    let format: ArtifactFormat = match serde_json::from_str(text) {
-        Ok(f) => f,
-        Err(e) => return Err((path, invalid(e))),
-    };
-    if format.format != kind.format() {
-        return Err((path, format!("format `{}` is not {}", format.format, kind.format())));
+    let format = files.declared_format()?;
+    if format != kind.format() {
+        return Err((path, format!("format `{format}` is not {}", kind.format())));
     }
-    serde_json::from_str(text).map_err(|e| (path, invalid(e)))
+    serde_json::from_str(files.text(ARTIFACT_FILE)?).map_err(|e| (path, format!("invalid manifest: {e}")))
 }
 
 /// The kind an artifact's `artifact.json` declares.
 pub fn artifact_kind(files: &ArtifactFiles) -> Result<ArtifactKind, OpenError> {
-    let path = files.path(ARTIFACT_FILE);
-    let shown = || path.display().to_string();
-    let text = files.text(ARTIFACT_FILE).map_err(|(_, message)| OpenError::Read { path: shown(), message })?;
-    let format: ArtifactFormat =
-        serde_json::from_str(text).map_err(|e| OpenError::Manifest { path: shown(), message: e.to_string() })?;
-    ArtifactKind::from_format(&format.format).ok_or(OpenError::UnknownFormat { path: shown(), format: format.format })
+    let format = files
+        .declared_format()
+        .map_err(|(path, message)| OpenError::Read { path: path.display().to_string(), message })?;
+    let path = files.path(ARTIFACT_FILE).display().to_string();
+    ArtifactKind::from_format(&format).ok_or(OpenError::UnknownFormat { path, format })
 }
 
 /// Opens a bare artifact directory (no bundle manifest): its files are read once, checked

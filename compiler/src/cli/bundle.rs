@@ -95,15 +95,9 @@ fn cache_key(build: &str, source_sha256: &str, options: &Value, profile: &slmc_t
 /// Keeps the `CACHE_ENTRIES` most recently used entries, and removes temporaries of
 /// killed compiles (best effort).
 fn evict(root: &Path) {
+    slmc_compiler::output::remove_dead_temps(root, |name| name.strip_prefix('.')?.rsplit_once(".tmp-")?.1.parse().ok());
     let Ok(entries) = std::fs::read_dir(root) else { return };
     let entries: Vec<std::fs::DirEntry> = entries.filter_map(|e| e.ok()).collect();
-    for e in &entries {
-        let name = e.file_name().to_string_lossy().to_string();
-        let pid = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")).and_then(|(_, p)| p.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !slmc_compiler::output::process_alive(pid)) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
     let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
         .into_iter()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
