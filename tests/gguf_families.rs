@@ -144,31 +144,33 @@ fn phi3_longrope_gguf_reproduces_transformers() {
     let rope = &config["rope_parameters"];
     let list =
         |k: &str| -> Vec<f32> { rope[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect() };
-    let u = |k: &str| MetaValue::U32(config[k].as_u64().unwrap() as u32);
-    let (hidden, heads) = (config["hidden_size"].as_u64().unwrap(), config["num_attention_heads"].as_u64().unwrap());
-    let original = config["original_max_position_embeddings"].as_f64().unwrap();
-    let scale = config["max_position_embeddings"].as_f64().unwrap() / original;
-    // llama.cpp: rope_dims = int(partial_rotary_factor * n_embd) // n_head, and the
-    // attention factor of su/longrope scaling.
-    let rope_dims = (rope["partial_rotary_factor"].as_f64().unwrap() * hidden as f64) as u64 / heads;
-    let attn_factor = if scale > 1.0 { (1.0 + scale.ln() / original.ln()).sqrt() } else { 1.0 };
-    let metadata = vec![
-        ("context_length", u("max_position_embeddings")),
-        ("embedding_length", u("hidden_size")),
-        ("feed_forward_length", u("intermediate_size")),
-        ("block_count", u("num_hidden_layers")),
-        ("attention.head_count", u("num_attention_heads")),
-        ("attention.head_count_kv", u("num_key_value_heads")),
-        ("attention.layer_norm_rms_epsilon", MetaValue::F32(config["rms_norm_eps"].as_f64().unwrap() as f32)),
-        ("rope.dimension_count", MetaValue::U32(rope_dims as u32)),
-        ("rope.freq_base", MetaValue::F32(rope["rope_theta"].as_f64().unwrap() as f32)),
-        ("rope.scaling.original_context_length", MetaValue::U32(original as u32)),
-        ("rope.scaling.attn_factor", MetaValue::F32(attn_factor as f32)),
-    ];
+    let metadata = metadata_of(&config);
     let factors = |name: &str, k: &str| GgufTensor { name: name.into(), shape: vec![list(k).len()], data: list(k) };
     let extra =
         vec![factors("rope_factors_long.weight", "long_factor"), factors("rope_factors_short.weight", "short_factor")];
-    let gguf = scratch("gguf-phi3").join("phi4-mini-longrope.gguf");
+    let root = scratch("gguf-phi3");
+    // Half a LongRoPE pair, or a factor list of the wrong length, is refused by name.
+    let lying = root.join("lying.gguf");
+    let long_only = vec![factors("rope_factors_long.weight", "long_factor")];
+    convert(&dir, &lying, "phi3", metadata_of(&config), long_only);
+    let err = slmc_fails(&["inspect", lying.to_str().unwrap()]);
+    assert!(
+        err.contains("lying.gguf") && err.contains("rope_factors_short.weight with rope_factors_long.weight"),
+        "{err}"
+    );
+    let mut short = factors("rope_factors_short.weight", "short_factor");
+    short.data.pop();
+    short.shape = vec![short.data.len()];
+    convert(
+        &dir,
+        &lying,
+        "phi3",
+        metadata_of(&config),
+        vec![factors("rope_factors_long.weight", "long_factor"), short],
+    );
+    let err = slmc_fails(&["inspect", lying.to_str().unwrap()]);
+    assert!(err.contains("rope_factors_short.weight must be f32 with 24 entries"), "{err}");
+    let gguf = root.join("phi4-mini-longrope.gguf");
     convert(&dir, &gguf, "phi3", metadata, extra);
     let features = slmc_json(&["inspect", gguf.to_str().unwrap()])["config"]["features"].to_string();
     assert!(features.contains("LongRoPE (short factors up to 32 positions"), "{features}");
@@ -184,4 +186,30 @@ fn phi3_longrope_gguf_reproduces_transformers() {
         assert!(err <= 1e-4, "len {}: max logit error {err}", input.len());
         assert_eq!(generated, greedy, "len {}", input.len());
     }
+}
+
+/// The phi3 metadata llama.cpp's converter writes for a Phi-3 config with LongRoPE.
+fn metadata_of(config: &serde_json::Value) -> Vec<(&'static str, MetaValue)> {
+    let rope = &config["rope_parameters"];
+    let u = |k: &str| MetaValue::U32(config[k].as_u64().unwrap() as u32);
+    let (hidden, heads) = (config["hidden_size"].as_u64().unwrap(), config["num_attention_heads"].as_u64().unwrap());
+    let original = config["original_max_position_embeddings"].as_f64().unwrap();
+    let scale = config["max_position_embeddings"].as_f64().unwrap() / original;
+    // llama.cpp: rope_dims = int(partial_rotary_factor * n_embd) // n_head, and the
+    // attention factor of su/longrope scaling.
+    let rope_dims = (rope["partial_rotary_factor"].as_f64().unwrap() * hidden as f64) as u64 / heads;
+    let attn_factor = if scale > 1.0 { (1.0 + scale.ln() / original.ln()).sqrt() } else { 1.0 };
+    vec![
+        ("context_length", u("max_position_embeddings")),
+        ("embedding_length", u("hidden_size")),
+        ("feed_forward_length", u("intermediate_size")),
+        ("block_count", u("num_hidden_layers")),
+        ("attention.head_count", u("num_attention_heads")),
+        ("attention.head_count_kv", u("num_key_value_heads")),
+        ("attention.layer_norm_rms_epsilon", MetaValue::F32(config["rms_norm_eps"].as_f64().unwrap() as f32)),
+        ("rope.dimension_count", MetaValue::U32(rope_dims as u32)),
+        ("rope.freq_base", MetaValue::F32(rope["rope_theta"].as_f64().unwrap() as f32)),
+        ("rope.scaling.original_context_length", MetaValue::U32(original as u32)),
+        ("rope.scaling.attn_factor", MetaValue::F32(attn_factor as f32)),
+    ]
 }

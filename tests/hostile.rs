@@ -135,6 +135,49 @@ fn unsupported_architecture() {
     );
 }
 
+/// LongRoPE keys lying or out of range (Phi-4-mini's shape): each an error naming
+/// config.json and the problem, before anything is lowered.
+#[test]
+fn longrope_config_keys_checked() {
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+        (
+            "short-length",
+            |c| c["rope_parameters"]["short_factor"].as_array_mut().unwrap().truncate(3),
+            "longrope short_factor has 3 entries; rotary_dim 48 needs 24",
+        ),
+        (
+            "long-missing",
+            |c| drop(c["rope_parameters"]["long_factor"].take()),
+            "needs `long_factor` (a list of numbers)",
+        ),
+        (
+            "not-a-number",
+            |c| c["rope_parameters"]["long_factor"][2] = serde_json::json!("x"),
+            "`long_factor` holds \"x\"",
+        ),
+        ("negative", |c| c["rope_parameters"]["short_factor"][0] = serde_json::json!(-1.0), "positive and finite"),
+        (
+            "original",
+            |c| {
+                c["rope_parameters"]["original_max_position_embeddings"].take();
+                c["original_max_position_embeddings"] = serde_json::json!(0);
+            },
+            "`original_max_position_embeddings` must be a positive integer, found 0",
+        ),
+        (
+            "type",
+            |c| c["rope_parameters"]["rope_type"] = serde_json::json!("yarn"),
+            "rope scaling type `yarn` is not supported",
+        ),
+    ];
+    for (name, edit, problem) in cases {
+        let dir = scratch(&format!("hostile-longrope-{name}")).join("model");
+        copy_dir(&repo_root().join("fixtures/arch/phi4-mini-longrope-f32"), &dir);
+        edit_config(&dir, edit);
+        expect_error(&["inspect", dir.to_str().unwrap()], &dir.join("config.json"), problem);
+    }
+}
+
 /// Gemma's config keys lying or out of range: each an error naming config.json and the key.
 #[test]
 fn gemma_config_keys_checked() {
