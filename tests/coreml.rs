@@ -260,6 +260,27 @@ fn core_ml_programs_with_impossible_shapes_are_refused() {
     .expect("shapes are only recorded at load");
     let err = host.forward(&[1, 2]).unwrap_err();
     assert!(err.to_string().contains("more than this machine's memory"), "{err}");
+    // So is a ring mask declared past memory: the host's slot table is sized from it.
+    let out = compile(
+        &golden_dir().join("arch/gemma3-tied-f32"),
+        "coreml-ios18",
+        "shapes-ring",
+        &["--skip-smoke-check", "--context", "64"],
+    );
+    let dir = out.join("coreml-ios18");
+    let mut model = decode_model(&std::fs::read(dir.join(MODEL_FILE)).unwrap()).unwrap();
+    let main = model.ml_program.as_mut().unwrap().functions.get_mut("main").unwrap();
+    let ring = main.inputs.iter_mut().find(|i| i.name == "ring_mask_8").expect("the fixture's layers have rings");
+    dims(ring.r#type.as_mut().unwrap())[3].constant.as_mut().unwrap().size = 1 << 40;
+    let mut files = slmc_runtime::files::ArtifactFiles::read_listed(&dir, &[]).unwrap();
+    files.insert_checked(MODEL_FILE, model.encode_to_vec());
+    files.insert_checked(WEIGHTS_FILE, std::fs::read(dir.join(WEIGHTS_FILE)).unwrap());
+    let mut host = slmc_runtime::mil::CoremlReference::load(&files).expect("shapes are only recorded at load");
+    let err = host.forward(&[1, 2]).unwrap_err();
+    assert!(
+        err.to_string().contains("ring_mask_8") && err.to_string().contains("more than this machine's memory"),
+        "{err}"
+    );
 }
 
 /// A sliding-window layer's cache is a ring on both Core ML profiles: the same fixture

@@ -40,7 +40,9 @@ struct Ring {
     mask: String,
     /// iOS 18: the input naming the step's first slot.
     slot_input: Option<String>,
-    /// Slots the cache holds (iOS 17: the ring; iOS 18: the ring plus T).
+    /// Slots the cache holds (iOS 17: the ring; iOS 18: the ring plus T), allocated at the
+    /// first step (like the caches: a size from the file is only recorded at load).
+    slots: usize,
     holds: Vec<Option<usize>>,
 }
 
@@ -110,7 +112,7 @@ impl CoremlReference {
                 )));
             }
             let held = if deployment == Deployment::Ios18 { slots + step_tokens } else { slots };
-            rings.push(Ring { window: w, mask: i.name.clone(), slot_input, holds: vec![None; held] });
+            rings.push(Ring { window: w, mask: i.name.clone(), slot_input, slots: held, holds: Vec::new() });
         }
         let mut r = CoremlReference {
             rings,
@@ -208,6 +210,9 @@ impl CoremlReference {
             }
             let real = back + n;
             for ring in &mut self.rings {
+                if ring.holds.is_empty() {
+                    ring.holds = super::filled(&ring.mask, &[ring.slots], ring.slots, None)?;
+                }
                 let (ring_mask, slot) = ring.step(self.deployment, start, t)?;
                 feed.insert(ring.mask.clone(), ring_mask);
                 if let (Some(name), Some(slot)) = (&ring.slot_input, slot) {

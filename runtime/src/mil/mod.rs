@@ -118,16 +118,25 @@ pub(crate) fn elements(shape: &[usize]) -> Option<usize> {
 /// A zeroed tensor of a shape the program declares (states, caches): allocated only when
 /// the program runs, and refused, not attempted, past this machine's memory.
 pub(crate) fn zeros(name: &str, dt: Dt, shape: &[usize]) -> Result<Tensor, MilError> {
-    let refuse = || MilError::Usage(format!("`{name}` is declared {shape:?}: more than this machine's memory"));
-    let n = elements(shape).ok_or_else(refuse)?;
-    let bytes = n.checked_mul(4).ok_or_else(refuse)? as u64;
+    let n = elements(shape).ok_or_else(|| too_big(name, shape))?;
+    Ok(Tensor { dt, shape: shape.to_vec(), data: filled(name, shape, n, 0.0)? })
+}
+
+fn too_big(name: &str, shape: &[usize]) -> MilError {
+    MilError::Usage(format!("`{name}` is declared {shape:?}: more than this machine's memory"))
+}
+
+/// `n` copies of `value` for what the program declares as `name` of `shape`, refused when
+/// more than this machine's memory (sizes come from the file).
+pub(crate) fn filled<T: Clone>(name: &str, shape: &[usize], n: usize, value: T) -> Result<Vec<T>, MilError> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| too_big(name, shape))? as u64;
     if crate::physical_memory_bytes().is_some_and(|m| bytes > m) {
-        return Err(refuse());
+        return Err(too_big(name, shape));
     }
     let mut data = Vec::new();
-    data.try_reserve_exact(n).map_err(|_| refuse())?;
-    data.resize(n, 0.0);
-    Ok(Tensor { dt, shape: shape.to_vec(), data })
+    data.try_reserve_exact(n).map_err(|_| too_big(name, shape))?;
+    data.resize(n, value);
+    Ok(data)
 }
 
 fn value_tensor(v: &proto::Value, weights: &[u8]) -> Result<Tensor, String> {
