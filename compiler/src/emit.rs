@@ -61,9 +61,10 @@ fn attention_windows(graph: &slmc_ir::Graph) -> Vec<Option<usize>> {
 }
 
 /// "n layers keep k positions, ..." (largest first) and why, for caches of `per_layer`
-/// positions; None when no layer slides (every bundle without windows keeps its bytes).
-fn ring_layout(graph: &slmc_ir::Graph, per_layer: &[usize], why: &str) -> Option<String> {
-    attention_windows(graph).iter().any(|w| w.is_some()).then(|| {
+/// positions; None when no layer slides (`windows`: every bundle without windows keeps its
+/// bytes).
+fn ring_layout(windows: &[Option<usize>], per_layer: &[usize], why: &str) -> Option<String> {
+    windows.iter().any(|w| w.is_some()).then(|| {
         let mut kept: BTreeMap<usize, usize> = BTreeMap::new();
         for slots in per_layer {
             *kept.entry(*slots).or_default() += 1;
@@ -85,8 +86,7 @@ fn ring_layout(graph: &slmc_ir::Graph, per_layer: &[usize], why: &str) -> Option
 
 /// The cache layout of a backend that keeps the whole context in every layer, said only
 /// when some layers slide (they mask what they do not see).
-fn whole_context_layout(graph: &slmc_ir::Graph, context: usize, why: &str) -> Option<String> {
-    let windows = attention_windows(graph);
+fn whole_context_layout(windows: &[Option<usize>], context: usize, why: &str) -> Option<String> {
     let sliding = windows.iter().filter(|w| w.is_some()).count();
     (sliding > 0).then(|| {
         format!(
@@ -130,15 +130,14 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         features: GpuFeatures::of_profile(i.profile),
     };
     let out = slmc_backends::gpu::compile(i.verified, i.weights, &gpu)?;
-    let per_layer: Vec<usize> = attention_windows(&i.optimized.graph)
-        .iter()
-        .map(|w| CacheLayout::for_window(i.context_len, *w, gpu.max_step_tokens).slots)
-        .collect();
+    let windows = attention_windows(&i.optimized.graph);
+    let per_layer: Vec<usize> =
+        windows.iter().map(|w| CacheLayout::for_window(i.context_len, *w, gpu.max_step_tokens).slots).collect();
     let why = format!(
         "a sliding-window layer keeps a ring of window + step - 1 positions, step {}; context {}",
         gpu.max_step_tokens, i.context_len
     );
-    let kv_cache_layout = ring_layout(&i.optimized.graph, &per_layer, &why);
+    let kv_cache_layout = ring_layout(&windows, &per_layer, &why);
     let sum = |f: &dyn Fn(&BufferKind) -> bool| -> u64 {
         out.artifact.buffers.iter().filter(|b| f(&b.kind)).map(|b| b.bytes).sum()
     };
@@ -205,7 +204,7 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         features: vec![],
         placement: None,
         kv_cache_layout: whole_context_layout(
-            &i.optimized.graph,
+            &attention_windows(&i.optimized.graph),
             i.context_len,
             match profile_kind {
                 OnnxProfile::OrtContrib => {
@@ -278,7 +277,7 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         activation_bytes: activation_bytes(i.optimized),
         max_binding_bytes: None,
         features: vec![],
-        kv_cache_layout: ring_layout(&i.optimized.graph, &out.info.cache_positions, &why),
+        kv_cache_layout: ring_layout(&attention_windows(&i.optimized.graph), &out.info.cache_positions, &why),
         weight_conversions: out.conversions.into_map(),
         placement: Some(manifest.placement),
         files: out.files,

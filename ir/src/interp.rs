@@ -144,13 +144,13 @@ impl<'a> Interpreter<'a> {
         })
     }
 
-    /// Caps the number of positions the cache may hold (the model's context length).
     /// Rotates with LongRoPE's long factors (a sequence past its original length) or its
     /// short ones; the caller re-encodes what the cache holds when it switches.
     pub fn set_long_rope(&mut self, long: bool) {
         self.long_rope = long;
     }
 
+    /// Caps the number of positions the cache may hold (the model's context length).
     pub fn with_max_positions(mut self, limit: usize) -> Self {
         self.max_positions = limit;
         self

@@ -8,8 +8,7 @@ use crate::op::{Op, RopeScaling, Rotary};
 /// Inverse frequencies of rotary embedding, computed in f32 as Hugging Face does. LongRoPE
 /// has two sets; this is the short one ([`Rotary::freqs`] gives either).
 pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32> {
-    let exponent = |j: usize| (2 * j) as f32 / rotary_dim as f32;
-    let base: Vec<f32> = (0..rotary_dim / 2).map(|j| 1.0 / theta.powf(exponent(j))).collect();
+    let base: Vec<f32> = (0..rotary_dim / 2).map(|j| 1.0 / theta_power(theta, j, rotary_dim)).collect();
     match scaling {
         RopeScaling::None => base,
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
@@ -34,12 +33,38 @@ pub fn rope_inv_freq(theta: f32, rotary_dim: usize, scaling: &RopeScaling) -> Ve
     }
 }
 
+/// `theta ** (2j / dim)` in f32, the wavelength scale of frequency j.
+fn theta_power(theta: f32, j: usize, rotary_dim: usize) -> f32 {
+    theta.powf((2 * j) as f32 / rotary_dim as f32)
+}
+
 /// transformers' `1 / (factor * theta ** (2j / dim))`, in f32.
 fn long_rope_inv_freq(theta: f32, rotary_dim: usize, factors: &[f32]) -> Vec<f32> {
-    factors.iter().enumerate().map(|(j, f)| 1.0 / (f * theta.powf((2 * j) as f32 / rotary_dim as f32))).collect()
+    factors.iter().enumerate().map(|(j, f)| 1.0 / (f * theta_power(theta, j, rotary_dim))).collect()
+}
+
+/// LongRoPE's attention factor when a checkpoint does not give one, as transformers and
+/// llama.cpp's converter derive it from `scale` (max positions / original length):
+/// sqrt(1 + ln(scale) / ln(original)), or 1 when the context is not extended.
+pub fn long_rope_attention_factor(scale: f64, original: f64) -> f64 {
+    if scale > 1.0 {
+        (1.0 + scale.ln() / original.ln()).sqrt()
+    } else {
+        1.0
+    }
 }
 
 impl RopeScaling {
+    /// LongRoPE's original length: a sequence longer than this is rotated with the long
+    /// factors at every position (transformers re-encodes the whole sequence the first
+    /// time it passes it), a shorter one with the short factors.
+    pub fn long_from(&self) -> Option<usize> {
+        match self {
+            RopeScaling::LongRope { original_max_position, .. } => Some(*original_max_position as usize),
+            _ => None,
+        }
+    }
+
     /// The scaling's own invariants for a rotation of `rotary_dim` dimensions (a LongRoPE
     /// factor list has one positive finite entry per frequency).
     pub fn check(&self, rotary_dim: usize) -> Result<(), String> {
@@ -77,21 +102,9 @@ pub struct RotaryFreqs {
 impl RotaryFreqs {
     /// cos and sin of `position * frequency` for each frequency at one position.
     pub fn cos_sin(&self, position: f32) -> (Vec<f32>, Vec<f32>) {
+        // x * 1.0 is x exactly: no special case for scalings without an attention factor.
         let a = self.attention_factor;
-        let scaled = |v: f32| if a == 1.0 { v } else { v * a };
-        self.freqs.iter().map(|f| (scaled((position * f).cos()), scaled((position * f).sin()))).unzip()
-    }
-}
-
-impl RopeScaling {
-    /// LongRoPE's original length: a sequence longer than this is rotated with the long
-    /// factors at every position (transformers re-encodes the whole sequence the first
-    /// time it passes it), a shorter one with the short factors.
-    pub fn long_from(&self) -> Option<usize> {
-        match self {
-            RopeScaling::LongRope { original_max_position, .. } => Some(*original_max_position as usize),
-            _ => None,
-        }
+        self.freqs.iter().map(|f| ((position * f).cos() * a, (position * f).sin() * a)).unzip()
     }
 }
 

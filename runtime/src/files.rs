@@ -90,7 +90,6 @@ impl ArtifactFiles {
         self.files.get(rel).map(|h| &h.bytes)
     }
 
-    /// A file the artifact needs; the error names it.
     /// The `format` its `artifact.json` declares (which executor reads it).
     pub fn declared_format(&self) -> Result<String, FileError> {
         let text = self.text(ARTIFACT_FILE)?;
@@ -99,6 +98,7 @@ impl ArtifactFiles {
         Ok(format.format)
     }
 
+    /// A file the artifact needs; the error names it.
     pub fn bytes(&self, rel: &str) -> Result<&Arc<[u8]>, FileError> {
         self.get(rel).ok_or_else(|| (self.path(rel), "missing (not among the artifact's checked files)".into()))
     }

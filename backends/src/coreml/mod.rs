@@ -363,11 +363,12 @@ pub fn compile(
     use proto::feature_type::Type as F;
     let mut input: Vec<_> =
         step_inputs.iter().map(|v| feature(&v.name, F::MultiArrayType(array(v.dt, &v.shape)))).collect();
+    let cache_positions: Vec<usize> = (0..n_layers).map(|l| e.cache_slots.get(&l).copied().unwrap_or(c)).collect();
     let mut state = Vec::new();
-    for l in 0..n_layers {
+    for (l, slots) in cache_positions.iter().enumerate() {
         for kind in ["key", "value"] {
             let name = format!("{kind}_cache_{l}");
-            let shape = [1, hk, e.cache_slots.get(&l).copied().unwrap_or(c), hd];
+            let shape = [1, hk, *slots, hd];
             match opts.deployment {
                 Deployment::Ios18 => state.push(feature(
                     &name,
@@ -429,7 +430,6 @@ pub fn compile(
     // The program as text, for people reading what the compiler wrote (not read by tools).
     files.insert(MIL_TEXT_FILE.to_string(), program_text.into_bytes());
     files.insert(WEIGHTS_FILE.to_string(), weight_bytes);
-    let cache_positions = (0..n_layers).map(|l| e.cache_slots.get(&l).copied().unwrap_or(c)).collect();
     let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab, cache_positions };
     Ok(CoremlOutput { info, files, placement, conversions: e.conversions })
 }

@@ -494,11 +494,7 @@ impl JsonConfig<'_> {
                     Some(f) => f,
                     None => self.opt_usize("max_position_embeddings")?.unwrap_or(original as usize) as f64 / original,
                 };
-                if factor <= 1.0 {
-                    1.0
-                } else {
-                    (1.0 + factor.ln() / original.ln()).sqrt()
-                }
+                slmc_ir::rotary::long_rope_attention_factor(factor, original)
             }
         };
         Ok(RopeScaling::LongRope {

@@ -96,11 +96,7 @@ pub fn from_gguf(path: &Path, file: &GgufFile, data: &[u8]) -> Result<ModelConfi
                 Some(a) => a,
                 None => {
                     let scale = opt_u("context_length")?.unwrap_or(original) as f64 / original as f64;
-                    if scale > 1.0 {
-                        (1.0 + scale.ln() / (original as f64).ln()).sqrt()
-                    } else {
-                        1.0
-                    }
+                    slmc_ir::rotary::long_rope_attention_factor(scale, original as f64)
                 }
             };
             let scaling = RopeScaling::LongRope {

@@ -21,7 +21,7 @@ pub struct CoremlReference {
     pub vocab: usize,
     past: usize,
     /// The tokens the cache holds: a step that would write past the context starts
-    /// earlier and feeds the last of them again (iOS 18, below).
+    /// earlier and feeds the last of them again (below).
     history: Vec<u32>,
     /// iOS 17: the caches the host keeps, by input name.
     caches: HashMap<String, Tensor>,
@@ -187,20 +187,7 @@ impl CoremlReference {
                 Deployment::Ios17 if j < c => (j < start).then_some(j),
                 Deployment::Ios17 => Some(start + j - c),
             };
-            let mask = |window: Option<usize>| -> Result<Tensor, MilError> {
-                let mut mask = super::zeros("causal_mask", Dt::F16, &[1, 1, t, width])?.data;
-                mask.fill(f32::NEG_INFINITY);
-                for i in 0..t {
-                    for j in 0..width {
-                        let q = start + i;
-                        let visible = key_position(j).is_some_and(|k| k <= q && window.is_none_or(|w| q - k < w));
-                        if visible {
-                            mask[i * width + j] = 0.0;
-                        }
-                    }
-                }
-                Ok(Tensor::new(Dt::F16, vec![1, 1, t, width], mask))
-            };
+            let mask = |window| additive_mask("causal_mask", (start, t), width, window, key_position);
             let mut feed = HashMap::new();
             feed.insert("input_ids".to_string(), Tensor::new(Dt::I32, vec![1, t], ids));
             feed.insert("position_ids".to_string(), Tensor::new(Dt::I32, vec![t], pos));
@@ -258,6 +245,29 @@ impl CoremlReference {
     }
 }
 
+/// The additive mask `[1, 1, t, width]` of a step of t queries from position `start`: key
+/// slot j (holding position `key_position(j)`, if any) is visible to query q when it is not
+/// after q and, with a window, within it.
+fn additive_mask(
+    name: &str,
+    (start, t): (usize, usize),
+    width: usize,
+    window: Option<usize>,
+    key_position: impl Fn(usize) -> Option<usize>,
+) -> Result<Tensor, MilError> {
+    let mut mask = super::zeros(name, Dt::F16, &[1, 1, t, width])?.data;
+    mask.fill(f32::NEG_INFINITY);
+    for i in 0..t {
+        let q = start + i;
+        for j in 0..width {
+            if key_position(j).is_some_and(|k| k <= q && window.is_none_or(|w| q - k < w)) {
+                mask[i * width + j] = 0.0;
+            }
+        }
+    }
+    Ok(Tensor::new(Dt::F16, vec![1, 1, t, width], mask))
+}
+
 impl Ring {
     /// The additive mask `[1, 1, t, width]` for a step of t rows from position `start`, and
     /// on iOS 18 the slot the step is written at (padding rows are shown only to padding
@@ -271,34 +281,15 @@ impl Ring {
                 holds.extend((0..t).map(|i| Some(start + i)));
                 (slots + t, None, holds)
             }
-            // The state after this step's write: its t rows from slot start % ring, each
-            // position held once (a row written again replaces its older slot).
+            // The state after this step's write (every row shown to the step's queries).
             Deployment::Ios18 => {
-                let ring = self.holds.len() - t;
-                let slot = start % ring;
                 let mut holds = self.holds.clone();
-                for h in holds.iter_mut() {
-                    if h.is_some_and(|k| k >= start && k < start + t) {
-                        *h = None;
-                    }
-                }
-                for i in 0..t {
-                    holds[slot + i] = Some(start + i);
-                }
-                (self.holds.len(), Some(slot), holds)
+                let slot = write_state_rows(&mut holds, start, t, t);
+                (holds.len(), Some(slot), holds)
             }
         };
-        let mut mask = super::zeros(&self.mask, Dt::F16, &[1, 1, t, width])?.data;
-        mask.fill(f32::NEG_INFINITY);
-        for i in 0..t {
-            let q = start + i;
-            for (j, held) in holds.iter().enumerate() {
-                if held.is_some_and(|k| k <= q && q - k < self.window) {
-                    mask[i * width + j] = 0.0;
-                }
-            }
-        }
-        Ok((Tensor::new(Dt::F16, vec![1, 1, t, width], mask), slot))
+        let mask = additive_mask(&self.mask, (start, t), width, Some(self.window), |j| holds[j])?;
+        Ok((mask, slot))
     }
 
     /// Records what a step of t rows from `start` left in the cache: iOS 17's host wrote
@@ -313,19 +304,26 @@ impl Ring {
                 }
             }
             Deployment::Ios18 => {
-                let ring = self.holds.len() - t;
-                let slot = start % ring;
-                for h in self.holds.iter_mut() {
-                    if h.is_some_and(|k| k >= start && k < start + t) {
-                        *h = None;
-                    }
-                }
-                for i in 0..t {
-                    self.holds[slot + i] = (i < real).then_some(start + i);
-                }
+                write_state_rows(&mut self.holds, start, t, real);
             }
         }
     }
+}
+
+/// An iOS 18 ring state's slots after a step of t rows from position `start` was written
+/// contiguously from slot start % (slots - t): each position held once (a row written again
+/// replaces its older slot), rows from `shown` on holding padding. Returns the first slot.
+fn write_state_rows(holds: &mut [Option<usize>], start: usize, t: usize, shown: usize) -> usize {
+    let slot = start % (holds.len() - t);
+    for h in holds.iter_mut() {
+        if h.is_some_and(|k| k >= start && k < start + t) {
+            *h = None;
+        }
+    }
+    for i in 0..t {
+        holds[slot + i] = (i < shown).then_some(start + i);
+    }
+    slot
 }
 
 /// Core ML artifacts where Core ML is not: Core ML runs only on Apple systems, so on any
