@@ -39,7 +39,7 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn three_compiles_for_three_targets_are_byte_identical() {
     let gguf = smollm2_gguf();
-    let outs: Vec<PathBuf> = (0..3).map(|i| scratch(&format!("bundle-repro-{i}"))).collect();
+    let outs: Vec<Scratch> = (0..3).map(|i| scratch(&format!("bundle-repro-{i}"))).collect();
     for out in &outs {
         // The smoke check reads the bundle, never writes it; other tests run it.
         compile(&gguf, "webgpu,vulkan,onnx-cpu", out, &["--no-cache", "--skip-smoke-check"]);
@@ -407,7 +407,7 @@ fn links_fifos_and_climbing_target_names_are_refused() {
     let store = dir.join("deep/store");
     let err = slmc_fails(&["install", b, "--store", store.to_str().unwrap()]);
     assert!(err.contains("target name"), "{err}");
-    for level in [dir.clone(), dir.join("deep")] {
+    for level in [dir.to_path_buf(), dir.join("deep")] {
         let names: Vec<_> = std::fs::read_dir(&level).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
         assert!(!names.iter().any(|n| n.to_string_lossy().contains("escape")), "{}: {names:?}", level.display());
     }

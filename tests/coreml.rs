@@ -12,7 +12,7 @@ use common::*;
 use slmc_runtime::Executor;
 
 /// Compiles `model` for `targets` (comma-separated) into a fresh directory.
-fn compile(model: &Path, targets: &str, name: &str, extra: &[&str]) -> PathBuf {
+fn compile(model: &Path, targets: &str, name: &str, extra: &[&str]) -> Scratch {
     let out = scratch(&format!("coreml-{name}"));
     let mut args = vec!["compile", model.to_str().unwrap(), "--target", targets, "-o", out.to_str().unwrap()];
     args.extend_from_slice(extra);

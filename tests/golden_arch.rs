@@ -66,10 +66,12 @@ fn check_arch_on(name: &str, on: On, context: usize) {
     let golden = read_json(&dir.join("golden.json"));
     let checkpoint = dir.to_str().unwrap();
     let vocab = slmc_json(&["inspect", checkpoint])["config"]["vocab_size"].as_u64().unwrap();
+    // The compiled bundle's directory lives until the checks are done.
+    let mut bundle_dir = None;
     let (model, extra, fp16) = match on {
         On::Interpreter => (dir.clone(), vec![], false),
         On::Target(target) => {
-            let out = scratch(&format!("arch-{name}-{target}"));
+            let out = bundle_dir.insert(scratch(&format!("arch-{name}-{target}")));
             let root = out.to_str().unwrap();
             let ctx = context.to_string();
             let mut args =

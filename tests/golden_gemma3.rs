@@ -58,13 +58,13 @@ fn run_chat_uses_the_turn_template() {
 }
 
 /// Compiles the real model for `target` once per test binary run.
-fn compiled(target: &str, extra: &[&str]) -> std::path::PathBuf {
+fn compiled(target: &str, extra: &[&str]) -> Scratch {
     let out = scratch(&format!("gemma3-270m-{target}"));
     let gguf = gemma3_gguf();
     let mut args = vec!["compile", gguf.to_str().unwrap(), "--target", target, "-o", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     slmc_json(&args);
-    out.join(target)
+    out.into_sub(target)
 }
 
 /// The stored types a bundle states it converted, as `type -> forms`.

@@ -5,22 +5,22 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
 /// Compiles for the generic `webgpu` profile: no optional features, the plain kernels.
-fn compile(model: &Path, name: &str, extra: &[&str]) -> PathBuf {
+fn compile(model: &Path, name: &str, extra: &[&str]) -> Scratch {
     compile_for("webgpu", model, name, extra)
 }
 
 /// `vulkan` and `metal` have shader-f16 and subgroups: the kernels' variants.
-fn compile_for(target: &str, model: &Path, name: &str, extra: &[&str]) -> PathBuf {
+fn compile_for(target: &str, model: &Path, name: &str, extra: &[&str]) -> Scratch {
     let out = scratch(&format!("gpu-{name}"));
     let mut args = vec!["compile", model.to_str().unwrap(), "--target", target, "-o", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     slmc_json(&args);
-    out.join(target)
+    out.into_sub(target)
 }
 
 #[test]

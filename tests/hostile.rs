@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
@@ -24,8 +24,8 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A writable copy of the tiny llama golden checkpoint.
-fn tiny_copy(test: &str) -> PathBuf {
-    let dir = scratch(&format!("hostile-{test}")).join("model");
+fn tiny_copy(test: &str) -> Scratch {
+    let dir = scratch(&format!("hostile-{test}")).into_sub("model");
     copy_dir(&golden_dir().join("arch").join("llama-tied-f16"), &dir);
     dir
 }
@@ -171,7 +171,7 @@ fn longrope_config_keys_checked() {
         ),
     ];
     for (name, edit, problem) in cases {
-        let dir = scratch(&format!("hostile-longrope-{name}")).join("model");
+        let dir = scratch(&format!("hostile-longrope-{name}")).into_sub("model");
         copy_dir(&repo_root().join("fixtures/arch/phi4-mini-longrope-f32"), &dir);
         edit_config(&dir, edit);
         expect_error(&["inspect", dir.to_str().unwrap()], &dir.join("config.json"), problem);
@@ -189,7 +189,7 @@ fn gemma_config_keys_checked() {
         ("activation", |c| c["hidden_activation"] = serde_json::json!("relu"), "activation `relu` is not supported"),
     ];
     for (name, edit, problem) in cases {
-        let dir = scratch(&format!("hostile-gemma-{name}")).join("model");
+        let dir = scratch(&format!("hostile-gemma-{name}")).into_sub("model");
         copy_dir(&golden_dir().join("arch").join("gemma3-tied-f32"), &dir);
         edit_config(&dir, edit);
         expect_error(&["inspect", dir.to_str().unwrap()], &dir.join("config.json"), problem);
@@ -269,14 +269,14 @@ impl GgufBuilder {
 
 #[test]
 fn gguf_bad_magic() {
-    let path = scratch("gguf-magic").join("bad.gguf");
+    let path = scratch("gguf-magic").into_sub("bad.gguf");
     std::fs::write(&path, b"GGML\x03\0\0\0garbage garbage garbage").unwrap();
     expect_error(&["inspect", path.to_str().unwrap()], &path, "bad magic");
 }
 
 #[test]
 fn gguf_absurd_tensor_count() {
-    let path = scratch("gguf-count").join("absurd.gguf");
+    let path = scratch("gguf-count").into_sub("absurd.gguf");
     let mut b = GgufBuilder::new(1 << 40, 1);
     b.kv_str("general.architecture", "llama");
     b.write(&path, 64);
@@ -285,7 +285,7 @@ fn gguf_absurd_tensor_count() {
 
 #[test]
 fn gguf_absurd_string_length() {
-    let path = scratch("gguf-string").join("string.gguf");
+    let path = scratch("gguf-string").into_sub("string.gguf");
     let mut b = GgufBuilder::new(0, 1);
     b.0.extend((u64::MAX / 2).to_le_bytes());
     b.write(&path, 256);
@@ -296,7 +296,7 @@ fn gguf_absurd_string_length() {
 /// element ~32 bytes however small in the file) are refused, even when the file holds them.
 #[test]
 fn gguf_metadata_arrays_bounded_in_total() {
-    let path = scratch("gguf-array-amplification").join("arrays.gguf");
+    let path = scratch("gguf-array-amplification").into_sub("arrays.gguf");
     let n: u64 = 9 << 20;
     let mut b = GgufBuilder::new(0, 2);
     b.kv_str("general.architecture", "llama");
@@ -311,7 +311,7 @@ fn gguf_metadata_arrays_bounded_in_total() {
 
 #[test]
 fn gguf_tensor_offset_past_end_of_file() {
-    let path = scratch("gguf-offset").join("offset.gguf");
+    let path = scratch("gguf-offset").into_sub("offset.gguf");
     let mut b = GgufBuilder::new(1, 1);
     b.kv_str("general.architecture", "llama");
     b.tensor("token_embd.weight", &[8, 4], 0, 4096);
@@ -323,7 +323,7 @@ fn gguf_tensor_offset_past_end_of_file() {
 fn truncated_real_gguf() {
     let gguf = smollm2_gguf();
     let bytes = std::fs::read(&gguf).unwrap();
-    let path = scratch("gguf-truncated").join("truncated.gguf");
+    let path = scratch("gguf-truncated").into_sub("truncated.gguf");
     std::fs::write(&path, &bytes[..8 << 20]).unwrap();
     expect_error(&["run", path.to_str().unwrap(), "--prompt-ids", "1"], &path, "runs past the end of the file");
     std::fs::write(&path, &bytes[..100_000]).unwrap();
@@ -351,7 +351,7 @@ fn failed_convert_leaves_no_output_directory() {
 
 #[test]
 fn json_errors_are_machine_readable() {
-    let path = scratch("json-error").join("missing.gguf");
+    let path = scratch("json-error").into_sub("missing.gguf");
     let out = slmc(&["inspect", path.to_str().unwrap(), "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

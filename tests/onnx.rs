@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn compile(model: &Path, target: &str, name: &str, extra: &[&str]) -> PathBuf {
+fn compile(model: &Path, target: &str, name: &str, extra: &[&str]) -> Scratch {
     let out = scratch(&format!("onnx-{name}"));
     let mut args = vec!["compile", model.to_str().unwrap(), "--target", target, "-o", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     slmc_json(&args);
-    out.join(target)
+    out.into_sub(target)
 }
 
 const CHECK: &str = "import sys, onnx\nonnx.checker.check_model(sys.argv[1], full_check=True)\nprint('ok')";

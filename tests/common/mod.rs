@@ -112,12 +112,66 @@ pub fn as_ids(v: &Value) -> Vec<u64> {
     v.as_array().expect("an id array").iter().map(|x| x.as_u64().expect("an id")).collect()
 }
 
-/// A scratch directory under cargo's per-target temp dir, emptied first.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory under cargo's per-target temp dir, emptied first and removed when
+/// the guard drops: a suite run writes tens of GB of bundles in all, more than a CI disk
+/// holds at once. A failing test (the guard drops while panicking) or
+/// `SLMC_KEEP_SCRATCH=1` keeps it for a look.
+pub fn scratch(name: &str) -> Scratch {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    Scratch { path: root.clone(), root: Some(root) }
+}
+
+/// A path inside a scratch directory that is removed when this drops (see `scratch`).
+#[must_use = "the directory is removed when the guard drops"]
+pub struct Scratch {
+    /// Removed on drop; `None` once kept.
+    root: Option<PathBuf>,
+    /// What the guard stands for: the root or a path inside it.
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// The same scratch directory, standing for `sub` inside it.
+    pub fn into_sub(mut self, sub: impl AsRef<Path>) -> Scratch {
+        let path = self.path.join(sub);
+        Scratch { root: self.root.take(), path }
+    }
+
+    /// Keeps the directory past the guard (shared by every test of a binary).
+    pub fn keep(mut self) -> PathBuf {
+        self.root = None;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let keep = std::thread::panicking() || std::env::var_os("SLMC_KEEP_SCRATCH").is_some_and(|v| v == "1");
+        if let (Some(root), false) = (&self.root, keep) {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
 }
 
 /// Converts the SmolLM2 GGUF to a Hugging Face directory once per test binary and dtype.
@@ -132,8 +186,9 @@ pub fn converted(dtype: &'static str) -> PathBuf {
         _ => panic!("dtype {dtype}"),
     };
     cell.get_or_init(|| {
-        let parent = scratch(&format!("smollm2-hf-{dtype}-{}", std::process::id()));
-        let out = parent.join("model");
+        // One directory per dtype, shared by the binary's tests and replaced by the next
+        // binary's conversion (test binaries run one after another).
+        let out = scratch(&format!("smollm2-hf-{dtype}")).keep().join("model");
         let gguf = smollm2_gguf();
         slmc_json(&["convert", gguf.to_str().unwrap(), "--to", "hf", out.to_str().unwrap(), "--dtype", dtype]);
         out
