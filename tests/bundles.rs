@@ -233,7 +233,7 @@ fn install_keeps_two_previous_versions_and_rollback_switches_back() {
 fn an_unchanged_compile_is_served_from_the_cache() {
     let dir = scratch("bundle-cache");
     let cache = dir.join("cache");
-    let run = |out: &str, extra: &[&str]| {
+    let run_with = |out: &str, extra: &[&str], max_bytes: &str| {
         let started = std::time::Instant::now();
         let mut args = vec!["compile", "", "--target", "webgpu,onnx-cpu", "-o", out];
         let gguf = smollm2_gguf();
@@ -244,6 +244,7 @@ fn an_unchanged_compile_is_served_from_the_cache() {
             .args(&args)
             .arg("--json")
             .env("SLMC_COMPILE_CACHE", &cache)
+            .env("SLMC_COMPILE_CACHE_MAX_BYTES", max_bytes)
             .env("XDG_RUNTIME_DIR", "/tmp")
             .output()
             .unwrap();
@@ -251,6 +252,7 @@ fn an_unchanged_compile_is_served_from_the_cache() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         (v, started.elapsed().as_secs_f64())
     };
+    let run = |out: &str, extra: &[&str]| run_with(out, extra, "8589934592");
     let cold_dir = dir.join("cold");
     let warm_dir = dir.join("warm");
     let (cold, cold_s) = run(cold_dir.to_str().unwrap(), &[]);
@@ -266,6 +268,16 @@ fn an_unchanged_compile_is_served_from_the_cache() {
     assert_eq!(other["cached"], serde_json::json!([false, false]));
     let (bypass, _) = run(dir.join("bypass").to_str().unwrap(), &["--no-cache"]);
     assert_eq!(bypass["cached"], serde_json::json!([false, false]));
+    // A byte bound smaller than any bundle empties the cache (entries are whole bundles).
+    let entries = || {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
+    assert_eq!(entries(), 4);
+    run_with(dir.join("tiny-cache").to_str().unwrap(), &["--context", "256", "--skip-smoke-check"], "1");
+    assert_eq!(entries(), 0, "every entry is past a 1-byte bound");
 }
 
 /// An embedding table of 143 MB (past WebGPU's default 128 MiB binding), per profile:

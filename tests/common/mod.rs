@@ -63,6 +63,8 @@ fn slmc_with(args: &[&str], allow_unsigned: bool) -> Output {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compile-cache");
     cmd.env_remove("SLMC_PUBKEY")
         .env("SLMC_COMPILE_CACHE", cache)
+        // Whole bundles: a few of the Gemma 3 ones would otherwise fill a CI disk.
+        .env("SLMC_COMPILE_CACHE_MAX_BYTES", (2u64 << 30).to_string())
         .args(args)
         .env("RUST_BACKTRACE", "0")
         // The Vulkan loader warns without it; harmless, but noisy.

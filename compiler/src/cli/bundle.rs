@@ -72,6 +72,12 @@ fn cache_root() -> PathBuf {
 /// Entries the compile cache keeps (the most recently used); older ones are removed.
 const CACHE_ENTRIES: usize = 12;
 
+/// Bytes the compile cache keeps at most (`$SLMC_COMPILE_CACHE_MAX_BYTES`, default 8 GiB):
+/// a few bundles of a large model fill a disk faster than twelve entries suggest.
+fn cache_max_bytes() -> u64 {
+    std::env::var("SLMC_COMPILE_CACHE_MAX_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(8 << 30)
+}
+
 /// Identifies this build of slmc: the sha256 of its own executable, so a changed compiler
 /// never serves a bundle an older build wrote under the same version number.
 fn compiler_build_id() -> Option<String> {
@@ -92,8 +98,8 @@ fn cache_key(build: &str, source_sha256: &str, options: &Value, profile: &slmc_t
     slmc_targets::artifact::sha256_hex(key.to_string().as_bytes())
 }
 
-/// Keeps the `CACHE_ENTRIES` most recently used entries, and removes temporaries of
-/// killed compiles (best effort).
+/// Keeps the most recently used entries, at most `CACHE_ENTRIES` of them and
+/// `cache_max_bytes()` in all, and removes temporaries of killed compiles (best effort).
 fn evict(root: &Path) {
     slmc_compiler::output::remove_dead_temps(root, |name| name.strip_prefix('.')?.rsplit_once(".tmp-")?.1.parse().ok());
     let Ok(entries) = std::fs::read_dir(root) else { return };
@@ -103,11 +109,28 @@ fn evict(root: &Path) {
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    dirs.sort();
-    let excess = dirs.len().saturating_sub(CACHE_ENTRIES);
-    for (_, d) in dirs.into_iter().take(excess) {
-        let _ = std::fs::remove_dir_all(d);
+    // Newest first: keep while both bounds hold, remove the rest.
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    let (max_bytes, mut kept_bytes) = (cache_max_bytes(), 0u64);
+    for (i, (_, d)) in dirs.into_iter().enumerate() {
+        kept_bytes = kept_bytes.saturating_add(tree_bytes(&d));
+        if i >= CACHE_ENTRIES || kept_bytes > max_bytes {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
+}
+
+/// Bytes of the files under `dir` (symlinks not followed; unreadable parts count 0).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn progress(enabled: bool, len: u64) -> indicatif::ProgressBar {
