@@ -1,5 +1,5 @@
 //! Inference never touches the network: `run` on the interpreter, a webgpu bundle (wgpu on
-//! lavapipe) and an onnx-cpu bundle (ONNX Runtime), and `eval` on each bundle, behave
+//! lavapipe) and an onnx-cpu bundle (ONNX Runtime), and `eval` and `bench` on each bundle, behave
 //! exactly the same inside a network namespace with no interfaces (`unshare -n`), and under
 //! `strace -f -e trace=network` the interpreter and ONNX Runtime make no socket call at all.
 //! The GPU path opens only local (AF_UNIX) sockets, none of them slmc's: Mesa's Vulkan
@@ -50,7 +50,9 @@ fn inference_commands(dir: &Path) -> Vec<Vec<String>> {
     for target in ["webgpu", "onnx-cpu"] {
         let bundle = out.join(target).to_str().unwrap().to_string();
         cmds.push(run(bundle.clone()));
-        cmds.push(vec!["eval".into(), bundle, "--json".into()]);
+        cmds.push(vec!["eval".into(), bundle.clone(), "--json".into()]);
+        let bench = ["bench", &bundle, "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "2", "--json"];
+        cmds.push(bench.iter().map(|s| s.to_string()).collect());
     }
     cmds
 }
@@ -61,7 +63,10 @@ fn without_timings(json: &str) -> serde_json::Value {
     fn strip(v: &mut serde_json::Value) {
         match v {
             serde_json::Value::Object(map) => {
-                map.retain(|k, _| !(k.ends_with("_per_s") || k.ends_with("_ms") || k.ends_with("_s")));
+                // Memory figures vary between runs too.
+                map.retain(|k, _| {
+                    !(k.ends_with("_per_s") || k.ends_with("_ms") || k.ends_with("_s") || k.ends_with("_bytes"))
+                });
                 map.values_mut().for_each(strip);
             }
             serde_json::Value::Array(items) => items.iter_mut().for_each(strip),

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         | Command::Tokenize { common, .. }
         | Command::Convert { common, .. } => common.json,
         Command::Eval { common, .. } | Command::Install { common, .. } => common.json,
+        Command::Bench(args) => args.json,
         Command::Cat { json, .. }
         | Command::Targets { json, .. }
         | Command::Keygen { json, .. }
@@ -78,6 +79,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Eval { common, run } => cli::bundle::eval(&common, &run),
         Command::Install { common, run, store } => cli::bundle::install(&common, &run, &store),
         Command::Rollback { store, json } => cli::bundle::rollback(&store, json),
+        Command::Bench(args) => cli::bench::bench(&args),
         Command::Inspect { common } => inspect(&load(&common)?, common.json),
         Command::Lower { common, emit } => {
             let model = load(&common)?;

@@ -4,6 +4,7 @@
 //! [`generate`] and [`score`] loops are written once against it, so every executor
 //! (the reference interpreter now, wgpu and ONNX Runtime later) is driven the same way.
 
+pub mod bench;
 pub mod bundle;
 pub mod files;
 pub mod gpu;
@@ -35,6 +36,7 @@ pub fn cache_dir() -> std::path::PathBuf {
 }
 pub mod onnx;
 pub mod registry;
+pub mod sensors;
 
 use std::time::Instant;
 

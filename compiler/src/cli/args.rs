@@ -300,6 +300,9 @@ pub(crate) enum Command {
         #[arg(long)]
         store: PathBuf,
     },
+    /// Speed and memory of bundles and checkpoints: load time, TTFT, prefill/decode
+    /// tokens/s, per-token latency percentiles, peak RSS; `--duration` for a sustained run.
+    Bench(crate::cli::bench::BenchArgs),
     /// Switch the store back to its previous version.
     Rollback {
         #[arg(long)]

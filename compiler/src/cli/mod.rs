@@ -1,6 +1,7 @@
 //! The `slmc` binary's commands, one module per family; `args` holds the clap definitions.
 
 pub mod args;
+pub mod bench;
 pub mod bundle;
 pub mod info;
 pub mod opt;

@@ -1,0 +1,184 @@
+//! `slmc bench`: a sustained run of the SmolLM2 ONNX bundle (the per-second series, the
+//! percentiles, and temperature and power reported as exposed or not, whichever this
+//! machine's sysfs says), sensors read from a sysfs tree the test writes, alternating
+//! comparisons and their ratios, and usage errors.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("a number, got {v}"))
+}
+
+/// Latency percentiles are present, positive and ordered; throughputs positive.
+fn check_figures(run: &Value) {
+    let l = &run["latency_ms"];
+    let (p50, p95, p99) = (f(&l["p50"]), f(&l["p95"]), f(&l["p99"]));
+    assert!(0.0 < p50 && p50 <= p95 && p95 <= p99, "{l}");
+    assert!(l["steps"].as_u64().unwrap() > 0);
+    for key in ["ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "load_s"] {
+        assert!(f(&run[key]) > 0.0, "{key}: {}", run[key]);
+    }
+    // Decode throughput is the mean step latency inverted.
+    let mean = f(&l["mean"]);
+    assert!((f(&run["decode_tokens_per_s"]) * mean / 1e3 - 1.0).abs() < 1e-6, "{run}");
+    assert!(run["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+}
+
+/// Whether this machine's sysfs exposes any file of `pattern` (dir, file name predicate).
+fn exposed(dir: &str, file: impl Fn(&str) -> bool) -> bool {
+    let entries = |p: &Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(p).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default()
+    };
+    entries(Path::new(dir)).iter().flat_map(|d| entries(d)).any(|p| {
+        file(&p.file_name().unwrap().to_string_lossy())
+            && std::fs::read_to_string(&p).is_ok_and(|s| s.trim().parse::<i64>().is_ok())
+    })
+}
+
+#[test]
+fn a_sustained_run_records_every_second_and_says_what_is_not_exposed() {
+    let out = scratch("bench-sustained");
+    let o = out.to_str().unwrap();
+    slmc_json(&["compile", smollm2_gguf().to_str().unwrap(), "--target", "onnx-cpu", "-o", o, "--skip-smoke-check"]);
+    let bundle = out.join("onnx-cpu");
+    let b = slmc_json(&["bench", bundle.to_str().unwrap(), "--duration", "20s", "--gen-tokens", "16"]);
+    assert_eq!(b["executor"], "onnxruntime");
+    assert_eq!(b["duration_s"], 20);
+    check_figures(&b);
+    let series = b["series"].as_array().unwrap();
+    assert_eq!(series.len(), 20, "one entry per second");
+    let mut total = 0;
+    for (i, s) in series.iter().enumerate() {
+        assert_eq!(s["t_s"], i);
+        let tokens = s["tokens"].as_u64().unwrap();
+        assert!(tokens > 0, "second {i} produced no token: {s}");
+        assert_eq!(f(&s["tokens_per_s"]), tokens as f64);
+        total += tokens;
+    }
+    // Tokens of the partial last second are not in the series; nothing else is missing.
+    let generated = b["generated_tokens"].as_u64().unwrap();
+    let requests = b["requests"].as_u64().unwrap();
+    assert_eq!(generated, requests * 16);
+    assert!(total <= generated && total + 16 >= generated * 19 / 20, "series {total} of {generated}");
+    // Temperature and power: exposed exactly when this machine's sysfs has them.
+    let temperature = exposed("/sys/class/thermal", |n| n == "temp")
+        || exposed("/sys/class/hwmon", |n| n.starts_with("temp") && n.ends_with("_input"));
+    let power = exposed("/sys/class/powercap", |n| n == "energy_uj")
+        || exposed("/sys/class/power_supply", |n| n == "power_now");
+    for (key, field, is_exposed) in [("temperature", "temperature_c", temperature), ("power", "power_w", power)] {
+        let v = &b[key];
+        assert_eq!(v["exposed"], is_exposed, "{key}: {v}");
+        assert!(!v["searched"].as_array().unwrap().is_empty());
+        if !is_exposed {
+            assert!(v["sources"].as_array().unwrap().is_empty() && v["note"].as_str().unwrap().contains("not exposed"));
+            assert!(series.iter().all(|s| s[field].is_null()), "{key} invented: {series:?}");
+        }
+    }
+    if !power {
+        assert!(b["tokens_per_joule"].is_null());
+    }
+}
+
+/// A sysfs tree with a thermal zone, a RAPL package counter (and a sub-zone that must not
+/// be counted twice) and a battery.
+fn fake_sysfs(root: &Path) {
+    let w = |p: &str, v: &str| {
+        let p = root.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    };
+    w("class/thermal/thermal_zone0/temp", "47250\n");
+    w("class/powercap/intel-rapl:0/energy_uj", "123000000\n");
+    w("class/powercap/intel-rapl:0/max_energy_range_uj", "262143328850\n");
+    w("class/powercap/intel-rapl:0:0/energy_uj", "1\n");
+}
+
+#[test]
+fn sensors_are_read_where_sysfs_exposes_them() {
+    let dir = scratch("bench-sysfs");
+    fake_sysfs(&dir);
+    let model = repo_root().join("fixtures/tiny-llama-sharded");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slmc"))
+        .args([model.to_str().unwrap(), "--duration", "3s", "--gen-tokens", "4", "--json"].iter().fold(
+            vec!["bench"],
+            |mut a, s| {
+                a.push(s);
+                a
+            },
+        ))
+        .env("SLMC_SYSFS", dir.as_os_str())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["executor"], "interpreter");
+    assert_eq!(b["prompt"], "synthetic ids (no tokenizer)");
+    let t = &b["temperature"];
+    assert_eq!(t["exposed"], true);
+    assert_eq!(t["sources"].as_array().unwrap().len(), 1);
+    assert_eq!(f(&t["max_c"]), 47.25);
+    assert!(b["series"].as_array().unwrap().iter().all(|s| f(&s["temperature_c"]) == 47.25));
+    let p = &b["power"];
+    assert_eq!(p["exposed"], true);
+    assert_eq!(p["sources"].as_array().unwrap().len(), 1, "the sub-zone is not counted: {p}");
+    // The counter stood still: zero energy, so no tokens per joule rather than infinity.
+    assert_eq!(f(&p["energy_j"]), 0.0);
+    assert!(b["tokens_per_joule"].is_null());
+}
+
+#[test]
+fn several_models_run_alternately_with_ratios_to_the_first() {
+    let a = repo_root().join("fixtures/tiny-llama-sharded");
+    let b = repo_root().join("fixtures/tiny-phi3");
+    let r = slmc_json(&[
+        "bench",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--compare",
+        "--prompt-tokens",
+        "24",
+        "--gen-tokens",
+        "8",
+        "--repetitions",
+        "4",
+    ]);
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(r["model"], runs[0]["model"], "the first model's figures are at the top level");
+    for run in runs {
+        check_figures(run);
+        assert_eq!(run["requests"], 4);
+        assert_eq!(run["generated_tokens"], 32);
+        assert_eq!(f(&run["prompt_tokens"]), 24.0);
+    }
+    let ratio = &r["ratios"][0];
+    assert_eq!(ratio["baseline"], runs[0]["model"]);
+    let expected = f(&runs[1]["decode_tokens_per_s"]) / f(&runs[0]["decode_tokens_per_s"]);
+    assert!((f(&ratio["decode_tokens_per_s"]) - expected).abs() < 1e-9 * expected);
+}
+
+#[test]
+fn bench_usage_errors_are_clear() {
+    let model = repo_root().join("fixtures/tiny-llama-sharded");
+    let m = model.to_str().unwrap();
+    assert!(slmc_fails(&["bench", m, "--compare"]).contains("--compare needs at least two"));
+    // Flags clap refuses exit with its usage status, 2.
+    let usage = |args: &[&str]| {
+        let out = slmc(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(usage(&["bench", m, "--duration", "10x"]).contains("unknown unit"));
+    assert!(usage(&["bench", m, "--duration", "0s"]).contains("from 1 second to 24 hours"));
+    assert!(slmc_fails(&["bench", m, "--gen-tokens", "0"]).contains("at least 1"));
+    let missing = slmc_fails(&["bench", "/nonexistent/model"]);
+    assert!(missing.contains("/nonexistent/model"), "{missing}");
+    // Past the checkpoint's context: named, not a panic.
+    let err = slmc_fails(&["bench", m, "--prompt-tokens", "100000", "--repetitions", "1"]);
+    assert!(err.contains(m), "{err}");
+}
