@@ -99,18 +99,15 @@ fn fake_sysfs(root: &Path) {
 }
 
 #[test]
-fn sensors_are_read_where_sysfs_exposes_them() {
+fn sensors_are_read_where_sysfs_exposes_them_and_the_report_renders() {
     let dir = scratch("bench-sysfs");
     fake_sysfs(&dir);
     let model = repo_root().join("fixtures/tiny-llama-sharded");
+    let report = dir.join("report.html");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_slmc"))
-        .args([model.to_str().unwrap(), "--duration", "3s", "--gen-tokens", "4", "--json"].iter().fold(
-            vec!["bench"],
-            |mut a, s| {
-                a.push(s);
-                a
-            },
-        ))
+        .args(["bench", model.to_str().unwrap(), "--duration", "3s", "--gen-tokens", "4", "--json"])
+        .arg("--report")
+        .arg(&report)
         .env("SLMC_SYSFS", dir.as_os_str())
         .output()
         .unwrap();
@@ -129,6 +126,94 @@ fn sensors_are_read_where_sysfs_exposes_them() {
     // The counter stood still: zero energy, so no tokens per joule rather than infinity.
     assert_eq!(f(&p["energy_j"]), 0.0);
     assert!(b["tokens_per_joule"].is_null());
+    check_report(&report, &dir, 3);
+}
+
+/// The bench report is self-contained and holds the charts, and renders in Chromium.
+fn check_report(report: &Path, dir: &Path, seconds: usize) {
+    let html = self_contained_html(report);
+    assert!(
+        html.contains("Tokens per second")
+            && html.contains("Decode step latency")
+            && html.contains("Peak resident memory")
+    );
+    assert!(html.contains("Hottest temperature"), "the exposed temperature is plotted");
+    assert_eq!(html.matches("<polyline").count(), 2, "tokens/s and temperature over time");
+    let line = html.split("<polyline").nth(1).unwrap();
+    let points = line.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+    assert_eq!(points.split(' ').count(), seconds, "one point per second: {points}");
+    render_in_chromium(report, dir);
+}
+
+/// A report's text, checked to need nothing from outside: no script, no fetched resource.
+fn self_contained_html(report: &Path) -> String {
+    let html = std::fs::read_to_string(report).expect("the report is written");
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert!(!html.contains("<script"), "no script");
+    let external = html.replace("http://www.w3.org/2000/svg", "");
+    assert!(
+        !external.contains("http:") && !external.contains("https:") && !external.contains("src="),
+        "nothing fetched"
+    );
+    html
+}
+
+/// Headless Chromium (scripts/setup installs it) takes a screenshot of the page: a real
+/// page of text and charts, not a blank one.
+fn render_in_chromium(report: &Path, dir: &Path) {
+    let png = report.with_extension("png");
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .expect("chromium is installed by scripts/setup");
+    let shot = std::process::Command::new(chromium)
+        .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        .args(["--disable-component-update", "--disable-sync", "--hide-scrollbars", "--window-size=1000,1500"])
+        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", report.display()))
+        .output()
+        .unwrap();
+    assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
+    let bytes = std::fs::read(&png).expect("chromium wrote the screenshot");
+    assert_eq!(&bytes[1..4], b"PNG");
+    // A blank page of this size compresses to a few KB; text and charts do not.
+    assert!(bytes.len() > 30_000, "a near-empty screenshot: {} bytes", bytes.len());
+}
+
+#[test]
+fn the_compile_report_shows_passes_targets_and_quality() {
+    let dir = scratch("compile-report");
+    let model = repo_root().join("fixtures/tiny-llama-sharded");
+    // A cache of this test's own: the first compile runs the pipeline, the second is cached.
+    let compile = |out: &str, report: &Path| -> serde_json::Value {
+        let args = ["compile", model.to_str().unwrap(), "--target", "webgpu,onnx-cpu", "--skip-smoke-check"];
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_slmc"))
+            .args(args)
+            .args(["--context", "64", "--json", "-o", out, "--report"])
+            .arg(report)
+            .env("SLMC_COMPILE_CACHE", dir.join("cache"))
+            .env("XDG_RUNTIME_DIR", "/tmp")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let report = dir.join("compile.html");
+    let v = compile(dir.join("out").to_str().unwrap(), &report);
+    assert_eq!(v["cached"], serde_json::json!([false, false]));
+    let html = self_contained_html(&report);
+    let needles = ["fuse-qkv", "plan-memory", "Wall time per pass", "Bundle size per target", "top-1 agreement"];
+    for needle in needles.iter().chain(&["webgpu", "onnx-cpu"]) {
+        assert!(html.contains(needle), "{needle} missing from the compile report");
+    }
+    render_in_chromium(&report, &dir);
+    // From the cache: the same targets and quality, and it says no pass ran.
+    let cached_report = dir.join("cached.html");
+    let v = compile(dir.join("out2").to_str().unwrap(), &cached_report);
+    assert_eq!(v["cached"], serde_json::json!([true, true]));
+    let cached = self_contained_html(&cached_report);
+    assert!(cached.contains("from the compile cache") && cached.contains("onnx-cpu") && !cached.contains("fuse-qkv"));
 }
 
 #[test]

@@ -302,9 +302,10 @@ fn ring_caches_compute_what_whole_context_caches_do() {
             let layout = read_json(&out.join(target).join("manifest.json"))["memory"]["kv_cache_layout"].clone();
             let options = slmc_runtime::registry::OpenOptions { adapter: None, threads: 1, mil_reference: true };
             let exec = slmc_runtime::registry::open(&out.join(target), &options).expect("the artifact loads").exec;
-            (exec, layout.as_str().unwrap_or_default().to_string(), out.join(target))
+            // The guard keeps the bundle until the checks are done.
+            (exec, layout.as_str().unwrap_or_default().to_string(), out.into_sub(target))
         };
-        let (mut whole, whole_layout, _) = open(width);
+        let (mut whole, whole_layout, _whole_dir) = open(width);
         let (mut ring, ring_layout, ring_dir) = open(width + 1);
         assert!(whole_layout.starts_with("4 layers keep"), "{target}: {whole_layout}");
         // The three sliding layers keep `width` slots; the global one the whole context.

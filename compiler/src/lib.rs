@@ -11,6 +11,7 @@ pub mod import;
 pub mod lower;
 pub mod optimize;
 pub mod output;
+pub mod report;
 pub mod store;
 
 use std::path::PathBuf;

@@ -168,3 +168,24 @@ pub fn write_dir_atomically(out_dir: &Path, force: bool, write: impl FnOnce(&Pat
     }
     sync_path(parent)
 }
+
+/// Writes one file crash-safely: a synced temporary sibling renamed over `path` (a report
+/// is either the old one or the new one, never half written).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if path.is_dir() {
+        bail!("{}: is a directory", path.display());
+    }
+    let tmp = temp_name(path, "tmp");
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .with_context(|| format!("{}: cannot write", tmp.display()))
+        .and_then(|_| {
+            std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.and_then(|_| sync_path(parent))
+}

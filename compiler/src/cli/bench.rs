@@ -47,6 +47,10 @@ pub(crate) struct BenchArgs {
     /// Print ratios of every model to the first (implied by several models).
     #[arg(long)]
     pub(crate) compare: bool,
+    /// Also write a self-contained HTML report (inline SVG charts: tokens/s over time with
+    /// the throttling point, latency histograms, memory).
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
     /// Print machine-readable JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
@@ -288,6 +292,8 @@ fn sustained_run(
 ) -> Result<()> {
     let prompts = mix_prompts(&s.side, exec.vocab_size())?;
     bar.set_message(s.path.display().to_string());
+    // This model's own peak from here on (the models before it ran their workloads already).
+    reset_peak_rss();
     // One untimed request first, as in burst runs.
     for _ in 0..args.warmup {
         time_request(exec, &prompts[0], args.gen_tokens, Instant::now())
@@ -394,6 +400,7 @@ fn run_json(s: &Subject, sensors: &Sensors, peak_resettable: bool) -> Value {
             "p50": percentile(&steps, 50.0), "p95": percentile(&steps, 95.0), "p99": percentile(&steps, 99.0),
             "mean": (!steps.is_empty()).then(|| steps.iter().sum::<f64>() / steps.len() as f64),
             "steps": steps.len(),
+            "histogram": latency_histogram(&steps, 20),
         },
         "peak_rss_bytes": s.peak_rss,
         "rss_before_load_bytes": s.rss_before_load,
@@ -452,6 +459,30 @@ fn run_json(s: &Subject, sensors: &Sensors, peak_resettable: bool) -> Value {
     v
 }
 
+/// `bins` equal-width bins from the smallest value to the 99th percentile, `[{from_ms,
+/// to_ms, count}]`; the rare slower steps are counted in the last bin (one outlier would
+/// otherwise squeeze every other step into the first).
+fn latency_histogram(ms: &[f64], bins: usize) -> Value {
+    let finite: Vec<f64> = ms.iter().copied().filter(|x| x.is_finite()).collect();
+    let (Some(lo), Some(hi)) = (finite.iter().copied().reduce(f64::min), percentile(&finite, 99.0)) else {
+        return json!([]);
+    };
+    let width = ((hi - lo) / bins as f64).max(1e-9);
+    let mut counts = vec![0u64; bins];
+    for x in finite {
+        counts[(((x - lo) / width) as usize).min(bins - 1)] += 1;
+    }
+    Value::Array(
+        counts
+            .iter()
+            .enumerate()
+            .map(
+                |(i, &c)| json!({ "from_ms": lo + width * i as f64, "to_ms": lo + width * (i + 1) as f64, "count": c }),
+            )
+            .collect(),
+    )
+}
+
 fn progress(args: &BenchArgs) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if args.json || !std::io::stderr().is_terminal() {
@@ -492,6 +523,11 @@ fn ratios(runs: &[Value]) -> Vec<Value> {
 
 fn report(args: &BenchArgs, runs: Vec<Value>) -> Result<()> {
     let ratios = if runs.len() > 1 { ratios(&runs) } else { vec![] };
+    if let Some(path) = &args.report {
+        let html = slmc_compiler::report::bench_html(&runs, &ratios)?;
+        slmc_compiler::output::write_file_atomically(path, html.as_bytes())
+            .with_context(|| format!("{}: writing the report", path.display()))?;
+    }
     if args.json {
         // The first (or only) model's figures at the top level, every model under `runs`.
         let mut top = runs[0].clone();

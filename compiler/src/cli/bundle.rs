@@ -59,6 +59,10 @@ pub struct CompileArgs {
     /// Compile even when the compile cache holds this exact bundle.
     #[arg(long)]
     pub no_cache: bool,
+    /// Also write a self-contained HTML compile report: per-pass timings and IR sizes, each
+    /// target's bundle size, memory plan and NPU placement, the quality report.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 /// `$SLMC_COMPILE_CACHE`, else `$SLMC_CACHE/compile`.
@@ -110,7 +114,7 @@ fn evict(root: &Path) {
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     // Newest first: keep while both bounds hold, remove the rest.
-    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
     let (max_bytes, mut kept_bytes) = (cache_max_bytes(), 0u64);
     for (i, (_, d)) in dirs.into_iter().enumerate() {
         kept_bytes = kept_bytes.saturating_add(tree_bytes(&d));
@@ -282,6 +286,9 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let Some(path) = &args.report {
+        compile_report(path, &written, prepared.as_ref())?;
+    }
     if common.json {
         print_json(&json!({ "targets": args.target, "outputs": written, "cached": cached }));
     } else {
@@ -290,6 +297,43 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         }
     }
     Ok(())
+}
+
+/// The HTML compile report from the written bundles' manifests and, when the pipeline ran
+/// here (not every bundle came from the cache), its passes.
+fn compile_report(
+    path: &Path,
+    written: &[PathBuf],
+    prepared: Option<&(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)>,
+) -> Result<()> {
+    let manifests = written
+        .iter()
+        .map(|dir| {
+            let file = dir.join(slmc_targets::bundle::MANIFEST_FILE);
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))
+        })
+        .collect::<Result<Vec<serde_json::Value>>>()?;
+    let passes = match prepared {
+        Some((model, optimized)) => {
+            let before = slmc_compiler::lower::lower(model)?.len();
+            let rows = optimized
+                .timings
+                .iter()
+                .map(|t| slmc_compiler::report::PassRow {
+                    pass: t.pass,
+                    wall_ms: t.wall.as_secs_f64() * 1e3,
+                    changes: t.changes,
+                    nodes_after: t.nodes_after,
+                })
+                .collect::<Vec<_>>();
+            Some((before, rows))
+        }
+        None => None,
+    };
+    let html = slmc_compiler::report::compile_html(&manifests, passes.as_ref().map(|(n, r)| (*n, r.as_slice())))?;
+    slmc_compiler::output::write_file_atomically(path, html.as_bytes())
+        .with_context(|| format!("{}: writing the compile report", path.display()))
 }
 
 pub fn keygen(out: &Path, force: bool, json: bool) -> Result<()> {
