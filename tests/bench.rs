@@ -203,7 +203,8 @@ fn the_compile_report_shows_passes_targets_and_quality() {
     let v = compile(dir.join("out").to_str().unwrap(), &report);
     assert_eq!(v["cached"], serde_json::json!([false, false]));
     let html = self_contained_html(&report);
-    let needles = ["fuse-qkv", "plan-memory", "Wall time per pass", "Bundle size per target", "top-1 agreement"];
+    let needles =
+        ["fuse-qkv", "plan-memory", "Wall time per pass", "Bundle size per target", "top-1 agreement", "Cost model"];
     for needle in needles.iter().chain(&["webgpu", "onnx-cpu"]) {
         assert!(html.contains(needle), "{needle} missing from the compile report");
     }
@@ -266,4 +267,64 @@ fn bench_usage_errors_are_clear() {
     // Past the checkpoint's context: named, not a panic.
     let err = slmc_fails(&["bench", m, "--prompt-tokens", "100000", "--repetitions", "1"]);
     assert!(err.contains(m), "{err}");
+}
+
+/// The manifest's cost model counts the graph: 2 FLOPs per weight element of every matrix
+/// product, per attended position 4 x query heads x head size, keys and values of every KV
+/// head per position; the prediction is the profile's bandwidth over the bytes (none for a
+/// profile without a bandwidth); bench predicts from this machine's measured bandwidth.
+#[test]
+fn the_cost_model_counts_the_graph_and_bench_sets_it_against_a_measurement() {
+    let dir = scratch("cost-model");
+    let model = repo_root().join("fixtures/tiny-llama-sharded");
+    let config = read_json(&model.join("config.json"));
+    let c = |k: &str| config[k].as_u64().unwrap();
+    let (h, i, v, layers, heads, kv, d) = (
+        c("hidden_size"),
+        c("intermediate_size"),
+        c("vocab_size"),
+        c("num_hidden_layers"),
+        c("num_attention_heads"),
+        c("num_key_value_heads"),
+        c("head_dim"),
+    );
+    let per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * i;
+    let matmul = 2 * (layers * per_layer + v * h);
+    let o = dir.to_str().unwrap();
+    let m = model.to_str().unwrap();
+    slmc_json(&["compile", m, "--target", "onnx-cpu,raspberry-pi-5", "-o", o, "--skip-smoke-check", "--context", "64"]);
+    for target in ["onnx-cpu", "raspberry-pi-5"] {
+        let manifest = read_json(&dir.join(target).join("manifest.json"));
+        let cost = &manifest["cost"];
+        assert_eq!(cost["matmul_flops_per_token"], matmul, "{target}: {cost}");
+        let group = &cost["attention"][0];
+        assert_eq!(group["layers"], layers);
+        assert_eq!(group["flops_per_position"], 4 * heads * d);
+        assert_eq!(group["kv_bytes_per_position"], 2 * kv * d * 4, "an f32 cache");
+        assert_eq!(cost["weight_bytes_per_token"], manifest["memory"]["weight_bytes"]);
+        let weights = cost["weight_bytes_per_token"].as_u64().unwrap();
+        assert_eq!(cost["bytes_per_token_first"], weights + layers * 2 * kv * d * 4);
+        assert_eq!(cost["bytes_per_token_last"], weights + 64 * layers * 2 * kv * d * 4);
+        assert_eq!(cost["flops_per_token_last"], matmul + 64 * layers * 4 * heads * d);
+        match cost["memory_bandwidth_gbps"].as_f64() {
+            Some(gbps) => {
+                assert_eq!(target, "raspberry-pi-5");
+                let first = cost["bytes_per_token_first"].as_f64().unwrap();
+                assert!((f(&cost["predicted_decode_tokens_per_s_first"]) - gbps * 1e9 / first).abs() < 1e-6);
+            }
+            None => {
+                assert_eq!(target, "onnx-cpu", "the generic profile states no bandwidth");
+                assert!(cost["predicted_decode_tokens_per_s_first"].is_null());
+            }
+        }
+    }
+    let b = slmc_json(&["bench", dir.join("onnx-cpu").to_str().unwrap(), "--prompt-tokens", "8", "--gen-tokens", "5"]);
+    let model = &b["cost_model"];
+    // Decode steps feed positions 8..11: mean 9.
+    assert_eq!(model["mean_decode_position"], 9);
+    let bytes = model["bytes_per_token"].as_f64().unwrap();
+    let predicted = f(&model["host_memory_bandwidth_gbps"]) * 1e9 / bytes;
+    assert!((f(&model["predicted_decode_tokens_per_s"]) - predicted).abs() < 1e-6 * predicted);
+    let ratio = f(&b["decode_tokens_per_s"]) / predicted;
+    assert!((f(&model["measured_over_predicted"]) - ratio).abs() < 1e-9 * ratio.max(1.0));
 }

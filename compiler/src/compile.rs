@@ -73,6 +73,7 @@ pub fn compile_target(
         EmitInput { model, optimized, verified: &verified, weights: &weights, profile, opts, model_info, context_len };
     let artifact = crate::emit::emitter(profile.backend)(&input).with_context(|| format!("target {target}"))?;
     let memory = memory_plan(&artifact, context_len, profile);
+    let memory_weight_bytes = memory.weight_bytes;
     if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
         let budget = (ram as f64 * RAM_BUDGET_FRACTION) as u64;
         if memory.total_bytes > budget {
@@ -87,6 +88,7 @@ pub fn compile_target(
         write_artifact(tmp, model, optimized, &artifact)?;
         let mut manifest = bundle_manifest(tmp, model, optimized, profile, opts, &artifact, memory, smoke)?;
         manifest.quality = quality.cloned();
+        manifest.cost = Some(crate::cost::cost_model(&optimized.graph, memory_weight_bytes, profile, context_len));
         std::fs::write(tmp.join(slmc_targets::bundle::MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n")?;
         if opts.smoke_check {
             check_smoke(tmp, smoke, opts).with_context(|| format!("target {target}: golden smoke check"))?;
@@ -228,6 +230,7 @@ fn bundle_manifest(
         required,
         npu_support: NpuSupport { npu: profile.npu.clone(), ops_on_npu, ops_total, note },
         memory,
+        cost: None,
         quality: None,
         smoke: smoke.clone(),
         files: crate::bundle::file_digests(dir)?,

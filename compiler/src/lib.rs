@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod compile;
 pub mod convert;
+pub mod cost;
 pub mod emit;
 pub mod fuzzing;
 pub mod genai;

@@ -10,6 +10,7 @@
 //! * [`verify`] is the gate: printing, passes and the interpreter expect a verified graph.
 
 pub mod blocks;
+pub mod cost;
 pub mod dtype;
 pub mod graph;
 pub mod interp;

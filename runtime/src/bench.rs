@@ -93,6 +93,28 @@ pub fn throttled_at(series: &[f64], fraction: f64) -> Option<usize> {
     (warm..=series.len() - 3).find(|&i| series[i..i + 3].iter().sum::<f64>() / 3.0 < fraction * baseline)
 }
 
+/// This machine's memory read bandwidth in GB/s: every core sums its share of a 256 MiB
+/// buffer (far past any cache), best of three passes. The cost model's prediction for a
+/// target whose profile states no bandwidth (a generic CPU profile) uses it.
+pub fn memory_read_bandwidth_gbps() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let data = vec![1u64; 32 << 20];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = data
+                .chunks(data.len().div_ceil(threads))
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            parts.into_iter().map(|h| h.join().expect("a summing thread")).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (data.len() * 8) as f64 / best / 1e9
+}
+
 /// This process's resident set (`VmRSS`) from /proc, in bytes; None where there is no /proc.
 pub fn current_rss_bytes() -> Option<u64> {
     proc_status_kib("VmRSS:").map(|k| k * 1024)

@@ -28,6 +28,10 @@ pub struct BundleManifest {
     pub required: BundleRequirements,
     pub npu_support: NpuSupport,
     pub memory: MemoryPlan,
+    /// What a decode token moves and computes on this target, and the speed the profile's
+    /// memory bandwidth allows (absent in bundles from before the cost model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostModel>,
     /// Teacher-forced comparison of the optimized graph with the unoptimized one on the
     /// reference interpreter (method, positions, top-1 agreement, mean KL, perplexities).
     pub quality: Option<serde_json::Value>,
@@ -97,6 +101,52 @@ pub struct NpuSupport {
     pub ops_on_npu: usize,
     pub ops_total: usize,
     pub note: String,
+}
+
+/// The cost model of a decode token: every weight is read once (in the layout the target
+/// stores), and each attention layer reads the keys and values it attends to. At these
+/// model sizes a decode step is bound by memory bandwidth, so the prediction is the
+/// profile's bandwidth over the bytes; prefill and energy need compute and power figures
+/// no profile states yet (`unpredicted` says so).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CostModel {
+    /// 2 x rows x columns of every matrix product (prefill costs this per prompt token too).
+    pub matmul_flops_per_token: u64,
+    /// Attention layers, identical ones grouped.
+    pub attention: Vec<AttentionGroup>,
+    pub weight_bytes_per_token: u64,
+    /// Bytes and FLOPs of a decode token at the first position and at the last of the
+    /// compiled context.
+    pub bytes_per_token_first: u64,
+    pub bytes_per_token_last: u64,
+    pub flops_per_token_first: u64,
+    pub flops_per_token_last: u64,
+    /// The profile's figure (None: the profile states none, so nothing is predicted).
+    pub memory_bandwidth_gbps: Option<f64>,
+    pub predicted_decode_tokens_per_s_first: Option<f64>,
+    pub predicted_decode_tokens_per_s_last: Option<f64>,
+    pub unpredicted: String,
+}
+
+/// `layers` attention layers of one shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionGroup {
+    pub layers: usize,
+    pub flops_per_position: u64,
+    pub kv_bytes_per_position: u64,
+    /// Positions attended to at most (None: the whole context).
+    pub window: Option<usize>,
+}
+
+impl CostModel {
+    /// Bytes a decode token at `position` reads.
+    pub fn bytes_at(&self, position: usize) -> u64 {
+        let attended = |w: Option<usize>| (position as u64 + 1).min(w.map_or(u64::MAX, |w| w as u64));
+        self.weight_bytes_per_token
+            + self.attention.iter().map(|g| g.layers as u64 * g.kv_bytes_per_position * attended(g.window)).sum::<u64>()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -12,11 +12,12 @@ use slmc_compiler::import::Model;
 use slmc_compiler::optimize::Optimized;
 use slmc_ir::Layered;
 use slmc_runtime::bench::{
-    current_rss_bytes, median, peak_rss_bytes, percentile, reset_peak_rss, throttled_at, time_request,
-    tokens_per_second_series, Request,
+    current_rss_bytes, median, memory_read_bandwidth_gbps, peak_rss_bytes, percentile, reset_peak_rss, throttled_at,
+    time_request, tokens_per_second_series, Request,
 };
 use slmc_runtime::sensors::{sysfs_root, Sample, Sensors};
 use slmc_runtime::{Executor, InterpreterExecutor};
+use slmc_targets::bundle::CostModel;
 
 use crate::cli::args::{Common, OptArgs, PromptArgs, RunArgs};
 use crate::cli::run::{artifact_executor, LoadedArtifact, TextSide};
@@ -100,6 +101,8 @@ enum Loaded {
 struct Subject {
     path: PathBuf,
     executor: &'static str,
+    /// The bundle's cost model (the interpreter's for a checkpoint; None for a bare artifact).
+    cost: Option<(CostModel, &'static str)>,
     side: TextSide,
     load_s: f64,
     rss_before_load: Option<u64>,
@@ -113,11 +116,14 @@ struct Sustained {
     samples: Vec<(f64, Sample, Vec<Option<u64>>)>,
 }
 
-fn load_one(path: &Path, args: &BenchArgs) -> Result<(Loaded, TextSide, &'static str)> {
+type Cost = Option<(CostModel, &'static str)>;
+
+fn load_one(path: &Path, args: &BenchArgs) -> Result<(Loaded, TextSide, &'static str, Cost)> {
     let common = Common { model: Some(path.to_path_buf()), json: args.json, verbose: args.verbose };
     if let Some(a) = artifact_executor(&common, &args.run, &OptArgs::default())? {
         let (side, name) = (a.side.clone(), a.name);
-        return Ok((Loaded::Artifact(Box::new(a)), side, name));
+        let cost = a.bundle.as_ref().and_then(|b| b.manifest.cost.clone()).map(|c| (c, "the bundle's manifest"));
+        return Ok((Loaded::Artifact(Box::new(a)), side, name, cost));
     }
     if !path.exists() {
         bail!("{}: no such model or bundle", path.display());
@@ -125,7 +131,9 @@ fn load_one(path: &Path, args: &BenchArgs) -> Result<(Loaded, TextSide, &'static
     let model = slmc_compiler::import::load(path)?;
     let prepared = prepare(&model, &OptArgs::default(), false)?;
     let side = TextSide::of_model(&model);
-    Ok((Loaded::Checkpoint(Box::new((model, prepared))), side, "interpreter"))
+    let cost = slmc_compiler::cost::interpreter_cost_model(&prepared.graph, model.config.max_position_embeddings);
+    let cost = Some((cost, "the interpreter's (f32 copies of the weights)"));
+    Ok((Loaded::Checkpoint(Box::new((model, prepared))), side, "interpreter", cost))
 }
 
 /// `n` ids for a model without a tokenizer (a bare test checkpoint): spread over the
@@ -173,6 +181,8 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         bail!("--compare needs at least two bundles or checkpoints");
     }
     let sensors = Sensors::discover(&sysfs_root());
+    // Before anything is loaded: the measurement's buffer is freed again.
+    let host_bandwidth = memory_read_bandwidth_gbps();
     let peak_resettable = reset_peak_rss();
     // Load everything first (each load timed, with its own peak memory), then run.
     let mut loaded = Vec::new();
@@ -181,12 +191,13 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         reset_peak_rss();
         let rss_before_load = current_rss_bytes();
         let start = Instant::now();
-        let (l, side, executor) = load_one(path, args).with_context(|| format!("{}: loading", path.display()))?;
+        let (l, side, executor, cost) = load_one(path, args).with_context(|| format!("{}: loading", path.display()))?;
         let load_s = start.elapsed().as_secs_f64();
         loaded.push(l);
         subjects.push(Subject {
             path: path.clone(),
             executor,
+            cost,
             side,
             load_s,
             rss_before_load,
@@ -266,6 +277,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|s| {
             let mut v = run_json(s, &sensors, peak_resettable);
+            v["cost_model"] = cost_json(s, host_bandwidth, v["decode_tokens_per_s"].as_f64());
             if s.sustained.is_none() {
                 v["temperature"] = temperature_json(&sensors, [start_temp.max_celsius, end_temp.max_celsius], None);
                 // Energy of the whole alternating run, shared by every model in it.
@@ -334,6 +346,29 @@ fn sustained_run(
     })?;
     s.sustained = Some(Sustained { seconds: duration.as_secs() as usize, samples });
     Ok(())
+}
+
+/// The cost model's decode prediction at the run's mean decode position, from this
+/// machine's measured bandwidth (and the profile's, where it states one), against the
+/// measured decode speed.
+fn cost_json(s: &Subject, host_gbps: f64, measured: Option<f64>) -> Value {
+    let Some((cost, source)) = &s.cost else { return json!(null) };
+    let steps: usize = s.requests.iter().map(|r| r.step_s.len()).sum();
+    // Decode step i of a request feeds the token at position prompt + i.
+    let positions: usize =
+        s.requests.iter().map(|r| (1..=r.step_s.len()).map(|i| r.prompt_tokens + i - 1).sum::<usize>()).sum();
+    let position = positions / steps.max(1);
+    let bytes = cost.bytes_at(position);
+    let predicted = host_gbps * 1e9 / bytes.max(1) as f64;
+    json!({
+        "source": source,
+        "host_memory_bandwidth_gbps": host_gbps,
+        "profile_memory_bandwidth_gbps": cost.memory_bandwidth_gbps,
+        "mean_decode_position": position,
+        "bytes_per_token": bytes,
+        "predicted_decode_tokens_per_s": predicted,
+        "measured_over_predicted": measured.map(|m| m / predicted),
+    })
 }
 
 fn mib(bytes: Option<u64>) -> String {
@@ -554,6 +589,18 @@ fn report(args: &BenchArgs, runs: Vec<Value>) -> Result<()> {
             format!("{}/{}/{}", f(&l["p50"], 1), f(&l["p95"], 1), f(&l["p99"], 1)),
             mib(r["peak_rss_bytes"].as_u64()),
         );
+        let c = &r["cost_model"];
+        if !c.is_null() {
+            println!(
+                "  cost model ({}): {} bytes/token at position {}, this machine reads {} GB/s: predicted decode {} tok/s, measured/predicted {}",
+                c["source"].as_str().unwrap_or_default(),
+                c["bytes_per_token"],
+                c["mean_decode_position"],
+                f(&c["host_memory_bandwidth_gbps"], 1),
+                f(&c["predicted_decode_tokens_per_s"], 1),
+                f(&c["measured_over_predicted"], 2)
+            );
+        }
         if let Some(series) = r["series"].as_array() {
             let throttle = r["throttled_at_s"]
                 .as_u64()

@@ -164,6 +164,12 @@ pub fn compile_html(manifests: &[Value], passes: Option<(usize, &[PassRow])>) ->
                 "act_mib": mib(&mem["activation_bytes"]), "total_mib": mib(&mem["total_bytes"]),
                 "ram_mib": mib(&mem["device_ram_bytes"]), "kv_layout": mem["kv_cache_layout"],
                 "npu": format!("{} / {}", npu["ops_on_npu"], npu["ops_total"]),
+                "bytes_first": mib(&m["cost"]["bytes_per_token_first"]), "bytes_last": mib(&m["cost"]["bytes_per_token_last"]),
+                "mflops": m["cost"]["flops_per_token_first"].as_f64().map_or("n/a".into(), |x| format!("{:.1}", x / 1e6)),
+                "predicted": match (m["cost"]["predicted_decode_tokens_per_s_first"].as_f64(), m["cost"]["predicted_decode_tokens_per_s_last"].as_f64()) {
+                    (Some(a), Some(b)) => format!("{a:.1} .. {b:.1}"),
+                    _ => "n/a (no bandwidth figure)".into(),
+                },
             })
         })
         .collect();
