@@ -518,19 +518,10 @@ fn latency_histogram(ms: &[f64], bins: usize) -> Value {
     )
 }
 
+/// Progress on a terminal only (never with --json).
 fn progress(args: &BenchArgs) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
-    if args.json || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{bar:20}] {pos}/{len} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
+    crate::cli::bundle::progress(!args.json && std::io::stderr().is_terminal(), 0)
 }
 
 /// Ratios of each model to the first, on the figures where higher is better (throughput)

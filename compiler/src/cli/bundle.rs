@@ -137,7 +137,7 @@ fn tree_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-fn progress(enabled: bool, len: u64) -> indicatif::ProgressBar {
+pub(crate) fn progress(enabled: bool, len: u64) -> indicatif::ProgressBar {
     if !enabled {
         return indicatif::ProgressBar::hidden();
     }
