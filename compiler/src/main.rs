@@ -47,6 +47,8 @@ fn main() -> ExitCode {
     };
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        // The answer (the abstention) is printed already; the status says which it was.
+        Err(e) if e.downcast_ref::<cli::run::Abstained>().is_some() => ExitCode::from(cli::run::ABSTAINED_EXIT),
         Err(e) => {
             let message = format!("{e:#}");
             eprintln!("error: {message}");
@@ -108,9 +110,7 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { common, run: exec, prompt, max_new_tokens, ignore_eos, record_logits, record_top_k, opt } => {
-            run(&common, &exec, &prompt, max_new_tokens, ignore_eos, (record_logits, record_top_k), &opt)
-        }
+        Command::Run { common, run: exec, prompt, generation, opt } => run(&common, &exec, &prompt, &generation, &opt),
         Command::Opt { common, opt, emit } => opt_command(&common, &opt, emit),
         Command::Compile { common, opt, args } => cli::bundle::compile_command(&common, opt, args),
         Command::Quality { common, opt, prompts, max_quality_drop } => {

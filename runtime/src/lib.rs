@@ -167,6 +167,19 @@ pub fn logsumexp(row: &[f32]) -> f64 {
     max + row.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln()
 }
 
+/// A row's chosen token's log-probability and the row's entropy, both in nats (f64).
+pub fn logprob_and_entropy(row: &[f32], token: usize) -> (f64, f64) {
+    let lse = logsumexp(row);
+    let entropy = -row
+        .iter()
+        .map(|&v| {
+            let lp = v as f64 - lse;
+            lp.exp() * lp
+        })
+        .sum::<f64>();
+    (row[token] as f64 - lse, entropy)
+}
+
 /// Index of the largest logit; the lowest index wins a tie (as torch.argmax does).
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
@@ -216,12 +229,19 @@ pub struct GenerateOptions {
     /// Record the top logits of this many first steps (prefill is step 0).
     pub record_steps: usize,
     pub record_top_k: usize,
+    /// Score every generated token (its log-probability and the step's entropy): every
+    /// step's logits come back from the executor, not only the chosen id.
+    pub confidence: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub generated: Vec<u32>,
     pub recorded: Vec<StepLogits>,
+    /// With `confidence`: each generated token's log-probability (natural log) and the
+    /// entropy (nats) of the distribution it was chosen from.
+    pub token_logprobs: Vec<f64>,
+    pub token_entropies: Vec<f64>,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
     /// Decode steps timed (every generated token after the first).
@@ -229,6 +249,13 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The sequence confidence: the geometric mean of the generated tokens' probabilities,
+    /// exp(mean log-probability), in (0, 1]; None without `confidence` or tokens.
+    pub fn confidence(&self) -> Option<f64> {
+        (!self.token_logprobs.is_empty())
+            .then(|| (self.token_logprobs.iter().sum::<f64>() / self.token_logprobs.len() as f64).exp())
+    }
+
     pub fn decode_tokens_per_s(&self) -> f64 {
         if self.decode_steps == 0 || self.decode_seconds <= 0.0 {
             0.0
@@ -253,18 +280,28 @@ pub fn generate(
     let vocab = exec.vocab_size();
     let mut generated = Vec::new();
     let mut recorded = Vec::new();
-    // Full logits only while steps are being recorded; otherwise the executor picks the
-    // token (on the device, for GPU executors).
-    let step = |exec: &mut dyn Executor, tokens: &[u32], recorded: &mut Vec<StepLogits>| -> Result<u32, ExecError> {
-        if recorded.len() < opts.record_steps {
-            let logits = exec.forward(tokens)?;
-            let row = &logits[logits.len() - vocab..];
-            recorded.push(StepLogits { top: top_k(row, opts.record_top_k), logsumexp: logsumexp(row) });
-            Ok(argmax(row) as u32)
-        } else {
-            exec.next_token(tokens)
-        }
-    };
+    // Full logits only while steps are being recorded or scored; otherwise the executor
+    // picks the token (on the device, for GPU executors). One step per generated token.
+    let (mut token_logprobs, mut token_entropies) = (Vec::new(), Vec::new());
+    let mut step =
+        |exec: &mut dyn Executor, tokens: &[u32], recorded: &mut Vec<StepLogits>| -> Result<u32, ExecError> {
+            if recorded.len() < opts.record_steps || opts.confidence {
+                let logits = exec.forward(tokens)?;
+                let row = &logits[logits.len() - vocab..];
+                let id = argmax(row);
+                if recorded.len() < opts.record_steps {
+                    recorded.push(StepLogits { top: top_k(row, opts.record_top_k), logsumexp: logsumexp(row) });
+                }
+                if opts.confidence {
+                    let (lp, entropy) = logprob_and_entropy(row, id);
+                    token_logprobs.push(lp);
+                    token_entropies.push(entropy);
+                }
+                Ok(id as u32)
+            } else {
+                exec.next_token(tokens)
+            }
+        };
     let start = Instant::now();
     let mut next = step(exec, prompt, &mut recorded)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
@@ -282,6 +319,8 @@ pub fn generate(
     Ok(Generation {
         generated,
         recorded,
+        token_logprobs,
+        token_entropies,
         prefill_seconds,
         decode_seconds: decode_start.elapsed().as_secs_f64(),
         decode_steps,

@@ -207,17 +207,8 @@ pub(crate) enum Command {
         run: RunArgs,
         #[command(flatten)]
         prompt: PromptArgs,
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        /// Keep generating after the end-of-sequence token.
-        #[arg(long)]
-        ignore_eos: bool,
-        /// Record the top logits of the first N steps (prefill is step 0) in the JSON.
-        #[arg(long, default_value_t = 0)]
-        record_logits: usize,
-        /// How many of the largest logits each recorded step keeps.
-        #[arg(long, default_value_t = 20)]
-        record_top_k: usize,
+        #[command(flatten)]
+        generation: GenerationArgs,
         #[command(flatten)]
         opt: OptArgs,
     },
@@ -326,6 +317,33 @@ pub(crate) enum TargetsAction {
     List,
     /// One profile in full (unknown facts shown as unknown).
     Show { name: String },
+}
+
+/// How `run` generates and what it reports.
+#[derive(clap::Args, Clone)]
+pub(crate) struct GenerationArgs {
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_new_tokens: usize,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    pub(crate) ignore_eos: bool,
+    /// Record the top logits of the first N steps (prefill is step 0) in the JSON.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) record_logits: usize,
+    /// How many of the largest logits each recorded step keeps.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) record_top_k: usize,
+    /// Answer with the abstention instead (JSON `abstained: true`, exit code 3) when the
+    /// answer's confidence, the geometric mean of its tokens' probabilities, is below X.
+    #[arg(long, value_parser = probability)]
+    pub(crate) abstain_below: Option<f64>,
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{s}`: a confidence threshold is a number from 0 to 1")),
+    }
 }
 
 #[derive(clap::Args, Clone)]

@@ -122,18 +122,30 @@ pub(crate) fn artifact_executor(common: &Common, exec: &RunArgs, opt: &OptArgs) 
     Ok(Some(LoadedArtifact { exec: opened.exec, name: opened.executor_name, side, bundle }))
 }
 
+/// What `run` answers instead of a low-confidence answer (`--abstain-below`).
+pub(crate) const ABSTENTION_TEXT: &str = "I can't answer that with enough confidence.";
+
+/// The exit status of an abstention.
+pub(crate) const ABSTAINED_EXIT: u8 = 3;
+
+/// `run` abstained: the abstention is printed, the process exits with `ABSTAINED_EXIT`.
+#[derive(Debug, thiserror::Error)]
+#[error("abstained: confidence {confidence:.4} is below {threshold}")]
+pub(crate) struct Abstained {
+    confidence: f64,
+    threshold: f64,
+}
+
 pub(crate) fn run(
     common: &Common,
     exec: &RunArgs,
     prompt: &PromptArgs,
-    max_new_tokens: usize,
-    ignore_eos: bool,
-    record: (usize, usize),
+    generation: &GenerationArgs,
     opt: &OptArgs,
 ) -> Result<()> {
     if let Some(LoadedArtifact { mut exec, name, side, .. }) = artifact_executor(common, exec, opt)? {
         let prompt_ids = side.prompt_ids(prompt)?;
-        return generate_and_print(common, exec.as_mut(), name, &side, &prompt_ids, max_new_tokens, ignore_eos, record);
+        return generate_and_print(common, exec.as_mut(), name, &side, &prompt_ids, generation);
     }
     let model = load(common)?;
     let side = TextSide::of_model(&model);
@@ -141,30 +153,30 @@ pub(crate) fn run(
     let prepared = prepare(&model, opt, false)?;
     let weights = Layered { top: &prepared.derived, base: &model.weights };
     let mut exec = InterpreterExecutor::new(&prepared.graph, &weights, model.config.max_position_embeddings)?;
-    generate_and_print(common, &mut exec, "interpreter", &side, &prompt_ids, max_new_tokens, ignore_eos, record)
+    generate_and_print(common, &mut exec, "interpreter", &side, &prompt_ids, generation)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn generate_and_print(
     common: &Common,
     exec: &mut dyn slmc_runtime::Executor,
     executor: &str,
     side: &TextSide,
     prompt_ids: &[u32],
-    max_new_tokens: usize,
-    ignore_eos: bool,
-    record: (usize, usize),
+    generation: &GenerationArgs,
 ) -> Result<()> {
     let opts = GenerateOptions {
-        max_new_tokens,
-        stop_ids: if ignore_eos { vec![] } else { side.eos_ids.clone() },
-        record_steps: record.0,
-        record_top_k: record.1,
+        max_new_tokens: generation.max_new_tokens,
+        stop_ids: if generation.ignore_eos { vec![] } else { side.eos_ids.clone() },
+        record_steps: generation.record_logits,
+        record_top_k: generation.record_top_k,
+        // Scores need every step's logits: asked for by JSON and by a threshold.
+        confidence: common.json || generation.abstain_below.is_some(),
     };
     let tok = side.tokenizer.as_ref().ok();
     let mut streamed = String::new();
     let mut so_far = Vec::new();
-    let stream = !common.json && tok.is_some();
+    // An answer that may be withheld is shown only once its confidence is known.
+    let stream = !common.json && tok.is_some() && generation.abstain_below.is_none();
     let gen = generate(exec, prompt_ids, &opts, |id| {
         if !stream {
             return;
@@ -185,6 +197,11 @@ pub(crate) fn generate_and_print(
         None => String::new(),
     };
     let ttft = gen.prefill_seconds;
+    let confidence = gen.confidence();
+    let abstained = match (generation.abstain_below, confidence) {
+        (Some(threshold), Some(c)) if c < threshold => Some(Abstained { confidence: c, threshold }),
+        _ => None,
+    };
     if common.json {
         let recorded: Vec<Value> = gen
             .recorded
@@ -200,9 +217,19 @@ pub(crate) fn generate_and_print(
             "time_to_first_token_s": ttft,
             "executor": executor,
             "recorded_logits": recorded,
+            "token_logprobs": gen.token_logprobs,
+            "token_entropies": gen.token_entropies,
+            "confidence": confidence,
+            "abstained": abstained.is_some(),
+            "abstention": abstained.as_ref().map(|_| ABSTENTION_TEXT),
         }));
     } else {
-        if !stream {
+        if abstained.is_some() {
+            println!("{ABSTENTION_TEXT}");
+        } else if !stream && generation.abstain_below.is_some() && tok.is_some() {
+            let shown = tok.expect("checked").decode(&gen.generated, true).map_err(|e| anyhow!("decoding: {e}"))?;
+            println!("{shown}");
+        } else if !stream {
             println!("{:?}", gen.generated);
         } else {
             // Whatever the stream held back (a trailing partial character) goes out now.
@@ -219,6 +246,12 @@ pub(crate) fn generate_and_print(
             prompt_ids.len() as f64 / ttft.max(1e-9),
             gen.decode_tokens_per_s()
         );
+        if let Some(c) = confidence {
+            eprintln!("[confidence {c:.4}]");
+        }
     }
-    Ok(())
+    match abstained {
+        Some(a) => Err(a.into()),
+        None => Ok(()),
+    }
 }
