@@ -31,6 +31,16 @@ pub struct CompileOptions {
     pub smoke_check: bool,
     /// GPU adapter for the smoke check (as `--adapter`).
     pub adapter: Option<String>,
+    /// The eval set to store in the bundle and gate it on.
+    pub eval: Option<EvalGate>,
+}
+
+/// An eval set with the unquantized model's results on it: a bundle whose accuracy falls
+/// more than `max_drop` points below `base`'s is not written.
+pub struct EvalGate {
+    pub set: crate::evalset::EvalSet,
+    pub base: Vec<crate::evalset::ItemOutcome>,
+    pub max_drop: f64,
 }
 
 /// Share of a device's RAM a bundle may plan to use: the OS and other apps need the rest.
@@ -86,8 +96,15 @@ pub fn compile_target(
     let dir = out_root.join(&profile.name);
     crate::output::write_dir_atomically(&dir, opts.force, |tmp| {
         write_artifact(tmp, model, optimized, &artifact)?;
+        let eval = match &opts.eval {
+            Some(gate) => {
+                Some(eval_gate(tmp, model, gate, opts).with_context(|| format!("target {target}: eval gate"))?)
+            }
+            None => None,
+        };
         let mut manifest = bundle_manifest(tmp, model, optimized, profile, opts, &artifact, memory, smoke)?;
         manifest.quality = quality.cloned();
+        manifest.eval = eval;
         manifest.cost = Some(crate::cost::cost_model(&optimized.graph, memory_weight_bytes, profile, context_len));
         std::fs::write(tmp.join(slmc_targets::bundle::MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n")?;
         if opts.smoke_check {
@@ -123,6 +140,32 @@ fn check_smoke(dir: &Path, smoke: &slmc_targets::bundle::SmokeSet, opts: &Compil
         }
     }
     Ok(())
+}
+
+/// Stores the eval set in the bundle being written, runs it on the bundle's own executor
+/// and refuses the bundle when its accuracy drops more than the gate allows below the
+/// unquantized model's; returns the figures for the manifest.
+fn eval_gate(dir: &Path, model: &Model, gate: &EvalGate, opts: &CompileOptions) -> Result<serde_json::Value> {
+    use crate::evalset;
+    std::fs::write(dir.join(evalset::EVAL_SET_FILE), serde_json::to_string_pretty(&gate.set)? + "\n")?;
+    let tokenizer = model.tokenizer.as_ref().map_err(|e| anyhow!("{e}"))?;
+    let open = slmc_runtime::registry::OpenOptions { adapter: opts.adapter.clone(), threads: 0, mil_reference: true };
+    let mut exec = slmc_runtime::registry::open(dir, &open).context("cannot run the bundle here to evaluate it")?.exec;
+    let outcomes = evalset::run(exec.as_mut(), &gate.set, tokenizer, &model.config.eos_token_ids)?;
+    let (base, accuracy) = (evalset::accuracy(&gate.base), evalset::accuracy(&outcomes));
+    let regressed = evalset::regressions(&gate.base, &outcomes);
+    if base - accuracy > gate.max_drop {
+        bail!(
+            "accuracy {accuracy:.1}% on the eval set against the unquantized model's {base:.1}%: a drop of {:.1} points, more than {}; regressed items: {}",
+            base - accuracy,
+            gate.max_drop,
+            regressed.join(", ")
+        );
+    }
+    Ok(serde_json::json!({
+        "items": outcomes.len(), "accuracy": accuracy, "base_accuracy": base, "max_drop": gate.max_drop,
+        "regressed": regressed, "totals": evalset::totals(&outcomes),
+    }))
 }
 
 fn memory_plan(
@@ -232,6 +275,7 @@ fn bundle_manifest(
         memory,
         cost: None,
         quality: None,
+        eval: None,
         smoke: smoke.clone(),
         files: crate::bundle::file_digests(dir)?,
     })

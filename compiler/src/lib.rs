@@ -6,6 +6,7 @@ pub mod compile;
 pub mod convert;
 pub mod cost;
 pub mod emit;
+pub mod evalset;
 pub mod fuzzing;
 pub mod genai;
 pub mod import;

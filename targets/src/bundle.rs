@@ -35,6 +35,10 @@ pub struct BundleManifest {
     /// Teacher-forced comparison of the optimized graph with the unoptimized one on the
     /// reference interpreter (method, positions, top-1 agreement, mean KL, perplexities).
     pub quality: Option<serde_json::Value>,
+    /// The eval set's figures when the bundle was compiled with one (`eval_set.json`):
+    /// accuracy, the unquantized model's, the gate's limit, regressed items, totals per tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<serde_json::Value>,
     pub smoke: SmokeSet,
     /// Every file of the bundle except this manifest and its signature, sorted by path.
     pub files: Vec<FileDigest>,

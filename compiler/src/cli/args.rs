@@ -339,7 +339,7 @@ pub(crate) struct GenerationArgs {
     pub(crate) abstain_below: Option<f64>,
 }
 
-fn probability(s: &str) -> Result<f64, String> {
+pub(crate) fn probability(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
         _ => Err(format!("`{s}`: a confidence threshold is a number from 0 to 1")),

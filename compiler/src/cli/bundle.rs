@@ -63,6 +63,23 @@ pub struct CompileArgs {
     /// target's bundle size, memory plan and NPU placement, the quality report.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// The team's eval set (JSON Lines, one item a line: id, messages or prompt, accept or
+    /// abstain, max_new_tokens, tags): stored in each bundle, run on the unquantized model
+    /// and on each bundle's executor; a bundle more than --max-eval-drop points less
+    /// accurate is not written.
+    #[arg(long)]
+    pub eval_set: Option<PathBuf>,
+    /// The eval gate's limit, in accuracy points.
+    #[arg(long, default_value_t = 3.0, requires = "eval_set")]
+    pub max_eval_drop: f64,
+    /// Eval answers whose confidence (geometric mean of the tokens' probabilities) is below
+    /// this count as abstentions (stored with the eval set).
+    #[arg(long, value_parser = crate::cli::args::probability, requires = "eval_set")]
+    pub abstain_below: Option<f64>,
+    /// A phrase that counts as declining an eval item (repeatable; default: I can't, I cannot,
+    /// I don't know, I do not know, not able to).
+    #[arg(long, requires = "eval_set")]
+    pub refusal: Vec<String>,
 }
 
 /// `$SLMC_COMPILE_CACHE`, else `$SLMC_CACHE/compile`.
@@ -159,6 +176,13 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     if !model_path.exists() {
         bail!("{}: no such model (run scripts/setup for the default, or pass MODEL)", model_path.display());
     }
+    // The eval set's bytes are part of what a bundle is made from (and of the cache key).
+    let eval_text = match &args.eval_set {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("{}: cannot read the eval set", p.display()))?)
+        }
+        None => None,
+    };
     let mut opt = opt;
     if opt.pipeline.is_none() && opt.passes.is_empty() {
         opt.pipeline = Some("gpu".into());
@@ -179,12 +203,17 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         "onnx_head_accuracy_level": args.onnx_head_accuracy_level,
         "model_version": model_version,
         "smoke_check": !args.skip_smoke_check,
+        "eval_set": eval_text.as_ref().map(|t| slmc_targets::artifact::sha256_hex(t.as_bytes())),
+        "max_eval_drop": args.max_eval_drop,
+        "abstain_below": args.abstain_below,
+        "refusals": args.refusal,
     });
     // Debugging output (IR dumps, pass prints) only comes from a real compile.
     let build = compiler_build_id();
     let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty() && build.is_some();
     let build = build.unwrap_or_default();
     let mut prepared: Option<(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)> = None;
+    let mut eval_gate = None;
     let mut smoke = std::collections::BTreeMap::new();
     let mut quality = None;
     let (mut written, mut cached) = (Vec::new(), Vec::new());
@@ -212,6 +241,10 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             bar.set_message("importing and optimizing (once for all targets)");
             let model = load(common)?;
             let optimized = prepare(&model, &opt, true)?;
+            if let (Some(path), Some(text)) = (&args.eval_set, &eval_text) {
+                bar.set_message("eval set on the unquantized model (reference interpreter)");
+                eval_gate = Some(eval_gate_for(&model, path, text, &args)?);
+            }
             prepared = Some((model, optimized));
         }
         let (model, optimized) = prepared.as_ref().expect("just prepared");
@@ -256,6 +289,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             options: options.clone(),
             smoke_check: !args.skip_smoke_check,
             adapter: args.adapter.clone(),
+            eval: eval_gate.take(),
         };
         let out = slmc_compiler::compile::compile_target(
             model,
@@ -269,7 +303,9 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
                 ..smoke[&long].clone()
             },
             quality.as_ref(),
-        )?;
+        );
+        eval_gate = options.eval;
+        let out = out?;
         if use_cache {
             // Best effort: a cache that cannot be written only costs the next compile time.
             let tmp = cache_root().join(format!(".{key}.tmp-{}", std::process::id()));
@@ -297,6 +333,35 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         }
     }
     Ok(())
+}
+
+/// The eval set parsed and rendered with the model's tokenizer and chat template, and the
+/// unquantized model's results on it (the lowered graph as imported, on the interpreter).
+fn eval_gate_for(
+    model: &slmc_compiler::import::Model,
+    path: &Path,
+    text: &str,
+    args: &CompileArgs,
+) -> Result<slmc_compiler::compile::EvalGate> {
+    use slmc_compiler::evalset;
+    let tokenizer = model.tokenizer.as_ref().map_err(|e| anyhow::anyhow!("{e} (an eval set is tokenized)"))?;
+    let renderer = evalset::Renderer {
+        tokenizer,
+        chat_template: model.chat_template.as_deref(),
+        bos_token: model.bos_token.as_deref(),
+        eos_token: model.eos_token.as_deref(),
+    };
+    let refusals = if args.refusal.is_empty() {
+        evalset::DEFAULT_REFUSALS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.refusal.clone()
+    };
+    let set = evalset::parse(path, text, &renderer, args.abstain_below, refusals)?;
+    let graph = slmc_compiler::lower::lower(model)?;
+    let mut exec =
+        slmc_runtime::InterpreterExecutor::new(&graph, &model.weights, model.config.max_position_embeddings)?;
+    let base = evalset::run(&mut exec, &set, tokenizer, &model.config.eos_token_ids)?;
+    Ok(slmc_compiler::compile::EvalGate { set, base, max_drop: args.max_eval_drop })
 }
 
 /// The HTML compile report from the written bundles' manifests and, when the pipeline ran
@@ -389,12 +454,23 @@ fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path) -> Result<(bool
     let mut c = common.clone();
     c.model = Some(bundle.to_path_buf());
     let loaded = artifact_executor(&c, exec, &OptArgs::default())?;
-    let Some(LoadedArtifact { mut exec, name, bundle: Some(verified), .. }) = loaded else {
+    let Some(LoadedArtifact { mut exec, name, bundle: Some(verified), side }) = loaded else {
         bail!("{}: not a compiled bundle (no manifest.json)", bundle.display());
     };
     let outcomes = bundles::run_smoke(exec.as_mut(), &verified.manifest.smoke)?;
     let passed = outcomes.iter().all(|o| o.passed);
-    Ok((passed, json!({ "passed": passed, "executor": name, "prompts": outcomes }), verified))
+    let mut report = json!({ "passed": passed, "executor": name, "prompts": outcomes });
+    // The team's eval set, when the bundle carries one, from the bytes verification checked.
+    if let Some(bytes) = verified.files.get(slmc_compiler::evalset::EVAL_SET_FILE) {
+        let shown = verified.files.path(slmc_compiler::evalset::EVAL_SET_FILE);
+        let set: slmc_compiler::evalset::EvalSet =
+            serde_json::from_slice(bytes).with_context(|| format!("{}: not an eval set", shown.display()))?;
+        let tokenizer = side.tokenizer.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let items = slmc_compiler::evalset::run(exec.as_mut(), &set, tokenizer, &side.eos_ids)?;
+        report["totals"] = slmc_compiler::evalset::totals(&items);
+        report["items"] = serde_json::to_value(&items)?;
+    }
+    Ok((passed, report, verified))
 }
 
 pub fn eval(common: &Common, exec: &RunArgs) -> Result<()> {
@@ -410,6 +486,24 @@ pub fn eval(common: &Common, exec: &RunArgs) -> Result<()> {
                 p["matching_prefix"],
                 p["expected_ids"].as_array().map(|a| a.len()).unwrap_or(0),
                 p["required_prefix"]
+            );
+        }
+        for item in report["items"].as_array().into_iter().flatten() {
+            println!(
+                "{} {} (confidence {}): {}",
+                if item["passed"] == true { "ok  " } else { "FAIL" },
+                item["id"].as_str().unwrap_or_default(),
+                item["confidence"].as_f64().map_or("n/a".into(), |c| format!("{c:.3}")),
+                item["answer"].as_str().unwrap_or_default().trim()
+            );
+        }
+        if !report["totals"].is_null() {
+            let t = &report["totals"];
+            println!(
+                "eval set: {} of {} passed ({:.1}%)",
+                t["passed"],
+                t["total"],
+                t["accuracy"].as_f64().unwrap_or(0.0)
             );
         }
     }
