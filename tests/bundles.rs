@@ -580,7 +580,7 @@ fn executors_and_the_store_use_the_bytes_verification_checked() {
         let got = open_files(&verified.files, &opts).unwrap().exec.forward(&prompt).unwrap();
         assert_eq!(got, expected, "{target}: the executor read something other than the verified bytes");
         let store = dir.join(format!("store-{target}"));
-        let id = slmc_compiler::store::install(&verified, &store, &trust).unwrap();
+        let id = slmc_compiler::store::install(&verified, &store, &trust, None).unwrap();
         let installed = slmc_runtime::bundle::verify(&store.join("versions").join(&id), &trust).unwrap();
         assert_eq!(installed.manifest, verified.manifest, "{target}: the store got other bytes");
     }

@@ -2,7 +2,7 @@
 //! unquantized model and on each bundle's executor; a damaged quantization fails the gate
 //! with the regressed items named and no bundle written; `slmc eval` lists every item; a
 //! tampered eval set in a signed bundle is refused; broken eval files are named by line.
-//! The items are taken from the demo set in fixtures/eval (the whole set: scripts/demo-eval).
+//! The items are taken from the demo set in fixtures/eval (README: its figures in full).
 
 mod common;
 
@@ -78,6 +78,26 @@ fn the_gate_passes_the_stored_weights_and_stops_a_damaged_quantization() {
     assert!(err.contains("eval gate") && err.contains("regressed items:"), "{err}");
     assert!(ITEMS.iter().any(|id| err.contains(id)), "{err}");
     assert!(!damaged.join("onnx-cpu").exists(), "no bundle is written");
+
+    // Let through by a wide limit, the same quantization installs only where no version is
+    // better: the store keeps each version's results and refuses a regression.
+    let store = dir.join("store");
+    let st = store.to_str().unwrap();
+    let install = slmc_json(&["install", bundle.to_str().unwrap(), "--store", st]);
+    assert_eq!(install["smoke"]["items"].as_array().unwrap().len(), ITEMS.len());
+    let wide = dir.join("wide");
+    let w = wide.to_str().unwrap();
+    let args = ["compile", g, "--target", "onnx-cpu", "-o", w, "--eval-set", s, "--quant", "q4g64-sym"];
+    slmc_json(&[&args[..], &["--no-cache", "--max-eval-drop", "100"]].concat());
+    let regressed = read_json(&wide.join("onnx-cpu").join("manifest.json"))["eval"]["regressed"].clone();
+    assert!(!regressed.as_array().unwrap().is_empty(), "{regressed}");
+    let err = slmc_fails(&["install", wide.join("onnx-cpu").to_str().unwrap(), "--store", st]);
+    assert!(err.contains("regresses against the installed version") && err.contains("store is unchanged"), "{err}");
+    for id in regressed.as_array().unwrap() {
+        assert!(err.contains(id.as_str().unwrap()), "{id} not named: {err}");
+    }
+    let current = std::fs::read_link(store.join("current")).unwrap();
+    assert_eq!(current.file_name().unwrap().to_str().unwrap(), install["installed"].as_str().unwrap());
 
     // A signed bundle whose eval set was edited is refused.
     let key = dir.join("key");

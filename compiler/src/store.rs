@@ -8,6 +8,7 @@
 //! killed command are removed by the next one. A failed or killed install leaves the store
 //! as it was.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -142,12 +143,52 @@ pub fn bundle_id(verified: &Verified) -> Result<String> {
     Ok(format!("{target}-{}", &slmc_targets::artifact::sha256_hex(manifest)[..16]))
 }
 
+/// Each version's eval-set results on this device (`STORE/eval/<id>.json`: item id ->
+/// passed), kept so the next install can be compared with the version it replaces.
+fn eval_results_path(store: &Path, id: &str) -> PathBuf {
+    store.join("eval").join(format!("{id}.json"))
+}
+
+/// Item ids that passed with the store's current version and fail in `results`.
+fn eval_regressions(store: &Path, current: &str, results: &BTreeMap<String, bool>) -> Result<Vec<String>> {
+    let path = eval_results_path(store, current);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    let before: BTreeMap<String, bool> =
+        serde_json::from_str(&text).with_context(|| format!("{}: not eval results", path.display()))?;
+    Ok(before
+        .iter()
+        .filter(|(id, passed)| **passed && results.get(*id) == Some(&false))
+        .map(|(id, _)| id.clone())
+        .collect())
+}
+
 /// Writes the bytes of a bundle that was verified and smoke-tested into the store (the same
-/// bytes, not a second read of its files) and makes it current. Returns its id.
-pub fn install(verified: &Verified, store: &Path, trust: &Trust) -> Result<String> {
+/// bytes, not a second read of its files) and makes it current. Returns its id. With eval
+/// results (item id -> passed on this device), a bundle failing an item the current
+/// version passed is refused before anything is written, and the results are kept.
+pub fn install(
+    verified: &Verified,
+    store: &Path,
+    trust: &Trust,
+    eval: Option<&BTreeMap<String, bool>>,
+) -> Result<String> {
     let id = bundle_id(verified)?;
     let _lock = lock(store)?;
     let mut state = read_state(store)?;
+    if let (Some(results), Some(current)) = (eval, state.current.as_deref()) {
+        let regressed = eval_regressions(store, current, results)?;
+        if !regressed.is_empty() {
+            bail!(
+                "{}: the eval set regresses against the installed version {current}: {} passed there and fail now; the store is unchanged",
+                store.display(),
+                regressed.join(", ")
+            );
+        }
+    }
     let dest = store.join("versions").join(&id);
     // A version already present is used only if it still verifies.
     let reusable = dest.is_dir() && slmc_runtime::bundle::verify(&dest, trust).is_ok();
@@ -170,6 +211,11 @@ pub fn install(verified: &Verified, store: &Path, trust: &Trust) -> Result<Strin
         }
         sync_path(&store.join("versions"))?;
         crate::output::crash_point("store-version-written");
+    }
+    if let Some(results) = eval {
+        let path = eval_results_path(store, &id);
+        std::fs::create_dir_all(store.join("eval")).with_context(|| format!("{}: cannot create", store.display()))?;
+        crate::output::write_file_atomically(&path, (serde_json::to_string_pretty(results)? + "\n").as_bytes())?;
     }
     if state.current.as_deref() != Some(id.as_str()) {
         if let Some(old) = state.current.take() {

@@ -523,7 +523,11 @@ pub fn install(common: &Common, exec: &RunArgs, store_dir: &Path) -> Result<()> 
     if !passed {
         bail!("{}: the smoke set disagrees with the reference; the store is unchanged", bundle.display());
     }
-    let id = store::install(&verified, store_dir, &trust)?;
+    // The eval set's results on this device, compared with the version being replaced.
+    let eval: Option<std::collections::BTreeMap<String, bool>> = report["items"].as_array().map(|items| {
+        items.iter().filter_map(|i| Some((i["id"].as_str()?.to_string(), i["passed"].as_bool()?))).collect()
+    });
+    let id = store::install(&verified, store_dir, &trust, eval.as_ref())?;
     let state = store::read_state(store_dir)?;
     let seconds = started.elapsed().as_secs_f64();
     if common.json {
