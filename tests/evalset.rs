@@ -59,6 +59,16 @@ fn the_gate_passes_the_stored_weights_and_stops_a_damaged_quantization() {
     assert_eq!(report["totals"]["by_tag"]["must-decline"]["total"], 1);
     assert_eq!(f64::from(passed as u32) * 100.0 / ITEMS.len() as f64, eval["accuracy"].as_f64().unwrap());
 
+    // Calibration: the cut that best separates right answers from wrong ones is never worse
+    // than not abstaining, and its counts add up.
+    let c = slmc_json(&["eval", bundle.to_str().unwrap(), "--calibrate"])["calibration"].clone();
+    let n = |k: &str| c[k].as_u64().unwrap();
+    assert_eq!(n("right_answered") + n("right_withheld") + n("wrong_answered") + n("wrong_withheld"), n("items"));
+    assert_eq!(n("separated"), n("right_answered") + n("wrong_withheld"));
+    assert_eq!(n("separated_never_abstaining") as usize, passed);
+    assert!(n("separated") >= n("separated_never_abstaining"));
+    assert!((0.0..=1.0).contains(&c["threshold"].as_f64().unwrap()), "{c}");
+
     // Symmetric 4-bit groups of 64 by rounding: the gate names what regressed, writes nothing.
     let damaged = dir.join("damaged");
     let d = damaged.to_str().unwrap();

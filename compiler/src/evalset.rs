@@ -247,6 +247,60 @@ pub fn regressions(base: &[ItemOutcome], candidate: &[ItemOutcome]) -> Vec<Strin
     base.iter().zip(candidate).filter(|(b, c)| b.passed && !c.passed).map(|(b, _)| b.id.clone()).collect()
 }
 
+/// The abstention threshold that best separates right from wrong answers: answers at or
+/// above it are given, below it withheld, and the threshold maximises right answers given
+/// plus wrong answers withheld (a must-decline item is right when the model declined).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Calibration {
+    pub threshold: f64,
+    pub right_answered: usize,
+    pub wrong_withheld: usize,
+    pub wrong_answered: usize,
+    pub right_withheld: usize,
+    /// Right answers given plus wrong ones withheld, at the threshold and never abstaining.
+    pub separated: usize,
+    pub separated_never_abstaining: usize,
+    pub items: usize,
+}
+
+/// `outcomes`: the eval set run without abstention (each judged on its answer alone).
+pub fn calibrate(outcomes: &[ItemOutcome]) -> Calibration {
+    let points: Vec<(f64, bool)> = outcomes.iter().map(|o| (o.confidence.unwrap_or(0.0), o.passed)).collect();
+    let at = |t: f64| {
+        let mut c = Calibration {
+            threshold: t,
+            right_answered: 0,
+            wrong_withheld: 0,
+            wrong_answered: 0,
+            right_withheld: 0,
+            separated: 0,
+            separated_never_abstaining: points.iter().filter(|p| p.1).count(),
+            items: points.len(),
+        };
+        for &(conf, right) in &points {
+            match (conf >= t, right) {
+                (true, true) => c.right_answered += 1,
+                (true, false) => c.wrong_answered += 1,
+                (false, true) => c.right_withheld += 1,
+                (false, false) => c.wrong_withheld += 1,
+            }
+        }
+        c.separated = c.right_answered + c.wrong_withheld;
+        c
+    };
+    // Candidates: never abstaining, and midway between neighbouring confidences (and just
+    // above the highest); the lowest threshold wins a tie (abstain as little as possible).
+    let mut confs: Vec<f64> = points.iter().map(|p| p.0).collect();
+    confs.sort_by(|a, b| a.total_cmp(b));
+    confs.dedup();
+    let mut candidates = vec![0.0];
+    candidates.extend(confs.windows(2).map(|w| (w[0] + w[1]) / 2.0));
+    if let Some(top) = confs.last() {
+        candidates.push((top + 1.0) / 2.0);
+    }
+    candidates.into_iter().map(at).fold(at(0.0), |best, c| if c.separated > best.separated { c } else { best })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +327,26 @@ mod tests {
         assert!(judge(&s, &decline, "Sorry, I CAN'T help with that.", false));
         assert!(judge(&s, &decline, "Paris", true));
         assert!(!judge(&s, &decline, "Paris", false));
+    }
+
+    #[test]
+    fn calibration_withholds_the_unsure_wrong_answers() {
+        let o = |conf: f64, passed: bool| ItemOutcome {
+            id: String::new(),
+            passed,
+            answer: String::new(),
+            confidence: Some(conf),
+            abstained: false,
+            tags: vec![],
+        };
+        let outcomes = [o(0.9, true), o(0.8, true), o(0.3, false), o(0.2, false), o(0.5, true), o(0.6, false)];
+        let c = calibrate(&outcomes);
+        // Withholding below 0.4 keeps the right 0.5, 0.8, 0.9 and the wrong 0.6, drops 0.2 and 0.3.
+        assert!((c.threshold - 0.4).abs() < 1e-12, "{c:?}");
+        assert_eq!((c.right_answered, c.wrong_answered, c.wrong_withheld, c.right_withheld), (3, 1, 2, 0));
+        assert_eq!((c.separated, c.separated_never_abstaining), (5, 3));
+        // All right: never abstain.
+        assert_eq!(calibrate(&[o(0.2, true), o(0.9, true)]).threshold, 0.0);
     }
 
     #[test]

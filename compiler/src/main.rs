@@ -78,7 +78,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Keygen { out, force, json } => cli::bundle::keygen(&out, force, json),
         Command::Sign { bundle, key, json } => cli::bundle::sign(&bundle, &key, json),
         Command::Verify { bundle, trust, json } => cli::bundle::verify(&bundle, &trust, json),
-        Command::Eval { common, run } => cli::bundle::eval(&common, &run),
+        Command::Eval { common, run, calibrate } => cli::bundle::eval(&common, &run, calibrate),
         Command::Install { common, run, store } => cli::bundle::install(&common, &run, &store),
         Command::Rollback { store, json } => cli::bundle::rollback(&store, json),
         Command::Bench(args) => cli::bench::bench(&args),

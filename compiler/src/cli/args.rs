@@ -275,12 +275,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a bundle's golden smoke set on its executor.
+    /// Run a bundle's golden smoke set and its eval set (if it has one) on its executor.
     Eval {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
         run: RunArgs,
+        /// Suggest the --abstain-below threshold that best separates right from wrong
+        /// answers on the bundle's eval set.
+        #[arg(long)]
+        calibrate: bool,
     },
     /// Verify a bundle, run its smoke set, and make it the store's current version.
     Install {

@@ -450,7 +450,7 @@ pub fn verify(bundle: &Path, trust: &TrustArgs, json: bool) -> Result<()> {
 
 /// Verifies the bundle once and runs its smoke set on the executor opened from the verified
 /// bytes; the outcome as JSON, and the verified bundle.
-fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path) -> Result<(bool, Value, Verified)> {
+fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path, calibrate: bool) -> Result<(bool, Value, Verified)> {
     let mut c = common.clone();
     c.model = Some(bundle.to_path_buf());
     let loaded = artifact_executor(&c, exec, &OptArgs::default())?;
@@ -469,13 +469,26 @@ fn smoke_outcome(common: &Common, exec: &RunArgs, bundle: &Path) -> Result<(bool
         let items = slmc_compiler::evalset::run(exec.as_mut(), &set, tokenizer, &side.eos_ids)?;
         report["totals"] = slmc_compiler::evalset::totals(&items);
         report["items"] = serde_json::to_value(&items)?;
+        if calibrate {
+            // Every answer judged on its own (no abstention), then the best separating cut.
+            let plain = slmc_compiler::evalset::EvalSet { abstain_below: None, ..set };
+            // Answers withheld by the stored threshold are asked again without it.
+            let answers = if items.iter().any(|i| i.abstained) {
+                slmc_compiler::evalset::run(exec.as_mut(), &plain, tokenizer, &side.eos_ids)?
+            } else {
+                items
+            };
+            report["calibration"] = serde_json::to_value(slmc_compiler::evalset::calibrate(&answers))?;
+        }
+    } else if calibrate {
+        bail!("{}: --calibrate needs a bundle compiled with --eval-set", bundle.display());
     }
     Ok((passed, report, verified))
 }
 
-pub fn eval(common: &Common, exec: &RunArgs) -> Result<()> {
+pub fn eval(common: &Common, exec: &RunArgs, calibrate: bool) -> Result<()> {
     let bundle = common.model.clone().context("give the bundle directory")?;
-    let (passed, report, _) = smoke_outcome(common, exec, &bundle)?;
+    let (passed, report, _) = smoke_outcome(common, exec, &bundle, calibrate)?;
     if common.json {
         print_json(&report);
     } else {
@@ -519,7 +532,7 @@ pub fn install(common: &Common, exec: &RunArgs, store_dir: &Path) -> Result<()> 
     let trust = exec.trust.trust()?;
     // Signature and hashes once, then the smoke set on this device's executor run from the
     // verified bytes; only then are those same bytes written into the store.
-    let (passed, report, verified) = smoke_outcome(common, exec, &bundle)?;
+    let (passed, report, verified) = smoke_outcome(common, exec, &bundle, false)?;
     if !passed {
         bail!("{}: the smoke set disagrees with the reference; the store is unchanged", bundle.display());
     }
