@@ -34,7 +34,23 @@ fn the_gate_passes_the_stored_weights_and_stops_a_damaged_quantization() {
     let gguf = smollm2_gguf();
     let (g, s) = (gguf.to_str().unwrap(), set.to_str().unwrap());
     let out = dir.join("ok");
-    slmc_json(&["compile", g, "--target", "onnx-cpu", "-o", out.to_str().unwrap(), "--eval-set", s, "--no-cache"]);
+    let report = dir.join("compile.html");
+    let r = report.to_str().unwrap();
+    slmc_json(&[
+        "compile",
+        g,
+        "--target",
+        "onnx-cpu",
+        "-o",
+        out.to_str().unwrap(),
+        "--eval-set",
+        s,
+        "--no-cache",
+        "--report",
+        r,
+    ]);
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.contains("Eval set (the release gate)"), "the compile report shows the gate");
     let bundle = out.join("onnx-cpu");
     let manifest = read_json(&bundle.join("manifest.json"));
     let eval = &manifest["eval"];

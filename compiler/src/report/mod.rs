@@ -185,6 +185,16 @@ pub fn compile_html(manifests: &[Value], passes: Option<(usize, &[PassRow])>) ->
         json!({ "positions": q["positions"], "top1": fixed(&q["top1_agreement"], 4), "kl": fixed(&q["mean_kl"], 4),
             "ppl_base": fixed(&q["perplexity_base"], 3), "ppl_opt": fixed(&q["perplexity_optimized"], 3), "method": q["method"] })
     });
+    let evals: Vec<Value> = manifests
+        .iter()
+        .filter(|m| m["eval"].is_object())
+        .map(|m| {
+            let e = &m["eval"];
+            let regressed = e["regressed"].as_array().map(|r| r.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "));
+            json!({ "target": m["target"]["name"], "items": e["items"], "accuracy": fixed(&e["accuracy"], 1),
+                "base": fixed(&e["base_accuracy"], 1), "max_drop": e["max_drop"], "regressed": regressed.unwrap_or_default() })
+        })
+        .collect();
     let (nodes_before, rows) = passes.unwrap_or((0, &[]));
     let pass_rows: Vec<Value> = rows
         .iter()
@@ -198,7 +208,7 @@ pub fn compile_html(manifests: &[Value], passes: Option<(usize, &[PassRow])>) ->
     let ctx = tera::Context::from_value(json!({
         "model": first["model"], "compiler": first["compiler"]["version"], "passes": pass_rows,
         "nodes_before": nodes_before, "nodes_after": rows.last().map_or(0, |p| p.nodes_after),
-        "pass_chart": pass_chart, "targets": targets, "quality": quality,
+        "pass_chart": pass_chart, "targets": targets, "quality": quality, "evals": evals,
         "size_chart": svg::bar_chart("Bundle size per target", &sizes, "MiB"),
         "memory_chart": svg::bar_chart("Memory needed at the compiled context (weights + KV + activations)", &memory, "MiB"),
     }))
