@@ -11,25 +11,25 @@ use slmc_targets::{BackendKind, TargetProfile};
 pub fn cost_model(graph: &Graph, weight_bytes: u64, profile: &TargetProfile, context_len: usize) -> CostModel {
     // Core ML programs keep their caches in fp16, whatever the graph's cache type.
     let cache = (profile.backend == BackendKind::Coreml).then_some(KvQuant::F16);
-    cost_model_with(graph, weight_bytes, cache, profile.memory_bandwidth_gbps, context_len)
+    cost_model_with(TokenCost::of(graph), weight_bytes, cache, profile.memory_bandwidth_gbps, context_len)
 }
 
 /// The reference interpreter's cost model: it multiplies by f32 copies of the weights
 /// (4 bytes for each weight element, which costs 2 FLOPs).
 pub fn interpreter_cost_model(graph: &Graph, context_len: usize) -> CostModel {
-    let weight_bytes = 2 * TokenCost::of(graph).matmul_flops;
-    cost_model_with(graph, weight_bytes, None, None, context_len)
+    let cost = TokenCost::of(graph);
+    let weight_bytes = 2 * cost.matmul_flops;
+    cost_model_with(cost, weight_bytes, None, None, context_len)
 }
 
 /// `cache`: the cache type the target stores when it is not the graph's.
 fn cost_model_with(
-    graph: &Graph,
+    mut cost: TokenCost,
     weight_bytes: u64,
     cache: Option<KvQuant>,
     memory_bandwidth_gbps: Option<f64>,
     context_len: usize,
 ) -> CostModel {
-    let mut cost = TokenCost::of(graph);
     if let Some(quant) = cache {
         cost.attention.iter_mut().for_each(|a| a.quant = quant);
     }
@@ -41,7 +41,11 @@ fn cost_model_with(
             kv_bytes_per_position: a.kv_bytes_per_position(),
             window: a.window,
         };
-        match attention.iter_mut().find(|g| AttentionGroup { layers: g.layers, ..group.clone() } == **g) {
+        let same = |g: &&mut AttentionGroup| {
+            (g.flops_per_position, g.kv_bytes_per_position, g.window)
+                == (group.flops_per_position, group.kv_bytes_per_position, group.window)
+        };
+        match attention.iter_mut().find(same) {
             Some(g) => g.layers += 1,
             None => attention.push(group),
         }

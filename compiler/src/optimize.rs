@@ -47,6 +47,8 @@ impl OptRequest {
 
 pub struct Optimized {
     pub graph: Graph,
+    /// Nodes of the lowered graph the passes started from (the compile report's "before").
+    pub lowered_nodes: usize,
     pub derived: OwnedWeights,
     pub passes: Vec<&'static str>,
     pub timings: Vec<PassTiming>,
@@ -109,6 +111,7 @@ pub fn optimize(
     req: &OptRequest,
     sink: Option<&mut dyn std::io::Write>,
 ) -> Result<Optimized> {
+    let lowered_nodes = graph.len();
     let passes: Vec<&'static str> = if req.passes.is_empty() {
         slmc_passes::lookup_pipeline(req.pipeline.as_deref().unwrap_or("default"))?.to_vec()
     } else {
@@ -156,5 +159,14 @@ pub fn optimize(
         disabled: req.disable_pass.clone(),
     };
     let timings = slmc_passes::run_passes(&mut graph, &passes, &mut cx, &mut instruments)?;
-    Ok(Optimized { graph, derived: cx.derived, passes, timings, memory_plan: cx.memory_plan, policy, kv_quant })
+    Ok(Optimized {
+        graph,
+        lowered_nodes,
+        derived: cx.derived,
+        passes,
+        timings,
+        memory_plan: cx.memory_plan,
+        policy,
+        kv_quant,
+    })
 }

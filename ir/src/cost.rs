@@ -77,7 +77,7 @@ impl TokenCost {
 }
 
 /// Positions a token at `position` attends to under `window`.
-pub fn attended(window: Option<usize>, position: usize) -> u64 {
+fn attended(window: Option<usize>, position: usize) -> u64 {
     (position as u64 + 1).min(window.map_or(u64::MAX, |w| w as u64))
 }
 

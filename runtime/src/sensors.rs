@@ -24,12 +24,12 @@ pub struct Sensors {
 }
 
 /// One reading of every sensor.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Sample {
     /// The hottest exposed temperature, in degrees Celsius.
     pub max_celsius: Option<f64>,
-    /// Energy counters summed, in joules (monotonic apart from wrap-around).
-    pub energy_joules: Option<f64>,
+    /// Each energy counter's raw reading, in microjoules (see `Sensors::energy_between`).
+    pub energy_counts: Vec<Option<u64>>,
     /// Instantaneous power, in watts (battery `power_now`).
     pub power_watts: Option<f64>,
 }
@@ -102,29 +102,22 @@ impl Sensors {
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<i64>().ok())
             .map(|milli| milli as f64 / 1000.0)
-            .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
-        let energies: Vec<u64> = self.energy_counters.iter().filter_map(|(f, _)| read_u64(f)).collect();
-        let energy_joules = (!energies.is_empty() && energies.len() == self.energy_counters.len())
-            .then(|| energies.iter().sum::<u64>() as f64 / 1e6);
+            .reduce(f64::max);
+        let energy_counts = self.energy_counters.iter().map(|(f, _)| read_u64(f)).collect();
         let powers: Vec<u64> = self.power_files.iter().filter_map(|f| read_u64(f)).collect();
         let power_watts = (!powers.is_empty()).then(|| powers.iter().sum::<u64>() as f64 / 1e6);
-        Sample { max_celsius, energy_joules, power_watts }
+        Sample { max_celsius, energy_counts, power_watts }
     }
 
     /// Joules between two samples' counter readings, allowing one wrap-around per counter
     /// (counters are read one by one, so the sum's wrap is the sum of ranges that wrapped).
-    pub fn energy_between(&self, start: &[Option<u64>], end: &[Option<u64>]) -> Option<f64> {
+    pub fn energy_between(&self, start: &Sample, end: &Sample) -> Option<f64> {
         let mut total = 0u64;
         for (i, (_, range)) in self.energy_counters.iter().enumerate() {
-            let (a, b) = (start.get(i).copied().flatten()?, end.get(i).copied().flatten()?);
+            let (a, b) = (start.energy_counts.get(i).copied().flatten()?, end.energy_counts.get(i).copied().flatten()?);
             total += if b >= a { b - a } else { b + range.unwrap_or(0).checked_sub(a)? };
         }
         (!self.energy_counters.is_empty()).then_some(total as f64 / 1e6)
-    }
-
-    /// Each energy counter's raw reading (microjoules).
-    pub fn energy_counts(&self) -> Vec<Option<u64>> {
-        self.energy_counters.iter().map(|(f, _)| read_u64(f)).collect()
     }
 }
 
@@ -156,11 +149,10 @@ mod tests {
         assert!(s.power_files.is_empty(), "a mains supply is not a battery");
         let sample = s.sample();
         assert_eq!(sample.max_celsius, Some(55.5));
-        assert_eq!(sample.energy_joules, Some(999.0));
-        let start = s.energy_counts();
+        assert_eq!(sample.energy_counts, vec![Some(999_000_000)]);
         w("class/powercap/intel-rapl:0/energy_uj", "1000000\n");
         // Wrapped: 1 J to the end of the range, then 1 J.
-        assert_eq!(s.energy_between(&start, &s.energy_counts()), Some(2.0));
+        assert_eq!(s.energy_between(&sample, &s.sample()), Some(2.0));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

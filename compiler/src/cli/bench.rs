@@ -92,9 +92,10 @@ const PROMPT_MIX: &[&str] = &[
      lid, please replace it.' Answer as JSON.",
 ];
 
-/// What is being benchmarked, loaded.
+/// What is being benchmarked, loaded: an artifact's executor, or a checkpoint with its
+/// graph (the interpreter borrows both, so it is made once everything is loaded).
 enum Loaded {
-    Artifact(Box<LoadedArtifact>),
+    Artifact(Box<dyn Executor>),
     Checkpoint(Box<(Model, Optimized)>),
 }
 
@@ -102,7 +103,7 @@ struct Subject {
     path: PathBuf,
     executor: &'static str,
     /// The bundle's cost model (the interpreter's for a checkpoint; None for a bare artifact).
-    cost: Option<(CostModel, &'static str)>,
+    cost: Cost,
     side: TextSide,
     load_s: f64,
     rss_before_load: Option<u64>,
@@ -113,17 +114,19 @@ struct Subject {
 
 struct Sustained {
     seconds: usize,
-    samples: Vec<(f64, Sample, Vec<Option<u64>>)>,
+    /// (seconds since the run's start, the sensors then).
+    samples: Vec<(f64, Sample)>,
 }
 
 type Cost = Option<(CostModel, &'static str)>;
 
 fn load_one(path: &Path, args: &BenchArgs) -> Result<(Loaded, TextSide, &'static str, Cost)> {
     let common = Common { model: Some(path.to_path_buf()), json: args.json, verbose: args.verbose };
-    if let Some(a) = artifact_executor(&common, &args.run, &OptArgs::default())? {
-        let (side, name) = (a.side.clone(), a.name);
-        let cost = a.bundle.as_ref().and_then(|b| b.manifest.cost.clone()).map(|c| (c, "the bundle's manifest"));
-        return Ok((Loaded::Artifact(Box::new(a)), side, name, cost));
+    if let Some(LoadedArtifact { exec, name, side, bundle }) =
+        artifact_executor(&common, &args.run, &OptArgs::default())?
+    {
+        let cost = bundle.and_then(|b| b.manifest.cost).map(|c| (c, "the bundle's manifest"));
+        return Ok((Loaded::Artifact(exec), side, name, cost));
     }
     if !path.exists() {
         bail!("{}: no such model or bundle", path.display());
@@ -185,7 +188,8 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     let host_bandwidth = memory_read_bandwidth_gbps();
     let peak_resettable = reset_peak_rss();
     // Load everything first (each load timed, with its own peak memory), then run.
-    let mut loaded = Vec::new();
+    // Artifacts own their executors; checkpoints' interpreters borrow graph and weights.
+    let (mut artifacts, mut checkpoints, mut order) = (Vec::new(), Vec::new(), Vec::new());
     let mut subjects = Vec::new();
     for path in &paths {
         reset_peak_rss();
@@ -193,7 +197,16 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         let start = Instant::now();
         let (l, side, executor, cost) = load_one(path, args).with_context(|| format!("{}: loading", path.display()))?;
         let load_s = start.elapsed().as_secs_f64();
-        loaded.push(l);
+        match l {
+            Loaded::Artifact(exec) => {
+                order.push((true, artifacts.len()));
+                artifacts.push(exec);
+            }
+            Loaded::Checkpoint(c) => {
+                order.push((false, checkpoints.len()));
+                checkpoints.push(*c);
+            }
+        }
         subjects.push(Subject {
             path: path.clone(),
             executor,
@@ -206,20 +219,6 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
             sustained: None,
         });
     }
-    // Artifacts own their executors; checkpoints' interpreters borrow graph and weights.
-    let (mut artifacts, mut checkpoints, mut order) = (Vec::new(), Vec::new(), Vec::new());
-    for l in loaded {
-        match l {
-            Loaded::Artifact(a) => {
-                order.push((true, artifacts.len()));
-                artifacts.push(*a);
-            }
-            Loaded::Checkpoint(c) => {
-                order.push((false, checkpoints.len()));
-                checkpoints.push(*c);
-            }
-        }
-    }
     let layered: Vec<Layered> =
         checkpoints.iter().map(|(m, p)| Layered { top: &p.derived, base: &m.weights }).collect();
     let mut interpreters = checkpoints
@@ -229,7 +228,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     // (Shortening the artifacts' `dyn Executor + 'static` to the interpreters' lifetime.)
     let mut of_artifacts: Vec<Option<&mut dyn Executor>> =
-        artifacts.iter_mut().map(|a| -> Option<&mut dyn Executor> { Some(&mut *a.exec) }).collect();
+        artifacts.iter_mut().map(|e| -> Option<&mut dyn Executor> { Some(&mut **e) }).collect();
     let mut of_checkpoints: Vec<Option<&mut dyn Executor>> =
         interpreters.iter_mut().map(|e| Some(e as &mut dyn Executor)).collect();
     let mut execs: Vec<&mut dyn Executor> = order
@@ -240,8 +239,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         })
         .collect();
     let bar = progress(args);
-    let start_temp = sensors.sample();
-    let start_energy = sensors.energy_counts();
+    let start_sample = sensors.sample();
     let bench_start = Instant::now();
     if let Some(duration) = args.duration {
         bar.set_length(duration.as_secs() * subjects.len() as u64);
@@ -271,15 +269,15 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let wall = bench_start.elapsed().as_secs_f64();
-    let end_temp = sensors.sample();
-    let energy = sensors.energy_between(&start_energy, &sensors.energy_counts());
+    let end_sample = sensors.sample();
+    let energy = sensors.energy_between(&start_sample, &end_sample);
     let runs: Vec<Value> = subjects
         .iter()
         .map(|s| {
             let mut v = run_json(s, &sensors, peak_resettable);
             v["cost_model"] = cost_json(s, host_bandwidth, v["decode_tokens_per_s"].as_f64());
             if s.sustained.is_none() {
-                v["temperature"] = temperature_json(&sensors, [start_temp.max_celsius, end_temp.max_celsius], None);
+                v["temperature"] = temperature_json(&sensors, [start_sample.max_celsius, end_sample.max_celsius], None);
                 // Energy of the whole alternating run, shared by every model in it.
                 v["power"] = power_json(&sensors, energy, wall, subjects.len() > 1);
                 // Only a single model's run has its own energy.
@@ -320,12 +318,12 @@ fn sustained_run(
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 let t = clock.elapsed().as_secs_f64();
                 if t >= next {
-                    samples.push((t, sensors.sample(), sensors.energy_counts()));
+                    samples.push((t, sensors.sample()));
                     next += 1.0;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            samples.push((clock.elapsed().as_secs_f64(), sensors.sample(), sensors.energy_counts()));
+            samples.push((clock.elapsed().as_secs_f64(), sensors.sample()));
             samples
         });
         let mut i = 0;
@@ -459,7 +457,7 @@ fn run_json(s: &Subject, sensors: &Sensors, peak_resettable: bool) -> Value {
                 );
                 let power = match bounds {
                     (Some(a), Some(b)) if !sensors.energy_counters.is_empty() => {
-                        sensors.energy_between(&a.2, &b.2).map(|e| e / (b.0 - a.0).max(1e-9))
+                        sensors.energy_between(&a.1, &b.1).map(|e| e / (b.0 - a.0).max(1e-9))
                     }
                     _ => sample.and_then(|s| s.1.power_watts),
                 };
@@ -470,14 +468,10 @@ fn run_json(s: &Subject, sensors: &Sensors, peak_resettable: bool) -> Value {
         let first = sus.samples.first();
         let last = sus.samples.last();
         let energy = match (first, last) {
-            (Some(a), Some(b)) => sensors.energy_between(&a.2, &b.2),
+            (Some(a), Some(b)) => sensors.energy_between(&a.1, &b.1),
             _ => None,
         };
-        let max_temp = sus
-            .samples
-            .iter()
-            .filter_map(|s| s.1.max_celsius)
-            .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
+        let max_temp = sus.samples.iter().filter_map(|s| s.1.max_celsius).reduce(f64::max);
         let seconds = last.map_or(0.0, |l| l.0);
         v["duration_s"] = json!(sus.seconds);
         v["series"] = Value::Array(series);

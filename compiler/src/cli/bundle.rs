@@ -323,7 +323,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     }
     bar.finish_and_clear();
     if let Some(path) = &args.report {
-        compile_report(path, &written, prepared.as_ref())?;
+        compile_report(path, &written, prepared.as_ref().map(|(_, optimized)| optimized))?;
     }
     if common.json {
         print_json(&json!({ "targets": args.target, "outputs": written, "cached": cached }));
@@ -369,7 +369,7 @@ fn eval_gate_for(
 fn compile_report(
     path: &Path,
     written: &[PathBuf],
-    prepared: Option<&(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)>,
+    optimized: Option<&slmc_compiler::optimize::Optimized>,
 ) -> Result<()> {
     let manifests = written
         .iter()
@@ -379,9 +379,8 @@ fn compile_report(
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))
         })
         .collect::<Result<Vec<serde_json::Value>>>()?;
-    let passes = match prepared {
-        Some((model, optimized)) => {
-            let before = slmc_compiler::lower::lower(model)?.len();
+    let passes = match optimized {
+        Some(optimized) => {
             let rows = optimized
                 .timings
                 .iter()
@@ -392,7 +391,7 @@ fn compile_report(
                     nodes_after: t.nodes_after,
                 })
                 .collect::<Vec<_>>();
-            Some((before, rows))
+            Some((optimized.lowered_nodes, rows))
         }
         None => None,
     };

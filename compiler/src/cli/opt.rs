@@ -19,6 +19,7 @@ pub(crate) fn prepare(model: &Model, opt: &OptArgs, force: bool) -> Result<Optim
     let req = opt.request();
     if !force && !req.is_active() {
         return Ok(Optimized {
+            lowered_nodes: graph.len(),
             graph,
             derived: Default::default(),
             passes: vec![],

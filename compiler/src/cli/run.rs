@@ -16,7 +16,6 @@ use crate::*;
 
 /// Text handling of whatever is being run: a model's tokenizer and chat template, or the
 /// copies an artifact carries.
-#[derive(Clone)]
 pub(crate) struct TextSide {
     pub(crate) origin: PathBuf,
     pub(crate) tokenizer: Result<tokenizers::Tokenizer, String>,
