@@ -345,13 +345,14 @@ pub fn options_record(req: &crate::optimize::OptRequest) -> Result<BTreeMap<Stri
 }
 
 /// The manifest's quality report: the optimized graph against the unoptimized one on the
-/// reference interpreter, teacher-forced over the built-in calibration text (at most 256
-/// tokens; fixed token ids for models without a tokenizer).
+/// reference interpreter, teacher-forced over the built-in held-out text (at most 256
+/// tokens; fixed token ids for models without a tokenizer). It is not calibration data, so
+/// a calibrated quantizer is judged on text it did not see.
 pub fn quality_report(model: &Model, optimized: &Optimized) -> Result<serde_json::Value> {
     const BUDGET: usize = 256;
     let vocab = model.config.vocab_size as u32;
-    let (sequences, source) = match crate::optimize::calibration_sequences(model, None) {
-        Ok(s) => (s, "the built-in calibration text"),
+    let (sequences, source) = match crate::optimize::held_out_sequences(model) {
+        Ok(s) => (s, "the built-in held-out text"),
         Err(_) => (vec![(0..64u32).map(|i| (i * 31 + 7) % vocab).collect()], "fixed token ids (no tokenizer)"),
     };
     // Each case runs from an empty cache, so it must fit the model's context too.

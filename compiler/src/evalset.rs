@@ -89,7 +89,17 @@ pub struct Renderer<'a> {
 }
 
 impl Renderer<'_> {
-    fn ids(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+    /// Text tokenized as it is (no template, no special tokens added).
+    pub fn plain_ids(&self, text: &str) -> Result<Vec<u32>, String> {
+        let ids = self.tokenizer.encode(text, false).map_err(|e| format!("tokenizing: {e}"))?.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err("the sample tokenizes to no tokens".into());
+        }
+        Ok(ids)
+    }
+
+    /// Messages rendered with the chat template (or their text joined when there is none).
+    pub fn ids(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
         let (text, special) = match self.chat_template {
             Some(t) => (render_chat(t, messages, self.bos_token, self.eos_token)?, false),
             // No template: the messages' text as it is, with the tokenizer's own specials.

@@ -11,9 +11,15 @@ use slmc_passes::{
 
 use crate::import::Model;
 
-/// Built-in calibration text (English prose, chat, code, numbers), used when no
-/// `--calibration` file is given. It is not the evaluation set of `slmc quality`.
-const CALIBRATION_TEXT: &str = include_str!("calibration.txt");
+/// Built-in calibration samples (JSON Lines: conversations on everyday, technical,
+/// customer-support, coding and arithmetic topics, and a few plain passages), used when no
+/// `--calibration` file is given; conversations are rendered with the model's chat
+/// template, as the prompts it will serve are. It is not the evaluation set of `slmc quality`.
+const CALIBRATION_SAMPLES: &str = include_str!("calibration.jsonl");
+
+/// Built-in held-out text (English prose, chat, code, numbers; one sample per line) that
+/// the compile report's quality figures are measured on: no quantizer calibrates on it.
+const HELD_OUT_TEXT: &str = include_str!("quality.txt");
 
 /// What the user asked the optimizer for.
 #[derive(Debug, Clone, Default)]
@@ -58,30 +64,79 @@ pub struct Optimized {
 }
 
 /// Token sequences for calibration: a file (golden JSON with `prompts[].input_ids` and
-/// `generated_ids`, or text with one sample per line) or the built-in text.
+/// `generated_ids`; JSON Lines of `messages`, `prompt` or `text` samples, so an eval set
+/// serves; or text with one sample per line) or the built-in samples.
 pub fn calibration_sequences(model: &Model, file: Option<&Path>) -> Result<Vec<Vec<u32>>> {
-    let text = match file {
+    let (name, text) = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) {
                 return golden_sequences(&json).with_context(|| format!("{}: not a prompts file", path.display()));
             }
-            text
+            (path.display().to_string(), text)
         }
-        None => CALIBRATION_TEXT.to_string(),
+        None => ("the built-in calibration samples".to_string(), CALIBRATION_SAMPLES.to_string()),
     };
-    let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("calibration text needs a tokenizer: {e}"))?;
-    text.lines()
+    let tokenizer = model.tokenizer.as_ref().map_err(|e| anyhow!("calibration text needs a tokenizer: {e}"))?;
+    let renderer = crate::evalset::Renderer {
+        tokenizer,
+        chat_template: model.chat_template.as_deref(),
+        bos_token: model.bos_token.as_deref(),
+        eos_token: model.eos_token.as_deref(),
+    };
+    let lines: Vec<(usize, &str)> =
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect();
+    let json_lines = lines.first().is_some_and(|(_, l)| l.trim_start().starts_with('{'));
+    let sequences: Vec<Vec<u32>> = lines
+        .iter()
+        .map(|(number, line)| {
+            let ids = if json_lines {
+                calibration_sample(&renderer, line)
+            } else {
+                renderer.plain_ids(&line.replace("\\n", "\n"))
+            };
+            ids.map_err(|e| anyhow!("{name}:{number}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    if sequences.is_empty() {
+        bail!("{name}: no calibration samples");
+    }
+    Ok(sequences)
+}
+
+/// The held-out text's lines, tokenized as they are (`\\n` in a line is a newline).
+pub fn held_out_sequences(model: &Model) -> Result<Vec<Vec<u32>>> {
+    let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("the held-out text needs a tokenizer: {e}"))?;
+    HELD_OUT_TEXT
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let l = l.replace("\\n", "\n");
             Ok(tok
                 .encode(l.as_str(), false)
-                .map_err(|e| anyhow!("tokenizing calibration text: {e}"))?
+                .map_err(|e| anyhow!("tokenizing the held-out text: {e}"))?
                 .get_ids()
                 .to_vec())
         })
         .collect()
+}
+
+/// One JSON Lines sample: `messages` (rendered with the chat template), `prompt` (one
+/// user message) or `text` (tokenized as it is); other fields (an eval item's) are ignored.
+fn calibration_sample(renderer: &crate::evalset::Renderer, line: &str) -> Result<Vec<u32>, String> {
+    #[derive(serde::Deserialize)]
+    struct Sample {
+        messages: Option<Vec<crate::import::tokenizer::Message>>,
+        prompt: Option<String>,
+        text: Option<String>,
+    }
+    let sample: Sample = serde_json::from_str(line).map_err(|e| format!("not a calibration sample: {e}"))?;
+    match (sample.messages, sample.prompt, sample.text) {
+        (Some(m), None, None) if !m.is_empty() => renderer.ids(&m),
+        (None, Some(p), None) => renderer.ids(&[crate::import::tokenizer::Message { role: "user".into(), content: p }]),
+        (None, None, Some(t)) => renderer.plain_ids(&t),
+        _ => Err("a sample has exactly one of non-empty `messages`, `prompt` or `text`".into()),
+    }
 }
 
 /// `prompts[].input_ids` followed by `generated_ids`, as in the golden files.
@@ -135,20 +190,18 @@ pub fn optimize(
             KvQuant::from_name(name).ok_or_else(|| anyhow!("unknown --kv-quant `{name}` (f32, f16, int8, int4)"))?
         }
     };
-    if method == QuantMethod::Clip && policy.is_noop() {
-        bail!("--quant-method clip needs --quant or --quant-override");
+    if method.needs_calibration() && policy.is_noop() {
+        bail!("--quant-method {} needs --quant or --quant-override", method.name());
     }
-    let calibration = if method == QuantMethod::Clip {
-        calibration_sequences(model, req.calibration.as_deref())?
-    } else {
-        Vec::new()
-    };
+    let calibration =
+        if method.needs_calibration() { calibration_sequences(model, req.calibration.as_deref())? } else { Vec::new() };
     let options = PipelineOptions {
         quant: policy.clone(),
         kv_quant,
         calibration,
         context_len: model.config.max_position_embeddings.min(4096),
         prefill_len: 128,
+        gram_budget: 0,
     };
     let mut cx = PassContext::new(&model.weights, options);
     let mut graph = graph;

@@ -184,6 +184,28 @@ impl<'a> Interpreter<'a> {
         inputs: &[(&str, Tensor)],
         observer: &mut dyn FnMut(NodeId, &Tensor),
     ) -> Result<Vec<(String, Tensor)>, InterpError> {
+        self.run_until(inputs, observer, None).map(|o| o.unwrap_or_default())
+    }
+
+    /// `run_observed` that stops once `last` is computed (calibration of the first layers
+    /// needs no later ones). The cache is then partly appended and the position count not
+    /// advanced: call `reset` before the next run.
+    pub fn observe_until(
+        &mut self,
+        inputs: &[(&str, Tensor)],
+        observer: &mut dyn FnMut(NodeId, &Tensor),
+        last: NodeId,
+    ) -> Result<(), InterpError> {
+        self.run_until(inputs, observer, Some(last)).map(|_| ())
+    }
+
+    /// Runs the step; `None` when it stopped at `stop_after`.
+    fn run_until(
+        &mut self,
+        inputs: &[(&str, Tensor)],
+        observer: &mut dyn FnMut(NodeId, &Tensor),
+        stop_after: Option<NodeId>,
+    ) -> Result<Option<Vec<(String, Tensor)>>, InterpError> {
         let graph = self.graph;
         let mut symbols: HashMap<String, i64> = HashMap::new();
         symbols.insert("p".into(), self.past as i64);
@@ -264,6 +286,9 @@ impl<'a> Interpreter<'a> {
                 }
             }
             observer(*id, &value);
+            if stop_after == Some(*id) {
+                return Ok(None);
+            }
             values.insert(*id, value);
             for input in &node.inputs {
                 if self.last_use.get(input) == Some(&pos) {
@@ -274,7 +299,7 @@ impl<'a> Interpreter<'a> {
         if let Some(s) = step_len {
             self.past += s;
         }
-        Ok(graph.outputs().iter().map(|(name, id)| (name.clone(), values[id].clone())).collect())
+        Ok(Some(graph.outputs().iter().map(|(name, id)| (name.clone(), values[id].clone())).collect()))
     }
 
     fn weight_f32(&mut self, id: NodeId) -> Result<Arc<Vec<f32>>, InterpError> {

@@ -62,6 +62,11 @@ impl OwnedWeights {
         self.weights.len()
     }
 
+    /// Drops the weights `keep` says no to (intermediates a later step superseded).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.weights.retain(|name, _| keep(name));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.weights.is_empty()
     }

@@ -6,9 +6,13 @@
 //! pass did: print after a pass, dump numbered IR files, disable a pass, time passes.
 //! Every pass is deterministic.
 
+pub mod awq;
+pub mod calibrate;
 pub mod cleanup;
 pub mod fuse;
+pub mod gptq;
 pub mod kv;
+pub mod linalg;
 pub mod memory;
 pub mod quant;
 
@@ -48,6 +52,8 @@ pub struct PipelineOptions {
     pub context_len: usize,
     /// Prompt length the memory plan sizes the prefill step for.
     pub prefill_len: usize,
+    /// Bytes of Gram matrices one GPTQ calibration run may hold (0: the default budget).
+    pub gram_budget: usize,
 }
 
 /// What passes work with besides the graph: the imported weights, the weights passes

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use half::f16;
 use rayon::prelude::*;
 use slmc_ir::dtype::{encode_float, pack_q4, pack_q8_0};
-use slmc_ir::{DType, Dim, Graph, Interpreter, NodeId, Op, OwnedWeight, Tensor, TensorType, WeightSource};
+use slmc_ir::{DType, Dim, Graph, NodeId, Op, OwnedWeight, TensorType, WeightSource};
 
+use crate::calibrate::ChannelStats;
+use crate::gptq::{gptq_q4, ColumnOrder, GptqConfig};
 use crate::PassContext;
 
 /// A quantization scheme for one weight.
@@ -93,14 +95,22 @@ pub enum QuantMethod {
     /// Per-group search of a clipping ratio minimizing the output error weighted by the
     /// mean squared calibration activation of each input channel (AWQ's clip search).
     Clip,
+    /// AWQ's per-channel scaling folded into the producer of each linear's input (see
+    /// [`crate::awq`]), then the clipping search.
+    Awq,
+    /// GPTQ on 4-bit matrices (see [`crate::gptq`]), each group's scale from the clipping
+    /// search; other schemes and the embedding table round to nearest.
+    Gptq,
 }
 
 impl QuantMethod {
     pub fn parse(text: &str) -> Result<QuantMethod, String> {
         match text {
             "rtn" => Ok(QuantMethod::Rtn),
-            "clip" | "awq" => Ok(QuantMethod::Clip),
-            other => Err(format!("unknown quantization method `{other}` (rtn, clip)")),
+            "clip" => Ok(QuantMethod::Clip),
+            "awq" => Ok(QuantMethod::Awq),
+            "gptq" => Ok(QuantMethod::Gptq),
+            other => Err(format!("unknown quantization method `{other}` (rtn, clip, awq, gptq)")),
         }
     }
 
@@ -108,6 +118,22 @@ impl QuantMethod {
         match self {
             QuantMethod::Rtn => "rtn",
             QuantMethod::Clip => "clip",
+            QuantMethod::Awq => "awq",
+            QuantMethod::Gptq => "gptq",
+        }
+    }
+
+    /// Whether it runs calibration sequences through the model.
+    pub fn needs_calibration(self) -> bool {
+        self != QuantMethod::Rtn
+    }
+
+    /// The suffix of a weight quantized by this method under `scheme` in role `role`.
+    fn suffix(self, scheme: Scheme, role: Role) -> &'static str {
+        match (self, scheme, role) {
+            (QuantMethod::Clip | QuantMethod::Awq, Scheme::Q4 { .. }, _) => "-clip",
+            (QuantMethod::Gptq, Scheme::Q4 { .. }, Role::Matrix | Role::LmHead) => "-gptq",
+            _ => "",
         }
     }
 }
@@ -197,12 +223,8 @@ type PlannedWeight = (NodeId, Role, Scheme, Vec<(NodeId, usize)>);
 /// A quantized group: f16 scale, f16 minimum (zero for symmetric) and codes 0..=15.
 type QuantGroup = (f16, f16, Vec<u8>);
 
-pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, String> {
-    let policy = cx.options.quant.clone();
-    if policy.is_noop() {
-        return Ok(0);
-    }
-    // Decide per (weight node, role).
+/// Which weights get which scheme, per role.
+fn plan_weights(graph: &Graph, policy: &QuantPolicy) -> Result<Vec<PlannedWeight>, String> {
     let mut plan: Vec<PlannedWeight> = Vec::new();
     for id in graph.topo_order()? {
         let Op::Weight { name } = &graph.node(id).op else { continue };
@@ -224,96 +246,173 @@ pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize
             }
         }
     }
+    Ok(plan)
+}
+
+/// The linear nodes reading planned weights (the activation-aware methods' subjects),
+/// with the scheme of the weight they read.
+fn planned_linears(plan: &[PlannedWeight]) -> HashMap<NodeId, Scheme> {
+    plan.iter()
+        .filter(|p| matches!(p.1, Role::Matrix | Role::LmHead))
+        .flat_map(|(_, _, scheme, uses)| uses.iter().map(move |(u, _)| (*u, *scheme)))
+        .collect()
+}
+
+pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize, String> {
+    let policy = cx.options.quant.clone();
+    if policy.is_noop() {
+        return Ok(0);
+    }
+    let mut plan = plan_weights(graph, &policy)?;
     if plan.is_empty() {
         return Ok(0);
     }
-    let stats = if policy.method == QuantMethod::Clip {
-        activation_stats(graph, cx, &plan.iter().flat_map(|p| p.3.iter().map(|u| u.0)).collect::<Vec<_>>())?
-    } else {
-        HashMap::new()
-    };
+    let mut stats = HashMap::new();
+    if policy.method == QuantMethod::Gptq {
+        gptq_in_chunks(graph, cx, &plan)?;
+        plan = plan_weights(graph, &policy)?;
+    } else if policy.method.needs_calibration() {
+        let mut users: Vec<NodeId> = planned_linears(&plan).into_keys().collect();
+        users.sort();
+        stats = crate::calibrate::collect(graph, cx, &users, policy.method == QuantMethod::Gptq)?;
+    }
+    if policy.method == QuantMethod::Awq {
+        let q4: HashMap<NodeId, Scheme> =
+            planned_linears(&plan).into_iter().filter(|(_, s)| matches!(s, Scheme::Q4 { .. })).collect();
+        if crate::awq::rescale(graph, cx, &q4, &mut stats)? > 0 {
+            plan = plan_weights(graph, &policy)?;
+        }
+    }
     let mut changed = 0;
-    for (w, _role, scheme, uses) in plan {
-        let name = match &graph.node(w).op {
-            Op::Weight { name } => name.clone(),
-            _ => unreachable!(),
-        };
-        let view_dtype = graph.node(w).ty.dtype;
-        let target = scheme.dtype().expect("keep is filtered out");
-        if target == view_dtype {
-            continue; // already in the requested format: the stored bytes pass through
-        }
-        let shape: Vec<usize> = graph.node(w).ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
-        let (rows, cols) = (shape[0], shape[1]);
-        if cols % target.block_len() != 0 {
-            return Err(format!("weight \"{name}\": {cols} columns are not a multiple of {}'s group", scheme.name()));
-        }
-        let derived_name = format!(
-            "{name}@{}{}",
-            scheme.name(),
-            if policy.method == QuantMethod::Clip && matches!(scheme, Scheme::Q4 { .. }) { "-clip" } else { "" }
-        );
-        if cx.derived.get(&derived_name).is_none() {
-            let values = cx.weights().to_f32(&name).ok_or_else(|| format!("weight \"{name}\" cannot be read"))?;
-            // Channel weights for the clipping search: mean x^2 of the input of this weight's users.
-            let importance: Option<Vec<f32>> = uses.iter().find_map(|(u, _)| stats.get(u).cloned());
-            let bytes = quantize_matrix(&values, rows, cols, scheme, policy.method, importance.as_deref());
-            cx.derived.insert(derived_name.clone(), OwnedWeight { dtype: target, shape: shape.clone(), bytes });
-        }
-        let ty = TensorType::new(target, shape.iter().map(|d| Dim::from(*d)).collect());
-        let base = graph.node(w).name.clone();
-        let new_w = graph.weight(&graph.fresh_name(&format!("{base}.{}", scheme.name())), &derived_name, ty)?;
-        for (user, slot) in uses {
-            let mut inputs = graph.node(user).inputs.clone();
-            inputs[slot] = new_w;
-            graph.set_inputs(user, &inputs);
-        }
-        changed += 1;
+    for entry in &plan {
+        changed += quantize_planned(graph, cx, entry, policy.method, &stats)? as usize;
     }
     crate::cleanup::dead_code_elimination(graph);
+    if policy.method == QuantMethod::Awq {
+        // The scaled f32 matrices were inputs to the quantizer, not weights of the graph.
+        let referenced = crate::cleanup::referenced_weights(graph);
+        cx.derived
+            .retain(|name| !name.contains("@awq") || referenced.binary_search_by(|r| r.as_str().cmp(name)).is_ok());
+    }
     Ok(changed)
 }
 
-/// Mean squared activation per input channel of each of `users` (linear nodes), from
-/// running the current graph on the calibration sequences.
-fn activation_stats(graph: &Graph, cx: &PassContext, users: &[NodeId]) -> Result<HashMap<NodeId, Vec<f32>>, String> {
-    if cx.options.calibration.is_empty() {
-        return Err("the clip method needs calibration sequences".into());
+/// Quantizes one planned weight (unless GPTQ already did) and points its uses at the
+/// result; false when it is already stored in its scheme.
+fn quantize_planned(
+    graph: &mut Graph,
+    cx: &mut PassContext,
+    (w, role, scheme, uses): &PlannedWeight,
+    method: QuantMethod,
+    stats: &HashMap<NodeId, ChannelStats>,
+) -> Result<bool, String> {
+    let (w, role, scheme) = (*w, *role, *scheme);
+    let name = match &graph.node(w).op {
+        Op::Weight { name } => name.clone(),
+        _ => unreachable!(),
+    };
+    let view_dtype = graph.node(w).ty.dtype;
+    let target = scheme.dtype().expect("keep is filtered out");
+    if target == view_dtype {
+        return Ok(false); // already in the requested format: the stored bytes pass through
     }
-    let inputs: HashMap<NodeId, Vec<NodeId>> = users.iter().fold(HashMap::new(), |mut m, u| {
-        m.entry(graph.node(*u).inputs[0]).or_default().push(*u);
-        m
-    });
-    let weights = cx.weights();
-    let mut interp = Interpreter::new(graph, &weights).map_err(|e| format!("calibration: {e}"))?;
-    let mut sums: HashMap<NodeId, (Vec<f64>, usize)> = HashMap::new();
-    for seq in &cx.options.calibration {
-        interp.reset();
-        let tokens = Tensor::i32(vec![seq.len()], seq.iter().map(|t| *t as i32).collect());
-        interp
-            .run_observed(&[("tokens", tokens)], &mut |id, t| {
-                if inputs.contains_key(&id) {
-                    let x = t.as_f32().expect("linear inputs are f32");
-                    let k = *t.shape.last().unwrap();
-                    let entry = sums.entry(id).or_insert_with(|| (vec![0.0; k], 0));
-                    for row in x.chunks_exact(k) {
-                        for (s, v) in entry.0.iter_mut().zip(row) {
-                            *s += (*v as f64) * (*v as f64);
-                        }
-                        entry.1 += 1;
-                    }
-                }
-            })
-            .map_err(|e| format!("calibration: {e}"))?;
+    let shape: Vec<usize> = graph.node(w).ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+    let (rows, cols) = (shape[0], shape[1]);
+    if cols % target.block_len() != 0 {
+        return Err(format!("weight \"{name}\": {cols} columns are not a multiple of {}'s group", scheme.name()));
     }
-    let mut out = HashMap::new();
-    for (x, (sum, n)) in sums {
-        let mean: Vec<f32> = sum.iter().map(|s| (*s / n.max(1) as f64) as f32).collect();
-        for u in &inputs[&x] {
-            out.insert(*u, mean.clone());
+    let derived_name = format!("{name}@{}{}", scheme.name(), method.suffix(scheme, role));
+    if cx.derived.get(&derived_name).is_none() {
+        if method.suffix(scheme, role) == "-gptq" {
+            return Err(format!("weight \"{name}\": no calibration run reached its users"));
+        }
+        let values = cx.weights().to_f32(&name).ok_or_else(|| format!("weight \"{name}\" cannot be read"))?;
+        // Channel weights for the clipping search: mean x^2 of the input of this weight's users.
+        let importance: Option<Vec<f32>> =
+            uses.iter().find_map(|(u, _)| stats.get(&graph.node(*u).inputs[0]).map(|s| s.mean_sq()));
+        let bytes = quantize_matrix(&values, rows, cols, scheme, method, importance.as_deref());
+        cx.derived.insert(derived_name.clone(), OwnedWeight { dtype: target, shape: shape.clone(), bytes });
+    }
+    let ty = TensorType::new(target, shape.iter().map(|d| Dim::from(*d)).collect());
+    let base = graph.node(w).name.clone();
+    let new_w = graph.weight(&graph.fresh_name(&format!("{base}.{}", scheme.name())), &derived_name, ty)?;
+    for (user, slot) in uses {
+        let mut inputs = graph.node(*user).inputs.clone();
+        inputs[*slot] = new_w;
+        graph.set_inputs(*user, &inputs);
+    }
+    Ok(true)
+}
+
+/// Most bytes of Gram matrices one GPTQ calibration run holds (f32, one per distinct
+/// activation): a bigger model is calibrated in chunks of consecutive layers, each chunk
+/// quantized before the next is calibrated on its output (GPTQ's sequential mode).
+pub const GPTQ_GRAM_BUDGET: usize = 512 << 20;
+
+/// GPTQ over the plan in chunks of linears (in graph order) whose Gram matrices fit the
+/// budget (`PipelineOptions::gram_budget`, or [`GPTQ_GRAM_BUDGET`]); each chunk's weights
+/// are quantized and in the graph before the next chunk is calibrated.
+fn gptq_in_chunks(graph: &mut Graph, cx: &mut PassContext, plan: &[PlannedWeight]) -> Result<(), String> {
+    let budget = if cx.options.gram_budget > 0 { cx.options.gram_budget } else { GPTQ_GRAM_BUDGET };
+    let order = graph.topo_order()?;
+    let mut users: Vec<NodeId> = planned_linears(plan).into_keys().collect();
+    users.sort_by_key(|u| order.iter().position(|o| o == u));
+    let mut chunks: Vec<Vec<NodeId>> = Vec::new();
+    let (mut seen, mut bytes) = (Vec::new(), 0usize);
+    for u in users {
+        let act = graph.node(u).inputs[0];
+        let k = graph.node(act).ty.shape.last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
+        let add = if seen.contains(&act) { 0 } else { k * k * 4 };
+        if chunks.is_empty() || (bytes + add > budget && bytes > 0) {
+            chunks.push(Vec::new());
+            (seen, bytes) = (Vec::new(), 0);
+        }
+        seen.push(act);
+        bytes += add;
+        chunks.last_mut().expect("pushed above").push(u);
+    }
+    for chunk in chunks {
+        let stats = crate::calibrate::collect(graph, cx, &chunk, true)?;
+        let part: Vec<PlannedWeight> =
+            plan.iter().filter(|p| p.3.iter().any(|(u, _)| chunk.contains(u))).cloned().collect();
+        gptq_weights(graph, cx, &part, &stats)?;
+        for entry in &part {
+            quantize_planned(graph, cx, entry, QuantMethod::Gptq, &stats)?;
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// GPTQ for every 4-bit matrix not already stored in its scheme, against the Gram matrix
+/// of its users' input; results go into the derived weights under their final names.
+fn gptq_weights(
+    graph: &Graph,
+    cx: &mut PassContext,
+    plan: &[PlannedWeight],
+    stats: &HashMap<NodeId, ChannelStats>,
+) -> Result<(), String> {
+    for (w, role, scheme, uses) in plan {
+        let Scheme::Q4 { group, sym } = *scheme else { continue };
+        let Op::Weight { name } = &graph.node(*w).op else { continue };
+        let dtype = scheme.dtype().expect("a 4-bit scheme");
+        if QuantMethod::Gptq.suffix(*scheme, *role) != "-gptq" || dtype == graph.node(*w).ty.dtype {
+            continue;
+        }
+        let derived = format!("{name}@{}-gptq", scheme.name());
+        let Some(gram) =
+            uses.iter().find_map(|(u, _)| stats.get(&graph.node(*u).inputs[0])).and_then(|s| s.gram.as_ref())
+        else {
+            return Err(format!("weight \"{name}\": no calibration run reached its users"));
+        };
+        let values = cx.weights().to_f32(name).ok_or_else(|| format!("weight \"{name}\" cannot be read"))?;
+        let cols = *graph.node(*w).ty.shape[1].as_const().as_ref().ok_or("GPTQ: a weight of unknown shape")? as usize;
+        let rows = values.len() / cols;
+        let h: Vec<f64> = gram.iter().map(|v| *v as f64).collect();
+        let cfg = GptqConfig { group, sym, order: ColumnOrder::ActOrder, ratios: &CLIP_RATIOS };
+        let bytes = gptq_q4(&values, rows, cols, &h, cfg, dtype).map_err(|e| format!("weight \"{name}\": {e}"))?;
+        cx.derived.insert(derived, OwnedWeight { dtype, shape: vec![rows, cols], bytes });
+    }
+    Ok(())
 }
 
 /// Quantizes a row-major `[rows, cols]` matrix into `scheme`'s packed bytes.
@@ -361,10 +460,10 @@ pub fn quantize_matrix(
 }
 
 /// One group: codes 0..=15 and the f16 scale (and minimum) they decode with.
-fn quantize_group(g: &[f32], sym: bool, method: QuantMethod, importance: Option<&[f32]>) -> QuantGroup {
+pub(crate) fn quantize_group(g: &[f32], sym: bool, method: QuantMethod, importance: Option<&[f32]>) -> QuantGroup {
     let ratios: &[f32] = match method {
-        QuantMethod::Rtn => &[1.0],
-        QuantMethod::Clip => &CLIP_RATIOS,
+        QuantMethod::Rtn | QuantMethod::Gptq => &[1.0],
+        QuantMethod::Clip | QuantMethod::Awq => &CLIP_RATIOS,
     };
     let mut best: Option<(f64, QuantGroup)> = None;
     for &r in ratios {

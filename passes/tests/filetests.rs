@@ -89,6 +89,12 @@ fn parse_file(text: &str) -> FileTest {
                     "override" => options.quant.overrides = QuantPolicy::parse_overrides(v).unwrap(),
                     "method" => options.quant.method = QuantMethod::parse(v).unwrap(),
                     "kv" => options.kv_quant = KvQuant::from_name(v).unwrap(),
+                    "gram_budget" => options.gram_budget = v.parse().unwrap(),
+                    // Token sequences: `1.5.9/3.4` is two sequences.
+                    "calibration" => {
+                        options.calibration =
+                            v.split('/').map(|seq| seq.split('.').map(|t| t.parse().unwrap()).collect()).collect()
+                    }
                     other => panic!("unknown filetest option {other}"),
                 }
             }
@@ -203,4 +209,33 @@ fn a_wrong_expectation_fails() {
     if !std::env::var("SLMC_BLESS").is_ok_and(|v| v == "1") {
         assert!(run_file(&file).is_err());
     }
+}
+
+/// AWQ's scaling is exact before rounding: folded into the norms' gains and the up rows of
+/// a fused SwiGLU projection, it leaves the interpreter's outputs as they were.
+#[test]
+fn awq_scaling_alone_keeps_the_function() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("filetests/quantize-weights-awq.slir");
+    let test = parse_file(&std::fs::read_to_string(path).unwrap());
+    let mut graph = slmc_ir::text::parse(&test.input).unwrap();
+    let weights = synthetic_weights(&graph, &test.aliases);
+    let mut cx = PassContext::new(&weights, test.options.clone());
+    let fuse = ["fuse-gate-up", "fuse-swiglu"];
+    slmc_passes::run_passes(&mut graph, &fuse, &mut cx, &mut Instruments::default()).unwrap();
+    let reference = execute(&graph, &cx.weights());
+    let linears: Vec<slmc_ir::NodeId> =
+        graph.nodes().filter(|(_, n)| matches!(n.op, Op::Linear | Op::LinearSwiglu)).map(|(id, _)| id).collect();
+    let mut stats = slmc_passes::calibrate::collect(&graph, &cx, &linears, false).unwrap();
+    let targets = linears.iter().map(|u| (*u, Scheme::Q4 { group: 32, sym: true })).collect();
+    let rescaled = slmc_passes::awq::rescale(&mut graph, &mut cx, &targets, &mut stats).unwrap();
+    let folds = graph.nodes().filter(|(_, n)| matches!(&n.op, Op::Weight { name } if name.ends_with("@awq-out")));
+    let swiglu_fold = graph
+        .nodes()
+        .any(|(_, n)| matches!(&n.op, Op::Weight { name } if name.contains("gate_proj") && name.ends_with("@awq-out")));
+    assert!(rescaled >= 5 && folds.count() == rescaled && swiglu_fold, "{rescaled} activations rescaled");
+    slmc_ir::verify(&graph).unwrap();
+    let scaled = execute(&graph, &cx.weights());
+    let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = reference.iter().zip(&scaled).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    assert!(reference.len() == scaled.len() && diff < 1e-4, "outputs moved by {diff} (relative)");
 }

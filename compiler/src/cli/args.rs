@@ -101,14 +101,14 @@ pub(crate) struct OptArgs {
     /// Per-tensor overrides, e.g. 'lm_head=q8,embed=f16' (roles embed, lm_head, or a name substring).
     #[arg(long)]
     pub(crate) quant_override: Option<String>,
-    /// rtn (round to nearest) or clip (activation-aware clipping search on calibration data).
+    /// rtn (round to nearest), or on calibration data: clip (clipping search), awq (activation-aware channel scales, then clip) or gptq (second-order error compensation, 4-bit schemes).
     #[arg(long)]
     pub(crate) quant_method: Option<String>,
     /// KV-cache storage: f32, f16, int8 or int4 (int8/int4: codes with a scale and minimum per
     /// token and head, the most recent positions kept exact).
     #[arg(long)]
     pub(crate) kv_quant: Option<String>,
-    /// Calibration data for --quant-method clip: golden-style JSON or text, one sample per line.
+    /// Calibration data for clip/awq/gptq: golden-style JSON, JSON Lines of messages/prompt/text samples (an eval set), or text, one sample per line (default: built-in samples).
     #[arg(long)]
     pub(crate) calibration: Option<PathBuf>,
     /// Print the IR to stderr after PASS (repeatable, or `all`).

@@ -135,6 +135,20 @@ fn read_quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec<slmc_
             .map(|(seq, n)| slmc_runtime::QualityCase { prompt: seq[..n].to_vec(), continuation: seq[n..].to_vec() })
             .collect());
     }
+    // JSON Lines samples (an eval set, calibration-style conversations), rendered as for
+    // calibration and, like text lines, scored on themselves after their first token.
+    if text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{')) {
+        let sequences = slmc_compiler::optimize::calibration_sequences(model, Some(file))?;
+        return sequences
+            .into_iter()
+            .map(|ids| {
+                if ids.len() < 2 {
+                    bail!("{}: a sample needs at least two tokens", file.display());
+                }
+                Ok(slmc_runtime::QualityCase { prompt: ids[..1].to_vec(), continuation: ids[1..].to_vec() })
+            })
+            .collect();
+    }
     // Text: each line is scored on itself after its first token.
     let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("text prompts need a tokenizer: {e}"))?;
     text.lines()
@@ -168,6 +182,23 @@ pub(crate) fn quality_command(
     let mut base = InterpreterExecutor::new(&base_graph, &model.weights, ctx)?;
     let mut opt_exec = InterpreterExecutor::new(&optimized.graph, &weights, ctx)?;
     let r = slmc_runtime::compare_quality(&mut base, &mut opt_exec, &cases)?;
+    drop(opt_exec);
+    // A calibrated method is shown beside round to nearest on the same scheme.
+    let rtn = if optimized.policy.method != slmc_passes::QuantMethod::Rtn {
+        let rtn_args = OptArgs { quant_method: Some("rtn".into()), time_passes: false, ..opt.clone() };
+        let rtn_opt = prepare(&model, &rtn_args, true)?;
+        let rtn_weights = Layered { top: &rtn_opt.derived, base: &model.weights };
+        let mut rtn_exec = InterpreterExecutor::new(&rtn_opt.graph, &rtn_weights, ctx)?;
+        let q = slmc_runtime::compare_quality(&mut base, &mut rtn_exec, &cases)?;
+        Some(json!({
+            "top1_agreement": q.top1_agreement,
+            "mean_kl": q.mean_kl,
+            "perplexity_optimized": q.perplexity_optimized,
+            "mean_kl_ratio": r.mean_kl / q.mean_kl,
+        }))
+    } else {
+        None
+    };
     let drop_points = 100.0 * (1.0 - r.top1_agreement);
     let report = json!({
         "prompts_file": file,
@@ -186,6 +217,7 @@ pub(crate) fn quality_command(
         "quality_drop_points": drop_points,
         "max_quality_drop": max_drop,
         "memory": optimized.memory_plan.as_ref().map(memory_json),
+        "rtn": rtn,
     });
     let failure = max_drop
         .filter(|limit| drop_points > *limit)
@@ -211,6 +243,14 @@ pub(crate) fn quality_command(
         );
         println!("mean KL:                  {:.4} nats", r.mean_kl);
         println!("perplexity:               {:.3} -> {:.3}", r.perplexity_base, r.perplexity_optimized);
+        if let Some(q) = &rtn {
+            println!(
+                "round to nearest:         top-1 {:.4}, mean KL {:.4} nats ({:.2}x this method's)",
+                q["top1_agreement"].as_f64().unwrap_or(f64::NAN),
+                q["mean_kl"].as_f64().unwrap_or(f64::NAN),
+                1.0 / q["mean_kl_ratio"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
     }
     match failure {
         Some(f) => bail!(f),
