@@ -272,7 +272,8 @@ fn bench_usage_errors_are_clear() {
 /// The manifest's cost model counts the graph: 2 FLOPs per weight element of every matrix
 /// product, per attended position 4 x query heads x head size, keys and values of every KV
 /// head per position; the prediction is the profile's bandwidth over the bytes (none for a
-/// profile without a bandwidth); bench predicts from this machine's measured bandwidth.
+/// profile without a bandwidth); bench predicts from this machine's measured bandwidth and
+/// compute: a token's bytes over the one plus its FLOPs over the other.
 #[test]
 fn the_cost_model_counts_the_graph_and_bench_sets_it_against_a_measurement() {
     let dir = scratch("cost-model");
@@ -323,8 +324,13 @@ fn the_cost_model_counts_the_graph_and_bench_sets_it_against_a_measurement() {
     // Decode steps feed positions 8..11: mean 9.
     assert_eq!(model["mean_decode_position"], 9);
     let bytes = model["bytes_per_token"].as_f64().unwrap();
-    let predicted = f(&model["host_memory_bandwidth_gbps"]) * 1e9 / bytes;
+    let flops = model["flops_per_token"].as_f64().unwrap();
+    assert_eq!(model["flops_per_token"], matmul + 10 * layers * 4 * heads * d, "positions 0..=9 attended");
+    let (gbps, gflops) = (f(&model["host_memory_bandwidth_gbps"]), f(&model["host_compute_gflops"]));
+    assert!(gbps > 0.0 && gflops > 0.0);
+    let predicted = 1.0 / (bytes / (gbps * 1e9) + flops / (gflops * 1e9));
     assert!((f(&model["predicted_decode_tokens_per_s"]) - predicted).abs() < 1e-6 * predicted);
+    assert!((f(&model["predicted_bandwidth_bound_tokens_per_s"]) - gbps * 1e9 / bytes).abs() < 1e-6 * predicted);
     let ratio = f(&b["decode_tokens_per_s"]) / predicted;
     assert!((f(&model["measured_over_predicted"]) - ratio).abs() < 1e-9 * ratio.max(1.0));
 }

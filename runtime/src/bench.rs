@@ -115,6 +115,48 @@ pub fn memory_read_bandwidth_gbps() -> f64 {
     (data.len() * 8) as f64 / best / 1e9
 }
 
+/// This machine's f32 multiply-add throughput in GFLOP/s: every core runs a 256-cube
+/// matrix product through `matrixmultiply` (the interpreter's GEMM), best of three passes.
+/// The cost model charges a token's FLOPs at this rate on top of its bytes.
+pub fn compute_gflops() -> f64 {
+    const N: usize = 256;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let a = vec![0.5f32; N * N];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    let mut c = vec![0.0f32; N * N];
+                    // SAFETY: a is N x N and c is N x N, both row-major with stride N.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            N,
+                            N,
+                            N,
+                            1.0,
+                            a.as_ptr(),
+                            N as isize,
+                            1,
+                            a.as_ptr(),
+                            N as isize,
+                            1,
+                            0.0,
+                            c.as_mut_ptr(),
+                            N as isize,
+                            1,
+                        )
+                    };
+                    std::hint::black_box(&c);
+                });
+            }
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (threads * 2 * N * N * N) as f64 / best / 1e9
+}
+
 /// This process's resident set (`VmRSS`) from /proc, in bytes; None where there is no /proc.
 pub fn current_rss_bytes() -> Option<u64> {
     proc_status_kib("VmRSS:").map(|k| k * 1024)

@@ -151,6 +151,13 @@ impl CostModel {
         self.weight_bytes_per_token
             + self.attention.iter().map(|g| g.layers as u64 * g.kv_bytes_per_position * attended(g.window)).sum::<u64>()
     }
+
+    /// FLOPs of a decode token at `position`.
+    pub fn flops_at(&self, position: usize) -> u64 {
+        let attended = |w: Option<usize>| (position as u64 + 1).min(w.map_or(u64::MAX, |w| w as u64));
+        self.matmul_flops_per_token
+            + self.attention.iter().map(|g| g.layers as u64 * g.flops_per_position * attended(g.window)).sum::<u64>()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

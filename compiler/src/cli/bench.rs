@@ -12,8 +12,8 @@ use slmc_compiler::import::Model;
 use slmc_compiler::optimize::Optimized;
 use slmc_ir::Layered;
 use slmc_runtime::bench::{
-    current_rss_bytes, median, memory_read_bandwidth_gbps, peak_rss_bytes, percentile, reset_peak_rss, throttled_at,
-    time_request, tokens_per_second_series, Request,
+    compute_gflops, current_rss_bytes, median, memory_read_bandwidth_gbps, peak_rss_bytes, percentile, reset_peak_rss,
+    throttled_at, time_request, tokens_per_second_series, Request,
 };
 use slmc_runtime::sensors::{sysfs_root, Sample, Sensors};
 use slmc_runtime::{Executor, InterpreterExecutor};
@@ -185,7 +185,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     }
     let sensors = Sensors::discover(&sysfs_root());
     // Before anything is loaded: the measurement's buffer is freed again.
-    let host_bandwidth = memory_read_bandwidth_gbps();
+    let host = Host { bandwidth_gbps: memory_read_bandwidth_gbps(), compute_gflops: compute_gflops() };
     let peak_resettable = reset_peak_rss();
     // Load everything first (each load timed, with its own peak memory), then run.
     // Artifacts own their executors; checkpoints' interpreters borrow graph and weights.
@@ -275,7 +275,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|s| {
             let mut v = run_json(s, &sensors, peak_resettable);
-            v["cost_model"] = cost_json(s, host_bandwidth, v["decode_tokens_per_s"].as_f64());
+            v["cost_model"] = cost_json(s, &host, v["decode_tokens_per_s"].as_f64());
             if s.sustained.is_none() {
                 v["temperature"] = temperature_json(&sensors, [start_sample.max_celsius, end_sample.max_celsius], None);
                 // Energy of the whole alternating run, shared by every model in it.
@@ -346,25 +346,35 @@ fn sustained_run(
     Ok(())
 }
 
+/// This machine's measured figures the cost model predicts from.
+struct Host {
+    bandwidth_gbps: f64,
+    compute_gflops: f64,
+}
+
 /// The cost model's decode prediction at the run's mean decode position, from this
-/// machine's measured bandwidth (and the profile's, where it states one), against the
-/// measured decode speed.
-fn cost_json(s: &Subject, host_gbps: f64, measured: Option<f64>) -> Value {
+/// machine's measured bandwidth and compute (a token's bytes and its FLOPs, charged one after
+/// the other: a CPU does not hide one behind the other), against the measured decode speed.
+fn cost_json(s: &Subject, host: &Host, measured: Option<f64>) -> Value {
     let Some((cost, source)) = &s.cost else { return json!(null) };
     let steps: usize = s.requests.iter().map(|r| r.step_s.len()).sum();
     // Decode step i of a request feeds the token at position prompt + i.
     let positions: usize =
         s.requests.iter().map(|r| (1..=r.step_s.len()).map(|i| r.prompt_tokens + i - 1).sum::<usize>()).sum();
     let position = positions / steps.max(1);
-    let bytes = cost.bytes_at(position);
-    let predicted = host_gbps * 1e9 / bytes.max(1) as f64;
+    let (bytes, flops) = (cost.bytes_at(position), cost.flops_at(position));
+    let seconds = bytes as f64 / (host.bandwidth_gbps * 1e9) + flops as f64 / (host.compute_gflops * 1e9);
+    let predicted = 1.0 / seconds.max(f64::MIN_POSITIVE);
     json!({
         "source": source,
-        "host_memory_bandwidth_gbps": host_gbps,
+        "host_memory_bandwidth_gbps": host.bandwidth_gbps,
+        "host_compute_gflops": host.compute_gflops,
         "profile_memory_bandwidth_gbps": cost.memory_bandwidth_gbps,
         "mean_decode_position": position,
         "bytes_per_token": bytes,
+        "flops_per_token": flops,
         "predicted_decode_tokens_per_s": predicted,
+        "predicted_bandwidth_bound_tokens_per_s": host.bandwidth_gbps * 1e9 / bytes.max(1) as f64,
         "measured_over_predicted": measured.map(|m| m / predicted),
     })
 }
