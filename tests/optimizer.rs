@@ -302,3 +302,40 @@ fn bad_optimizer_options_are_clear_errors() {
     let err = slmc_fails(&["opt", m, "--quant", "q4g128"]);
     assert!(err.contains("not a multiple of q4g128's group"), "{err}");
 }
+
+/// GPTQ's and AWQ's weights run on every backend: the tiny fixture compiled for ONNX, WebGPU
+/// and Core ML with each (the compile-time smoke set checks every artifact against the
+/// interpreter), calibrated from a token-id file since the fixture has no tokenizer.
+#[test]
+fn gptq_and_awq_bundles_pass_their_smoke_sets_on_every_backend_kind() {
+    let model = repo_root().join("fixtures/tiny-llama-sharded");
+    let vocab = read_json(&model.join("config.json"))["vocab_size"].as_u64().unwrap();
+    let dir = scratch("calibrated-bundles");
+    let prompts: Vec<serde_json::Value> = (0..4u64)
+        .map(|s| serde_json::json!({"input_ids": (0..24u64).map(|i| (i * 37 + s * 11) % vocab).collect::<Vec<_>>(), "generated_ids": []}))
+        .collect();
+    let calibration = dir.join("calibration.json");
+    std::fs::write(&calibration, serde_json::json!({ "prompts": prompts }).to_string()).unwrap();
+    for method in ["gptq", "awq"] {
+        let out = dir.join(method);
+        slmc_json(&[
+            "compile",
+            model.to_str().unwrap(),
+            "--target",
+            "onnx-cpu,webgpu,coreml-ios18",
+            "--quant",
+            "q4g32-sym",
+            "--quant-method",
+            method,
+            "--calibration",
+            calibration.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        for target in ["onnx-cpu", "webgpu", "coreml-ios18"] {
+            let manifest = read_json(&out.join(target).join("manifest.json"));
+            assert_eq!(manifest["compiler"]["options"]["quant_method"], method, "{target}");
+            assert!(manifest["quantization"]["weight_dtypes"]["q4_0"].as_u64().unwrap() > 0, "{target}");
+        }
+    }
+}

@@ -70,8 +70,13 @@ pub fn calibration_sequences(model: &Model, file: Option<&Path>) -> Result<Vec<V
     let (name, text) = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            // A whole-file JSON object is a prompts file, unless it is one JSON Lines sample.
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) {
-                return golden_sequences(&json).with_context(|| format!("{}: not a prompts file", path.display()));
+                let sample = ["messages", "prompt", "text"].iter().any(|k| json.get(k).is_some());
+                if !sample {
+                    return golden_sequences(&json)
+                        .with_context(|| format!("{}: not a prompts file", path.display()));
+                }
             }
             (path.display().to_string(), text)
         }
