@@ -209,6 +209,7 @@ pub fn run_smoke(exec: &mut dyn Executor, smoke: &SmokeSet) -> Result<Vec<SmokeO
                 record_steps: 0,
                 record_top_k: 0,
                 confidence: false,
+                sampling: None,
             };
             slmc_runtime::generate(exec, &p.prompt_ids, &opts, |_| {})?.generated
         } else {

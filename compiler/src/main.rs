@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         | Command::Convert { common, .. } => common.json,
         Command::Eval { common, .. } | Command::Install { common, .. } => common.json,
         Command::Bench(args) => args.json,
+        Command::Serve(args) => args.common.json,
         Command::Cat { json, .. }
         | Command::Targets { json, .. }
         | Command::Keygen { json, .. }
@@ -82,6 +83,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Install { common, run, store } => cli::bundle::install(&common, &run, &store),
         Command::Rollback { store, json } => cli::bundle::rollback(&store, json),
         Command::Bench(args) => cli::bench::bench(&args),
+        Command::Serve(args) => cli::serve::serve(&args),
         Command::Inspect { common } => inspect(&load(&common)?, common.json),
         Command::Lower { common, emit } => {
             let model = load(&common)?;

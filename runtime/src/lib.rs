@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod files;
 pub mod gpu;
 pub mod mil;
+pub mod sample;
 
 /// This machine's physical memory (Linux's MemTotal), for refusing allocations no file
 /// should be able to ask for; None where unknown.
@@ -232,6 +233,8 @@ pub struct GenerateOptions {
     /// Score every generated token (its log-probability and the step's entropy): every
     /// step's logits come back from the executor, not only the chosen id.
     pub confidence: bool,
+    /// Sample instead of taking the argmax (None: greedy).
+    pub sampling: Option<sample::Sampling>,
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +276,21 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, ExecError> {
+    generate_with(exec, prompt, opts, |id, _| {
+        on_token(id);
+        true
+    })
+}
+
+/// `generate`, calling `on_token` with each token and (with `confidence`) its
+/// log-probability; generation ends early when it returns false (a server's client left, a
+/// stop sequence appeared).
+pub fn generate_with(
+    exec: &mut dyn Executor,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32, Option<f64>) -> bool,
+) -> Result<Generation, ExecError> {
     if prompt.is_empty() {
         return Err(ExecError::Usage("the prompt has no tokens".into()));
     }
@@ -280,40 +298,48 @@ pub fn generate(
     let vocab = exec.vocab_size();
     let mut generated = Vec::new();
     let mut recorded = Vec::new();
-    // Full logits only while steps are being recorded or scored; otherwise the executor
-    // picks the token (on the device, for GPU executors). One step per generated token.
+    let mut sampler = opts.sampling.map(sample::Sampler::new);
+    // Full logits only while steps are being recorded, scored or sampled; otherwise the
+    // executor picks the token (on the device, for GPU executors). One step per token.
     let (mut token_logprobs, mut token_entropies) = (Vec::new(), Vec::new());
-    let mut step =
-        |exec: &mut dyn Executor, tokens: &[u32], recorded: &mut Vec<StepLogits>| -> Result<u32, ExecError> {
-            if recorded.len() < opts.record_steps || opts.confidence {
-                let logits = exec.forward(tokens)?;
-                let row = &logits[logits.len() - vocab..];
-                let id = argmax(row);
-                if recorded.len() < opts.record_steps {
-                    recorded.push(StepLogits { top: top_k(row, opts.record_top_k), logsumexp: logsumexp(row) });
-                }
-                if opts.confidence {
-                    let (lp, entropy) = logprob_and_entropy(row, id);
-                    token_logprobs.push(lp);
-                    token_entropies.push(entropy);
-                }
-                Ok(id as u32)
-            } else {
-                exec.next_token(tokens)
+    let mut step = |exec: &mut dyn Executor,
+                    tokens: &[u32],
+                    recorded: &mut Vec<StepLogits>,
+                    token_logprobs: &mut Vec<f64>,
+                    token_entropies: &mut Vec<f64>|
+     -> Result<u32, ExecError> {
+        if recorded.len() < opts.record_steps || opts.confidence || sampler.is_some() {
+            let logits = exec.forward(tokens)?;
+            let row = &logits[logits.len() - vocab..];
+            let id = match sampler.as_mut() {
+                Some(s) => s.pick(row),
+                None => argmax(row),
+            };
+            if recorded.len() < opts.record_steps {
+                recorded.push(StepLogits { top: top_k(row, opts.record_top_k), logsumexp: logsumexp(row) });
             }
-        };
+            if opts.confidence {
+                let (lp, entropy) = logprob_and_entropy(row, id);
+                token_logprobs.push(lp);
+                token_entropies.push(entropy);
+            }
+            Ok(id as u32)
+        } else {
+            exec.next_token(tokens)
+        }
+    };
     let start = Instant::now();
-    let mut next = step(exec, prompt, &mut recorded)?;
+    let mut next = step(exec, prompt, &mut recorded, &mut token_logprobs, &mut token_entropies)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut decode_steps = 0;
     while generated.len() < opts.max_new_tokens {
         generated.push(next);
-        on_token(next);
-        if opts.stop_ids.contains(&next) || generated.len() == opts.max_new_tokens {
+        let go_on = on_token(next, opts.confidence.then(|| token_logprobs.last().copied()).flatten());
+        if !go_on || opts.stop_ids.contains(&next) || generated.len() == opts.max_new_tokens {
             break;
         }
-        next = step(exec, &[next], &mut recorded)?;
+        next = step(exec, &[next], &mut recorded, &mut token_logprobs, &mut token_entropies)?;
         decode_steps += 1;
     }
     Ok(Generation {

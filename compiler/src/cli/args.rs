@@ -298,6 +298,9 @@ pub(crate) enum Command {
     /// Speed and memory of bundles and checkpoints: load time, TTFT, prefill/decode
     /// tokens/s, per-token latency percentiles, peak RSS; `--duration` for a sustained run.
     Bench(crate::cli::bench::BenchArgs),
+    /// An OpenAI-compatible local server for a bundle: /v1/chat/completions,
+    /// /v1/completions (streaming or not), /v1/models, /health.
+    Serve(crate::cli::serve::ServeArgs),
     /// Switch the store back to its previous version.
     Rollback {
         #[arg(long)]

@@ -6,3 +6,5 @@ pub mod bundle;
 pub mod info;
 pub mod opt;
 pub mod run;
+pub mod serve;
+pub mod serve_api;

@@ -170,6 +170,7 @@ pub(crate) fn generate_and_print(
         record_top_k: generation.record_top_k,
         // Scores need every step's logits: asked for by JSON and by a threshold.
         confidence: common.json || generation.abstain_below.is_some(),
+        sampling: None,
     };
     let tok = side.tokenizer.as_ref().ok();
     let mut streamed = String::new();
