@@ -113,30 +113,26 @@ fn q4g32_sym_report_matches_the_independent_measurement_and_fails_the_gate() {
     assert!(r["perplexity_optimized"].as_f64().unwrap() > r["perplexity_base"].as_f64().unwrap());
 }
 
-/// The calibrated quantizers against round to nearest on symmetric q4g32 (the golden
+/// GPTQ against round to nearest on symmetric q4g32 (the golden
 /// prompts are not calibration data: the built-in samples are). Measured here (mean KL /
 /// top-1): RTN 0.326 / 0.721; clip 0.170 / 0.807; AWQ 0.134 / 0.831; GPTQ 0.093 / 0.862
-/// (the target is 0.09 / 0.90; see the closing note). Each report carries its RTN
+/// (the target is 0.09 / 0.90; see the closing note). The report carries its RTN
 /// comparison.
 #[test]
-fn calibrated_quantizers_beat_round_to_nearest_on_q4g32_sym() {
+fn gptq_beats_round_to_nearest_on_q4g32_sym() {
     let hf = converted("f32");
-    let run = |method: &str| {
-        let (r, ok) = quality(hf.to_str().unwrap(), &["--quant", "q4g32-sym", "--quant-method", method]);
-        assert!(ok, "{method}: {r}");
-        let figures = |v: &serde_json::Value| (v["mean_kl"].as_f64().unwrap(), v["top1_agreement"].as_f64().unwrap());
-        let (kl, top1) = figures(&r);
-        let (rtn_kl, rtn_top1) = figures(&r["rtn"]);
-        eprintln!("q4g32-sym {method}: KL {kl:.4}, top-1 {top1:.4} (rtn {rtn_kl:.4}, {rtn_top1:.4})");
-        assert!((rtn_kl - 0.327).abs() <= 0.0327, "{method}: its RTN comparison {rtn_kl} is not RTN's");
-        assert!((r["rtn"]["mean_kl_ratio"].as_f64().unwrap() - kl / rtn_kl).abs() < 1e-9);
-        (kl, top1, rtn_kl, rtn_top1)
-    };
-    // (clip: 0.170 / 0.807; its search is what AWQ runs after scaling.)
-    let (awq, awq_top1, rtn, rtn_top1) = run("awq");
-    assert!(awq <= 0.5 * rtn && awq_top1 > rtn_top1 + 0.05, "awq {awq}, top-1 {awq_top1}");
-    let (gptq, gptq_top1, _, _) = run("gptq");
-    assert!(gptq <= 0.1 && gptq <= 0.8 * awq && gptq_top1 >= 0.85, "gptq KL {gptq}, top-1 {gptq_top1}");
+    let (r, ok) = quality(hf.to_str().unwrap(), &["--quant", "q4g32-sym", "--quant-method", "gptq"]);
+    assert!(ok, "{r}");
+    let figures = |v: &serde_json::Value| (v["mean_kl"].as_f64().unwrap(), v["top1_agreement"].as_f64().unwrap());
+    let ((gptq, gptq_top1), (rtn, rtn_top1)) = (figures(&r), figures(&r["rtn"]));
+    eprintln!("q4g32-sym gptq: KL {gptq:.4}, top-1 {gptq_top1:.4} (rtn {rtn:.4}, {rtn_top1:.4})");
+    assert!((rtn - 0.327).abs() <= 0.0327, "the RTN comparison {rtn} is not RTN's");
+    assert!((r["rtn"]["mean_kl_ratio"].as_f64().unwrap() - gptq / rtn).abs() < 1e-9);
+    // clip (0.170 / 0.807) and AWQ (0.134 / 0.831) are not rerun here, for the suite's time:
+    // AWQ's fold is proven exact in passes/tests/filetests.rs and its bundles run on every
+    // backend below.
+    assert!(gptq <= 0.1 && gptq <= 0.35 * rtn, "gptq KL {gptq} (rtn {rtn})");
+    assert!(gptq_top1 >= 0.85 && gptq_top1 > rtn_top1 + 0.1, "gptq top-1 {gptq_top1} (rtn {rtn_top1})");
 }
 
 fn golden_prompts() -> Vec<serde_json::Value> {
