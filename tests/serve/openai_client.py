@@ -61,6 +61,14 @@ a = chat(temperature=0.9, top_p=0.95, seed=11, max_tokens=12).choices[0].message
 b = chat(temperature=0.9, top_p=0.95, seed=11, max_tokens=12).choices[0].message.content
 assert a == b, (a, b)
 
+# Confidence and abstention (an extension, as `slmc run --abstain-below`).
+r = chat(extra_body={"abstain_below": 0.0}).to_dict()
+assert 0 < r["confidence"] <= 1 and r["abstained"] is False, r
+assert r["choices"][0]["message"]["content"] == EXPECTED, r
+r = chat(extra_body={"abstain_below": 1.0}).to_dict()
+assert r["abstained"] is True, r
+assert r["choices"][0]["message"]["content"] == "I can't answer that with enough confidence.", r
+
 # Models, and OpenAI-style errors.
 assert client.models.list().data[0].id
 try:

@@ -26,7 +26,7 @@ use slmc_runtime::{generate_with, GenerateOptions};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::args::{Common, OptArgs, RunArgs};
-use super::run::{artifact_executor, LoadedArtifact};
+use super::run::{artifact_executor, LoadedArtifact, ABSTENTION_TEXT};
 use super::serve_api::{parse_request, ApiError, Kind, Request};
 
 #[derive(clap::Args, Clone)]
@@ -55,15 +55,9 @@ pub(crate) struct ServeArgs {
 /// What the worker reports for one request.
 pub(crate) enum Ev {
     /// New text (and, with logprobs, each new token's text and log-probability).
-    Delta {
-        text: String,
-        tokens: Vec<(String, f64)>,
-    },
-    Done {
-        finish_reason: &'static str,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    },
+    Delta { text: String, tokens: Vec<(String, f64)> },
+    /// The end; `confidence` (exp of the mean log-probability) when tokens were scored.
+    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize, confidence: Option<f64> },
     /// The request could not run (its prompt is too long for the context, for example).
     Failed(String),
 }
@@ -183,7 +177,7 @@ fn run_job(loaded: &mut LoadedArtifact, job: Job) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: request.max_tokens,
         stop_ids: side.eos_ids.clone(),
-        confidence: request.logprobs,
+        confidence: request.logprobs || request.abstain_below.is_some(),
         sampling: (request.temperature > 0.0).then_some(Sampling {
             temperature: request.temperature,
             top_p: request.top_p,
@@ -223,7 +217,12 @@ fn run_job(loaded: &mut LoadedArtifact, job: Job) -> Result<()> {
         }
     }
     let completion_tokens = generation.generated.iter().filter(|t| !side.eos_ids.contains(t)).count();
-    let _ = events.send(Ev::Done { finish_reason: finish, prompt_tokens: prompt_ids.len(), completion_tokens });
+    let _ = events.send(Ev::Done {
+        finish_reason: finish,
+        prompt_tokens: prompt_ids.len(),
+        completion_tokens,
+        confidence: generation.confidence(),
+    });
     Ok(())
 }
 
@@ -339,8 +338,7 @@ async fn complete(
         Err(e) => return e.into_response(),
     };
     let (events, mut receiver) = unbounded_channel();
-    let stream = request.stream;
-    let logprobs = request.logprobs;
+    let (stream, logprobs, abstain_below) = (request.stream, request.logprobs, request.abstain_below);
     match shared.jobs.try_send(Job { request, events }) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => return ApiError::queue_full(shared.queue_depth).into_response(),
@@ -364,9 +362,16 @@ async fn complete(
                 tokens.extend(k);
             }
             Ev::Failed(message) => return ApiError::bad_request(&message, None).into_response(),
-            Ev::Done { finish_reason, prompt_tokens, completion_tokens } => {
-                return Json(meta.whole(&text, &tokens, finish_reason, prompt_tokens, completion_tokens))
-                    .into_response();
+            Ev::Done { finish_reason, prompt_tokens, completion_tokens, confidence } => {
+                // As `slmc run --abstain-below`: a low-confidence answer is withheld.
+                let abstained = matches!((abstain_below, confidence), (Some(t), Some(c)) if c < t);
+                let shown = if abstained { ABSTENTION_TEXT } else { text.as_str() };
+                let mut body = meta.whole(shown, &tokens, finish_reason, prompt_tokens, completion_tokens);
+                if confidence.is_some() {
+                    body["confidence"] = json!(confidence);
+                    body["abstained"] = json!(abstained);
+                }
+                return Json(body).into_response();
             }
         }
     }
@@ -466,7 +471,7 @@ fn sse(
         }
         let (event, next) = match rx.recv().await {
             Some(Ev::Delta { text, tokens }) => (meta.chunk(Some(&text), &tokens, None, None), 0),
-            Some(Ev::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+            Some(Ev::Done { finish_reason, prompt_tokens, completion_tokens, .. }) => {
                 let usage = Meta::usage(prompt_tokens, completion_tokens);
                 (meta.chunk(None, &[], Some(finish_reason), Some(usage)), 1)
             }

@@ -28,6 +28,9 @@ pub(crate) struct Request {
     pub(crate) stop: Vec<String>,
     pub(crate) stream: bool,
     pub(crate) logprobs: bool,
+    /// An extension: answer with the abstention when the sequence confidence (see
+    /// `slmc run --abstain-below`) is below this; whole answers only.
+    pub(crate) abstain_below: Option<f64>,
 }
 
 /// The most stop sequences a request may give (OpenAI's limit).
@@ -120,6 +123,17 @@ pub(crate) fn parse_request(body: &[u8], kind: Kind, max_tokens_limit: usize) ->
     if obj.get("top_logprobs").and_then(|x| x.as_u64()).is_some_and(|n| n > 0) {
         return Err(ApiError::bad_request("`top_logprobs` is not supported; `logprobs` gives each token's", None));
     }
+    let abstain_below = number("abstain_below")?;
+    if abstain_below.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+        return Err(ApiError::bad_request("`abstain_below` must be from 0 to 1", Some("abstain_below")));
+    }
+    let stream = flag("stream")?;
+    if stream && abstain_below.is_some() {
+        return Err(ApiError::bad_request(
+            "`abstain_below` needs a whole answer (its confidence is known only at the end): drop `stream`",
+            Some("abstain_below"),
+        ));
+    }
     Ok(Request {
         messages,
         prompt,
@@ -129,8 +143,9 @@ pub(crate) fn parse_request(body: &[u8], kind: Kind, max_tokens_limit: usize) ->
         top_k,
         seed,
         stop,
-        stream: flag("stream")?,
+        stream,
         logprobs,
+        abstain_below,
     })
 }
 
@@ -296,6 +311,8 @@ mod tests {
             (json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), Kind::Text, "stop"),
             (json!({"prompt": ["a", "b"]}), Kind::Text, "one prompt"),
             (json!([1, 2]), Kind::Text, "not a JSON object"),
+            (json!({"prompt": "x", "abstain_below": 2}), Kind::Text, "abstain_below"),
+            (json!({"prompt": "x", "abstain_below": 0.5, "stream": true}), Kind::Text, "whole answer"),
         ] {
             let e = parse(body.clone(), kind).unwrap_err();
             assert!(e.contains(needle), "{body}: {e}");
