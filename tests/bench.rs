@@ -42,10 +42,7 @@ fn exposed(dir: &str, file: impl Fn(&str) -> bool) -> bool {
 
 #[test]
 fn a_sustained_run_records_every_second_and_says_what_is_not_exposed() {
-    let out = scratch("bench-sustained");
-    let o = out.to_str().unwrap();
-    slmc_json(&["compile", smollm2_gguf().to_str().unwrap(), "--target", "onnx-cpu", "-o", o, "--skip-smoke-check"]);
-    let bundle = out.join("onnx-cpu");
+    let bundle = smollm2_bundle("bench-sustained", "onnx-cpu");
     let b = slmc_json(&["bench", bundle.to_str().unwrap(), "--duration", "20s", "--gen-tokens", "16"]);
     assert_eq!(b["executor"], "onnxruntime");
     assert_eq!(b["duration_s"], 20);

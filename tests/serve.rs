@@ -38,10 +38,7 @@ fn start(args: &[&str]) -> (Server, String) {
 
 #[test]
 fn the_openai_client_talks_to_serve() {
-    let dir = scratch("serve");
-    let o = dir.to_str().unwrap();
-    slmc_json(&["compile", smollm2_gguf().to_str().unwrap(), "--target", "onnx-cpu", "-o", o, "--skip-smoke-check"]);
-    let bundle = dir.join("onnx-cpu");
+    let bundle = smollm2_bundle("serve", "onnx-cpu");
     let b = bundle.to_str().unwrap();
     let run = slmc_json(&["run", b, "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "24"]);
     let text = run["text"].as_str().unwrap();

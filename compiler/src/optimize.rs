@@ -71,17 +71,31 @@ pub fn calibration_sequences(model: &Model, file: Option<&Path>) -> Result<Vec<V
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
             // A whole-file JSON object is a prompts file, unless it is one JSON Lines sample.
-            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) {
-                let sample = ["messages", "prompt", "text"].iter().any(|k| json.get(k).is_some());
-                if !sample {
-                    return golden_sequences(&json).with_context(|| format!("{}: not a prompts file", path.display()));
-                }
+            if let Some(json) = serde_json::from_str::<serde_json::Value>(&text).ok().filter(|j| !is_json_sample(j)) {
+                return golden_sequences(&json).with_context(|| format!("{}: not a prompts file", path.display()));
             }
             (path.display().to_string(), text)
         }
         None => ("the built-in calibration samples".to_string(), CALIBRATION_SAMPLES.to_string()),
     };
-    let tokenizer = model.tokenizer.as_ref().map_err(|e| anyhow!("calibration text needs a tokenizer: {e}"))?;
+    sample_sequences(model, &name, &text)
+}
+
+/// Whether a JSON value is one JSON Lines sample (`messages`, `prompt` or `text`) rather than
+/// a prompts file: a one-line samples file parses as a whole too.
+pub fn is_json_sample(json: &serde_json::Value) -> bool {
+    ["messages", "prompt", "text"].iter().any(|k| json.get(k).is_some())
+}
+
+/// The held-out text's lines, tokenized as they are (`\\n` in a line is a newline).
+pub fn held_out_sequences(model: &Model) -> Result<Vec<Vec<u32>>> {
+    sample_sequences(model, "the built-in held-out text", HELD_OUT_TEXT)
+}
+
+/// Samples one a line, `name` in errors: JSON Lines (see [`calibration_sample`]) when the
+/// first line is an object, else text tokenized as it is (`\\n` in a line is a newline).
+fn sample_sequences(model: &Model, name: &str, text: &str) -> Result<Vec<Vec<u32>>> {
+    let tokenizer = model.tokenizer.as_ref().map_err(|e| anyhow!("{name} needs a tokenizer: {e}"))?;
     let renderer = crate::evalset::Renderer {
         tokenizer,
         chat_template: model.chat_template.as_deref(),
@@ -103,26 +117,9 @@ pub fn calibration_sequences(model: &Model, file: Option<&Path>) -> Result<Vec<V
         })
         .collect::<Result<_>>()?;
     if sequences.is_empty() {
-        bail!("{name}: no calibration samples");
+        bail!("{name}: no samples");
     }
     Ok(sequences)
-}
-
-/// The held-out text's lines, tokenized as they are (`\\n` in a line is a newline).
-pub fn held_out_sequences(model: &Model) -> Result<Vec<Vec<u32>>> {
-    let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("the held-out text needs a tokenizer: {e}"))?;
-    HELD_OUT_TEXT
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let l = l.replace("\\n", "\n");
-            Ok(tok
-                .encode(l.as_str(), false)
-                .map_err(|e| anyhow!("tokenizing the held-out text: {e}"))?
-                .get_ids()
-                .to_vec())
-        })
-        .collect()
 }
 
 /// One JSON Lines sample: `messages` (rendered with the chat template), `prompt` (one

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use slmc_ir::{DType, Dim, Graph, NodeId, Op, OwnedWeight, TensorType, WeightSource};
 
 use crate::calibrate::ChannelStats;
-use crate::quant::{quantize_group, QuantMethod, Scheme};
+use crate::quant::{level, quantize_group, QuantMethod, Scheme};
 use crate::PassContext;
 
 const ALPHAS: usize = 20;
@@ -177,8 +177,7 @@ fn row_error(row: &[f32], s: &[f32], mean_sq: &[f32], group: usize, sym: bool) -
         let (d, m) = (d.to_f32(), m.to_f32());
         for (j, q) in codes.iter().enumerate() {
             let c = g0 + j;
-            let deq = if sym { (*q as f32 - 8.0) * d } else { *q as f32 * d + m };
-            let e = (row[c] - deq / s[c]) as f64;
+            let e = (row[c] - level(*q, d, m, sym) / s[c]) as f64;
             err += mean_sq[c] as f64 * e * e;
         }
     }

@@ -17,6 +17,7 @@ use slmc_ir::dtype::pack_q4;
 use slmc_ir::DType;
 
 use crate::linalg::{cholesky, lower_inverse};
+use crate::quant::{group_grid, level};
 
 /// Damping added to H's diagonal, as a fraction of its mean (GPTQ's `percdamp`).
 pub const DAMPING: f64 = 0.01;
@@ -96,11 +97,7 @@ impl GroupParams {
     }
 
     fn value(&self, code: u8, sym: bool) -> f32 {
-        if sym {
-            (code as f32 - 8.0) * self.d
-        } else {
-            code as f32 * self.d + self.m
-        }
+        level(code, self.d, self.m, sym)
     }
 }
 
@@ -108,14 +105,7 @@ impl GroupParams {
 fn group_params(g: &[f32], importance: &[f32], sym: bool, ratios: &[f32]) -> GroupParams {
     let mut best: Option<(f64, GroupParams)> = None;
     for &r in ratios {
-        let (d16, m16) = if sym {
-            let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs())) * r;
-            (f16::from_f32(amax / 7.0), f16::ZERO)
-        } else {
-            let mn = g.iter().copied().fold(f32::INFINITY, f32::min) * r;
-            let mx = g.iter().copied().fold(f32::NEG_INFINITY, f32::max) * r;
-            (f16::from_f32((mx - mn) / 15.0), f16::from_f32(mn))
-        };
+        let (d16, m16) = group_grid(g, sym, r);
         let p = GroupParams { d: d16.to_f32(), m: m16.to_f32(), d16, m16 };
         if ratios.len() == 1 {
             return p;
@@ -244,12 +234,13 @@ pub fn gptq_q4(
 fn refit_scales(w: &[f32], codes: &[u8], params: &mut [GroupParams], h: &[f32], cfg: GptqConfig) {
     let n = w.len();
     let g = cfg.group;
-    let level = |c: u8| if cfg.sym { c as f32 - 8.0 } else { c as f32 };
+    // What multiplies the scale for each code (the value at scale 1, minimum 0).
+    let multiplier = |c: u8| level(c, 1.0, 0.0, cfg.sym);
     let mut e: Vec<f32> = (0..n).map(|c| w[c] - params[c / g].value(codes[c], cfg.sym)).collect();
     let mut he: Vec<f32> = (0..n).map(|i| slmc_ir::interp::dot(&h[i * n..(i + 1) * n], &e)).collect();
     for (gi, p) in params.iter_mut().enumerate() {
         let span = gi * g..(gi + 1) * g;
-        let q: Vec<f32> = codes[span.clone()].iter().map(|c| level(*c)).collect();
+        let q: Vec<f32> = codes[span.clone()].iter().map(|c| multiplier(*c)).collect();
         // Quadratic in (dd, dm): e_G -= dd q + dm 1.
         let (mut aqq, mut aq1, mut a11, mut bq, mut b1) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for (a, ca) in span.clone().enumerate() {

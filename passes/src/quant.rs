@@ -128,13 +128,20 @@ impl QuantMethod {
         self != QuantMethod::Rtn
     }
 
-    /// The suffix of a weight quantized by this method under `scheme` in role `role`.
-    fn suffix(self, scheme: Scheme, role: Role) -> &'static str {
-        match (self, scheme, role) {
-            (QuantMethod::Clip | QuantMethod::Awq, Scheme::Q4 { .. }, _) => "-clip",
-            (QuantMethod::Gptq, Scheme::Q4 { .. }, Role::Matrix | Role::LmHead) => "-gptq",
+    /// Whether GPTQ quantizes a weight of `scheme` in `role` (4-bit matrices; the rest
+    /// round to nearest).
+    fn by_gptq(self, scheme: Scheme, role: Role) -> bool {
+        self == QuantMethod::Gptq && matches!(scheme, Scheme::Q4 { .. }) && matches!(role, Role::Matrix | Role::LmHead)
+    }
+
+    /// The derived weight `name` becomes under `scheme` in `role`.
+    fn derived_name(self, name: &str, scheme: Scheme, role: Role) -> String {
+        let suffix = match (self, scheme) {
+            _ if self.by_gptq(scheme, role) => "-gptq",
+            (QuantMethod::Clip | QuantMethod::Awq, Scheme::Q4 { .. }) => "-clip",
             _ => "",
-        }
+        };
+        format!("{name}@{}{suffix}", scheme.name())
     }
 }
 
@@ -274,7 +281,7 @@ pub fn quantize_weights(graph: &mut Graph, cx: &mut PassContext) -> Result<usize
     } else if policy.method.needs_calibration() {
         let mut users: Vec<NodeId> = planned_linears(&plan).into_keys().collect();
         users.sort();
-        stats = crate::calibrate::collect(graph, cx, &users, policy.method == QuantMethod::Gptq)?;
+        stats = crate::calibrate::collect(graph, cx, &users, false)?;
     }
     if policy.method == QuantMethod::Awq {
         let q4: HashMap<NodeId, Scheme> =
@@ -321,9 +328,9 @@ fn quantize_planned(
     if cols % target.block_len() != 0 {
         return Err(format!("weight \"{name}\": {cols} columns are not a multiple of {}'s group", scheme.name()));
     }
-    let derived_name = format!("{name}@{}{}", scheme.name(), method.suffix(scheme, role));
+    let derived_name = method.derived_name(&name, scheme, role);
     if cx.derived.get(&derived_name).is_none() {
-        if method.suffix(scheme, role) == "-gptq" {
+        if method.by_gptq(scheme, role) {
             return Err(format!("weight \"{name}\": no calibration run reached its users"));
         }
         let values = cx.weights().to_f32(&name).ok_or_else(|| format!("weight \"{name}\" cannot be read"))?;
@@ -395,10 +402,10 @@ fn gptq_weights(
         let Scheme::Q4 { group, sym } = *scheme else { continue };
         let Op::Weight { name } = &graph.node(*w).op else { continue };
         let dtype = scheme.dtype().expect("a 4-bit scheme");
-        if QuantMethod::Gptq.suffix(*scheme, *role) != "-gptq" || dtype == graph.node(*w).ty.dtype {
+        if !QuantMethod::Gptq.by_gptq(*scheme, *role) || dtype == graph.node(*w).ty.dtype {
             continue;
         }
-        let derived = format!("{name}@{}-gptq", scheme.name());
+        let derived = QuantMethod::Gptq.derived_name(name, *scheme, *role);
         let Some(gram) =
             uses.iter().find_map(|(u, _)| stats.get(&graph.node(*u).inputs[0])).and_then(|s| s.gram.as_ref())
         else {
@@ -477,8 +484,7 @@ pub(crate) fn quantize_group(g: &[f32], sym: bool, method: QuantMethod, importan
             .zip(&candidate.2)
             .enumerate()
             .map(|(k, (w, q))| {
-                let deq = if sym { (*q as f32 - 8.0) * d } else { *q as f32 * d + m };
-                let e = (w - deq) as f64;
+                let e = (w - level(*q, d, m, sym)) as f64;
                 importance.map(|i| i[k] as f64).unwrap_or(1.0) * e * e
             })
             .sum();
@@ -494,21 +500,40 @@ const CLIP_RATIOS: [f32; 21] = [
     0.55, 0.525, 0.5,
 ];
 
-/// Symmetric: scale = ratio * max|w| / 7, codes q + 8 for q in -7..=7.
+/// A group's f16 scale and minimum for clipping `ratio`: symmetric, scale = ratio *
+/// max|w| / 7 and minimum zero; asymmetric, scale = (max - min) / 15 and minimum = min over
+/// the range scaled by `ratio`. Every 4-bit quantizer here starts from this grid.
+pub(crate) fn group_grid(g: &[f32], sym: bool, ratio: f32) -> (f16, f16) {
+    if sym {
+        let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs())) * ratio;
+        (f16::from_f32(amax / 7.0), f16::ZERO)
+    } else {
+        let mn = g.iter().copied().fold(f32::INFINITY, f32::min) * ratio;
+        let mx = g.iter().copied().fold(f32::NEG_INFINITY, f32::max) * ratio;
+        (f16::from_f32((mx - mn) / 15.0), f16::from_f32(mn))
+    }
+}
+
+/// The value code `q` decodes to: (q - 8) * d symmetric, q * d + m asymmetric.
+pub(crate) fn level(q: u8, d: f32, m: f32, sym: bool) -> f32 {
+    if sym {
+        (q as f32 - 8.0) * d
+    } else {
+        q as f32 * d + m
+    }
+}
+
+/// Symmetric round to nearest on levels -7..7 (codes q + 8).
 fn rtn_sym(g: &[f32], ratio: f32) -> QuantGroup {
-    let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs())) * ratio;
-    let d = f16::from_f32(amax / 7.0);
+    let (d, _) = group_grid(g, true, ratio);
     let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
     let codes = g.iter().map(|w| ((w * inv).round().clamp(-7.0, 7.0) + 8.0) as u8).collect();
     (d, f16::ZERO, codes)
 }
 
-/// Asymmetric: scale = (max - min) / 15 and offset = min over the (clipped) range.
+/// Asymmetric round to nearest on codes 0..=15.
 fn rtn_asym(g: &[f32], ratio: f32) -> QuantGroup {
-    let mn = g.iter().copied().fold(f32::INFINITY, f32::min) * ratio;
-    let mx = g.iter().copied().fold(f32::NEG_INFINITY, f32::max) * ratio;
-    let d = f16::from_f32((mx - mn) / 15.0);
-    let m = f16::from_f32(mn);
+    let (d, m) = group_grid(g, false, ratio);
     let (df, mf) = (d.to_f32(), m.to_f32());
     let codes = g.iter().map(|w| if df > 0.0 { ((w - mf) / df).round().clamp(0.0, 15.0) as u8 } else { 0 }).collect();
     (d, m, codes)

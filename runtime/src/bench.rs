@@ -93,26 +93,34 @@ pub fn throttled_at(series: &[f64], fraction: f64) -> Option<usize> {
     (warm..=series.len() - 3).find(|&i| series[i..i + 3].iter().sum::<f64>() / 3.0 < fraction * baseline)
 }
 
+/// The best of three passes, in seconds, of one thread per core each running `work(i)`.
+fn best_of_three_on_every_core(work: impl Fn(usize, usize) + Sync) -> (usize, f64) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for i in 0..threads {
+                let work = &work;
+                s.spawn(move || work(i, threads));
+            }
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (threads, best)
+}
+
 /// This machine's memory read bandwidth in GB/s: every core sums its share of a 256 MiB
 /// buffer (far past any cache), best of three passes. The cost model's prediction for a
 /// target whose profile states no bandwidth (a generic CPU profile) uses it.
 pub fn memory_read_bandwidth_gbps() -> f64 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let data = vec![1u64; 32 << 20];
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let sum: u64 = std::thread::scope(|s| {
-            let parts: Vec<_> = data
-                .chunks(data.len().div_ceil(threads))
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
-                .collect();
-            parts.into_iter().map(|h| h.join().expect("a summing thread")).sum()
-        });
-        std::hint::black_box(sum);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (data.len() * 8) as f64 / best / 1e9
+    let (_, seconds) = best_of_three_on_every_core(|i, threads| {
+        let share = data.len().div_ceil(threads);
+        let part = &data[(i * share).min(data.len())..((i + 1) * share).min(data.len())];
+        std::hint::black_box(part.iter().fold(0u64, |a, &x| a.wrapping_add(x)));
+    });
+    (data.len() * 8) as f64 / seconds / 1e9
 }
 
 /// This machine's f32 multiply-add throughput in GFLOP/s: every core runs a 256-cube
@@ -120,41 +128,31 @@ pub fn memory_read_bandwidth_gbps() -> f64 {
 /// The cost model charges a token's FLOPs at this rate on top of its bytes.
 pub fn compute_gflops() -> f64 {
     const N: usize = 256;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let a = vec![0.5f32; N * N];
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
-                    let mut c = vec![0.0f32; N * N];
-                    // SAFETY: a is N x N and c is N x N, both row-major with stride N.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            N,
-                            N,
-                            N,
-                            1.0,
-                            a.as_ptr(),
-                            N as isize,
-                            1,
-                            a.as_ptr(),
-                            N as isize,
-                            1,
-                            0.0,
-                            c.as_mut_ptr(),
-                            N as isize,
-                            1,
-                        )
-                    };
-                    std::hint::black_box(&c);
-                });
-            }
-        });
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (threads * 2 * N * N * N) as f64 / best / 1e9
+    let (threads, seconds) = best_of_three_on_every_core(|_, _| {
+        let mut c = vec![0.0f32; N * N];
+        // SAFETY: a is N x N and c is N x N, both row-major with stride N.
+        unsafe {
+            matrixmultiply::sgemm(
+                N,
+                N,
+                N,
+                1.0,
+                a.as_ptr(),
+                N as isize,
+                1,
+                a.as_ptr(),
+                N as isize,
+                1,
+                0.0,
+                c.as_mut_ptr(),
+                N as isize,
+                1,
+            )
+        };
+        std::hint::black_box(&c);
+    });
+    (threads * 2 * N * N * N) as f64 / seconds / 1e9
 }
 
 /// This process's resident set (`VmRSS`) from /proc, in bytes; None where there is no /proc.

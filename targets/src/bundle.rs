@@ -147,16 +147,19 @@ pub struct AttentionGroup {
 impl CostModel {
     /// Bytes a decode token at `position` reads.
     pub fn bytes_at(&self, position: usize) -> u64 {
-        let attended = |w: Option<usize>| (position as u64 + 1).min(w.map_or(u64::MAX, |w| w as u64));
-        self.weight_bytes_per_token
-            + self.attention.iter().map(|g| g.layers as u64 * g.kv_bytes_per_position * attended(g.window)).sum::<u64>()
+        self.weight_bytes_per_token + self.per_attended_position(position, |g| g.kv_bytes_per_position)
     }
 
     /// FLOPs of a decode token at `position`.
     pub fn flops_at(&self, position: usize) -> u64 {
+        self.matmul_flops_per_token + self.per_attended_position(position, |g| g.flops_per_position)
+    }
+
+    /// Sum over attention groups of layers x `figure` x the positions a token at `position`
+    /// attends (its window's, when the group has one).
+    fn per_attended_position(&self, position: usize, figure: impl Fn(&AttentionGroup) -> u64) -> u64 {
         let attended = |w: Option<usize>| (position as u64 + 1).min(w.map_or(u64::MAX, |w| w as u64));
-        self.matmul_flops_per_token
-            + self.attention.iter().map(|g| g.layers as u64 * g.flops_per_position * attended(g.window)).sum::<u64>()
+        self.attention.iter().map(|g| g.layers as u64 * figure(g) * attended(g.window)).sum()
     }
 }
 

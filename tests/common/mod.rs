@@ -125,6 +125,15 @@ pub fn scratch(name: &str) -> Scratch {
     Scratch { path: root.clone(), root: Some(root) }
 }
 
+/// SmolLM2 compiled for `target` without the compile-time smoke set (for tests that need a
+/// bundle, not its checks); the guard stands for the bundle inside scratch directory `name`.
+pub fn smollm2_bundle(name: &str, target: &str) -> Scratch {
+    let out = scratch(name);
+    let o = out.to_str().unwrap();
+    slmc_json(&["compile", smollm2_gguf().to_str().unwrap(), "--target", target, "-o", o, "--skip-smoke-check"]);
+    out.into_sub(target)
+}
+
 /// A path inside a scratch directory that is removed when this drops (see `scratch`).
 #[must_use = "the directory is removed when the guard drops"]
 pub struct Scratch {

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use slmc_compiler::import::Model;
 use slmc_compiler::lower;
-use slmc_compiler::optimize::{golden_sequences, optimize, Optimized};
+use slmc_compiler::optimize::{golden_sequences, is_json_sample, optimize, Optimized};
 use slmc_ir::Layered;
 use slmc_runtime::InterpreterExecutor;
 
@@ -123,7 +123,7 @@ pub(crate) fn quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec
 
 fn read_quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec<slmc_runtime::QualityCase>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
-    if let Ok(json) = serde_json::from_str::<Value>(&text) {
+    if let Some(json) = serde_json::from_str::<Value>(&text).ok().filter(|j| !is_json_sample(j)) {
         let prompts = golden_sequences(&json).with_context(|| format!("{}: not a prompts file", file.display()))?;
         let lens: Vec<usize> = json["prompts"]
             .as_array()
@@ -135,28 +135,23 @@ fn read_quality_cases(model: &Model, file: &std::path::Path) -> Result<Vec<slmc_
             .map(|(seq, n)| slmc_runtime::QualityCase { prompt: seq[..n].to_vec(), continuation: seq[n..].to_vec() })
             .collect());
     }
-    // JSON Lines samples (an eval set, calibration-style conversations), rendered as for
-    // calibration and, like text lines, scored on themselves after their first token.
-    if text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{')) {
-        let sequences = slmc_compiler::optimize::calibration_sequences(model, Some(file))?;
-        return sequences
-            .into_iter()
-            .map(|ids| {
-                if ids.len() < 2 {
-                    bail!("{}: a sample needs at least two tokens", file.display());
-                }
-                Ok(slmc_runtime::QualityCase { prompt: ids[..1].to_vec(), continuation: ids[1..].to_vec() })
-            })
-            .collect();
-    }
-    // Text: each line is scored on itself after its first token.
-    let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("text prompts need a tokenizer: {e}"))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let ids = tok.encode(l, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+    // JSON Lines samples (an eval set, calibration-style conversations) are rendered as for
+    // calibration; text lines are tokenized as they are. Each is scored on itself after its
+    // first token.
+    let sequences = if text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{')) {
+        slmc_compiler::optimize::calibration_sequences(model, Some(file))?
+    } else {
+        let tok = model.tokenizer.as_ref().map_err(|e| anyhow!("text prompts need a tokenizer: {e}"))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| Ok(tok.encode(l, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec()))
+            .collect::<Result<Vec<_>>>()?
+    };
+    sequences
+        .into_iter()
+        .map(|ids| {
             if ids.len() < 2 {
-                bail!("{}: a prompt line needs at least two tokens", file.display());
+                bail!("{}: a prompt needs at least two tokens", file.display());
             }
             Ok(slmc_runtime::QualityCase { prompt: ids[..1].to_vec(), continuation: ids[1..].to_vec() })
         })
