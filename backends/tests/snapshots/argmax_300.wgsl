@@ -17,7 +17,10 @@ var<workgroup> best_index: array<u32, 64>;
 @compute @workgroup_size(64)
 fn run(@builtin(local_invocation_index) lid: u32) {
     let base = (step.s - 1u) * 300u;
-    var v = -3.4028235e38;
+    // The lowest f32, by its bits: browsers' WGSL compiler (Tint) refuses the literal
+    // -3.4028235e38, whose exact value lies just past f32's range.
+    let lowest = bitcast<f32>(0xff7fffffu);
+    var v = lowest;
     var idx = 0xffffffffu;
     for (var i = lid; i < 300u; i += 64u) {
         let x = logits[base + i];

@@ -299,7 +299,8 @@ pub(crate) enum Command {
     /// tokens/s, per-token latency percentiles, peak RSS; `--duration` for a sustained run.
     Bench(crate::cli::bench::BenchArgs),
     /// An OpenAI-compatible local server for a bundle: /v1/chat/completions,
-    /// /v1/completions (streaming or not), /v1/models, /health.
+    /// /v1/completions (streaming or not), /v1/models, /health; with --web, the browser
+    /// page that runs a webgpu bundle on the page's own GPU.
     Serve(crate::cli::serve::ServeArgs),
     /// Switch the store back to its previous version.
     Rollback {

@@ -8,3 +8,4 @@ pub mod opt;
 pub mod run;
 pub mod serve;
 pub mod serve_api;
+pub mod serve_web;

@@ -50,6 +50,15 @@ pub(crate) struct ServeArgs {
     /// The most tokens one request may generate.
     #[arg(long, default_value_t = 2048)]
     pub(crate) max_tokens_limit: usize,
+    /// Serve the browser page instead of the API: a `webgpu` bundle runs on the page's own
+    /// GPU through WebGPU (the page checks every file's sha256, and the signature with
+    /// --pubkey).
+    #[arg(long)]
+    pub(crate) web: bool,
+    /// The built browser runtime (index.html, slmc-web.js; else $SLMC_WEB_DIR, else
+    /// runtime/web/dist of this source tree, built by scripts/build-web).
+    #[arg(long, requires = "web")]
+    pub(crate) web_root: Option<std::path::PathBuf>,
 }
 
 /// What the worker reports for one request.
@@ -77,6 +86,9 @@ struct Shared {
 }
 
 pub(crate) fn serve(args: &ServeArgs) -> Result<()> {
+    if args.web {
+        return super::serve_web::serve_web(args);
+    }
     let (jobs, queue) = sync_channel::<Job>(args.queue_depth);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<String, String>>();
     let (common, run) = (args.common.clone(), args.run.clone());
