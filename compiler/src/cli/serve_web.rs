@@ -53,7 +53,10 @@ pub(crate) fn serve_web(args: &ServeArgs) -> Result<()> {
         }
     }
     if !slmc_runtime::bundle::is_bundle(&bundle) {
-        bail!("{}: not a bundle (no manifest.json); serve --web serves signed or hashed bundles only", bundle.display());
+        bail!(
+            "{}: not a bundle (no manifest.json); serve --web serves signed or hashed bundles only",
+            bundle.display()
+        );
     }
     let trust = args.run.trust.trust()?;
     let verified = slmc_runtime::bundle::verify(&bundle, &trust)?;
@@ -86,6 +89,8 @@ pub(crate) fn serve_web(args: &ServeArgs) -> Result<()> {
         .route("/slmc-web.js", get(|s: State<Arc<WebState>>| page_file(s, "slmc-web.js")))
         .route("/web-config.json", get(|State(s): State<Arc<WebState>>| async move { Json(s.config.clone()) }))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        // Browsers ask for one; an empty answer keeps their consoles free of 404s.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/bundle/{*path}", get(bundle_file))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
         .with_state(state);
@@ -123,7 +128,9 @@ async fn page_file(State(state): State<Arc<WebState>>, name: &'static str) -> Re
     let kind = PAGE_FILES.iter().find(|(n, _)| *n == name).map_or("application/octet-stream", |(_, k)| k);
     match read_regular(&state.root, name, None) {
         Ok(bytes) => file_response(bytes, kind),
-        Err((path, message)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {message}", path.display())).into_response(),
+        Err((path, message)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {message}", path.display())).into_response()
+        }
     }
 }
 
@@ -138,9 +145,7 @@ async fn bundle_file(State(state): State<Arc<WebState>>, UrlPath(path): UrlPath<
         Ok(Ok((path, bytes))) => file_response(bytes, content_type(&path)),
         // The signature is optional: an unsigned bundle has none.
         Ok(Err((path, _))) if !path.exists() => (StatusCode::NOT_FOUND, "no such file").into_response(),
-        Ok(Err((path, message))) => {
-            (StatusCode::FORBIDDEN, format!("{}: {message}", path.display())).into_response()
-        }
+        Ok(Err((path, message))) => (StatusCode::FORBIDDEN, format!("{}: {message}", path.display())).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -202,7 +202,13 @@ export class WebGpuExecutor {
     const pipelines: GPUComputePipeline[] = [];
     for (const k of artifact.kernels) {
       const path = kernelFile(k.name);
-      const code = new TextDecoder().decode(files.get(path)!);
+      // Browsers' WGSL compiler (Tint) wants `enable subgroups;` before subgroup built-ins;
+      // naga, which validated the kernels at compile time, refuses that directive, so the
+      // files carry none and the page adds it for an artifact that requires the feature.
+      let code = new TextDecoder().decode(files.get(path)!);
+      if (requiredFeatures.includes("subgroups" as GPUFeatureName) && !/^\s*enable subgroups;/m.test(code)) {
+        code = "enable subgroups;\n" + code;
+      }
       device.pushErrorScope("validation");
       const module = device.createShaderModule({ label: k.name, code });
       const pipeline = device.createComputePipeline({ label: k.name, layout: "auto", compute: { module, entryPoint: k.entry_point } });

@@ -29,6 +29,7 @@ interface RunResult {
   files_verified?: number;
   prompt_ids?: number[];
   generated_ids?: number[];
+  finish_reason?: string;
   text?: string;
   load_s?: number;
   ttft_s?: number;
@@ -136,17 +137,27 @@ async function run(config: PageConfig, params: URLSearchParams): Promise<RunResu
   let feed = promptIds;
   const t0 = performance.now();
   let ttft = 0;
-  while (generated.length < maxTokens && executor.pastLength + feed.length <= model.context_len) {
+  // As the native generate loop: stop at an end-of-sequence token, at the token limit, or
+  // when the cache cannot take the next token.
+  let finishReason = "length";
+  while (generated.length < maxTokens) {
+    if (generated.length > 0 && executor.pastLength + feed.length > model.context_len) {
+      finishReason = "context_full";
+      break;
+    }
     const next = await executor.nextToken(feed);
     if (generated.length === 0) ttft = (performance.now() - t0) / 1000;
     generated.push(next);
     out.textContent = text.decode(generated);
-    if (model.eos_token_ids.includes(next)) break;
+    if (model.eos_token_ids.includes(next)) {
+      finishReason = "eos";
+      break;
+    }
     feed = [next];
   }
   const decodeS = (performance.now() - t0) / 1000 - ttft;
   status(
-    `${promptIds.length} prompt tokens, ${generated.length} generated; first token ${ttft.toFixed(2)} s` +
+    `${promptIds.length} prompt tokens, ${generated.length} generated (${finishReason}); first token ${ttft.toFixed(2)} s` +
       (generated.length > 1 ? `, then ${((generated.length - 1) / decodeS).toFixed(1)} tokens/s` : ""),
     "ok",
   );
@@ -158,6 +169,7 @@ async function run(config: PageConfig, params: URLSearchParams): Promise<RunResu
     files_verified: bundle.manifest.files.length,
     prompt_ids: promptIds,
     generated_ids: generated,
+    finish_reason: finishReason,
     text: text.decode(generated),
     load_s: loadS,
     ttft_s: ttft,
