@@ -222,6 +222,13 @@ pub struct StepLogits {
     pub logsumexp: f64,
 }
 
+impl StepLogits {
+    /// The recorded top tokens with their log-probabilities, most likely first.
+    pub fn top_logprobs(&self) -> Vec<(u32, f64)> {
+        self.top.iter().map(|&(id, logit)| (id, logit as f64 - self.logsumexp)).collect()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -276,20 +283,20 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, ExecError> {
-    generate_with(exec, prompt, opts, |id, _| {
+    generate_with(exec, prompt, opts, |id, _, _| {
         on_token(id);
         true
     })
 }
 
-/// `generate`, calling `on_token` with each token and (with `confidence`) its
-/// log-probability; generation ends early when it returns false (a server's client left, a
-/// stop sequence appeared).
+/// `generate`, calling `on_token` with each token, (with `confidence`) its log-probability
+/// and (while steps are recorded) its step's top logits; generation ends early when it
+/// returns false (a server's client left, a stop sequence appeared).
 pub fn generate_with(
     exec: &mut dyn Executor,
     prompt: &[u32],
     opts: &GenerateOptions,
-    mut on_token: impl FnMut(u32, Option<f64>) -> bool,
+    mut on_token: impl FnMut(u32, Option<f64>, Option<&StepLogits>) -> bool,
 ) -> Result<Generation, ExecError> {
     if prompt.is_empty() {
         return Err(ExecError::Usage("the prompt has no tokens".into()));
@@ -335,7 +342,8 @@ pub fn generate_with(
     let mut decode_steps = 0;
     while generated.len() < opts.max_new_tokens {
         generated.push(next);
-        let go_on = on_token(next, opts.confidence.then(|| token_logprobs.last().copied()).flatten());
+        let logprob = opts.confidence.then(|| token_logprobs.last().copied()).flatten();
+        let go_on = on_token(next, logprob, recorded.get(generated.len() - 1));
         if !go_on || opts.stop_ids.contains(&next) || generated.len() == opts.max_new_tokens {
             break;
         }

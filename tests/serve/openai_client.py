@@ -48,15 +48,27 @@ streamed = "".join(c.choices[0].delta.content or "" for c in chat(stop=word, str
 assert streamed == cut, (streamed, cut)
 
 # Completions: a raw prompt, max_tokens respected, logprobs per token.
-c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=1)
+c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2)
 assert c.choices[0].text and c.usage.completion_tokens <= 8, c
 lp = c.choices[0].logprobs
 assert len(lp.tokens) == c.usage.completion_tokens and all(x <= 0 for x in lp.token_logprobs), lp
+# Two alternatives per position; greedy, so the chosen token is the likeliest of them.
+assert len(lp.top_logprobs) == len(lp.tokens), lp
+for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    assert 1 <= len(top) <= 2 and abs(max(top.values()) - chosen) < 1e-9 and top.get(token) == chosen, (token, top)
 
 # Chat logprobs, and seeded sampling repeats itself.
 r = chat(logprobs=True, max_tokens=6)
 content = r.choices[0].logprobs.content
 assert len(content) == r.usage.completion_tokens and all(t.logprob <= 0 for t in content), content
+assert all(t.top_logprobs == [] for t in content), content
+# top_logprobs: the 3 likeliest per position, most likely first, the greedy pick among them.
+r = chat(logprobs=True, top_logprobs=3, max_tokens=6)
+for t in r.choices[0].logprobs.content:
+    tops = t.top_logprobs
+    assert len(tops) == 3 and tops[0].logprob >= tops[1].logprob >= tops[2].logprob, t
+    assert tops[0].token == t.token and tops[0].logprob == t.logprob, t
+assert r.choices[0].message.content == EXPECTED[: len(r.choices[0].message.content)], r
 a = chat(temperature=0.9, top_p=0.95, seed=11, max_tokens=12).choices[0].message.content
 b = chat(temperature=0.9, top_p=0.95, seed=11, max_tokens=12).choices[0].message.content
 assert a == b, (a, b)

@@ -64,11 +64,20 @@ pub(crate) struct ServeArgs {
 /// What the worker reports for one request.
 pub(crate) enum Ev {
     /// New text (and, with logprobs, each new token's text and log-probability).
-    Delta { text: String, tokens: Vec<(String, f64)> },
+    Delta { text: String, tokens: Vec<TokenLogprob> },
     /// The end; `confidence` (exp of the mean log-probability) when tokens were scored.
     Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize, confidence: Option<f64> },
     /// The request could not run (its prompt is too long for the context, for example).
     Failed(String),
+}
+
+/// A generated token's text and log-probability, and (with `top_logprobs`) the most likely
+/// tokens of its step with theirs, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TokenLogprob {
+    text: String,
+    logprob: f64,
+    top: Vec<(String, f64)>,
 }
 
 struct Job {
@@ -190,6 +199,9 @@ fn run_job(loaded: &mut LoadedArtifact, job: Job) -> Result<()> {
         max_new_tokens: request.max_tokens,
         stop_ids: side.eos_ids.clone(),
         confidence: request.logprobs || request.abstain_below.is_some(),
+        // Every step's top tokens, when alternatives were asked for.
+        record_steps: if request.top_logprobs > 0 { usize::MAX } else { 0 },
+        record_top_k: request.top_logprobs,
         sampling: (request.temperature > 0.0).then_some(Sampling {
             temperature: request.temperature,
             top_p: request.top_p,
@@ -202,14 +214,21 @@ fn run_job(loaded: &mut LoadedArtifact, job: Job) -> Result<()> {
     let mut finish = "length";
     let mut ids: Vec<u32> = Vec::new();
     let (mut gone, mut at_stop_sequence) = (false, false);
-    let generation = generate_with(loaded.exec.as_mut(), &prompt_ids, &opts, |id, logprob| {
+    let generation = generate_with(loaded.exec.as_mut(), &prompt_ids, &opts, |id, logprob, step| {
         if side.eos_ids.contains(&id) {
             finish = "stop";
             return false;
         }
         ids.push(id);
         let decoded = tok.decode(&ids, true).unwrap_or_default();
-        let piece = logprob.map(|lp| (tok.decode(&[id], true).unwrap_or_default(), lp));
+        let piece_text = |id: u32| tok.decode(&[id], true).unwrap_or_default();
+        let piece = logprob.map(|logprob| TokenLogprob {
+            text: piece_text(id),
+            logprob,
+            top: step
+                .map(|s| s.top_logprobs().into_iter().map(|(t, lp)| (piece_text(t), lp)).collect())
+                .unwrap_or_default(),
+        });
         let (delta, stopped) = text.push(&decoded, piece);
         if stopped {
             (finish, at_stop_sequence) = ("stop", true);
@@ -245,7 +264,7 @@ struct TextStream {
     stop: Vec<String>,
     sent: usize,
     latest: String,
-    pending: Vec<(String, f64)>,
+    pending: Vec<TokenLogprob>,
 }
 
 impl TextStream {
@@ -254,7 +273,7 @@ impl TextStream {
     }
 
     /// The delta to send now, and whether a stop sequence ended the text.
-    fn push(&mut self, decoded: &str, piece: Option<(String, f64)>) -> (Option<Ev>, bool) {
+    fn push(&mut self, decoded: &str, piece: Option<TokenLogprob>) -> (Option<Ev>, bool) {
         self.latest = decoded.to_string();
         self.pending.extend(piece);
         let from = self.sent.saturating_sub(self.stop.iter().map(|s| s.len()).max().unwrap_or(0));
@@ -351,6 +370,7 @@ async fn complete(
     };
     let (events, mut receiver) = unbounded_channel();
     let (stream, logprobs, abstain_below) = (request.stream, request.logprobs, request.abstain_below);
+    let top_logprobs = request.top_logprobs > 0;
     match shared.jobs.try_send(Job { request, events }) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => return ApiError::queue_full(shared.queue_depth).into_response(),
@@ -362,7 +382,7 @@ async fn complete(
         shared.next_id.fetch_add(1, Ordering::Relaxed)
     );
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let meta = Meta { id, created, model: shared.model_id.clone(), kind, logprobs };
+    let meta = Meta { id, created, model: shared.model_id.clone(), kind, logprobs, top_logprobs };
     if stream {
         return sse(receiver, meta).into_response();
     }
@@ -397,21 +417,34 @@ struct Meta {
     model: String,
     kind: Kind,
     logprobs: bool,
+    /// Alternatives were asked for (`top_logprobs`, or a completion's `logprobs` count).
+    top_logprobs: bool,
 }
 
 impl Meta {
-    fn logprobs_json(&self, tokens: &[(String, f64)]) -> Value {
+    fn logprobs_json(&self, tokens: &[TokenLogprob]) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
         match self.kind {
-            Kind::Chat => json!({ "content": tokens.iter().map(|(t, lp)| json!({
-                "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [],
+            Kind::Chat => json!({ "content": tokens.iter().map(|t| json!({
+                "token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(),
+                "top_logprobs": t.top.iter().map(|(text, lp)| json!({
+                    "token": text, "logprob": lp, "bytes": text.as_bytes(),
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>() }),
+            // Completions: one {token: logprob} map per position (tokens whose text
+            // coincides keep the likelier entry, as a map must).
             Kind::Text => json!({
-                "tokens": tokens.iter().map(|(t, _)| t).collect::<Vec<_>>(),
-                "token_logprobs": tokens.iter().map(|(_, lp)| lp).collect::<Vec<_>>(),
-                "top_logprobs": Value::Null,
+                "tokens": tokens.iter().map(|t| &t.text).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": if self.top_logprobs { json!(tokens.iter().map(|t| {
+                    let mut map = serde_json::Map::new();
+                    for (text, lp) in &t.top {
+                        map.entry(text.clone()).or_insert(json!(lp));
+                    }
+                    map
+                }).collect::<Vec<_>>()) } else { Value::Null },
                 "text_offset": Value::Null,
             }),
         }
@@ -421,7 +454,7 @@ impl Meta {
         json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
     }
 
-    fn whole(&self, text: &str, tokens: &[(String, f64)], finish: &str, prompt: usize, completion: usize) -> Value {
+    fn whole(&self, text: &str, tokens: &[TokenLogprob], finish: &str, prompt: usize, completion: usize) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
@@ -443,7 +476,7 @@ impl Meta {
         })
     }
 
-    fn chunk(&self, text: Option<&str>, tokens: &[(String, f64)], finish: Option<&str>, usage: Option<Value>) -> Value {
+    fn chunk(&self, text: Option<&str>, tokens: &[TokenLogprob], finish: Option<&str>, usage: Option<Value>) -> Value {
         let choice = match self.kind {
             Kind::Chat => {
                 let delta = match text {
@@ -534,7 +567,8 @@ mod tests {
         assert!(t.flush().is_none());
         // Token log-probabilities travel with the text they belong to.
         let mut t = TextStream::new(vec!["!".into()]);
-        match t.push("a", Some(("a".into(), -0.5))).0 {
+        let piece = TokenLogprob { text: "a".into(), logprob: -0.5, top: vec![("a".into(), -0.5)] };
+        match t.push("a", Some(piece)).0 {
             Some(Ev::Delta { text, tokens }) => assert_eq!((text.as_str(), tokens.len()), ("a", 1)),
             _ => panic!("a delta"),
         }

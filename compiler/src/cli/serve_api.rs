@@ -28,6 +28,9 @@ pub(crate) struct Request {
     pub(crate) stop: Vec<String>,
     pub(crate) stream: bool,
     pub(crate) logprobs: bool,
+    /// How many most likely tokens to list at each position (chat: `top_logprobs`, at most
+    /// 20; completions: the `logprobs` count, at most 5).
+    pub(crate) top_logprobs: usize,
     /// An extension: answer with the abstention when the sequence confidence (see
     /// `slmc run --abstain-below`) is below this; whole answers only.
     pub(crate) abstain_below: Option<f64>,
@@ -114,14 +117,28 @@ pub(crate) fn parse_request(body: &[u8], kind: Kind, max_tokens_limit: usize) ->
     if stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::bad_request("a stop sequence is empty", Some("stop")));
     }
-    let logprobs = match (kind, obj.get("logprobs")) {
-        (_, None | Some(Value::Null)) => false,
-        (Kind::Chat, _) => flag("logprobs")?,
-        // Completions give a count; the chosen token's log-probability is what comes back.
-        (Kind::Text, Some(x)) => x.as_u64().is_some() || flag("logprobs")?,
+    let count = |field: &str, most: u64| -> Result<usize, ApiError> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(0),
+            Some(x) => x.as_u64().filter(|n| *n <= most).map(|n| n as usize).ok_or_else(|| {
+                ApiError::bad_request(&format!("`{field}` must be an integer from 0 to {most}"), Some(field))
+            }),
+        }
     };
-    if obj.get("top_logprobs").and_then(|x| x.as_u64()).is_some_and(|n| n > 0) {
-        return Err(ApiError::bad_request("`top_logprobs` is not supported; `logprobs` gives each token's", None));
+    let (logprobs, top_logprobs) = match (kind, obj.get("logprobs")) {
+        (Kind::Chat, None | Some(Value::Null)) => (false, 0),
+        (Kind::Chat, _) => (flag("logprobs")?, 0),
+        (Kind::Text, None | Some(Value::Null)) => (false, 0),
+        // Completions give a count of alternatives per position (0: the chosen token's only).
+        (Kind::Text, Some(Value::Bool(b))) => (*b, 0),
+        (Kind::Text, Some(_)) => (true, count("logprobs", 5)?),
+    };
+    let top_logprobs = match kind {
+        Kind::Chat => count("top_logprobs", 20)?,
+        Kind::Text => top_logprobs,
+    };
+    if top_logprobs > 0 && !logprobs {
+        return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")));
     }
     let abstain_below = number("abstain_below")?;
     if abstain_below.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
@@ -145,6 +162,7 @@ pub(crate) fn parse_request(body: &[u8], kind: Kind, max_tokens_limit: usize) ->
         stop,
         stream,
         logprobs,
+        top_logprobs,
         abstain_below,
     })
 }
@@ -298,7 +316,10 @@ mod tests {
         .unwrap();
         assert_eq!((ok.max_tokens, ok.stop.clone(), ok.seed, ok.temperature), (5, vec!["x".to_string()], 3, 1.0));
         let text = parse(json!({"prompt": ["once"], "logprobs": 1}), Kind::Text).unwrap();
-        assert!(text.logprobs && text.prompt == "once" && text.max_tokens == 16);
+        assert!(text.logprobs && text.prompt == "once" && text.max_tokens == 16 && text.top_logprobs == 1);
+        let chat = json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 3});
+        assert_eq!(parse(chat, Kind::Chat).unwrap().top_logprobs, 3);
+        let user = json!([{"role": "user", "content": "hi"}]);
         for (body, kind, needle) in [
             (json!({}), Kind::Chat, "`messages`"),
             (json!({"messages": []}), Kind::Chat, "empty"),
@@ -313,6 +334,9 @@ mod tests {
             (json!([1, 2]), Kind::Text, "not a JSON object"),
             (json!({"prompt": "x", "abstain_below": 2}), Kind::Text, "abstain_below"),
             (json!({"prompt": "x", "abstain_below": 0.5, "stream": true}), Kind::Text, "whole answer"),
+            (json!({"messages": user, "top_logprobs": 2}), Kind::Chat, "needs `logprobs: true`"),
+            (json!({"messages": user, "logprobs": true, "top_logprobs": 21}), Kind::Chat, "0 to 20"),
+            (json!({"prompt": "x", "logprobs": 6}), Kind::Text, "0 to 5"),
         ] {
             let e = parse(body.clone(), kind).unwrap_err();
             assert!(e.contains(needle), "{body}: {e}");
