@@ -40,3 +40,17 @@ pub fn attention_layers(
     }
     Ok((first, layers.len()))
 }
+
+/// Bytes to reserve for an artifact's weight file: twice the graph's stored weight bytes
+/// (re-layouts add scales and alignment). Reserved, not touched: only what an emitter
+/// writes becomes resident, and the file never grows by copying itself.
+pub fn weight_file_capacity(graph: &Graph, weights: &dyn slmc_ir::WeightSource) -> usize {
+    let stored: usize = graph
+        .nodes()
+        .filter_map(|(_, node)| match &node.op {
+            slmc_ir::Op::Weight { name } => weights.view(name).map(|v| v.bytes.len()),
+            _ => None,
+        })
+        .sum();
+    stored.saturating_mul(2).saturating_add(1 << 20)
+}

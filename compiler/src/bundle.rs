@@ -127,8 +127,7 @@ pub fn file_digests(dir: &Path) -> Result<Vec<FileDigest>> {
         if rel == MANIFEST_FILE || rel == SIGNATURE_FILE {
             continue;
         }
-        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        out.push(FileDigest::of(rel, &bytes));
+        out.push(FileDigest::of_file(rel, &path).with_context(|| format!("{}: cannot read", path.display()))?);
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)

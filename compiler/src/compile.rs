@@ -81,7 +81,9 @@ pub fn compile_target(
     let verified = slmc_ir::Verified::new(&optimized.graph).with_context(|| format!("target {target}"))?;
     let input =
         EmitInput { model, optimized, verified: &verified, weights: &weights, profile, opts, model_info, context_len };
-    let artifact = crate::emit::emitter(profile.backend)(&input).with_context(|| format!("target {target}"))?;
+    let mut artifact = crate::emit::emitter(profile.backend)(&input).with_context(|| format!("target {target}"))?;
+    // Written and released one file at a time: the bundle never holds its weights twice.
+    let files = std::mem::take(&mut artifact.files);
     let memory = memory_plan(&artifact, context_len, profile);
     let memory_weight_bytes = memory.weight_bytes;
     if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
@@ -95,7 +97,7 @@ pub fn compile_target(
     }
     let dir = out_root.join(&profile.name);
     crate::output::write_dir_atomically(&dir, opts.force, |tmp| {
-        write_artifact(tmp, model, optimized, &artifact)?;
+        write_artifact(tmp, model, optimized, files, &artifact.manifest_json)?;
         let eval = match &opts.eval {
             Some(gate) => {
                 Some(eval_gate(tmp, model, gate, opts).with_context(|| format!("target {target}: eval gate"))?)
@@ -281,8 +283,13 @@ fn bundle_manifest(
     })
 }
 
-fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, artifact: &Emitted) -> Result<()> {
-    let (files, manifest) = (&artifact.files, artifact.manifest_json.clone());
+fn write_artifact(
+    dir: &Path,
+    model: &Model,
+    optimized: &Optimized,
+    files: std::collections::BTreeMap<String, Vec<u8>>,
+    manifest: &str,
+) -> Result<()> {
     for (rel, bytes) in files {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
@@ -290,7 +297,7 @@ fn write_artifact(dir: &Path, model: &Model, optimized: &Optimized, artifact: &E
         }
         std::fs::write(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
     }
-    std::fs::write(dir.join("artifact.json"), manifest + "\n")?;
+    std::fs::write(dir.join("artifact.json"), format!("{manifest}\n"))?;
     std::fs::write(dir.join("graph.slir"), slmc_ir::text::print(&optimized.graph))?;
     if let Ok(tok) = &model.tokenizer {
         tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow!("writing tokenizer.json: {e}"))?;

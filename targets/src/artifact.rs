@@ -192,6 +192,26 @@ impl FileDigest {
         FileDigest { path, bytes: bytes.len() as u64, sha256: sha256_hex(bytes) }
     }
 
+    /// The digest of the file at `file`, listed as `path`, read in pieces (a bundle's
+    /// weights are not held whole to be hashed).
+    pub fn of_file(path: String, file: &std::path::Path) -> std::io::Result<FileDigest> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut hasher = sha2::Sha256::new();
+        let mut f = std::fs::File::open(file)?;
+        let (mut buf, mut bytes) = (vec![0u8; 1 << 20], 0u64);
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(FileDigest { path, bytes, sha256 })
+    }
+
     /// Whether `path` stays inside the directory it is relative to.
     pub fn is_inside(&self) -> bool {
         is_relative_inside(&self.path)

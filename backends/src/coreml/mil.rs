@@ -99,7 +99,12 @@ impl Default for Builder {
 
 impl Builder {
     pub fn new() -> Self {
-        Builder { ops: Vec::new(), blobs: BlobWriter::new(), used: BTreeMap::new() }
+        Self::with_capacity(0)
+    }
+
+    /// A builder whose weight blob may grow to `capacity` bytes without copying itself.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Builder { ops: Vec::new(), blobs: BlobWriter::with_capacity(capacity), used: BTreeMap::new() }
     }
 
     /// A fresh name from a hint (suffixed when taken).

@@ -295,7 +295,7 @@ pub fn compile(
         Deployment::Ios18 => c,
         Deployment::Ios17 => c + t,
     };
-    let mut b = Builder::new();
+    let mut b = Builder::with_capacity(crate::lowering::weight_file_capacity(graph, weights));
     for n in ["input_ids", "position_ids", "causal_mask", "logits"] {
         b.reserve(n);
     }

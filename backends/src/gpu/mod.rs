@@ -445,7 +445,7 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         weights,
         opts,
         buffers: Vec::new(),
-        weight_bytes: Vec::new(),
+        weight_bytes: Vec::with_capacity(crate::lowering::weight_file_capacity(graph, weights)),
         value_buffer: HashMap::new(),
         kernels: Vec::new(),
         kernel_sources: BTreeMap::new(),

@@ -253,7 +253,7 @@ pub fn compile(
         opts,
         nodes: Vec::new(),
         initializers: Vec::new(),
-        data: Vec::new(),
+        data: Vec::with_capacity(crate::lowering::weight_file_capacity(graph, weights)),
         names: HashMap::new(),
         written: HashMap::new(),
         counter: 0,

@@ -68,7 +68,13 @@ impl Default for BlobWriter {
 
 impl BlobWriter {
     pub fn new() -> Self {
-        let mut bytes = vec![0u8; HEADER_BYTES];
+        Self::with_capacity(0)
+    }
+
+    /// A writer whose file may grow to `capacity` bytes without copying itself.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut bytes = Vec::with_capacity(capacity.max(HEADER_BYTES));
+        bytes.resize(HEADER_BYTES, 0);
         bytes[4..8].copy_from_slice(&VERSION.to_le_bytes());
         BlobWriter { bytes, count: 0 }
     }

@@ -1,9 +1,14 @@
 //! The reference interpreter: executes a verified graph in f32 on the CPU, with a KV
 //! cache that persists across calls (prefill, then token-by-token decode).
 //!
-//! Quantized and half-precision weights are dequantized to f32 the first time a node
-//! uses them and kept for the interpreter's lifetime. Results are deterministic: the
-//! work split across threads never changes the order of any sum.
+//! Matrices (the weights of linear layers and embedding tables) are read in their stored
+//! form, quantized and usually memory-mapped: a product dequantizes a block of rows into a
+//! scratch buffer, multiplies it and drops it, and an embedding dequantizes the rows it
+//! gathers, so running a model costs its stored bytes, not an f32 copy (issue 18: the 4B
+//! class). Other weights (norm gains, biases) are small; they are dequantized once and
+//! kept. Results are deterministic and independent of both choices: the work split across
+//! threads never changes the order of any sum, and a row dequantized in a block equals the
+//! same row dequantized whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,15 +17,28 @@ use rayon::prelude::*;
 
 use crate::dtype::{dequantize_into, DType};
 use crate::graph::{Graph, NodeId};
-use crate::op::{soft_cap, AttnLimits, KvKind, KvQuant, Op, RopeStyle, Rotary, KV_EXACT_WINDOW};
-use crate::rotary::RotaryFreqs;
+use crate::op::{soft_cap, KvKind, KvQuant, Op, Rotary};
+
+mod cache;
+mod kernels;
+
 use crate::verify::{verify, GraphInfo, VerifyError};
 pub use crate::weights::{WeightSource, WeightView};
+use cache::CacheBuf;
+use kernels::{add_broadcast, apply_rope, attention, gelu_tanh, layer_norm, rms_norm, silu};
+pub use kernels::{dot, matmul_transposed};
+use kernels::{matmul_rows, Rows};
 
 #[derive(Clone, Debug)]
 pub enum Data {
     F32(Arc<Vec<f32>>),
     I32(Arc<Vec<i32>>),
+    /// A weight left in its stored form for the ops that read it so (linear products,
+    /// embedding lookups); no op produces one.
+    Stored {
+        node: NodeId,
+        dtype: DType,
+    },
 }
 
 /// A concrete tensor: row-major data and its shape.
@@ -42,14 +60,14 @@ impl Tensor {
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             Data::F32(v) => Some(v),
-            Data::I32(_) => None,
+            Data::I32(_) | Data::Stored { .. } => None,
         }
     }
 
     pub fn as_i32(&self) -> Option<&[i32]> {
         match &self.data {
             Data::I32(v) => Some(v),
-            Data::F32(_) => None,
+            Data::F32(_) | Data::Stored { .. } => None,
         }
     }
 
@@ -57,6 +75,7 @@ impl Tensor {
         match self.data {
             Data::F32(_) => DType::F32,
             Data::I32(_) => DType::I32,
+            Data::Stored { dtype, .. } => dtype,
         }
     }
 }
@@ -92,7 +111,10 @@ pub struct Interpreter<'a> {
     graph: &'a Graph,
     info: GraphInfo,
     weights: &'a dyn WeightSource,
+    /// Small weights, dequantized on first use.
     dequantized: HashMap<NodeId, Arc<Vec<f32>>>,
+    /// Weights every user of which reads them stored (see the module doc).
+    stored: std::collections::HashSet<NodeId>,
     /// Per cache layer: keys and values.
     cache: Vec<[CacheBuf; 2]>,
     past: usize,
@@ -121,6 +143,7 @@ impl<'a> Interpreter<'a> {
                 }
             }
         }
+        let stored = stored_weights(graph);
         let mut last_use = HashMap::new();
         for (pos, id) in info.order.iter().enumerate() {
             for input in &graph.node(*id).inputs {
@@ -136,6 +159,7 @@ impl<'a> Interpreter<'a> {
             info,
             weights,
             dequantized: HashMap::new(),
+            stored,
             cache,
             past: 0,
             last_use,
@@ -249,9 +273,14 @@ impl<'a> Interpreter<'a> {
                     given
                 }
                 Op::Weight { .. } => {
-                    let data = self.weight_f32(*id)?;
                     let shape = node.ty.shape.iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
-                    Tensor { shape, data: Data::F32(data) }
+                    let data = if self.stored.contains(id) {
+                        self.check_stored(*id)?;
+                        Data::Stored { node: *id, dtype: node.ty.dtype }
+                    } else {
+                        Data::F32(self.weight_f32(*id)?)
+                    };
+                    Tensor { shape, data }
                 }
                 op => {
                     let args: Vec<&Tensor> = node.inputs.iter().map(|i| &values[i]).collect();
@@ -302,14 +331,11 @@ impl<'a> Interpreter<'a> {
         Ok(Some(graph.outputs().iter().map(|(name, id)| (name.clone(), values[id].clone())).collect()))
     }
 
-    fn weight_f32(&mut self, id: NodeId) -> Result<Arc<Vec<f32>>, InterpError> {
-        if let Some(w) = self.dequantized.get(&id) {
-            return Ok(w.clone());
-        }
-        let Op::Weight { name } = &self.graph.node(id).op else { unreachable!("weight_f32 on a weight node") };
+    /// A weight's stored bytes as rows, after checking their length against its type.
+    fn stored_rows(&self, id: NodeId) -> Result<Rows<'a>, InterpError> {
+        let Op::Weight { name } = &self.graph.node(id).op else { unreachable!("stored_rows on a weight node") };
         let view = self.weights.view(name).ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
         let n: usize = view.shape.iter().product();
-        let mut out = vec![0.0f32; n];
         let row = view.shape.last().copied().unwrap_or(1).max(1);
         let row_bytes = view.dtype.storage_bytes(row).unwrap_or(0);
         if view.dtype.storage_bytes(n) != Some(view.bytes.len()) || row_bytes == 0 {
@@ -319,12 +345,38 @@ impl<'a> Interpreter<'a> {
                 found: format!("{} bytes", view.bytes.len()),
             });
         }
-        out.par_chunks_mut(row).zip(view.bytes.par_chunks(row_bytes)).for_each(|(o, b)| {
-            dequantize_into(view.dtype, b, o);
+        Ok(Rows::Stored { dtype: view.dtype, bytes: view.bytes, row_bytes })
+    }
+
+    fn check_stored(&self, id: NodeId) -> Result<(), InterpError> {
+        self.stored_rows(id).map(|_| ())
+    }
+
+    fn weight_f32(&mut self, id: NodeId) -> Result<Arc<Vec<f32>>, InterpError> {
+        if let Some(w) = self.dequantized.get(&id) {
+            return Ok(w.clone());
+        }
+        let Rows::Stored { dtype, bytes, row_bytes } = self.stored_rows(id)? else { unreachable!("stored rows") };
+        let row = self.graph.node(id).ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1).max(1) as usize;
+        let mut out = vec![0.0f32; bytes.len() / row_bytes * row];
+        out.par_chunks_mut(row).zip(bytes.par_chunks(row_bytes)).for_each(|(o, b)| {
+            dequantize_into(dtype, b, o);
         });
         let out = Arc::new(out);
         self.dequantized.insert(id, out.clone());
         Ok(out)
+    }
+
+    /// A matrix operand as rows: stored, or an f32 tensor.
+    fn rows<'t>(&self, t: &'t Tensor) -> Result<Rows<'t>, InterpError>
+    where
+        'a: 't,
+    {
+        match &t.data {
+            Data::Stored { node, .. } => self.stored_rows(*node),
+            Data::F32(v) => Ok(Rows::F32(v)),
+            Data::I32(_) => unreachable!("verified: f32 or stored matrix"),
+        }
     }
 
     fn eval(&mut self, node: &str, op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
@@ -337,14 +389,15 @@ impl<'a> Interpreter<'a> {
             }
             Op::Embed => {
                 let (rows, d) = (args[0].shape[0], args[0].shape[1]);
-                let table = f(0);
+                let table = self.rows(args[0])?;
                 let ids = args[1].as_i32().expect("verified: i32 ids");
-                let mut out = Vec::with_capacity(ids.len() * d);
-                for &id in ids {
+                let mut out = vec![0.0f32; ids.len() * d];
+                let mut scratch = Vec::new();
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(d)) {
                     if id < 0 || id as usize >= rows {
                         return Err(InterpError::TokenOutOfRange { node: node.into(), id: id as i64, rows });
                     }
-                    out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+                    o.copy_from_slice(table.get(id as usize, 1, d, &mut scratch));
                 }
                 Tensor::f32(vec![ids.len(), d], out)
             }
@@ -354,7 +407,7 @@ impl<'a> Interpreter<'a> {
                 let m = f(0).len() / k;
                 let mut shape = args[0].shape.clone();
                 *shape.last_mut().unwrap() = n;
-                Tensor::f32(shape, matmul_transposed(f(0), m, k, f(1), n))
+                Tensor::f32(shape, matmul_rows(f(0), m, k, &self.rows(args[1])?, n))
             }
             Op::Add => {
                 let mut out = f(0).to_vec();
@@ -428,7 +481,7 @@ impl<'a> Interpreter<'a> {
             Op::LinearSwiglu => {
                 let (n, k) = (args[1].shape[0], args[1].shape[1]);
                 let m = f(0).len() / k;
-                let y = matmul_transposed(f(0), m, k, f(1), n);
+                let y = matmul_rows(f(0), m, k, &self.rows(args[1])?, n);
                 let half = n / 2;
                 let mut out = Vec::with_capacity(m * half);
                 for row in y.chunks_exact(n) {
@@ -496,264 +549,25 @@ impl<'a> Interpreter<'a> {
     }
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// Hugging Face's `gelu_pytorch_tanh`. Backends may use the identity
-/// 0.5 (1 + tanh(u)) = sigmoid(2u), which saturates without overflow.
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
-}
-
-fn add_broadcast(a: &mut [f32], b: &[f32]) {
-    for chunk in a.chunks_exact_mut(b.len()) {
-        for (o, v) in chunk.iter_mut().zip(b) {
-            *o += v;
+/// Weights every user of which takes them as a matrix read in stored form: the weight
+/// operand of a linear product or the table of an embedding.
+fn stored_weights(graph: &Graph) -> std::collections::HashSet<NodeId> {
+    let mut weights: HashMap<NodeId, bool> = HashMap::new();
+    for (id, node) in graph.nodes() {
+        if matches!(node.op, Op::Weight { .. }) {
+            weights.entry(id).or_insert(true);
         }
     }
-}
-
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let d = w.len();
-    let mut out = vec![0.0; x.len()];
-    for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (mean_sq + eps).sqrt();
-        for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
-            *o = w * (v * inv);
-        }
-    }
-    out
-}
-
-fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
-    let d = w.len();
-    let mut out = vec![0.0; x.len()];
-    for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let mean = row.iter().sum::<f32>() / d as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for (((o, v), w), b) in o.iter_mut().zip(row).zip(w).zip(b) {
-            *o = (v - mean) * inv * w + b;
-        }
-    }
-    out
-}
-
-/// Rotates `x[s, h, d]` in place at positions `pos`.
-fn apply_rope(x: &mut [f32], pos: &[i32], shape: &[usize], freqs: &RotaryFreqs, rotary: &Rotary) {
-    let (h, d) = (shape[1], shape[2]);
-    let half = rotary.rotary_dim / 2;
-    for (t, token) in x.chunks_exact_mut(h * d).enumerate() {
-        let (cos, sin) = freqs.cos_sin(pos[t] as f32);
-        for head in token.chunks_exact_mut(d) {
-            for j in 0..half {
-                let (a, b) = match rotary.style {
-                    RopeStyle::Half => (j, j + half),
-                    RopeStyle::Interleaved => (2 * j, 2 * j + 1),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos[j] - x1 * sin[j];
-                head[b] = x1 * cos[j] + x0 * sin[j];
+    for (_, node) in graph.nodes() {
+        for (i, input) in node.inputs.iter().enumerate() {
+            if let Some(ok) = weights.get_mut(input) {
+                *ok &= matches!((&node.op, i), (Op::Linear | Op::LinearSwiglu, 1) | (Op::Embed, 0));
             }
         }
     }
-}
-
-/// One KV cache (keys or values of one layer). Quantized caches hold integer codes and
-/// a scale and minimum per (position, head) vector, and are dequantized when read, and the
-/// exact values for the window of `KV_EXACT_WINDOW` recent positions (`plain`).
-#[derive(Clone, Debug, Default)]
-struct CacheBuf {
-    quant: KvQuant,
-    heads: usize,
-    head_dim: usize,
-    plain: Vec<f32>,
-    codes: Vec<u8>,
-    /// Per vector: scale and minimum (asymmetric codes, value = code * scale + min).
-    scales: Vec<(f32, f32)>,
-}
-
-impl CacheBuf {
-    fn truncate(&mut self, positions: usize) {
-        let vectors = positions * self.heads;
-        self.plain.truncate(vectors * self.head_dim);
-        self.codes.truncate(vectors * self.head_dim);
-        self.scales.truncate(vectors);
+    // A graph output must be an f32 tensor.
+    for (_, id) in graph.outputs() {
+        weights.insert(*id, false);
     }
-
-    fn append(&mut self, quant: KvQuant, heads: usize, head_dim: usize, x: &[f32]) {
-        (self.quant, self.heads, self.head_dim) = (quant, heads, head_dim);
-        let top = match quant {
-            KvQuant::F32 => return self.plain.extend_from_slice(x),
-            KvQuant::F16 => return self.plain.extend(x.iter().map(|v| half::f16::from_f32(*v).to_f32())),
-            KvQuant::Int8 => 255.0f32,
-            KvQuant::Int4 => 15.0f32,
-        };
-        // Packed caches keep the exact values too, for the recent window.
-        self.plain.extend_from_slice(x);
-        for v in x.chunks_exact(head_dim) {
-            let min = v.iter().copied().fold(f32::INFINITY, f32::min);
-            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let scale = (max - min) / top;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            self.scales.push((scale, min));
-            self.codes.extend(v.iter().map(|x| ((x - min) * inv).round().clamp(0.0, top) as u8));
-        }
-    }
-
-    fn read(&self) -> Vec<f32> {
-        match self.quant {
-            KvQuant::F32 | KvQuant::F16 => self.plain.clone(),
-            _ => self
-                .codes
-                .chunks_exact(self.head_dim)
-                .zip(&self.scales)
-                .flat_map(|(c, (s, m))| c.iter().map(move |q| *q as f32 * s + m))
-                .collect(),
-        }
-    }
-}
-
-/// Causal grouped-query attention; query i sits at position t - s + i. `exact`: a packed
-/// cache's exact keys and values, read instead of `kv` for the `KV_EXACT_WINDOW` positions
-/// nearest each query.
-fn attention(
-    q: &[f32],
-    (k, v): (&[f32], &[f32]),
-    exact: Option<(&[f32], &[f32])>,
-    s: usize,
-    t: usize,
-    (hq, hk, d): (usize, usize, usize),
-    scale: f32,
-    limits: &AttnLimits,
-) -> Vec<f32> {
-    let group = hq / hk;
-    let mut out = vec![0.0f32; s * hq * d];
-    // One task per (query, head) row of the output.
-    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
-        let (i, h) = (row / hq, row % hq);
-        let kv_head = h / group;
-        let qv = &q[(i * hq + h) * d..(i * hq + h + 1) * d];
-        let visible = t - s + i + 1;
-        let window_start = visible.saturating_sub(KV_EXACT_WINDOW);
-        let pick = |j: usize| match exact {
-            Some((ke, ve)) if j >= window_start => (ke, ve),
-            _ => (k, v),
-        };
-        let at = |j: usize| (j * hk + kv_head) * d..(j * hk + kv_head + 1) * d;
-        let first = limits.first_key(visible - 1);
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|j| if j < first { f32::NEG_INFINITY } else { limits.cap(dot(qv, &pick(j).0[at(j)]) * scale) })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        for (j, p) in scores.iter().enumerate() {
-            let w = p / sum;
-            for (o, x) in o.iter_mut().zip(&pick(j).1[at(j)]) {
-                *o += w * x;
-            }
-        }
-    });
-    out
-}
-
-/// `x[m, k]` times `w[n, k]` transposed, into `[m, n]`.
-pub fn matmul_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * n];
-    if m == 1 {
-        out.par_chunks_mut(64).enumerate().for_each(|(c, o)| {
-            for (j, v) in o.iter_mut().enumerate() {
-                let row = c * 64 + j;
-                *v = dot(x, &w[row * k..(row + 1) * k]);
-            }
-        });
-        return out;
-    }
-    // Column blocks of the output in parallel; each block is one sgemm into a local buffer.
-    const BLOCK: usize = 256;
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|b| {
-            let n0 = b * BLOCK;
-            let nb = BLOCK.min(n - n0);
-            let mut c = vec![0.0f32; m * nb];
-            // SAFETY: the pointers cover x (m*k), the nb rows of w from n0, and c (m*nb),
-            // with strides that stay inside those ranges.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    nb,
-                    1.0,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    w.as_ptr().add(n0 * k),
-                    1,
-                    k as isize,
-                    0.0,
-                    c.as_mut_ptr(),
-                    nb as isize,
-                    1,
-                );
-            }
-            (n0, c)
-        })
-        .collect();
-    for (n0, c) in blocks {
-        let nb = c.len() / m;
-        for i in 0..m {
-            out[i * n + n0..i * n + n0 + nb].copy_from_slice(&c[i * nb..(i + 1) * nb]);
-        }
-    }
-    out
-}
-
-/// Dot product with a fixed summation order (16 lanes, then a fixed tree).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
-}
-
-#[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for l in 0..16 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    let mut tail = 0.0f32;
-    for i in chunks * 16..a.len() {
-        tail += a[i] * b[i];
-    }
-    let mut width = 8;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0] + tail
+    weights.into_iter().filter(|(_, ok)| *ok).map(|(id, _)| id).collect()
 }
