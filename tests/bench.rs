@@ -331,3 +331,20 @@ fn the_cost_model_counts_the_graph_and_bench_sets_it_against_a_measurement() {
     let ratio = f(&b["decode_tokens_per_s"]) / predicted;
     assert!((f(&model["measured_over_predicted"]) - ratio).abs() < 1e-9 * ratio.max(1.0));
 }
+
+/// Issue 18's memory bound: SmolLM2 compiled for all seven artifact kinds (smoke check
+/// skipped, as the bound is stated) peaks at 1.5x the GGUF's bytes plus 200 MB. The
+/// interpreter reads the stored weights, and emitters write weight files straight to disk.
+#[test]
+fn compiling_smollm2_for_every_artifact_kind_stays_within_one_and_a_half_checkpoints() {
+    let out = scratch("compile-memory");
+    let gguf = smollm2_gguf();
+    let targets = "webgpu,vulkan,metal,onnx-cpu,onnx-portable,coreml-ios17,coreml-ios18";
+    let (g, o) = (gguf.to_str().unwrap(), out.to_str().unwrap());
+    let v = slmc_json(&["compile", g, "--target", targets, "-o", o, "--skip-smoke-check", "--no-cache"]);
+    assert_eq!(v["outputs"].as_array().map(Vec::len), Some(7), "{v}");
+    let peak = v["peak_rss_bytes"].as_u64().expect("the peak is measured on Linux");
+    let bound = std::fs::metadata(&gguf).unwrap().len() * 3 / 2 + 200_000_000;
+    eprintln!("compile for seven kinds: peak RSS {peak} bytes (bound {bound}), wall {} s", v["wall_s"]);
+    assert!(peak <= bound, "peak RSS {peak} bytes exceeds 1.5x the checkpoint + 200 MB = {bound}");
+}

@@ -17,6 +17,8 @@ pub enum LoweringError {
     MissingWeight(String),
     #[error("the graph does not verify: {0}")]
     Verify(#[from] slmc_ir::VerifyError),
+    #[error("{0}: cannot write: {1}")]
+    Io(String, std::io::Error),
 }
 
 /// The graph's `logits` output.

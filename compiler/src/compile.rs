@@ -79,24 +79,35 @@ pub fn compile_target(
         );
     }
     let verified = slmc_ir::Verified::new(&optimized.graph).with_context(|| format!("target {target}"))?;
-    let input =
-        EmitInput { model, optimized, verified: &verified, weights: &weights, profile, opts, model_info, context_len };
-    let mut artifact = crate::emit::emitter(profile.backend)(&input).with_context(|| format!("target {target}"))?;
-    // Written and released one file at a time: the bundle never holds its weights twice.
-    let files = std::mem::take(&mut artifact.files);
-    let memory = memory_plan(&artifact, context_len, profile);
-    let memory_weight_bytes = memory.weight_bytes;
-    if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
-        let budget = (ram as f64 * RAM_BUDGET_FRACTION) as u64;
-        if memory.total_bytes > budget {
-            bail!(
-                "target {target}: the bundle needs {} bytes (weights {}, KV cache at {} positions {}, activations {}) but the device's budget is {budget} bytes ({:.0}% of {ram}); lower --context or quantize further",
-                memory.total_bytes, memory.weight_bytes, context_len, memory.kv_cache_bytes, memory.activation_bytes, RAM_BUDGET_FRACTION * 100.0
-            );
-        }
-    }
     let dir = out_root.join(&profile.name);
     crate::output::write_dir_atomically(&dir, opts.force, |tmp| {
+        // The emitter writes the weight file straight into the directory; the other files
+        // are written and released one at a time, so the bundle never holds its weights
+        // twice (nor once beside the checkpoint).
+        let input = EmitInput {
+            model,
+            optimized,
+            verified: &verified,
+            weights: &weights,
+            profile,
+            opts,
+            model_info,
+            context_len,
+            dir: Some(tmp),
+        };
+        let mut artifact = crate::emit::emitter(profile.backend)(&input).with_context(|| format!("target {target}"))?;
+        let files = std::mem::take(&mut artifact.files);
+        let memory = memory_plan(&artifact, context_len, profile);
+        let memory_weight_bytes = memory.weight_bytes;
+        if let (Some(ram), true) = (memory.device_ram_bytes, memory.total_bytes > 0) {
+            let budget = (ram as f64 * RAM_BUDGET_FRACTION) as u64;
+            if memory.total_bytes > budget {
+                bail!(
+                    "target {target}: the bundle needs {} bytes (weights {}, KV cache at {} positions {}, activations {}) but the device's budget is {budget} bytes ({:.0}% of {ram}); lower --context or quantize further",
+                    memory.total_bytes, memory.weight_bytes, context_len, memory.kv_cache_bytes, memory.activation_bytes, RAM_BUDGET_FRACTION * 100.0
+                );
+            }
+        }
         write_artifact(tmp, model, optimized, files, &artifact.manifest_json)?;
         let eval = match &opts.eval {
             Some(gate) => {

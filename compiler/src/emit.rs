@@ -4,11 +4,12 @@
 //! writer, memory check and smoke check never ask which backend ran.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use slmc_backends::gpu::kernels::CacheLayout;
 use slmc_ir::{KvQuant, Op, Verified, WeightSource};
-use slmc_targets::artifact::{FileDigest, ModelInfo, NePlacement};
+use slmc_targets::artifact::{ModelInfo, NePlacement};
 use slmc_targets::{ArtifactKind, BackendKind, TargetProfile};
 
 use crate::compile::CompileOptions;
@@ -26,6 +27,9 @@ pub struct EmitInput<'a> {
     pub model_info: ModelInfo,
     /// The KV-cache positions asked for (`--context`, capped by the model).
     pub context_len: usize,
+    /// The artifact's directory while it is written: emitters write weight files straight
+    /// into it (None: every file in memory).
+    pub dir: Option<&'a std::path::Path>,
 }
 
 /// One target's artifact, as the bundle writer needs it.
@@ -35,6 +39,8 @@ pub struct Emitted {
     pub manifest_json: String,
     /// Files relative to the artifact directory.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Files the emitter already wrote into `EmitInput::dir` (the weights).
+    pub written: Vec<String>,
     pub weight_bytes: u64,
     pub kv_cache_bytes: u64,
     pub activation_bytes: u64,
@@ -108,8 +114,17 @@ pub fn emitter(backend: BackendKind) -> Emitter {
     }
 }
 
-pub fn digests_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<FileDigest> {
-    files.iter().map(|(path, bytes)| FileDigest::of(path.clone(), bytes)).collect()
+/// The size of an emitted file, in memory or already written into `dir` (0 when absent).
+fn file_len(files: &BTreeMap<String, Vec<u8>>, dir: Option<&Path>, written: &[String], name: &str) -> Result<u64> {
+    if let Some(bytes) = files.get(name) {
+        return Ok(bytes.len() as u64);
+    }
+    match (dir, written.iter().any(|w| w == name)) {
+        (Some(dir), true) => {
+            Ok(std::fs::metadata(dir.join(name)).with_context(|| format!("{name}: cannot stat"))?.len())
+        }
+        _ => Ok(0),
+    }
 }
 
 fn activation_bytes(optimized: &Optimized) -> u64 {
@@ -128,6 +143,7 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         max_binding_bytes: i.opts.max_binding_bytes.or(i.profile.binding_limit()).unwrap_or(u64::MAX),
         max_buffer_bytes: i.profile.buffer_limit().unwrap_or(u64::MAX),
         features: GpuFeatures::of_profile(i.profile),
+        weights_dir: i.dir.map(Path::to_path_buf),
     };
     let out = slmc_backends::gpu::compile(i.verified, i.weights, &gpu)?;
     let windows = attention_windows(&i.optimized.graph);
@@ -153,6 +169,7 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         kv_cache_layout,
         weight_conversions: out.conversions.into_map(),
         files: out.files,
+        written: out.written,
     })
 }
 
@@ -169,6 +186,7 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         context_len: i.context_len,
         accuracy_level: i.opts.onnx_accuracy_level,
         head_accuracy_level: i.opts.onnx_head_accuracy_level,
+        weights_dir: i.dir.map(Path::to_path_buf),
     };
     let out = slmc_backends::onnx::compile(i.verified, i.weights, &onnx_opts)?;
     let manifest = slmc_targets::artifact::OnnxArtifact {
@@ -185,11 +203,12 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         accuracy_level: i.opts.onnx_accuracy_level,
         head_accuracy_level: i.opts.onnx_head_accuracy_level,
         kv_buffer_shared: out.info.kv_buffer_shareable,
-        files: digests_of(&out.files),
+        files: slmc_targets::artifact::file_digests(&out.files, i.dir, &out.written)?,
     };
+    let data_bytes = file_len(&out.files, i.dir, &out.written, slmc_targets::artifact::ONNX_DATA_FILE)?;
     let mut files = out.files;
     files.insert("genai_config.json".into(), crate::genai::genai_config(i.model, &manifest, &out.info)?);
-    let weight_bytes = files.get(slmc_targets::artifact::ONNX_DATA_FILE).map(|f| f.len() as u64).unwrap_or(0);
+    let weight_bytes = data_bytes;
     // f32 cache of the whole context.
     let per_vector = KvQuant::F32.data_bytes_per_vector(manifest.head_dim);
     let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * per_vector * i.context_len) as u64;
@@ -197,6 +216,7 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         kind: ArtifactKind::Onnx,
         manifest_json: serde_json::to_string_pretty(&manifest)?,
         files,
+        written: out.written,
         weight_bytes,
         kv_cache_bytes,
         activation_bytes: activation_bytes(i.optimized),
@@ -235,6 +255,7 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         model_name: i.model_info.name.clone(),
         context_len,
         step_tokens: settings.step_tokens,
+        weights_dir: i.dir.map(Path::to_path_buf),
     };
     let out = slmc_backends::coreml::compile(i.verified, i.weights, &coreml_opts)?;
     let manifest = slmc_targets::artifact::CoremlArtifact {
@@ -254,9 +275,9 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         head_dim: out.info.head_dim,
         kv_cache: deployment.kv_cache().into(),
         placement: out.placement,
-        files: digests_of(&out.files),
+        files: slmc_targets::artifact::file_digests(&out.files, i.dir, &out.written)?,
     };
-    let weight_bytes = out.files.get(slmc_backends::coreml::WEIGHTS_FILE).map(|f| f.len() as u64).unwrap_or(0);
+    let weight_bytes = file_len(&out.files, i.dir, &out.written, slmc_backends::coreml::WEIGHTS_FILE)?;
     // fp16 caches: the static context, or a sliding layer's ring.
     let per_vector = KvQuant::F16.data_bytes_per_vector(manifest.head_dim);
     let kv_cache_bytes =
@@ -281,5 +302,6 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         weight_conversions: out.conversions.into_map(),
         placement: Some(manifest.placement),
         files: out.files,
+        written: out.written,
     })
 }

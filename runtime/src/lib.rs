@@ -120,7 +120,14 @@ impl<'a> InterpreterExecutor<'a> {
         if logits.shape != [tokens.len(), self.vocab] {
             return Err(ExecError::LogitsShape(logits.shape));
         }
-        Ok(logits.as_f32().expect("logits are f32").to_vec())
+        // The interpreter hands the only reference back: take the logits without a copy
+        // (a long prompt's logits are tens of megabytes).
+        match logits.data {
+            slmc_ir::interp::Data::F32(v) => {
+                Ok(std::sync::Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone()))
+            }
+            _ => Err(ExecError::Usage("the logits are not f32".into())),
+        }
     }
 }
 

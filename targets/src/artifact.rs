@@ -232,6 +232,22 @@ impl FileDigest {
 
 pub use crate::files::{is_relative_inside, FileError};
 
+/// The digests of an emitter's files, sorted by path: those in memory and those it already
+/// wrote into `dir` (see [`crate::weight_file::WeightFile`]).
+pub fn file_digests(
+    files: &std::collections::BTreeMap<String, Vec<u8>>,
+    dir: Option<&std::path::Path>,
+    written: &[String],
+) -> std::io::Result<Vec<FileDigest>> {
+    let mut out: Vec<FileDigest> = files.iter().map(|(path, bytes)| FileDigest::of(path.clone(), bytes)).collect();
+    for path in written {
+        let dir = dir.ok_or_else(|| std::io::Error::other(format!("{path}: written, but into no directory")))?;
+        out.push(FileDigest::of_file(path.clone(), &dir.join(path))?);
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
 /// The `format` field of any artifact manifest, to pick its executor.
 #[derive(Debug, Deserialize)]
 pub struct ArtifactFormat {

@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod coreml;
 pub mod files;
 pub mod kind;
+pub mod weight_file;
 
 pub use kind::{ArtifactKind, BackendKind};
 

@@ -99,12 +99,12 @@ impl Default for Builder {
 
 impl Builder {
     pub fn new() -> Self {
-        Self::with_capacity(0)
+        Self::with_blobs(BlobWriter::new())
     }
 
-    /// A builder whose weight blob may grow to `capacity` bytes without copying itself.
-    pub fn with_capacity(capacity: usize) -> Self {
-        Builder { ops: Vec::new(), blobs: BlobWriter::with_capacity(capacity), used: BTreeMap::new() }
+    /// A builder writing its constants through `blobs` (in memory or into the package).
+    pub fn with_blobs(blobs: BlobWriter) -> Self {
+        Builder { ops: Vec::new(), blobs, used: BTreeMap::new() }
     }
 
     /// A fresh name from a hint (suffixed when taken).

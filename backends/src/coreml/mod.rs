@@ -53,6 +53,9 @@ pub struct CoremlOptions {
     pub context_len: usize,
     /// Tokens per call (static; shorter steps are padded).
     pub step_tokens: usize,
+    /// Write the weight blob straight into this directory (the artifact's) instead of
+    /// returning it in `files`: a large model's weights are then never held in memory.
+    pub weights_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +73,8 @@ pub struct CoremlOutput {
     pub info: CoremlModelInfo,
     /// Files relative to the artifact directory (the package is `model.mlpackage/`).
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Files already written into `weights_dir` (relative paths).
+    pub written: Vec<String>,
     pub placement: placement::Placement,
     pub conversions: slmc_targets::artifact::WeightConversions,
 }
@@ -295,7 +300,10 @@ pub fn compile(
         Deployment::Ios18 => c,
         Deployment::Ios17 => c + t,
     };
-    let mut b = Builder::with_capacity(crate::lowering::weight_file_capacity(graph, weights));
+    let capacity = crate::lowering::weight_file_capacity(graph, weights);
+    let blob_file = slmc_targets::weight_file::WeightFile::at(opts.weights_dir.as_deref(), WEIGHTS_FILE, capacity)
+        .map_err(|e| CoremlError::Io(WEIGHTS_FILE.into(), e))?;
+    let mut b = Builder::with_blobs(blob::BlobWriter::into_file(blob_file));
     for n in ["input_ids", "position_ids", "causal_mask", "logits"] {
         b.reserve(n);
     }
@@ -398,7 +406,8 @@ pub fn compile(
     };
     let program_text = model.ml_program.as_ref().map(mil::program_text).unwrap_or_default();
     let model_bytes = model.encode_to_vec();
-    let weight_bytes = std::mem::take(&mut e.b.blobs).finish();
+    let weight_file =
+        std::mem::take(&mut e.b.blobs).finish().map_err(|err| CoremlError::Io(WEIGHTS_FILE.into(), err))?;
     let (model_id, weights_id) = (stable_uuid(&model_bytes, 0), stable_uuid(&model_bytes, 1));
     let manifest = serde_json::json!({
         "fileFormatVersion": "1.0.0",
@@ -429,9 +438,15 @@ pub fn compile(
     files.insert(MODEL_FILE.to_string(), model_bytes);
     // The program as text, for people reading what the compiler wrote (not read by tools).
     files.insert(MIL_TEXT_FILE.to_string(), program_text.into_bytes());
-    files.insert(WEIGHTS_FILE.to_string(), weight_bytes);
+    let mut written = Vec::new();
+    match weight_file {
+        slmc_targets::weight_file::WeightContents::Bytes(bytes) => {
+            files.insert(WEIGHTS_FILE.to_string(), bytes);
+        }
+        slmc_targets::weight_file::WeightContents::Written(_) => written.push(WEIGHTS_FILE.to_string()),
+    }
     let info = CoremlModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, vocab, cache_positions };
-    Ok(CoremlOutput { info, files, placement, conversions: e.conversions })
+    Ok(CoremlOutput { info, files, written, placement, conversions: e.conversions })
 }
 
 /// The program's text form of a written package's `model.mlmodel`.

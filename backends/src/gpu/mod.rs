@@ -17,6 +17,7 @@ use slmc_ir::{DType, Graph, NodeId, Op, Verified, WeightSource};
 use slmc_targets::artifact::{
     BufferDecl, BufferKind, Count, Dispatch, GpuArtifact, KernelDecl, ModelInfo, GPU_ARTIFACT_FORMAT,
 };
+use slmc_targets::weight_file::{WeightContents, WeightFile};
 
 pub use kernels::{validate_and_translate, GpuFeatures, Translated};
 
@@ -34,7 +35,12 @@ pub enum GpuError {
     TooLarge { name: String, bytes: u64, target: String, limit: u64, advice: String },
     #[error("the graph does not verify: {0}")]
     Verify(#[from] slmc_ir::VerifyError),
+    #[error("{0}: cannot write: {1}")]
+    Io(String, std::io::Error),
 }
+
+/// The weight file beside `artifact.json`.
+const WEIGHTS_FILE: &str = "weights.bin";
 
 /// What the backend needs to know beyond the graph.
 pub struct GpuOptions {
@@ -48,12 +54,17 @@ pub struct GpuOptions {
     pub max_buffer_bytes: u64,
     /// Optional features the target offers; kernels use them where they have a variant.
     pub features: GpuFeatures,
+    /// Write the weight file straight into this directory (the artifact's) instead of
+    /// returning it in `files`: a large model's weights are then never held in memory.
+    pub weights_dir: Option<std::path::PathBuf>,
 }
 
 /// The artifact: its manifest and every file to write beside it (relative paths).
 pub struct GpuOutput {
     pub artifact: GpuArtifact,
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Files already written into `weights_dir` (relative paths).
+    pub written: Vec<String>,
     pub conversions: slmc_targets::artifact::WeightConversions,
 }
 
@@ -70,7 +81,7 @@ struct Builder<'a> {
     weights: &'a dyn WeightSource,
     opts: &'a GpuOptions,
     buffers: Vec<BufferDecl>,
-    weight_bytes: Vec<u8>,
+    weight_bytes: WeightFile,
     /// Value -> buffer holding it (reshapes share their operand's).
     value_buffer: HashMap<NodeId, usize>,
     kernels: Vec<KernelDecl>,
@@ -106,9 +117,7 @@ impl<'a> Builder<'a> {
 
     /// Appends bytes to the weights file at a 256-byte boundary (binding offset alignment).
     fn append_weight_bytes(&mut self, bytes: &[u8]) -> u64 {
-        while !self.weight_bytes.len().is_multiple_of(256) {
-            self.weight_bytes.push(0);
-        }
+        self.weight_bytes.pad_to(256);
         let offset = self.weight_bytes.len() as u64;
         self.weight_bytes.extend_from_slice(bytes);
         offset
@@ -445,7 +454,12 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         weights,
         opts,
         buffers: Vec::new(),
-        weight_bytes: Vec::with_capacity(crate::lowering::weight_file_capacity(graph, weights)),
+        weight_bytes: WeightFile::at(
+            opts.weights_dir.as_deref(),
+            WEIGHTS_FILE,
+            crate::lowering::weight_file_capacity(graph, weights),
+        )
+        .map_err(|e| GpuError::Io(WEIGHTS_FILE.into(), e))?,
         value_buffer: HashMap::new(),
         kernels: Vec::new(),
         kernel_sources: BTreeMap::new(),
@@ -501,7 +515,14 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         files.insert(format!("kernels/{name}.metal"), t.msl.into_bytes());
         files.insert(format!("kernels/{name}.spv"), t.spirv.iter().flat_map(|w| w.to_le_bytes()).collect());
     }
-    files.insert("weights.bin".into(), std::mem::take(&mut b.weight_bytes));
+    let mut written = Vec::new();
+    let weight_file = std::mem::replace(&mut b.weight_bytes, WeightFile::in_memory(0));
+    match weight_file.finish().map_err(|e| GpuError::Io(WEIGHTS_FILE.into(), e))? {
+        WeightContents::Bytes(bytes) => {
+            files.insert(WEIGHTS_FILE.into(), bytes);
+        }
+        WeightContents::Written(_) => written.push(WEIGHTS_FILE.to_string()),
+    }
     let artifact = GpuArtifact {
         format: GPU_ARTIFACT_FORMAT.into(),
         target: opts.target.clone(),
@@ -520,10 +541,11 @@ pub fn compile(verified: &Verified<'_>, weights: &dyn WeightSource, opts: &GpuOp
         logits_buffer,
         argmax_dispatch,
         next_token_buffer,
-        weights_file: "weights.bin".into(),
-        files: files.iter().map(|(path, bytes)| slmc_targets::artifact::FileDigest::of(path.clone(), bytes)).collect(),
+        weights_file: WEIGHTS_FILE.into(),
+        files: slmc_targets::artifact::file_digests(&files, opts.weights_dir.as_deref(), &written)
+            .map_err(|e| GpuError::Io(WEIGHTS_FILE.into(), e))?,
     };
-    Ok(GpuOutput { artifact, files, conversions: b.conversions })
+    Ok(GpuOutput { artifact, files, written, conversions: b.conversions })
 }
 
 /// Weight dtypes the kernels read directly (others are converted to f32).

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
 use slmc_ir::{Graph, NodeId, Op, Verified, WeightSource};
+use slmc_targets::weight_file::{WeightContents, WeightFile};
 
 use proto::{data_type, value_info, Dim, NodeProto, TensorProto};
 
@@ -57,6 +58,9 @@ pub struct OnnxOptions {
     /// The LM head's accuracy level (0 or 4); 8-bit heads need 4 for ONNX Runtime's fast
     /// kernel and take an f32 Gemm at 0.
     pub head_accuracy_level: i64,
+    /// Write the weight file straight into this directory (the artifact's) instead of
+    /// returning it in `files`: a large model's weights are then never held in memory.
+    pub weights_dir: Option<std::path::PathBuf>,
 }
 
 /// The model's shape as the runtime and genai_config.json need it.
@@ -78,6 +82,8 @@ pub struct OnnxOutput {
     pub info: OnnxModelInfo,
     /// `model.onnx` and `model.onnx.data`.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Files already written into `weights_dir` (relative paths).
+    pub written: Vec<String>,
     pub conversions: slmc_targets::artifact::WeightConversions,
 }
 
@@ -91,7 +97,7 @@ struct Builder<'a> {
     opts: &'a OnnxOptions,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
-    data: Vec<u8>,
+    data: WeightFile,
     /// IR value -> ONNX tensor name (activations carry a leading batch dim of 1).
     names: HashMap<NodeId, String>,
     /// Weight initializers already written, by (IR weight, use).
@@ -162,11 +168,15 @@ impl<'a> Builder<'a> {
 
     /// An initializer in the external data file, at a 4 KiB boundary.
     fn external(&mut self, name: &str, elem_type: i32, dims: &[i64], bytes: &[u8]) {
-        while !self.data.len().is_multiple_of(ALIGN) {
-            self.data.push(0);
-        }
+        self.external_with(name, elem_type, dims, |data| data.extend_from_slice(bytes));
+    }
+
+    /// `external`, the bytes appended by `write` (a large tensor converted a piece at a time).
+    fn external_with(&mut self, name: &str, elem_type: i32, dims: &[i64], write: impl FnOnce(&mut WeightFile)) {
+        self.data.pad_to(ALIGN);
         let offset = self.data.len();
-        self.data.extend_from_slice(bytes);
+        write(&mut self.data);
+        let length = self.data.len() - offset;
         let entry = |k: &str, v: String| proto::StringStringEntryProto { key: k.into(), value: v };
         self.initializers.push(TensorProto {
             dims: dims.to_vec(),
@@ -175,7 +185,7 @@ impl<'a> Builder<'a> {
             external_data: vec![
                 entry("location", DATA_FILE.into()),
                 entry("offset", offset.to_string()),
-                entry("length", bytes.len().to_string()),
+                entry("length", length.to_string()),
             ],
             data_location: 1,
             ..Default::default()
@@ -229,12 +239,24 @@ impl<'a> Builder<'a> {
         }
         let (name, view) = self.weight_view(id)?;
         let dims: Vec<i64> = view.shape.iter().map(|d| *d as i64).collect();
-        let values = self.weights.to_f32(&name).ok_or_else(|| OnnxError::MissingWeight(name.clone()))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // A row at a time: an f32 LM head is hundreds of megabytes.
+        let row = view.shape.last().copied().unwrap_or(1).max(1);
+        let whole = view.dtype.storage_bytes(view.shape.iter().product()) == Some(view.bytes.len());
+        let row_bytes = view.dtype.storage_bytes(row).filter(|b| *b > 0 && whole);
+        let row_bytes =
+            row_bytes.ok_or_else(|| self.err(id, format!("weight `{name}`: bytes do not match its type")))?;
         if view.dtype != slmc_ir::DType::F32 {
             self.conversions.note(view.dtype.name(), "f32 initializer, dequantized at compile time (exact)");
         }
-        self.external(&name, data_type::FLOAT, &dims, &bytes);
+        self.external_with(&name, data_type::FLOAT, &dims, |data| {
+            let (mut values, mut bytes) = (vec![0.0f32; row], Vec::with_capacity(row * 4));
+            for stored in view.bytes.chunks_exact(row_bytes) {
+                slmc_ir::dtype::dequantize_into(view.dtype, stored, &mut values);
+                bytes.clear();
+                bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                data.extend_from_slice(&bytes);
+            }
+        });
         self.written.insert((id, "f32"), name.clone());
         Ok(name)
     }
@@ -253,7 +275,12 @@ pub fn compile(
         opts,
         nodes: Vec::new(),
         initializers: Vec::new(),
-        data: Vec::with_capacity(crate::lowering::weight_file_capacity(graph, weights)),
+        data: WeightFile::at(
+            opts.weights_dir.as_deref(),
+            DATA_FILE,
+            crate::lowering::weight_file_capacity(graph, weights),
+        )
+        .map_err(|e| OnnxError::Io(DATA_FILE.into(), e))?,
         names: HashMap::new(),
         written: HashMap::new(),
         counter: 0,
@@ -331,9 +358,15 @@ pub fn compile(
     };
     let mut files = BTreeMap::new();
     files.insert(MODEL_FILE.to_string(), model.encode_to_vec());
-    files.insert(DATA_FILE.to_string(), b.data);
+    let mut written = Vec::new();
+    match b.data.finish().map_err(|e| OnnxError::Io(DATA_FILE.into(), e))? {
+        WeightContents::Bytes(bytes) => {
+            files.insert(DATA_FILE.to_string(), bytes);
+        }
+        WeightContents::Written(_) => written.push(DATA_FILE.to_string()),
+    }
     let kv_buffer_shareable = b.explicit_attention_layers == 0;
     let info =
         OnnxModelInfo { layers: n_layers, kv_heads: hk, q_heads: hq, head_dim: hd, hidden, vocab, kv_buffer_shareable };
-    Ok(OnnxOutput { info, files, conversions: b.conversions })
+    Ok(OnnxOutput { info, files, written, conversions: b.conversions })
 }

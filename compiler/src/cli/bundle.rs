@@ -170,6 +170,7 @@ pub(crate) fn progress(enabled: bool, len: u64) -> indicatif::ProgressBar {
 
 pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Result<()> {
     use std::io::IsTerminal;
+    let started = std::time::Instant::now();
     // Every target name first: an unknown one fails before any work.
     let profiles = args.target.iter().map(|t| slmc_targets::lookup(t)).collect::<Result<Vec<_>, _>>()?;
     let model_path = common.model.clone().unwrap_or_else(slmc_compiler::default_model_path);
@@ -326,7 +327,15 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
         compile_report(path, &written, prepared.as_ref().map(|(_, optimized)| optimized))?;
     }
     if common.json {
-        print_json(&json!({ "targets": args.target, "outputs": written, "cached": cached }));
+        // Measured: the whole command's wall time and this process's peak resident set (the
+        // memory a build machine must have; issue 18's bound is 1.5x the checkpoint).
+        print_json(&json!({
+            "targets": args.target,
+            "outputs": written,
+            "cached": cached,
+            "wall_s": started.elapsed().as_secs_f64(),
+            "peak_rss_bytes": slmc_runtime::bench::peak_rss_bytes(),
+        }));
     } else {
         for (w, c) in written.iter().zip(&cached) {
             eprintln!("wrote {}{}", w.display(), if *c { " (from the compile cache)" } else { "" });

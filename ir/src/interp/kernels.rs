@@ -166,42 +166,47 @@ pub(crate) fn matmul_rows(x: &[f32], m: usize, k: usize, w: &Rows, n: usize) -> 
         });
         return out;
     }
-    // Column blocks of the output in parallel; each block is one sgemm into a local buffer.
+    // Column blocks of the output in parallel; each block is one sgemm into a local buffer,
+    // copied out a group at a time (a vocabulary-wide product never holds its result twice).
     const BLOCK: usize = 256;
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK))
-        .into_par_iter()
-        .map_init(Vec::new, |scratch, b| {
-            let n0 = b * BLOCK;
-            let nb = BLOCK.min(n - n0);
-            let rows = w.get(n0, nb, k, scratch);
-            let mut c = vec![0.0f32; m * nb];
-            // SAFETY: the pointers cover x (m*k), the nb rows of w (nb*k), and c (m*nb),
-            // with strides that stay inside those ranges.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    nb,
-                    1.0,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    rows.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    c.as_mut_ptr(),
-                    nb as isize,
-                    1,
-                );
+    let blocks = n.div_ceil(BLOCK);
+    let group = 2 * rayon::current_num_threads().max(1);
+    for first in (0..blocks).step_by(group) {
+        let done: Vec<(usize, Vec<f32>)> = (first..blocks.min(first + group))
+            .into_par_iter()
+            .map_init(Vec::new, |scratch, b| {
+                let n0 = b * BLOCK;
+                let nb = BLOCK.min(n - n0);
+                let rows = w.get(n0, nb, k, scratch);
+                let mut c = vec![0.0f32; m * nb];
+                // SAFETY: the pointers cover x (m*k), the nb rows of w (nb*k), and c (m*nb),
+                // with strides that stay inside those ranges.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        nb,
+                        1.0,
+                        x.as_ptr(),
+                        k as isize,
+                        1,
+                        rows.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        c.as_mut_ptr(),
+                        nb as isize,
+                        1,
+                    );
+                }
+                (n0, c)
+            })
+            .collect();
+        for (n0, c) in done {
+            let nb = c.len() / m;
+            for i in 0..m {
+                out[i * n + n0..i * n + n0 + nb].copy_from_slice(&c[i * nb..(i + 1) * nb]);
             }
-            (n0, c)
-        })
-        .collect();
-    for (n0, c) in blocks {
-        let nb = c.len() / m;
-        for i in 0..m {
-            out[i * n + n0..i * n + n0 + nb].copy_from_slice(&c[i * nb..(i + 1) * nb]);
         }
     }
     out

@@ -5,6 +5,8 @@
 //! A MIL `BlobFileValue` names the metadata record's offset. Sub-byte values are packed
 //! from the least significant bit up (element 0 in the low nibble). All little-endian.
 
+use crate::weight_file::{WeightContents, WeightFile};
+
 const HEADER_BYTES: usize = 64;
 const METADATA_BYTES: usize = 64;
 const ALIGN: usize = 64;
@@ -54,9 +56,9 @@ pub enum BlobError {
     Corrupt(String),
 }
 
-/// Appends blobs; `finish` gives the file.
+/// Appends blobs to a weight file (in memory or on disk); `finish` gives the file.
 pub struct BlobWriter {
-    bytes: Vec<u8>,
+    file: WeightFile,
     count: u32,
 }
 
@@ -71,22 +73,25 @@ impl BlobWriter {
         Self::with_capacity(0)
     }
 
-    /// A writer whose file may grow to `capacity` bytes without copying itself.
+    /// An in-memory writer whose file may grow to `capacity` bytes without copying itself.
     pub fn with_capacity(capacity: usize) -> Self {
-        let mut bytes = Vec::with_capacity(capacity.max(HEADER_BYTES));
-        bytes.resize(HEADER_BYTES, 0);
-        bytes[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        BlobWriter { bytes, count: 0 }
+        Self::into_file(WeightFile::in_memory(capacity.max(HEADER_BYTES)))
+    }
+
+    /// Blobs written into `file` (empty), in memory or on disk.
+    pub fn into_file(mut file: WeightFile) -> Self {
+        let mut header = [0u8; HEADER_BYTES];
+        header[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        file.extend_from_slice(&header);
+        BlobWriter { file, count: 0 }
     }
 
     /// Writes `data` (already packed for sub-byte types) holding `elements` values; returns
     /// the metadata offset a `BlobFileValue` refers to.
     pub fn write(&mut self, ty: BlobType, data: &[u8], elements: usize) -> u64 {
         assert_eq!(data.len(), (elements * ty.bits()).div_ceil(8), "blob data does not match its element count");
-        while !self.bytes.len().is_multiple_of(ALIGN) {
-            self.bytes.push(0);
-        }
-        let meta = self.bytes.len();
+        self.file.pad_to(ALIGN);
+        let meta = self.file.len();
         let padding_bits = (8 - (elements * ty.bits()) % 8) % 8;
         let mut record = [0u8; METADATA_BYTES];
         record[0..4].copy_from_slice(&SENTINEL.to_le_bytes());
@@ -94,8 +99,8 @@ impl BlobWriter {
         record[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
         record[16..24].copy_from_slice(&((meta + METADATA_BYTES) as u64).to_le_bytes());
         record[24..32].copy_from_slice(&(padding_bits as u64).to_le_bytes());
-        self.bytes.extend_from_slice(&record);
-        self.bytes.extend_from_slice(data);
+        self.file.extend_from_slice(&record);
+        self.file.extend_from_slice(data);
         self.count += 1;
         meta as u64
     }
@@ -109,10 +114,11 @@ impl BlobWriter {
         self.write(BlobType::UInt4, &pack_u4(codes), codes.len())
     }
 
-    pub fn finish(mut self) -> Vec<u8> {
+    /// The file, its header counting the blobs.
+    pub fn finish(mut self) -> std::io::Result<WeightContents> {
         let count = self.count;
-        self.bytes[0..4].copy_from_slice(&count.to_le_bytes());
-        self.bytes
+        self.file.patch(0, &count.to_le_bytes());
+        self.file.finish()
     }
 }
 
@@ -206,7 +212,7 @@ mod tests {
         let i8s: Vec<u8> = [-128i8, -1, 0, 1, 127].iter().map(|v| *v as u8).collect();
         let oi8 = w.write(BlobType::Int8, &i8s, 5);
         let ou8 = w.write(BlobType::UInt8, &[0, 1, 255], 3);
-        let file = w.finish();
+        let Ok(WeightContents::Bytes(file)) = w.finish() else { panic!("an in-memory blob file") };
         assert_eq!(count(&file).unwrap(), 5);
         assert_eq!(o16, 64, "the first blob's metadata follows the header");
         for o in [o16, o32, o4, oi8, ou8] {
@@ -232,7 +238,7 @@ mod tests {
     fn damaged_files_are_refused() {
         let mut w = BlobWriter::new();
         let o = w.write_f16(&[1.0; 16]);
-        let file = w.finish();
+        let Ok(WeightContents::Bytes(file)) = w.finish() else { panic!("an in-memory blob file") };
         assert!(read(&file[..140], o).unwrap_err().to_string().contains("runs past"));
         assert!(read(&file[..100], o).unwrap_err().to_string().contains("no blob metadata"));
         assert!(read(&file, 96).is_err());
