@@ -290,7 +290,7 @@ fn bundle_manifest(
         quality: None,
         eval: None,
         smoke: smoke.clone(),
-        files: crate::bundle::file_digests(dir)?,
+        files: crate::bundle::file_digests(dir, &artifact.digests)?,
     })
 }
 

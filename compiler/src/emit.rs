@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use slmc_backends::gpu::kernels::CacheLayout;
 use slmc_ir::{KvQuant, Op, Verified, WeightSource};
-use slmc_targets::artifact::{ModelInfo, NePlacement};
+use slmc_targets::artifact::{FileDigest, ModelInfo, NePlacement};
 use slmc_targets::{ArtifactKind, BackendKind, TargetProfile};
 
 use crate::compile::CompileOptions;
@@ -41,6 +41,9 @@ pub struct Emitted {
     pub files: BTreeMap<String, Vec<u8>>,
     /// Files the emitter already wrote into `EmitInput::dir` (the weights).
     pub written: Vec<String>,
+    /// The digests the emitter took of its files (the artifact manifest's list), which the
+    /// bundle manifest reuses rather than hash a multi-gigabyte weight file twice.
+    pub digests: Vec<FileDigest>,
     pub weight_bytes: u64,
     pub kv_cache_bytes: u64,
     pub activation_bytes: u64,
@@ -170,6 +173,7 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         weight_conversions: out.conversions.into_map(),
         files: out.files,
         written: out.written,
+        digests: out.artifact.files.clone(),
     })
 }
 
@@ -217,6 +221,7 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         manifest_json: serde_json::to_string_pretty(&manifest)?,
         files,
         written: out.written,
+        digests: manifest.files.clone(),
         weight_bytes,
         kv_cache_bytes,
         activation_bytes: activation_bytes(i.optimized),
@@ -300,8 +305,9 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         features: vec![],
         kv_cache_layout: ring_layout(&attention_windows(&i.optimized.graph), &out.info.cache_positions, &why),
         weight_conversions: out.conversions.into_map(),
-        placement: Some(manifest.placement),
         files: out.files,
         written: out.written,
+        digests: manifest.files.clone(),
+        placement: Some(manifest.placement),
     })
 }
