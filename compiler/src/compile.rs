@@ -32,7 +32,7 @@ pub struct CompileOptions {
     /// GPU adapter for the smoke check (as `--adapter`).
     pub adapter: Option<String>,
     /// The eval set to store in the bundle and gate it on.
-    pub eval: Option<EvalGate>,
+    pub eval: Option<std::sync::Arc<EvalGate>>,
 }
 
 /// An eval set with the unquantized model's results on it: a bundle whose accuracy falls

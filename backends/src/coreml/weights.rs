@@ -116,7 +116,8 @@ pub(super) fn q4_blockwise(dtype: DType, bytes: &[u8]) -> (Vec<u8>, Vec<f32>, Ve
 
 /// ggml Q8_0 blocks (f16 d, 32 i8) as int8 codes and one scale per block.
 pub(super) fn q8_blockwise(bytes: &[u8]) -> (Vec<u8>, Vec<f32>) {
-    let (mut codes, mut scales) = (Vec::new(), Vec::new());
+    let blocks = bytes.len() / DType::Q8_0.block_bytes();
+    let (mut codes, mut scales) = (Vec::with_capacity(blocks * 32), Vec::with_capacity(blocks));
     for b in slmc_ir::blocks::q8_blocks(bytes) {
         scales.push(b.d);
         codes.extend_from_slice(b.codes);
@@ -126,7 +127,8 @@ pub(super) fn q8_blockwise(bytes: &[u8]) -> (Vec<u8>, Vec<f32>) {
 
 /// ggml Q8_0 blocks as uint8 codes with zero point 128, exactly: d q = d ((q + 128) - 128).
 pub(super) fn q8_as_uint8(bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
-    let (mut codes, mut scales) = (Vec::new(), Vec::new());
+    let blocks = bytes.len() / DType::Q8_0.block_bytes();
+    let (mut codes, mut scales) = (Vec::with_capacity(blocks * 32), Vec::with_capacity(blocks));
     for b in slmc_ir::blocks::q8_blocks(bytes) {
         scales.push(b.d);
         codes.extend(b.uint8_codes());

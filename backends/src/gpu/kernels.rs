@@ -112,28 +112,30 @@ pub fn relayout(dtype: DType, bytes: &[u8], rows: usize, cols: usize, packed: bo
             (bytes.to_vec(), WeightLayout { kind: "f16", rows, cols, group: 1, codes_offset: 0, sym: false })
         }
         DType::Q4_0 | DType::Q4_0G64 | DType::Q4_0G128 | DType::Q4_1 | DType::Q4_1G64 | DType::Q4_1G128 => {
+            // Scale/minimum pairs, then the codes, in one allocation (an embedding table is
+            // tens of megabytes).
             let has_min = dtype.q4_has_min() == Some(true);
-            let mut scales = Vec::with_capacity(blocks * 8);
-            let mut codes = Vec::with_capacity(blocks * g / 2);
+            let mut laid = Vec::with_capacity(blocks * 8 + blocks * g / 2);
             for b in q4_blocks(dtype, bytes) {
-                scales.extend_from_slice(&b.d.to_le_bytes());
-                scales.extend_from_slice(&b.m.unwrap_or(0.0).to_le_bytes());
-                codes.extend_from_slice(b.packed);
+                laid.extend_from_slice(&b.d.to_le_bytes());
+                laid.extend_from_slice(&b.m.unwrap_or(0.0).to_le_bytes());
             }
-            let codes_offset = scales.len() / 4;
-            scales.extend(codes);
-            (scales, WeightLayout { kind: "q4", rows, cols, group: g, codes_offset, sym: !has_min })
+            let codes_offset = laid.len() / 4;
+            for b in q4_blocks(dtype, bytes) {
+                laid.extend_from_slice(b.packed);
+            }
+            (laid, WeightLayout { kind: "q4", rows, cols, group: g, codes_offset, sym: !has_min })
         }
         DType::Q8_0 => {
-            let mut scales = Vec::with_capacity(blocks * 4);
-            let mut codes = Vec::with_capacity(blocks * 32);
+            let mut laid = Vec::with_capacity(blocks * 4 + blocks * 32);
             for b in q8_blocks(bytes) {
-                scales.extend_from_slice(&b.d.to_le_bytes());
-                codes.extend_from_slice(b.codes);
+                laid.extend_from_slice(&b.d.to_le_bytes());
             }
-            let codes_offset = scales.len() / 4;
-            scales.extend(codes);
-            (scales, WeightLayout { kind: "q8", rows, cols, group: 32, codes_offset, sym: true })
+            let codes_offset = laid.len() / 4;
+            for b in q8_blocks(bytes) {
+                laid.extend_from_slice(b.codes);
+            }
+            (laid, WeightLayout { kind: "q8", rows, cols, group: 32, codes_offset, sym: true })
         }
         _ => {
             let mut values = vec![0.0f32; rows * cols];

@@ -156,7 +156,9 @@ impl<'a> Builder<'a> {
             return Err(self.err(id, "expected a weight operand"));
         };
         let name = name.clone();
-        let view = self.weights.view(&name).ok_or_else(|| GpuError::MissingWeight(name.clone()))?;
+        // The store outlives the builder: its bytes are read in place, not copied.
+        let weights: &'a dyn WeightSource = self.weights;
+        let view = weights.view(&name).ok_or_else(|| GpuError::MissingWeight(name.clone()))?;
         let (rows, cols) = match view.shape[..] {
             [r, c] => (r, c),
             [c] => (1, c),
@@ -176,8 +178,7 @@ impl<'a> Builder<'a> {
         }
         let per_chunk = if laid_row * rows as u64 <= limit { rows } else { (limit / laid_row) as usize };
         let n_chunks = rows.div_ceil(per_chunk);
-        let bytes = view.bytes.to_vec();
-        let dtype = view.dtype;
+        let (bytes, dtype) = (view.bytes, view.dtype);
         let mut chunks = Vec::with_capacity(n_chunks);
         for c in 0..n_chunks {
             let (start, end) = (c * per_chunk, ((c + 1) * per_chunk).min(rows));

@@ -214,11 +214,14 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
     let use_cache = !args.no_cache && request.dump_ir.is_none() && request.print_after.is_empty() && build.is_some();
     let build = build.unwrap_or_default();
     let mut prepared: Option<(slmc_compiler::import::Model, slmc_compiler::optimize::Optimized)> = None;
-    let mut eval_gate = None;
+    let mut eval_gate: Option<std::sync::Arc<slmc_compiler::compile::EvalGate>> = None;
     let mut smoke = std::collections::BTreeMap::new();
+    // Targets to generate (index into `profiles`, options, smoke set), after everything
+    // they share is computed; `written` is filled in profile order.
+    let mut jobs = Vec::new();
     let mut quality = None;
-    let (mut written, mut cached) = (Vec::new(), Vec::new());
-    for profile in &profiles {
+    let (mut written, mut cached): (Vec<Option<PathBuf>>, Vec<bool>) = (Vec::new(), Vec::new());
+    for (index, profile) in profiles.iter().enumerate() {
         let dir = args.out.join(&profile.name);
         let key = cache_key(&build, &source_sha256, &key_options, profile);
         let cache_dir = cache_root().join(&key);
@@ -232,7 +235,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
                 })?;
                 // Mark it recently used for eviction.
                 let _ = std::fs::File::open(&cache_dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                written.push(dir);
+                written.push(Some(dir));
                 cached.push(true);
                 bar.inc(1);
                 continue;
@@ -244,7 +247,7 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             let optimized = prepare(&model, &opt, true)?;
             if let (Some(path), Some(text)) = (&args.eval_set, &eval_text) {
                 bar.set_message("eval set on the unquantized model (reference interpreter)");
-                eval_gate = Some(eval_gate_for(&model, path, text, &args)?);
+                eval_gate = Some(std::sync::Arc::new(eval_gate_for(&model, path, text, &args)?));
             }
             prepared = Some((model, optimized));
         }
@@ -277,7 +280,6 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             bar.set_message("quality report on the reference interpreter");
             quality = Some(bundles::quality_report(model, optimized)?);
         }
-        bar.set_message(format!("{}: generating and checking", profile.name));
         let options = slmc_compiler::compile::CompileOptions {
             context_len: args.context,
             max_step_tokens,
@@ -290,38 +292,66 @@ pub fn compile_command(common: &Common, opt: OptArgs, args: CompileArgs) -> Resu
             options: options.clone(),
             smoke_check: !args.skip_smoke_check,
             adapter: args.adapter.clone(),
-            eval: eval_gate.take(),
+            eval: eval_gate.clone(),
         };
-        let out = slmc_compiler::compile::compile_target(
-            model,
-            optimized,
-            &profile.name,
-            &args.out,
-            &options,
-            &slmc_targets::bundle::SmokeSet {
-                near_tie_gap: smoke_gap,
-                near_tie_may_flip: smoke_gap > bundles::SMOKE_NEAR_TIE_GAP,
-                ..smoke[&long].clone()
-            },
-            quality.as_ref(),
-        );
-        eval_gate = options.eval;
-        let out = out?;
-        if use_cache {
-            // Best effort: a cache that cannot be written only costs the next compile time.
-            let tmp = cache_root().join(format!(".{key}.tmp-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&tmp);
-            if slmc_compiler::output::copy_dir(&out, &tmp).is_ok() {
-                let _ = std::fs::remove_dir_all(&cache_dir);
-                let _ = std::fs::rename(&tmp, &cache_dir);
-            }
-            let _ = std::fs::remove_dir_all(&tmp);
-            evict(&cache_root());
-        }
-        written.push(out);
+        let smoke_set = slmc_targets::bundle::SmokeSet {
+            near_tie_gap: smoke_gap,
+            near_tie_may_flip: smoke_gap > bundles::SMOKE_NEAR_TIE_GAP,
+            ..smoke[&long].clone()
+        };
+        jobs.push((index, key, options, smoke_set));
+        written.push(None);
         cached.push(false);
-        bar.inc(1);
     }
+    // The targets' generation (and smoke checks) run two at a time: emitters are mostly
+    // single-threaded, and each writes its weights straight to disk, so a second one costs
+    // little memory. Every bundle is written atomically and is the same whatever the order.
+    if let Some((model, optimized)) = prepared.as_ref() {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: std::sync::Mutex<Vec<(usize, Result<PathBuf>)>> = std::sync::Mutex::new(Vec::new());
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 2);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((index, _, options, smoke_set)) = jobs.get(i) else { break };
+                    let profile = &profiles[*index];
+                    bar.set_message(format!("{}: generating and checking", profile.name));
+                    let out = slmc_compiler::compile::compile_target(
+                        model,
+                        optimized,
+                        &profile.name,
+                        &args.out,
+                        options,
+                        smoke_set,
+                        quality.as_ref(),
+                    );
+                    bar.inc(1);
+                    results.lock().unwrap_or_else(|p| p.into_inner()).push((i, out));
+                });
+            }
+        });
+        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        results.sort_by_key(|(i, _)| *i);
+        for (i, out) in results {
+            let (index, key, _, _) = &jobs[i];
+            let out = out?;
+            if use_cache {
+                // Best effort: a cache that cannot be written only costs the next compile time.
+                let cache_dir = cache_root().join(key);
+                let tmp = cache_root().join(format!(".{key}.tmp-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&tmp);
+                if slmc_compiler::output::copy_dir(&out, &tmp).is_ok() {
+                    let _ = std::fs::remove_dir_all(&cache_dir);
+                    let _ = std::fs::rename(&tmp, &cache_dir);
+                }
+                let _ = std::fs::remove_dir_all(&tmp);
+                evict(&cache_root());
+            }
+            written[*index] = Some(out);
+        }
+    }
+    let written: Vec<PathBuf> = written.into_iter().flatten().collect();
     bar.finish_and_clear();
     if let Some(path) = &args.report {
         compile_report(path, &written, prepared.as_ref().map(|(_, optimized)| optimized))?;
