@@ -124,6 +124,7 @@ fn check_variant(
         max_binding_bytes,
         max_buffer_bytes: 256 << 20,
         features,
+        weights_dir: None,
     };
     let verified = slmc_ir::Verified::new(&graph).unwrap_or_else(|e| panic!("{name}: {e}"));
     let output = slmc_backends::gpu::compile(&verified, &weights, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
