@@ -123,13 +123,19 @@ pub(crate) fn serve(args: &ServeArgs) -> Result<()> {
         .route("/v1/completions", post(|s, h, b| complete(s, h, b, Kind::Text)))
         .fallback(|| async { ApiError::not_found("no such endpoint").into_response() })
         .with_state(shared);
+    listen_and_serve(args, app, &format!("model {model_id}"))
+}
+
+/// Binds `--host`/`--port`, prints the address on stdout (tests and scripts read it), and
+/// serves `app` until Ctrl-C; `what`: what the line says is served.
+pub(crate) fn listen_and_serve(args: &ServeArgs, app: Router, what: &str) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
         let addr = listener.local_addr()?;
-        println!("slmc serve: listening on http://{addr} (model {model_id})");
+        println!("slmc serve: listening on http://{addr} ({what})");
         use std::io::Write;
         std::io::stdout().flush()?;
         axum::serve(listener, app)

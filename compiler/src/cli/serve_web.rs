@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -94,22 +94,7 @@ pub(crate) fn serve_web(args: &ServeArgs) -> Result<()> {
         .route("/bundle/{*path}", get(bundle_file))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
         .with_state(state);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
-        let addr = listener.local_addr()?;
-        println!("slmc serve: listening on http://{addr} (the browser page for model {model})");
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving")
-    })
+    super::serve::listen_and_serve(args, app, &format!("the browser page for model {model}"))
 }
 
 fn content_type(path: &str) -> &'static str {
