@@ -39,8 +39,6 @@ pub struct Emitted {
     pub manifest_json: String,
     /// Files relative to the artifact directory.
     pub files: BTreeMap<String, Vec<u8>>,
-    /// Files the emitter already wrote into `EmitInput::dir` (the weights).
-    pub written: Vec<String>,
     /// The digests the emitter took of its files (the artifact manifest's list), which the
     /// bundle manifest reuses rather than hash a multi-gigabyte weight file twice.
     pub digests: Vec<FileDigest>,
@@ -117,17 +115,9 @@ pub fn emitter(backend: BackendKind) -> Emitter {
     }
 }
 
-/// The size of an emitted file, in memory or already written into `dir` (0 when absent).
-fn file_len(files: &BTreeMap<String, Vec<u8>>, dir: Option<&Path>, written: &[String], name: &str) -> Result<u64> {
-    if let Some(bytes) = files.get(name) {
-        return Ok(bytes.len() as u64);
-    }
-    match (dir, written.iter().any(|w| w == name)) {
-        (Some(dir), true) => {
-            Ok(std::fs::metadata(dir.join(name)).with_context(|| format!("{name}: cannot stat"))?.len())
-        }
-        _ => Ok(0),
-    }
+/// The size of one of an artifact's files, from the digests its manifest lists (0 when absent).
+fn listed_len(digests: &[FileDigest], name: &str) -> u64 {
+    digests.iter().find(|d| d.path == name).map_or(0, |d| d.bytes)
 }
 
 fn activation_bytes(optimized: &Optimized) -> u64 {
@@ -172,7 +162,6 @@ fn emit_gpu(i: &EmitInput) -> Result<Emitted> {
         kv_cache_layout,
         weight_conversions: out.conversions.into_map(),
         files: out.files,
-        written: out.written,
         digests: out.artifact.files.clone(),
     })
 }
@@ -209,10 +198,9 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         kv_buffer_shared: out.info.kv_buffer_shareable,
         files: slmc_targets::artifact::file_digests(&out.files, i.dir, &out.written)?,
     };
-    let data_bytes = file_len(&out.files, i.dir, &out.written, slmc_targets::artifact::ONNX_DATA_FILE)?;
     let mut files = out.files;
     files.insert("genai_config.json".into(), crate::genai::genai_config(i.model, &manifest, &out.info)?);
-    let weight_bytes = data_bytes;
+    let weight_bytes = listed_len(&manifest.files, slmc_targets::artifact::ONNX_DATA_FILE);
     // f32 cache of the whole context.
     let per_vector = KvQuant::F32.data_bytes_per_vector(manifest.head_dim);
     let kv_cache_bytes = (manifest.layers * 2 * manifest.kv_heads * per_vector * i.context_len) as u64;
@@ -220,7 +208,6 @@ fn emit_onnx(i: &EmitInput) -> Result<Emitted> {
         kind: ArtifactKind::Onnx,
         manifest_json: serde_json::to_string_pretty(&manifest)?,
         files,
-        written: out.written,
         digests: manifest.files.clone(),
         weight_bytes,
         kv_cache_bytes,
@@ -282,7 +269,7 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         placement: out.placement,
         files: slmc_targets::artifact::file_digests(&out.files, i.dir, &out.written)?,
     };
-    let weight_bytes = file_len(&out.files, i.dir, &out.written, slmc_backends::coreml::WEIGHTS_FILE)?;
+    let weight_bytes = listed_len(&manifest.files, slmc_backends::coreml::WEIGHTS_FILE);
     // fp16 caches: the static context, or a sliding layer's ring.
     let per_vector = KvQuant::F16.data_bytes_per_vector(manifest.head_dim);
     let kv_cache_bytes =
@@ -306,7 +293,6 @@ fn emit_coreml(i: &EmitInput) -> Result<Emitted> {
         kv_cache_layout: ring_layout(&attention_windows(&i.optimized.graph), &out.info.cache_positions, &why),
         weight_conversions: out.conversions.into_map(),
         files: out.files,
-        written: out.written,
         digests: manifest.files.clone(),
         placement: Some(manifest.placement),
     })

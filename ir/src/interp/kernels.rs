@@ -230,40 +230,26 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// Sixteen running sums, one per lane: the order every dot product here sums in.
-struct Lanes([f32; 16]);
-
-impl Lanes {
-    #[inline(always)]
-    fn add(&mut self, x: &[f32], y: &[f32]) {
-        for l in 0..16 {
-            self.0[l] = x[l].mul_add(y[l], self.0[l]);
-        }
-    }
-
-    #[inline(always)]
-    fn total(mut self, tail: f32) -> f32 {
-        let mut width = 8;
-        while width > 0 {
-            for l in 0..width {
-                self.0[l] += self.0[l + width];
-            }
-            width /= 2;
-        }
-        self.0[0] + tail
-    }
-}
-
 #[inline(always)]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = Lanes([0.0; 16]);
+    let mut acc = [0.0f32; 16];
     let chunks = a.len() / 16;
     for c in 0..chunks {
-        lanes.add(&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
     }
     let mut tail = 0.0f32;
     for i in chunks * 16..a.len() {
         tail += a[i] * b[i];
     }
-    lanes.total(tail)
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
 }
